@@ -1,0 +1,638 @@
+//! One configuration model for every binary: a YAML file, then `SHOPSTREAM_*`
+//! environment variables, then command-line flags, each overriding the last.
+//! Unknown fields are errors wherever they come from, and every error names
+//! its source: file and line, or the variable or flag.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+
+use crate::yaml::{deserialize_value, Problem, Problems, YamlDocument};
+
+/// Prefix of environment overrides; `__` separates nesting levels, as in
+/// `SHOPSTREAM_KAFKA__BOOTSTRAP_SERVERS`.
+pub const ENV_PREFIX: &str = "SHOPSTREAM_";
+
+/// Settings shared by every shopstream binary.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The Kafka cluster and client settings.
+    pub kafka: KafkaSettings,
+    /// The ClickHouse server holding the read models.
+    pub clickhouse: ClickHouseSettings,
+    /// Where the topic catalog is and which profile of it applies.
+    pub catalog: CatalogSettings,
+    /// Log format and verbosity.
+    pub telemetry: TelemetrySettings,
+}
+
+/// How to reach Kafka.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// `host:port,...` of any Kafka-compatible cluster, or `embedded://` for
+    /// librdkafka's in-process mock cluster with the catalog's topics on it.
+    pub bootstrap_servers: String,
+    /// Upper bound on any one request to the cluster, so an unreachable
+    /// broker is an error rather than a hang.
+    pub request_timeout_ms: u64,
+    /// Extra librdkafka properties passed through unchanged, such as
+    /// `security.protocol`, `sasl.*` and `ssl.*`. Secret values are redacted
+    /// from logs and debug output.
+    pub client: ClientProperties,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: crate::kafka::EMBEDDED.to_owned(),
+            request_timeout_ms: 10_000,
+            client: ClientProperties::default(),
+        }
+    }
+}
+
+/// How to reach ClickHouse.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseSettings {
+    /// HTTP interface URL.
+    pub url: String,
+    /// Database holding shopstream's tables.
+    pub database: String,
+    pub user: String,
+    /// Set it through `SHOPSTREAM_CLICKHOUSE__PASSWORD` rather than a file.
+    pub password: Secret,
+    /// LZ4 over HTTP. Off by default: ClickHouse 18.16 silently returns no
+    /// rows to the client's compressed reads.
+    pub compression: bool,
+}
+
+impl Default for ClickHouseSettings {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8123".into(),
+            database: "shopstream".into(),
+            user: "default".into(),
+            password: Secret::default(),
+            compression: false,
+        }
+    }
+}
+
+/// Which topic catalog applies.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogSettings {
+    /// Path of `topics.yaml`.
+    pub path: PathBuf,
+    /// Profile applied on top of the base catalog, such as `dev`.
+    pub profile: Option<String>,
+}
+
+impl Default for CatalogSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("topics.yaml"),
+            profile: None,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    /// A tracing filter such as `info` or `info,rdkafka=debug`; `RUST_LOG`
+    /// wins when set.
+    pub log_filter: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Pretty,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// A value never shown in logs or debug output.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"<redacted>\""
+        })
+    }
+}
+
+/// librdkafka properties passed through to every client.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct ClientProperties(pub BTreeMap<String, String>);
+
+impl ClientProperties {
+    /// Whether a property holds a credential. librdkafka names them all with
+    /// one of these words.
+    pub fn is_sensitive(key: &str) -> bool {
+        [
+            "password",
+            "secret",
+            "jaas",
+            "key.pem",
+            "token",
+            "credential",
+        ]
+        .iter()
+        .any(|word| key.contains(word))
+    }
+}
+
+impl fmt::Debug for ClientProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if Self::is_sensitive(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+/// Command-line flags every binary accepts; they override file and environment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// YAML configuration file.
+    #[arg(long, value_name = "FILE", env = "SHOPSTREAM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers, or `embedded://`.
+    #[arg(long, value_name = "SERVERS")]
+    pub brokers: Option<String>,
+    /// Catalog profile, such as `dev`.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Log output format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Any setting by path, such as `--set clickhouse.database=analytics`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+impl Config {
+    /// Loads the file named by `args` (if any), then the process environment,
+    /// then the flags.
+    pub fn load(args: &ConfigArgs) -> Result<Self, Problems> {
+        Self::load_from(args, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given, for tests.
+    pub fn load_from(
+        args: &ConfigArgs,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Problems> {
+        let mut layers = Layers::default();
+        if let Some(path) = &args.config {
+            layers.file(path)?;
+        }
+        let mut env: Vec<_> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (name, value) in env {
+            if name == "SHOPSTREAM_CONFIG" {
+                continue;
+            }
+            let path = env_path(&name[ENV_PREFIX.len()..]);
+            layers.set(&path, &value, format!("environment variable {name}"))?;
+        }
+        let flags = [
+            ("kafka.bootstrap_servers", args.brokers.clone(), "--brokers"),
+            ("catalog.profile", args.profile.clone(), "--profile"),
+            (
+                "telemetry.log_format",
+                args.log_format.map(|f| format!("{f:?}").to_lowercase()),
+                "--log-format",
+            ),
+        ];
+        for (path, value, flag) in flags {
+            if let Some(value) = value {
+                layers.set(path, &value, format!("flag {flag}"))?;
+            }
+        }
+        for item in &args.overrides {
+            let Some((path, value)) = item.split_once('=') else {
+                return Err(Problems(vec![Problem {
+                    origin: format!("flag --set {item}"),
+                    line: None,
+                    field: String::new(),
+                    message: "expected PATH=VALUE, such as clickhouse.database=analytics".into(),
+                }]));
+            };
+            layers.set(path.trim(), value, format!("flag --set {item}"))?;
+        }
+        layers.build()
+    }
+
+    /// The catalog path, resolved against the config file's folder when relative.
+    pub fn catalog_path(&self, args: &ConfigArgs) -> PathBuf {
+        match (&args.config, self.catalog.path.is_relative()) {
+            (Some(file), true) => file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&self.catalog.path),
+            _ => self.catalog.path.clone(),
+        }
+    }
+}
+
+/// `KAFKA__CLIENT__SASL_PASSWORD` -> `kafka.client.sasl.password`: librdkafka
+/// property names use dots where variable names cannot.
+fn env_path(rest: &str) -> String {
+    let parts: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+    match parts.as_slice() {
+        [kafka, client, property] if kafka == "kafka" && client == "client" => {
+            format!("kafka.client.{}", property.replace('_', "."))
+        }
+        _ => parts.join("."),
+    }
+}
+
+/// The merged YAML tree, remembering where each overridden value came from.
+#[derive(Default)]
+struct Layers {
+    tree: Mapping,
+    file: Option<YamlDocument>,
+    origins: Vec<(String, String)>,
+}
+
+impl Layers {
+    fn file(&mut self, path: &Path) -> Result<(), Problems> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Problems(vec![Problem {
+                origin: origin.clone(),
+                line: None,
+                field: String::new(),
+                message: format!("cannot read the configuration file: {e}"),
+            }])
+        })?;
+        let doc = YamlDocument::parse(origin, &text).map_err(|p| Problems(vec![p]))?;
+        match &doc.value {
+            Value::Mapping(map) => self.tree = map.clone(),
+            _ => {
+                return Err(Problems(vec![
+                    doc.problem("", "expected a mapping of settings")
+                ]))
+            }
+        }
+        self.file = Some(doc);
+        Ok(())
+    }
+
+    /// Sets a dotted path (the last segment may itself contain dots only
+    /// under `kafka.client`) to a value parsed as a YAML scalar.
+    fn set(&mut self, path: &str, raw: &str, origin: String) -> Result<(), Problems> {
+        let value = match serde_yaml::from_str::<Value>(raw) {
+            Ok(v @ (Value::Bool(_) | Value::Number(_) | Value::String(_))) => v,
+            _ => Value::String(raw.to_owned()),
+        };
+        let (head, leaf) = match path.strip_prefix("kafka.client.") {
+            Some(property) => (vec!["kafka", "client"], property),
+            None => {
+                let mut parts: Vec<&str> = path.split('.').collect();
+                let leaf = parts.pop().unwrap_or_default();
+                (parts, leaf)
+            }
+        };
+        let mut node = &mut self.tree;
+        for part in head {
+            let entry = node
+                .entry(Value::String(part.to_owned()))
+                .or_insert_with(|| Value::Mapping(Mapping::new()));
+            if !entry.is_mapping() {
+                *entry = Value::Mapping(Mapping::new());
+            }
+            node = entry.as_mapping_mut().expect("just made a mapping");
+        }
+        // `kafka.client` values are strings to librdkafka.
+        let value = if path.starts_with("kafka.client.") {
+            Value::String(raw.to_owned())
+        } else {
+            value
+        };
+        node.insert(Value::String(leaf.to_owned()), value);
+        self.origins.push((path.to_owned(), origin));
+        Ok(())
+    }
+
+    fn build(self) -> Result<Config, Problems> {
+        let config: Config =
+            deserialize_value(Value::Mapping(self.tree)).map_err(|(field, message)| {
+                let overridden = self
+                    .origins
+                    .iter()
+                    .rev()
+                    .find(|(path, _)| field == *path || field.starts_with(&format!("{path}.")));
+                let problem = match (overridden, &self.file) {
+                    (Some((_, origin)), _) => Problem {
+                        origin: origin.clone(),
+                        line: None,
+                        field: field.clone(),
+                        message,
+                    },
+                    (None, Some(doc)) => doc.problem(field, message),
+                    (None, None) => Problem {
+                        origin: "configuration".into(),
+                        line: None,
+                        field,
+                        message,
+                    },
+                };
+                Problems(vec![problem])
+            })?;
+        config.check(self.file.as_ref())?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Cross-field checks that types alone cannot express.
+    fn check(&self, file: Option<&YamlDocument>) -> Result<(), Problems> {
+        let mut problems = Vec::new();
+        let mut problem = |field: &str, message: String| {
+            problems.push(match file {
+                Some(doc) => doc.problem(field, message),
+                None => Problem {
+                    origin: "configuration".into(),
+                    line: None,
+                    field: field.into(),
+                    message,
+                },
+            })
+        };
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            problem(
+                "kafka.bootstrap_servers",
+                "must name host:port pairs, or embedded:// for the in-process cluster".into(),
+            );
+        }
+        if self.kafka.request_timeout_ms == 0 {
+            problem("kafka.request_timeout_ms", "must be more than 0".into());
+        }
+        for key in self.kafka.client.0.keys() {
+            let owned = [
+                "bootstrap.servers",
+                "group.id",
+                "enable.auto.commit",
+                "enable.auto.offset.store",
+            ];
+            if owned.contains(&key.as_str()) {
+                problem(
+                    &format!("kafka.client.{key}"),
+                    format!("{key} is managed by shopstream; use kafka.bootstrap_servers or the binary's own settings"),
+                );
+            }
+        }
+        if !(self.clickhouse.url.starts_with("http://")
+            || self.clickhouse.url.starts_with("https://"))
+        {
+            problem(
+                "clickhouse.url",
+                format!(
+                    "must be an http:// or https:// URL, got {:?}",
+                    self.clickhouse.url
+                ),
+            );
+        }
+        if let Err(why) = crate::sql::check_identifier(&self.clickhouse.database) {
+            problem("clickhouse.database", why);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Problems(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn with_file(text: &str) -> (tempfile::TempDir, ConfigArgs) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shopstream.yaml");
+        std::fs::write(&path, text).unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        (dir, args)
+    }
+
+    fn error(args: &ConfigArgs, vars: &[(&str, &str)]) -> String {
+        Config::load_from(args, env(vars)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = Config::load_from(&ConfigArgs::default(), env(&[("PATH", "/bin")])).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.kafka.bootstrap_servers, "embedded://");
+        assert!(!config.clickhouse.compression);
+    }
+
+    #[test]
+    fn flags_beat_environment_beats_file() {
+        let (_dir, mut args) = with_file("kafka:\n  bootstrap_servers: file:9092\n  request_timeout_ms: 5000\nclickhouse:\n  database: from_file\n");
+        let config = Config::load_from(&args, env(&[])).unwrap();
+        assert_eq!(config.kafka.bootstrap_servers, "file:9092");
+        assert_eq!(config.kafka.request_timeout_ms, 5000);
+        let vars = [
+            ("SHOPSTREAM_KAFKA__BOOTSTRAP_SERVERS", "env:9092"),
+            ("SHOPSTREAM_KAFKA__REQUEST_TIMEOUT_MS", "2500"),
+            ("SHOPSTREAM_CLICKHOUSE__COMPRESSION", "true"),
+        ];
+        let config = Config::load_from(&args, env(&vars)).unwrap();
+        assert_eq!(
+            (
+                config.kafka.bootstrap_servers.as_str(),
+                config.kafka.request_timeout_ms
+            ),
+            ("env:9092", 2500)
+        );
+        assert!(config.clickhouse.compression);
+        assert_eq!(config.clickhouse.database, "from_file");
+        args.brokers = Some("flag:9092".into());
+        args.log_format = Some(LogFormat::Json);
+        args.overrides = vec!["clickhouse.database=from_flag".into()];
+        let config = Config::load_from(&args, env(&vars)).unwrap();
+        assert_eq!(config.kafka.bootstrap_servers, "flag:9092");
+        assert_eq!(config.telemetry.log_format, LogFormat::Json);
+        assert_eq!(config.clickhouse.database, "from_flag");
+    }
+
+    #[test]
+    fn client_properties_pass_through_from_file_and_environment() {
+        let (_dir, args) = with_file(
+            "kafka:\n  client:\n    security.protocol: SASL_SSL\n    sasl.mechanism: PLAIN\n",
+        );
+        let config = Config::load_from(
+            &args,
+            env(&[
+                ("SHOPSTREAM_KAFKA__CLIENT__SASL_USERNAME", "svc"),
+                ("SHOPSTREAM_KAFKA__CLIENT__SASL_PASSWORD", "12345"),
+            ]),
+        )
+        .unwrap();
+        let props = &config.kafka.client.0;
+        assert_eq!(props["security.protocol"], "SASL_SSL");
+        assert_eq!(props["sasl.username"], "svc");
+        // Kept as text even when it looks like a number.
+        assert_eq!(props["sasl.password"], "12345");
+    }
+
+    #[test]
+    fn unknown_fields_name_file_line_and_field() {
+        let (_dir, args) = with_file("kafka:\n  bootstrap_servers: a:1\n  bootstrap_server: b:2\n");
+        let err = error(&args, &[]);
+        assert!(err.ends_with("shopstream.yaml:3: kafka.bootstrap_server: unknown field `bootstrap_server`, expected one of `bootstrap_servers`, `request_timeout_ms`, `client`"), "{err}");
+        let (_dir, args) = with_file("telemetry:\n  log_format: xml\n");
+        let err = error(&args, &[]);
+        assert!(err.contains("shopstream.yaml:2: telemetry.log_format: unknown variant `xml`, expected `pretty` or `json`"), "{err}");
+    }
+
+    #[test]
+    fn environment_errors_name_the_variable() {
+        let err = error(
+            &ConfigArgs::default(),
+            &[("SHOPSTREAM_KAFKA__BOOTSTRAP", "x")],
+        );
+        assert!(
+            err.starts_with(
+                "environment variable SHOPSTREAM_KAFKA__BOOTSTRAP: kafka.bootstrap: unknown field"
+            ),
+            "{err}"
+        );
+        let err = error(
+            &ConfigArgs::default(),
+            &[("SHOPSTREAM_KAFKA__REQUEST_TIMEOUT_MS", "soon")],
+        );
+        assert!(err.starts_with("environment variable SHOPSTREAM_KAFKA__REQUEST_TIMEOUT_MS: kafka.request_timeout_ms: invalid type"), "{err}");
+        let args = ConfigArgs {
+            overrides: vec!["kafka.bootstrap_servers".into()],
+            ..Default::default()
+        };
+        assert!(error(&args, &[]).contains("expected PATH=VALUE"));
+    }
+
+    #[test]
+    fn cross_field_checks_catch_what_types_cannot() {
+        let (_dir, args) = with_file("kafka:\n  bootstrap_servers: ' '\n  client:\n    group.id: mine\nclickhouse:\n  url: localhost:8123\n  database: 'x; DROP DATABASE y'\n");
+        let err = error(&args, &[]);
+        assert!(
+            err.contains("shopstream.yaml:2: kafka.bootstrap_servers: must name host:port"),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "shopstream.yaml:4: kafka.client.group.id: group.id is managed by shopstream"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("shopstream.yaml:6: clickhouse.url: must be an http://"),
+            "{err}"
+        );
+        assert!(err.contains("shopstream.yaml:7: clickhouse.database: \"x; DROP DATABASE y\" is not a valid identifier"), "{err}");
+        let err = error(
+            &ConfigArgs {
+                config: Some("/nonexistent/shopstream.yaml".into()),
+                ..Default::default()
+            },
+            &[],
+        );
+        assert!(
+            err.starts_with("/nonexistent/shopstream.yaml: cannot read the configuration file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        const SENTINEL: &str = "sentinel-Pa55w0rd-7f3a";
+        let (_dir, args) = with_file(&format!("clickhouse:\n  password: {SENTINEL}\nkafka:\n  client:\n    sasl.password: {SENTINEL}\n    sasl.jaas.config: {SENTINEL}\n    ssl.key.password: {SENTINEL}\n    sasl.username: alice\n"));
+        let config = Config::load_from(&args, env(&[])).unwrap();
+        assert_eq!(config.clickhouse.password.expose(), SENTINEL);
+        let shown = format!("{config:?} {config:#?}");
+        assert!(!shown.contains(SENTINEL), "{shown}");
+        assert!(
+            shown.contains("alice") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn relative_catalog_paths_follow_the_config_file() {
+        let (dir, args) = with_file("catalog:\n  path: cat/topics.yaml\n  profile: dev\n");
+        let config = Config::load_from(&args, env(&[])).unwrap();
+        assert_eq!(
+            config.catalog_path(&args),
+            dir.path().join("cat/topics.yaml")
+        );
+        assert_eq!(config.catalog.profile.as_deref(), Some("dev"));
+        assert_eq!(
+            Config::default().catalog_path(&ConfigArgs::default()),
+            PathBuf::from("topics.yaml")
+        );
+    }
+}

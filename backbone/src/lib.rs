@@ -1,0 +1,15 @@
+//! The library every shopstream binary uses: the events and their wire
+//! formats, the topic catalog, configuration, Kafka clients, telemetry and
+//! shutdown. Nothing here is specific to one binary.
+
+pub mod catalog;
+pub mod codec;
+pub mod config;
+pub mod events;
+pub mod kafka;
+pub mod schema;
+pub mod shutdown;
+pub mod sql;
+pub mod telemetry;
+pub mod topic_config;
+pub mod yaml;

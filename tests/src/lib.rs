@@ -1,0 +1,322 @@
+//! The test environment: hands each test a Kafka and a ClickHouse.
+//!
+//! Kafka, in order of preference: the cluster in `KAFKA_BOOTSTRAP_SERVERS`;
+//! `apache/kafka` through testcontainers when a Docker engine answers;
+//! otherwise the embedded mock cluster. ClickHouse likewise: `CLICKHOUSE_URL`;
+//! a pinned `clickhouse/clickhouse-server` container; otherwise a private
+//! `clickhouse-server` from PATH in a temporary directory on a free port.
+//! Each test binary shares one of each; tests stay apart through random topic,
+//! group and database names. Tests that inject faults take a mock cluster of
+//! their own from [`mock_cluster`].
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use backbone::kafka::{EmbeddedCluster, EmbeddedTopic};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::ClientConfig;
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage};
+use testcontainers_modules::kafka::apache::{Kafka, KAFKA_PORT};
+use tokio::sync::OnceCell;
+
+/// The ClickHouse image used when Docker is available; pinned so results
+/// do not move under us.
+pub const CLICKHOUSE_IMAGE: (&str, &str) = ("clickhouse/clickhouse-server", "24.8.14.39");
+
+/// A unique name for a topic, group or database in one test run.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Where the shared Kafka came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaSource {
+    /// `KAFKA_BOOTSTRAP_SERVERS`: a real broker process.
+    External,
+    /// An `apache/kafka` container.
+    Container,
+    /// librdkafka's mock cluster in this process.
+    Embedded,
+}
+
+/// The Kafka shared by one test binary.
+#[derive(Debug)]
+pub struct TestKafka {
+    pub source: KafkaSource,
+    bootstrap_servers: String,
+    embedded: Option<EmbeddedCluster>,
+    _container: Option<ContainerAsync<Kafka>>,
+}
+
+static KAFKA: OnceCell<TestKafka> = OnceCell::const_new();
+static CLICKHOUSE: OnceCell<TestClickHouse> = OnceCell::const_new();
+
+/// The shared Kafka, started on first use.
+pub async fn kafka() -> &'static TestKafka {
+    KAFKA
+        .get_or_init(|| async { TestKafka::start().await.expect("a Kafka for the tests") })
+        .await
+}
+
+/// The shared ClickHouse, started on first use.
+pub async fn clickhouse() -> &'static TestClickHouse {
+    CLICKHOUSE
+        .get_or_init(|| async {
+            TestClickHouse::start()
+                .await
+                .expect("a ClickHouse for the tests")
+        })
+        .await
+}
+
+/// A mock cluster owned by one test, for fault injection (brokers down,
+/// request errors, leader moves). It is not `Send`: keep it in the test body.
+pub fn mock_cluster(brokers: i32) -> MockCluster<'static, DefaultProducerContext> {
+    MockCluster::new(brokers).expect("librdkafka mock cluster")
+}
+
+/// Whether a Docker engine answers (the client alone is not enough).
+pub fn docker_available() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl TestKafka {
+    async fn start() -> anyhow::Result<Self> {
+        if let Ok(servers) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
+            if !servers.trim().is_empty() {
+                return Ok(Self {
+                    source: KafkaSource::External,
+                    bootstrap_servers: servers,
+                    embedded: None,
+                    _container: None,
+                });
+            }
+        }
+        if docker_available() {
+            let container = Kafka::default()
+                .start()
+                .await
+                .context("starting apache/kafka")?;
+            let port = container.get_host_port_ipv4(KAFKA_PORT).await?;
+            return Ok(Self {
+                source: KafkaSource::Container,
+                bootstrap_servers: format!("127.0.0.1:{port}"),
+                embedded: None,
+                _container: Some(container),
+            });
+        }
+        let cluster = EmbeddedCluster::start(1, Vec::new())?;
+        Ok(Self {
+            source: KafkaSource::Embedded,
+            bootstrap_servers: cluster.bootstrap_servers().to_owned(),
+            embedded: Some(cluster),
+            _container: None,
+        })
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// A client config pointing at this Kafka.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        config
+    }
+
+    /// Creates a topic with a random name under `prefix` and returns the name.
+    pub async fn topic(&self, prefix: &str, partitions: i32) -> anyhow::Result<String> {
+        let name = unique_name(prefix);
+        self.create_topic(&name, partitions).await?;
+        Ok(name)
+    }
+
+    /// Creates `name` through the admin API, or the mock cluster's own call.
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        if let Some(cluster) = &self.embedded {
+            cluster.create_topic(EmbeddedTopic {
+                name: name.to_owned(),
+                partitions,
+            })?;
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics([&topic], &options).await? {
+            if let Err((topic, code)) = result {
+                bail!("creating topic {topic}: {code}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ClickHouse shared by one test binary.
+#[derive(Debug)]
+pub struct TestClickHouse {
+    url: String,
+    _server: Option<LocalServer>,
+    _container: Option<ContainerAsync<GenericImage>>,
+}
+
+/// A database created for one test, with a client bound to it.
+#[derive(Clone)]
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+    pub client: clickhouse::Client,
+}
+
+impl std::fmt::Debug for TestDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestDatabase")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// A client as shopstream uses it against any server version: no
+/// compression (18.16 returns no rows to compressed reads) and no schema
+/// validation (18.16 lacks RowBinaryWithNamesAndTypes).
+pub fn clickhouse_client(url: &str) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(url)
+        .with_compression(clickhouse::Compression::None)
+        .with_validation(false)
+}
+
+impl TestClickHouse {
+    async fn start() -> anyhow::Result<Self> {
+        if let Ok(url) = std::env::var("CLICKHOUSE_URL") {
+            if !url.trim().is_empty() {
+                wait_for_ping(&url, Duration::from_secs(30)).await?;
+                return Ok(Self {
+                    url,
+                    _server: None,
+                    _container: None,
+                });
+            }
+        }
+        if docker_available() {
+            let (image, tag) = CLICKHOUSE_IMAGE;
+            let container = GenericImage::new(image, tag)
+                .with_exposed_port(8123.tcp())
+                .with_wait_for(WaitFor::Nothing)
+                .start()
+                .await
+                .context("starting the ClickHouse container")?;
+            let port = container.get_host_port_ipv4(8123).await?;
+            let url = format!("http://127.0.0.1:{port}");
+            wait_for_ping(&url, Duration::from_secs(60)).await?;
+            return Ok(Self {
+                url,
+                _server: None,
+                _container: Some(container),
+            });
+        }
+        let server = LocalServer::start()?;
+        let url = format!("http://127.0.0.1:{}", server.http_port);
+        wait_for_ping(&url, Duration::from_secs(60))
+            .await
+            .with_context(|| {
+                format!(
+                    "clickhouse-server did not answer; its log is in {}",
+                    server.dir.display()
+                )
+            })?;
+        Ok(Self {
+            url,
+            _server: Some(server),
+            _container: None,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Creates a fresh database for one test.
+    pub async fn database(&self) -> anyhow::Result<TestDatabase> {
+        let name = unique_name("test").replace('-', "_");
+        let client = clickhouse_client(&self.url);
+        client
+            .query(&format!("CREATE DATABASE `{name}`"))
+            .execute()
+            .await?;
+        Ok(TestDatabase {
+            client: client.with_database(&name),
+            url: self.url.clone(),
+            name,
+        })
+    }
+}
+
+async fn wait_for_ping(url: &str, limit: Duration) -> anyhow::Result<()> {
+    let client = clickhouse_client(url);
+    let start = Instant::now();
+    loop {
+        match client.query("SELECT 1").fetch_one::<u8>().await {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > limit => {
+                bail!("ClickHouse at {url} did not answer within {limit:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A private clickhouse-server started by `scripts/clickhouse-local`, which
+/// stops it and removes its directory when this test process exits.
+#[derive(Debug)]
+struct LocalServer {
+    dir: PathBuf,
+    http_port: u16,
+    _watcher: Child,
+}
+
+impl LocalServer {
+    fn start() -> anyhow::Result<Self> {
+        let script = repo_root().join("scripts/clickhouse-local");
+        let dir = std::env::temp_dir().join(unique_name("shopstream-clickhouse"));
+        let (http_port, tcp_port) = (free_port()?, free_port()?);
+        let watcher = Command::new(&script)
+            .arg(&dir)
+            .arg(http_port.to_string())
+            .arg(tcp_port.to_string())
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("running {}", script.display()))?;
+        Ok(Self {
+            dir,
+            http_port,
+            _watcher: watcher,
+        })
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The repository root, for scripts and `topics.yaml`.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
