@@ -203,19 +203,19 @@ impl fmt::Debug for ClientProperties {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConfigArgs {
     /// YAML configuration file.
-    #[arg(long, value_name = "FILE", env = "SHOPSTREAM_CONFIG")]
+    #[arg(long, global = true, value_name = "FILE", env = "SHOPSTREAM_CONFIG")]
     pub config: Option<PathBuf>,
     /// Kafka bootstrap servers, or `embedded://`.
-    #[arg(long, value_name = "SERVERS")]
+    #[arg(long, global = true, value_name = "SERVERS")]
     pub brokers: Option<String>,
     /// Catalog profile, such as `dev`.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, global = true, value_name = "NAME")]
     pub profile: Option<String>,
     /// Log output format.
-    #[arg(long, value_enum)]
+    #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Any setting by path, such as `--set clickhouse.database=analytics`.
-    #[arg(long = "set", value_name = "PATH=VALUE")]
+    #[arg(long = "set", global = true, value_name = "PATH=VALUE")]
     pub overrides: Vec<String>,
 }
 

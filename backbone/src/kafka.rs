@@ -120,6 +120,19 @@ impl KafkaConnection {
     /// Resolves the settings; for `embedded://` starts the mock cluster with
     /// every topic the catalog wants (event, retry and dead-letter topics).
     pub fn connect(settings: &KafkaSettings, catalog: &Catalog) -> Result<Self, KafkaError> {
+        Self::connect_with(settings, Some(catalog))
+    }
+
+    /// As [`KafkaConnection::connect`], but an embedded cluster starts empty:
+    /// for provisioning, which creates the topics itself.
+    pub fn connect_empty(settings: &KafkaSettings) -> Result<Self, KafkaError> {
+        Self::connect_with(settings, None)
+    }
+
+    fn connect_with(
+        settings: &KafkaSettings,
+        catalog: Option<&Catalog>,
+    ) -> Result<Self, KafkaError> {
         if settings.bootstrap_servers.trim() != EMBEDDED {
             return Ok(Self {
                 bootstrap_servers: settings.bootstrap_servers.clone(),
@@ -128,7 +141,8 @@ impl KafkaConnection {
             });
         }
         let topics = catalog
-            .desired_topics()
+            .map(Catalog::desired_topics)
+            .unwrap_or_default()
             .into_iter()
             .map(|t| EmbeddedTopic {
                 name: t.name,
@@ -140,7 +154,7 @@ impl KafkaConnection {
         tracing::info!(
             bootstrap_servers = cluster.bootstrap_servers(),
             topics = count,
-            "Embedded Kafka cluster started with the catalog's topics."
+            "Embedded Kafka cluster started in-process; it is gone when this process exits."
         );
         Ok(Self {
             bootstrap_servers: cluster.bootstrap_servers().to_owned(),
@@ -155,6 +169,11 @@ impl KafkaConnection {
 
     pub fn is_embedded(&self) -> bool {
         self.embedded.is_some()
+    }
+
+    /// The embedded cluster, for provisioning through its own calls.
+    pub fn embedded(&self) -> Option<&EmbeddedCluster> {
+        self.embedded.as_ref()
     }
 
     /// A client config with the bootstrap servers, the request timeout and

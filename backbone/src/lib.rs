@@ -2,11 +2,13 @@
 //! formats, the topic catalog, configuration, Kafka clients, telemetry and
 //! shutdown. Nothing here is specific to one binary.
 
+pub mod admin;
 pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod events;
 pub mod kafka;
+pub mod provision;
 pub mod schema;
 pub mod shutdown;
 pub mod sql;
