@@ -110,18 +110,14 @@ impl DecodeError {
     }
 }
 
-/// Writers for the current schema of each event, built once.
-static WRITERS: LazyLock<HashMap<EventType, GenericDatumWriter<'static>>> = LazyLock::new(|| {
+/// Writers for the current schema of each event, built once, by `EventType::index`.
+static WRITERS: LazyLock<[GenericDatumWriter<'static>; 4]> = LazyLock::new(|| {
     let registry = SchemaRegistry::global();
-    EventType::ALL
-        .into_iter()
-        .map(|event| {
-            let writer = GenericDatumWriter::builder(&registry.current(event).schema)
-                .build()
-                .expect("embedded schemas resolve (tested)");
-            (event, writer)
-        })
-        .collect()
+    EventType::ALL.map(|event| {
+        GenericDatumWriter::builder(&registry.current(event).schema)
+            .build()
+            .expect("embedded schemas resolve (tested)")
+    })
 });
 
 /// Encodes an event in the given format, with the current schema for Avro.
@@ -141,7 +137,7 @@ pub fn encode_into<E: Event>(
         Encoding::Avro => {
             let schema = SchemaRegistry::global().current(E::TYPE);
             out.extend_from_slice(&schema.single_object_header());
-            WRITERS[&E::TYPE]
+            WRITERS[E::TYPE.index()]
                 .write_ser(out, event)
                 .map(|_| ())
                 .map_err(|e| EncodeError::Avro {

@@ -40,6 +40,11 @@ impl EventType {
         }
     }
 
+    /// Position in [`EventType::ALL`], for per-type arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }

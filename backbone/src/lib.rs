@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod events;
+pub mod headers;
 pub mod kafka;
 pub mod provision;
 pub mod schema;

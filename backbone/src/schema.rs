@@ -53,6 +53,8 @@ pub struct SchemaVersion {
     /// Rabin fingerprint of the parsing canonical form, as the 8 little-endian
     /// bytes single-object encoding writes.
     pub fingerprint: [u8; 8],
+    /// The fingerprint in hex, as the `schema-fingerprint` header carries it.
+    fingerprint_hex: String,
     /// The `.avsc` text as shipped.
     pub source: &'static str,
 }
@@ -68,8 +70,8 @@ impl SchemaVersion {
     }
 
     /// The fingerprint as the `schema-fingerprint` header shows it.
-    pub fn fingerprint_hex(&self) -> String {
-        hex(&self.fingerprint)
+    pub fn fingerprint_hex(&self) -> &str {
+        &self.fingerprint_hex
     }
 }
 
@@ -78,6 +80,8 @@ impl SchemaVersion {
 pub struct SchemaRegistry {
     versions: Vec<SchemaVersion>,
     by_fingerprint: HashMap<[u8; 8], usize>,
+    /// Index of each event type's newest version, by `EventType::index`.
+    current: [usize; 4],
 }
 
 static REGISTRY: LazyLock<SchemaRegistry> = LazyLock::new(|| {
@@ -105,22 +109,26 @@ impl SchemaRegistry {
                 version,
                 schema,
                 fingerprint,
+                fingerprint_hex: hex(&fingerprint),
                 source,
             });
         }
+        let current = EventType::ALL.map(|event| {
+            (0..versions.len())
+                .filter(|&i| versions[i].event == event)
+                .max_by_key(|&i| versions[i].version)
+                .expect("every event type has a schema (tested)")
+        });
         Ok(Self {
             versions,
             by_fingerprint,
+            current,
         })
     }
 
     /// The version producers write today: the newest one.
     pub fn current(&self, event: EventType) -> &SchemaVersion {
-        self.versions
-            .iter()
-            .filter(|v| v.event == event)
-            .max_by_key(|v| v.version)
-            .expect("every event type has a schema (tested)")
+        &self.versions[self.current[event.index()]]
     }
 
     pub fn by_fingerprint(&self, fingerprint: &[u8; 8]) -> Option<&SchemaVersion> {
@@ -223,6 +231,14 @@ mod tests {
                 current.schema.name().unwrap().fullname(None),
                 event.avro_full_name()
             );
+        }
+    }
+
+    #[test]
+    fn event_type_indexes_follow_all() {
+        for (i, event) in EventType::ALL.into_iter().enumerate() {
+            assert_eq!(event.index(), i);
+            assert_eq!(EventType::from_name(event.name()), Some(event));
         }
     }
 

@@ -1,3 +1,6 @@
-//! shopstream-publish: typed publishers and the load generator. The
-//! publishers and the generator arrive with their own issue; this crate holds
-//! the workspace's place for them so the layout in DESIGN.md is real.
+//! shopstream-publish: typed publishers for the platform's events and a
+//! realistic, seeded load generator.
+
+pub mod cli;
+pub mod generator;
+pub mod publisher;

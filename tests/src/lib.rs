@@ -18,6 +18,8 @@ use anyhow::{bail, Context};
 use backbone::kafka::{EmbeddedCluster, EmbeddedTopic};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::ClientConfig;
@@ -138,6 +140,17 @@ impl TestKafka {
         config
     }
 
+    /// Reads `count` records from `topics` from the beginning with a fresh
+    /// group; fails if they do not arrive within `limit`.
+    pub async fn consume(
+        &self,
+        topics: &[&str],
+        count: usize,
+        limit: Duration,
+    ) -> anyhow::Result<Vec<OwnedMessage>> {
+        consume(&self.bootstrap_servers, topics, count, limit).await
+    }
+
     /// Creates a topic with a random name under `prefix` and returns the name.
     pub async fn topic(&self, prefix: &str, partitions: i32) -> anyhow::Result<String> {
         let name = unique_name(prefix);
@@ -164,6 +177,35 @@ impl TestKafka {
         }
         Ok(())
     }
+}
+
+/// Reads `count` records from `topics` on `bootstrap_servers` from the
+/// beginning with a fresh group; fails if they do not arrive within `limit`.
+pub async fn consume(
+    bootstrap_servers: &str,
+    topics: &[&str],
+    count: usize,
+    limit: Duration,
+) -> anyhow::Result<Vec<OwnedMessage>> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("group.id", unique_name("group"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(topics)?;
+    let deadline = Instant::now() + limit;
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(message) => out.push(message?.detach()),
+            Err(_) => bail!(
+                "{} of {count} records from {topics:?} within {limit:?}",
+                out.len()
+            ),
+        }
+    }
+    Ok(out)
 }
 
 /// The ClickHouse shared by one test binary.

@@ -9,11 +9,10 @@ use backbone::codec::{encode, Decoder, Encoding};
 use backbone::config::KafkaSettings;
 use backbone::events::{ChatMessage, Event};
 use backbone::kafka::KafkaConnection;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::Message;
-use shopstream_tests::{clickhouse, kafka, mock_cluster, repo_root, unique_name};
+use shopstream_tests::{clickhouse, kafka, mock_cluster, repo_root};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -30,27 +29,20 @@ async fn produce(
     Ok(())
 }
 
-/// Reads `count` records from `topic` with a fresh group, as (key, payload).
+/// (key, payload) of `count` records from `topic`.
 async fn consume(
     bootstrap: &str,
     topic: &str,
     count: usize,
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique_name("group"))
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut out = Vec::new();
-    while out.len() < count {
-        let message = tokio::time::timeout(WAIT, consumer.recv()).await??;
-        out.push((
-            String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            message.payload().unwrap_or_default().to_vec(),
-        ));
-    }
-    Ok(out)
+    let records = shopstream_tests::consume(bootstrap, &[topic], count, WAIT).await?;
+    Ok(records
+        .iter()
+        .map(|m| {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            (key, m.payload().unwrap_or_default().to_vec())
+        })
+        .collect())
 }
 
 #[tokio::test]

@@ -1,0 +1,37 @@
+//! Encoding cost per event, on generated (realistic) events.
+//! Goal: Avro at most 1 µs per event. Run: cargo bench -p producers --bench encode
+
+use backbone::codec::{encode_into, Encoding};
+use backbone::events::AnyEvent;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use producers::generator::{Generator, GeneratorConfig};
+
+fn encode_events(c: &mut Criterion) {
+    let events: Vec<AnyEvent> = Generator::new(GeneratorConfig::default())
+        .take(10_000)
+        .map(|g| g.event)
+        .collect();
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    for encoding in [Encoding::Avro, Encoding::Json] {
+        group.bench_function(format!("{encoding:?}/10k mixed events"), |b| {
+            let mut buffer = Vec::with_capacity(1024);
+            b.iter(|| {
+                for event in &events {
+                    buffer.clear();
+                    let result = match event {
+                        AnyEvent::User(e) => encode_into(e, encoding, &mut buffer),
+                        AnyEvent::Order(e) => encode_into(e, encoding, &mut buffer),
+                        AnyEvent::Chat(e) => encode_into(e, encoding, &mut buffer),
+                        AnyEvent::Search(e) => encode_into(e, encoding, &mut buffer),
+                    };
+                    result.expect("encodes");
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, encode_events);
+criterion_main!(benches);

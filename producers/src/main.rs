@@ -1,0 +1,25 @@
+//! shopstream-publish: generate realistic traffic into Kafka.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = producers::cli::PublishArgs::parse();
+    let shutdown = match backbone::shutdown::on_signals() {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match producers::cli::run(args, shutdown).await {
+        Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
