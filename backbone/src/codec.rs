@@ -278,6 +278,28 @@ fn decode_single_object(payload: &[u8]) -> Result<AnyEvent, DecodeError> {
     decode_datum(schema, &payload[10..], "Avro single-object")
 }
 
+/// A reader per schema version, built once (building one resolves every
+/// name in the schema): plain for the current versions, resolving to the
+/// current version for older ones. In `SchemaRegistry::versions` order.
+static READERS: LazyLock<Vec<GenericDatumReader<'static>>> = LazyLock::new(|| {
+    let registry = SchemaRegistry::global();
+    registry
+        .versions()
+        .iter()
+        .map(|writer| {
+            let current = registry.current(writer.event);
+            if std::ptr::eq(writer, current) {
+                GenericDatumReader::builder(&writer.schema).build()
+            } else {
+                GenericDatumReader::builder(&writer.schema)
+                    .reader_schema(&current.schema)
+                    .build()
+            }
+            .expect("embedded schemas resolve (tested)")
+        })
+        .collect()
+});
+
 /// Decodes one datum written with `writer`, resolving it to the current
 /// schema when it is an older version.
 fn decode_datum(
@@ -285,21 +307,52 @@ fn decode_datum(
     datum: &[u8],
     format: &'static str,
 ) -> Result<AnyEvent, DecodeError> {
-    let current = SchemaRegistry::global().current(writer.event);
+    let registry = SchemaRegistry::global();
+    let current = registry.current(writer.event);
     let mismatch = |reason: String| DecodeError::SchemaMismatch {
         event: writer.event,
         version: writer.version,
         reason,
     };
     let mut cursor = Cursor::new(datum);
-    let reader = if std::ptr::eq(writer, current) {
-        GenericDatumReader::builder(&writer.schema).build()
-    } else {
-        GenericDatumReader::builder(&writer.schema)
-            .reader_schema(&current.schema)
-            .build()
+    let index = registry
+        .versions()
+        .iter()
+        .position(|v| std::ptr::eq(v, writer))
+        .expect("writer comes from the registry");
+    let reader = &READERS[index];
+    if std::ptr::eq(writer, current) {
+        // Today's schema: straight into the Rust type, no intermediate tree.
+        let decoded = match writer.event {
+            EventType::User => reader
+                .read_deser::<UserEvent>(&mut cursor)
+                .map(AnyEvent::User),
+            EventType::Order => reader
+                .read_deser::<OrderEvent>(&mut cursor)
+                .map(AnyEvent::Order),
+            EventType::Chat => reader
+                .read_deser::<ChatMessage>(&mut cursor)
+                .map(AnyEvent::Chat),
+            EventType::Search => reader
+                .read_deser::<SearchQuery>(&mut cursor)
+                .map(AnyEvent::Search),
+        };
+        let event = decoded.map_err(|e| {
+            if cursor.position() as usize >= datum.len() {
+                DecodeError::Truncated {
+                    format,
+                    detail: format!("the record ends after {} datum bytes: {e}", datum.len()),
+                }
+            } else {
+                mismatch(e.to_string())
+            }
+        })?;
+        let trailing = datum.len() - cursor.position() as usize;
+        if trailing > 0 {
+            return Err(mismatch(format!("{trailing} bytes left after the record")));
+        }
+        return Ok(event);
     }
-    .map_err(|e| mismatch(e.to_string()))?;
     // A failure with every byte consumed means the record was cut short.
     let failed = |cursor: &Cursor<&[u8]>, reason: String| {
         if cursor.position() as usize >= datum.len() {

@@ -28,6 +28,68 @@ pub struct Config {
     pub catalog: CatalogSettings,
     /// Log format and verbosity.
     pub telemetry: TelemetrySettings,
+    /// The consumer-group runtime (shopstream-worker).
+    pub worker: WorkerSettings,
+}
+
+/// The consumer-group runtime: batching, retries, dead-lettering, draining.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Kafka consumer group; workers with the same id share the partitions.
+    pub group_id: String,
+    /// Handlers to run, by name (see the worker's `--handler`).
+    pub handlers: Vec<String>,
+    /// A batch closes at this many records...
+    pub batch_max_records: usize,
+    /// ...or this many payload bytes...
+    pub batch_max_bytes: usize,
+    /// ...or when its first record has waited this long.
+    pub batch_linger_ms: u64,
+    /// Handler attempts in place (the first included) before a record moves
+    /// to the next retry tier, or the DLQ when there is none.
+    pub retry_attempts: u32,
+    /// First backoff between attempts; doubles each time, with jitter.
+    pub retry_base_delay_ms: u64,
+    /// Longest backoff between two attempts.
+    pub retry_max_delay_ms: u64,
+    /// Time budget for in-place retries of one batch, whatever the attempts.
+    pub retry_max_elapsed_ms: u64,
+    /// Partitions handled at the same time, at most.
+    pub concurrency: usize,
+    /// Records fetched and not yet done, per partition, before it pauses.
+    pub max_in_flight_records: usize,
+    /// Payload bytes fetched and not yet done, per partition, before it pauses.
+    pub max_in_flight_bytes: usize,
+    /// How long SIGTERM waits for in-flight batches before abandoning them
+    /// (uncommitted, so they are redelivered).
+    pub drain_timeout_ms: u64,
+    /// Kafka commit interval for stored offsets.
+    pub commit_interval_ms: u64,
+    /// Address of /healthz, /readyz and /metrics.
+    pub metrics_address: String,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            group_id: "shopstream-worker".into(),
+            handlers: Vec::new(),
+            batch_max_records: 500,
+            batch_max_bytes: 1 << 20,
+            batch_linger_ms: 50,
+            retry_attempts: 5,
+            retry_base_delay_ms: 100,
+            retry_max_delay_ms: 10_000,
+            retry_max_elapsed_ms: 60_000,
+            concurrency: 16,
+            max_in_flight_records: 1_000,
+            max_in_flight_bytes: 4 << 20,
+            drain_timeout_ms: 10_000,
+            commit_interval_ms: 1_000,
+            metrics_address: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 /// How to reach Kafka.
@@ -449,6 +511,71 @@ impl Config {
         if let Err(why) = crate::sql::check_identifier(&self.clickhouse.database) {
             problem("clickhouse.database", why);
         }
+        let w = &self.worker;
+        if w.group_id.trim().is_empty() {
+            problem("worker.group_id", "must not be empty".into());
+        }
+        for (field, value, min, max) in [
+            (
+                "worker.batch_max_records",
+                w.batch_max_records as u64,
+                1,
+                100_000,
+            ),
+            (
+                "worker.batch_max_bytes",
+                w.batch_max_bytes as u64,
+                1_024,
+                256 << 20,
+            ),
+            (
+                "worker.retry_attempts",
+                u64::from(w.retry_attempts),
+                1,
+                1_000,
+            ),
+            ("worker.concurrency", w.concurrency as u64, 1, 4_096),
+            (
+                "worker.max_in_flight_records",
+                w.max_in_flight_records as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "worker.max_in_flight_bytes",
+                w.max_in_flight_bytes as u64,
+                1_024,
+                4 << 30,
+            ),
+            (
+                "worker.commit_interval_ms",
+                w.commit_interval_ms,
+                10,
+                3_600_000,
+            ),
+        ] {
+            if !(min..=max).contains(&value) {
+                problem(field, format!("must be from {min} to {max}, got {value}"));
+            }
+        }
+        if w.retry_base_delay_ms > w.retry_max_delay_ms {
+            problem(
+                "worker.retry_base_delay_ms",
+                format!(
+                    "{} is above retry_max_delay_ms {}",
+                    w.retry_base_delay_ms, w.retry_max_delay_ms
+                ),
+            );
+        }
+        if w.metrics_address.parse::<std::net::SocketAddr>().is_err() {
+            problem(
+                "worker.metrics_address",
+                format!(
+                    "must be host:port such as 0.0.0.0:9464, got {:?}",
+                    w.metrics_address
+                ),
+            );
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -577,7 +704,7 @@ mod tests {
 
     #[test]
     fn cross_field_checks_catch_what_types_cannot() {
-        let (_dir, args) = with_file("kafka:\n  bootstrap_servers: ' '\n  client:\n    group.id: mine\nclickhouse:\n  url: localhost:8123\n  database: 'x; DROP DATABASE y'\n");
+        let (_dir, args) = with_file("kafka:\n  bootstrap_servers: ' '\n  client:\n    group.id: mine\nclickhouse:\n  url: localhost:8123\n  database: 'x; DROP DATABASE y'\nworker:\n  batch_max_records: 0\n  metrics_address: nowhere\n");
         let err = error(&args, &[]);
         assert!(
             err.contains("shopstream.yaml:2: kafka.bootstrap_servers: must name host:port"),
@@ -594,6 +721,16 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("shopstream.yaml:7: clickhouse.database: \"x; DROP DATABASE y\" is not a valid identifier"), "{err}");
+        assert!(
+            err.contains(
+                "shopstream.yaml:9: worker.batch_max_records: must be from 1 to 100000, got 0"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("shopstream.yaml:10: worker.metrics_address: must be host:port"),
+            "{err}"
+        );
         let err = error(
             &ConfigArgs {
                 config: Some("/nonexistent/shopstream.yaml".into()),

@@ -12,6 +12,44 @@ pub const TRACEPARENT: &str = "traceparent";
 /// When the publisher handed the record to the client, UTC milliseconds.
 pub const PRODUCED_AT: &str = "produced-at";
 
+// Added to records moved to a retry tier or a dead-letter queue. The
+// `original-*` values always name the record's first home, however many
+// tiers it passed through.
+
+/// A stable name for why the record failed, such as `truncated` or `retry_exhausted`.
+pub const ERROR_CLASS: &str = "error-class";
+/// The last failure's message.
+pub const ERROR_MESSAGE: &str = "error-message";
+pub const ORIGINAL_TOPIC: &str = "original-topic";
+pub const ORIGINAL_PARTITION: &str = "original-partition";
+pub const ORIGINAL_OFFSET: &str = "original-offset";
+/// The original record's Kafka timestamp, UTC milliseconds.
+pub const ORIGINAL_TIMESTAMP: &str = "original-timestamp";
+/// The consumer group that gave up on it.
+pub const CONSUMER_GROUP: &str = "consumer-group";
+/// Handler attempts so far, across tiers.
+pub const ATTEMPTS: &str = "attempts";
+pub const FIRST_FAILURE_AT: &str = "first-failure-at";
+pub const LAST_FAILURE_AT: &str = "last-failure-at";
+/// Which retry tier the record is in (0 the first).
+pub const RETRY_TIER: &str = "retry-tier";
+
+/// Every header the runtime sets on a failed record, so forwarding replaces
+/// rather than repeats them.
+pub const FAILURE_HEADERS: [&str; 11] = [
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    ORIGINAL_TOPIC,
+    ORIGINAL_PARTITION,
+    ORIGINAL_OFFSET,
+    ORIGINAL_TIMESTAMP,
+    CONSUMER_GROUP,
+    ATTEMPTS,
+    FIRST_FAILURE_AT,
+    LAST_FAILURE_AT,
+    RETRY_TIER,
+];
+
 /// A W3C `traceparent` for a record with no caller-supplied trace: the trace
 /// id is the event id, so the record's trace can be found from the event.
 /// Built on the stack, as it is made for every record.

@@ -1,3 +1,11 @@
-//! shopstream-worker: the consumer-group runtime (batch, retry, dead-letter,
-//! commit, drain) and its ClickHouse projections. The runtime arrives with its
-//! own issue; this crate holds the workspace's place for it.
+//! shopstream-worker: the consumer-group runtime (batch, retry with backoff,
+//! retry tiers, dead-letter, commit, rebalance, drain) and the handlers it runs.
+
+pub mod builtin;
+pub mod fetched;
+pub mod forward;
+pub mod handler;
+pub mod metrics;
+pub mod routes;
+pub mod runtime;
+pub mod worker;

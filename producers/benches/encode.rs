@@ -1,5 +1,5 @@
 //! Encoding cost per event, on generated (realistic) events.
-//! Goal: Avro at most 1 µs per event. Run: cargo bench -p producers --bench encode
+//! Goal: Avro at most 1 µs per event to encode. Decoding is measured too. Run: cargo bench -p producers --bench encode
 
 use backbone::codec::{encode_into, Encoding};
 use backbone::events::AnyEvent;
@@ -26,6 +26,38 @@ fn encode_events(c: &mut Criterion) {
                         AnyEvent::Search(e) => encode_into(e, encoding, &mut buffer),
                     };
                     result.expect("encodes");
+                }
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    let decoder = backbone::codec::Decoder::default();
+    for encoding in [Encoding::Avro, Encoding::Json] {
+        let encoded: Vec<(Vec<u8>, backbone::events::EventType)> = events
+            .iter()
+            .map(|event| {
+                let mut buffer = Vec::new();
+                match event {
+                    AnyEvent::User(e) => encode_into(e, encoding, &mut buffer),
+                    AnyEvent::Order(e) => encode_into(e, encoding, &mut buffer),
+                    AnyEvent::Chat(e) => encode_into(e, encoding, &mut buffer),
+                    AnyEvent::Search(e) => encode_into(e, encoding, &mut buffer),
+                }
+                .expect("encodes");
+                (buffer, event.event_type())
+            })
+            .collect();
+        group.bench_function(format!("{encoding:?}/10k mixed events"), |b| {
+            b.iter(|| {
+                for (bytes, event_type) in &encoded {
+                    let hint = backbone::codec::DecodeHint {
+                        content_type: Some(encoding.content_type()),
+                        event_type: Some(*event_type),
+                    };
+                    decoder.decode(bytes, hint).expect("decodes");
                 }
             })
         });

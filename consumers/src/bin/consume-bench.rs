@@ -1,0 +1,275 @@
+//! Consume throughput, shopstream-worker (no-op handler, as a separate
+//! process) vs a bare rdkafka consumer, in one run on the same broker and
+//! records; plus the worker's peak and steady RSS. Rounds alternate.
+//!
+//!   cargo build --release -p consumers
+//!   target/release/consume-bench [--events N] [--rounds R]
+
+#![allow(clippy::print_stdout)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backbone::catalog::Catalog;
+use backbone::config::KafkaSettings;
+use backbone::events::AnyEvent;
+use backbone::kafka::KafkaConnection;
+use clap::Parser;
+use producers::generator::{Generator, GeneratorConfig};
+use producers::publisher::{PublishOptions, Publisher};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Order events to consume per measurement. The embedded cluster keeps
+    /// about 5 MiB per partition (older records vanish): the bench checks.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long, default_value = "topics.yaml")]
+    catalog: std::path::PathBuf,
+    /// Catalog profile; the base catalog gives orders 24 partitions.
+    #[arg(long)]
+    profile: Option<String>,
+    /// A running cluster with the catalog's topics (shopstream-topics apply);
+    /// by default the embedded mock cluster, hosted in this process.
+    #[arg(long, default_value = backbone::kafka::EMBEDDED)]
+    brokers: String,
+}
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let catalog = Catalog::load(&args.catalog, args.profile.as_deref())
+        .map_err(|p| anyhow::anyhow!("{p}"))?;
+    let connection = KafkaConnection::connect(
+        &KafkaSettings {
+            bootstrap_servers: args.brokers.clone(),
+            ..KafkaSettings::default()
+        },
+        &catalog,
+    )?;
+    let brokers = connection.bootstrap_servers().to_owned();
+    let publisher = Publisher::new(&connection, &catalog, &PublishOptions::default())?;
+    let mut pending = Vec::new();
+    for g in Generator::new(GeneratorConfig {
+        mix: "order=1".parse().map_err(anyhow::Error::msg)?,
+        ..GeneratorConfig::default()
+    })
+    .filter(|g| matches!(g.event, AnyEvent::Order(_)))
+    .take(args.events)
+    {
+        pending.push(publisher.enqueue_any(&g.event, None).await?);
+    }
+    for p in pending {
+        p.delivered().await?;
+    }
+    // The mock broker silently drops the oldest data past ~5 MiB a partition.
+    let mut kept = 0;
+    let metadata = publisher_client_metadata(&connection)?;
+    for partition in 0..metadata {
+        let probe: rdkafka::consumer::BaseConsumer = connection.client_config().create()?;
+        let (low, high) = probe.fetch_watermarks("orders", partition, Duration::from_secs(5))?;
+        kept += (high - low) as usize;
+    }
+    anyhow::ensure!(
+        kept >= args.events || !connection.is_embedded(),
+        "the embedded broker kept only {kept} of {} records (about 5 MiB per partition); use fewer --events",
+        args.events
+    );
+    let worker_bin = std::env::current_exe()?.with_file_name("shopstream-worker");
+    println!(
+        "{} order events in topic orders ({} partitions), broker {brokers}, {} rounds",
+        args.events, metadata, args.rounds
+    );
+
+    let (mut bare_rates, mut worker_rates, mut peaks, mut steadies) =
+        (vec![], vec![], vec![], vec![]);
+    let mut decoding_rates = vec![];
+    for round in 1..=args.rounds {
+        // Bare plus decoding: what any consumer of these events must spend.
+        let consumer: StreamConsumer = connection
+            .client_config()
+            .set(
+                "group.id",
+                format!("bench-decode-{round}-{}", std::process::id()),
+            )
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        consumer.subscribe(&["orders"])?;
+        let decoder = backbone::codec::Decoder::default();
+        let hint = backbone::codec::DecodeHint {
+            content_type: None,
+            event_type: Some(backbone::events::EventType::Order),
+        };
+        let first = consumer.recv().await?;
+        decoder.decode(rdkafka::Message::payload(&first).unwrap_or_default(), hint)?;
+        drop(first);
+        let started = Instant::now();
+        for _ in 1..args.events {
+            let message = consumer.recv().await?;
+            decoder.decode(
+                rdkafka::Message::payload(&message).unwrap_or_default(),
+                hint,
+            )?;
+        }
+        let decoding = args.events as f64 / started.elapsed().as_secs_f64();
+        drop(consumer);
+
+        // Bare: a StreamConsumer counting records, no decoding.
+        let consumer: StreamConsumer = connection
+            .client_config()
+            .set(
+                "group.id",
+                format!("bench-bare-{round}-{}", std::process::id()),
+            )
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        consumer.subscribe(&["orders"])?;
+        let first = consumer.recv().await?;
+        drop(first);
+        let started = Instant::now();
+        for _ in 1..args.events {
+            consumer.recv().await?;
+        }
+        let bare = args.events as f64 / started.elapsed().as_secs_f64();
+        drop(consumer);
+
+        // shopstream-worker: decode, batch, no-op handler, store offsets, commit.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = KillOnDrop(
+            Command::new(&worker_bin)
+                .args(["--brokers", &brokers, "--handler", "noop"])
+                .args(args.profile.iter().flat_map(|p| ["--profile", p.as_str()]))
+                .args([
+                    "--group",
+                    &format!("bench-worker-{round}-{}", std::process::id()),
+                ])
+                .args(["--set", &format!("catalog.path={}", args.catalog.display())])
+                .args(["--set", &format!("worker.metrics_address=127.0.0.1:{port}")])
+                .args(
+                    std::env::var("BENCH_WORKER_ARGS")
+                        .unwrap_or_default()
+                        .split_whitespace(),
+                )
+                .env(
+                    "RUST_LOG",
+                    std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "error".into()),
+                )
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(
+                    std::env::temp_dir().join("consume-bench-worker.log"),
+                )?)
+                .spawn()?,
+        );
+        let pid = child.0.id();
+        let (mut peak_rss, mut first_seen, mut last_rss) = (0u64, None, 0u64);
+        let done = loop {
+            let consumed = metric(port, "shopstream_records_handled_total")
+                .await
+                .unwrap_or(0.0) as usize;
+            last_rss = rss_kib(pid, "VmRSS:").unwrap_or(last_rss);
+            peak_rss = peak_rss.max(last_rss);
+            if consumed > 0 && first_seen.is_none() {
+                first_seen = Some((Instant::now(), consumed));
+            }
+            if consumed >= args.events {
+                break Instant::now();
+            }
+            if let Some(status) = child.0.try_wait()? {
+                anyhow::bail!(
+                    "shopstream-worker exited early ({status}) after handling {consumed} records"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (t0, c0) = first_seen.unwrap_or((done, 0));
+        let worker = (args.events - c0) as f64 / done.duration_since(t0).as_secs_f64().max(1e-6);
+        let hwm = rss_kib(pid, "VmHWM:").unwrap_or(peak_rss);
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        child.0.wait()?;
+        println!(
+            "round {round}: bare {bare:>9.0}/s | bare+decode {decoding:>9.0}/s | worker (no-op) {worker:>9.0}/s | ratio {:.2} (vs bare+decode {:.2}) | worker RSS peak {:.1} MB, after the run {:.1} MB",
+            worker / bare,
+            worker / decoding,
+            hwm as f64 / 1024.0,
+            last_rss as f64 / 1024.0
+        );
+        bare_rates.push(bare);
+        decoding_rates.push(decoding);
+        worker_rates.push(worker);
+        peaks.push(hwm as f64 / 1024.0);
+        steadies.push(last_rss as f64 / 1024.0);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (b, bmin, bmax) = median(&mut bare_rates);
+    let (w, wmin, wmax) = median(&mut worker_rates);
+    let (d, dmin, dmax) = median(&mut decoding_rates);
+    let (p, _, pmax) = median(&mut peaks);
+    let (s, _, _) = median(&mut steadies);
+    println!("median: bare {b:.0} (min {bmin:.0}, max {bmax:.0}); bare+decode {d:.0} (min {dmin:.0}, max {dmax:.0}); worker {w:.0} (min {wmin:.0}, max {wmax:.0})");
+    println!(
+        "ratio of medians: worker/bare {:.2}; worker/bare+decode {:.2}",
+        w / b,
+        w / d
+    );
+    println!("worker RSS: peak median {p:.1} MB (max {pmax:.1}), after the run median {s:.1} MB");
+    Ok(())
+}
+
+/// The worker child must not outlive a failed bench.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn publisher_client_metadata(connection: &KafkaConnection) -> anyhow::Result<i32> {
+    let client: rdkafka::consumer::BaseConsumer = connection.client_config().create()?;
+    let metadata = client.fetch_metadata(Some("orders"), Duration::from_secs(5))?;
+    Ok(metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len() as i32))
+}
+
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

@@ -1,0 +1,708 @@
+//! The delivery contract, proven against librdkafka's mock cluster (fault
+//! injection, several group members): nothing lost, poison dead-lettered
+//! once with every header, retries in place then through the tiers, SIGTERM
+//! drains, partitions never owned twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backbone::catalog::Catalog;
+use backbone::config::{KafkaSettings, WorkerSettings};
+use backbone::events::{AnyEvent, OrderEvent};
+use backbone::headers;
+use backbone::kafka::KafkaConnection;
+use backbone::shutdown::Shutdown;
+use consumers::handler::{Handler, Outcome, Record};
+use consumers::metrics::Metrics;
+use consumers::routes::Routes;
+use consumers::runtime::{run, WorkerError};
+use producers::generator::{Generator, GeneratorConfig};
+use producers::publisher::{PublishOptions, Publisher};
+use rdkafka::message::{Headers, Message};
+use shopstream_tests::{mock_cluster, repo_root, unique_name};
+use uuid::Uuid;
+
+/// A handled record: where it was read and which event it was.
+type Seen = (String, i32, i64, Uuid);
+
+/// Records what it handles; fails events as told.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<Seen>>,
+    /// Event id -> attempts to fail before succeeding (u32::MAX: always).
+    failing: Mutex<HashMap<Uuid, u32>>,
+    /// Attempts seen per event id.
+    attempts: Mutex<HashMap<Uuid, Vec<u32>>>,
+    delay: Duration,
+    /// Handler calls that found their partition in another worker's hands.
+    overlaps: Mutex<u32>,
+    worker: usize,
+    /// Partitions being handled now, by worker, shared by all workers of a test.
+    shared_active: Option<Arc<Mutex<HashMap<i32, usize>>>>,
+}
+
+struct Named(Arc<Recorder>);
+
+impl Handler for Named {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+
+    async fn handle(&self, batch: &[Record]) -> Vec<Outcome> {
+        let me = &self.0;
+        let partition = batch[0].partition;
+        let active = me.shared_active.clone().unwrap_or_default();
+        {
+            let mut active = active.lock().expect("lock");
+            if active.get(&partition).is_some_and(|w| *w != me.worker) {
+                *me.overlaps.lock().expect("lock") += 1;
+            }
+            active.insert(partition, me.worker);
+        }
+        if !me.delay.is_zero() {
+            tokio::time::sleep(me.delay).await;
+        }
+        let mut outcomes = Vec::new();
+        for record in batch {
+            let id = record.event.event_id();
+            me.attempts
+                .lock()
+                .expect("test setup")
+                .entry(id)
+                .or_default()
+                .push(record.attempts);
+            let mut failing = me.failing.lock().expect("lock");
+            match failing.get_mut(&id) {
+                Some(n) if *n > 0 => {
+                    *n = n
+                        .saturating_sub(1)
+                        .max(if *n == u32::MAX { u32::MAX } else { 0 });
+                    outcomes.push(Outcome::retry("the test says not yet"));
+                }
+                _ => {
+                    me.seen.lock().expect("lock").push((
+                        record.topic.to_string(),
+                        record.partition,
+                        record.offset,
+                        id,
+                    ));
+                    outcomes.push(Outcome::Done);
+                }
+            }
+        }
+        active.lock().expect("lock").remove(&partition);
+        outcomes
+    }
+}
+
+/// A catalog with one order topic (3 partitions, a 1 s retry tier, a DLQ),
+/// created on `bootstrap`'s mock cluster.
+struct Setup {
+    _dir: tempfile::TempDir,
+    catalog: Catalog,
+    connection: KafkaConnection,
+}
+
+fn setup(
+    cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    partitions: i32,
+) -> Setup {
+    setup_replicated(cluster, partitions, 1)
+}
+
+fn setup_replicated(
+    cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    partitions: i32,
+    replication: i32,
+) -> Setup {
+    let dir = tempfile::tempdir().expect("test setup");
+    let name = unique_name("orders");
+    let text = format!(
+        "defaults: {{partitions: {partitions}, replication_factor: 1}}\ntopics:\n  - name: {name}\n    schema: {}/order_event\n    key: order_id\n    retry: {{tiers: [1s]}}\n",
+        repo_root().join("schemas").display()
+    );
+    let path: PathBuf = dir.path().join("topics.yaml");
+    std::fs::write(&path, text).expect("test setup");
+    let catalog = Catalog::load(&path, None).expect("test setup");
+    for topic in catalog.desired_topics() {
+        cluster
+            .create_topic(&topic.name, topic.partitions, replication)
+            .expect("test setup");
+    }
+    let settings = KafkaSettings {
+        bootstrap_servers: cluster.bootstrap_servers(),
+        ..KafkaSettings::default()
+    };
+    let connection = KafkaConnection::connect(&settings, &catalog).expect("test setup");
+    Setup {
+        _dir: dir,
+        catalog,
+        connection,
+    }
+}
+
+fn settings(group: &str) -> WorkerSettings {
+    WorkerSettings {
+        group_id: group.to_owned(),
+        batch_linger_ms: 10,
+        retry_attempts: 4,
+        retry_base_delay_ms: 20,
+        retry_max_delay_ms: 100,
+        drain_timeout_ms: 5_000,
+        commit_interval_ms: 200,
+        ..WorkerSettings::default()
+    }
+}
+
+/// Publishes `n` generated order events (some poisoned) and returns them.
+async fn publish(setup: &Setup, n: usize, seed: u64, poison_rate: f64) -> Vec<(AnyEvent, bool)> {
+    let publisher = Publisher::new(
+        &setup.connection,
+        &setup.catalog,
+        &PublishOptions::default(),
+    )
+    .expect("test setup");
+    let generated: Vec<_> = Generator::new(GeneratorConfig {
+        seed,
+        mix: "order=1".parse().expect("test setup"),
+        poison_rate,
+        ..GeneratorConfig::default()
+    })
+    .filter(|g| matches!(g.event, AnyEvent::Order(_)))
+    .take(n)
+    .collect();
+    let mut pending = Vec::new();
+    for g in &generated {
+        pending.push(
+            publisher
+                .enqueue_any(&g.event, g.poison)
+                .await
+                .expect("test setup"),
+        );
+    }
+    for p in pending {
+        p.delivered().await.expect("test setup");
+    }
+    generated
+        .into_iter()
+        .map(|g| (g.event, g.poison.is_some()))
+        .collect()
+}
+
+struct Running {
+    shutdown: Shutdown,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    task: tokio::task::JoinHandle<Result<(), WorkerError>>,
+}
+
+fn start(setup: &Setup, settings: WorkerSettings, recorder: Arc<Recorder>) -> Running {
+    let shutdown = Shutdown::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::default());
+    let connection = KafkaConnection::connect(
+        &KafkaSettings {
+            bootstrap_servers: setup.connection.bootstrap_servers().to_owned(),
+            ..KafkaSettings::default()
+        },
+        &setup.catalog,
+    )
+    .expect("test setup");
+    let routes = Routes::new(&setup.catalog, None);
+    let (s, r, m) = (shutdown.clone(), ready.clone(), metrics.clone());
+    let task =
+        tokio::spawn(
+            async move { run(&connection, &settings, routes, Named(recorder), m, r, s).await },
+        );
+    Running {
+        shutdown,
+        ready,
+        metrics,
+        task,
+    }
+}
+
+async fn stop(running: Running) {
+    running.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), running.task)
+        .await
+        .expect("drains in time")
+        .expect("test setup")
+        .expect("test setup");
+    assert!(!running.ready.load(Ordering::SeqCst));
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn handled_ids(recorder: &Recorder) -> Vec<Uuid> {
+    recorder
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|s| s.3)
+        .collect()
+}
+
+fn header<'a>(message: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)?
+        .value
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled() {
+    let cluster = mock_cluster(1);
+    let setup = setup(&cluster, 3);
+    let events = publish(&setup, 300, 3, 0.05).await;
+    let poisoned: HashSet<Uuid> = events
+        .iter()
+        .filter(|(_, p)| *p)
+        .map(|(e, _)| e.event_id())
+        .collect();
+    assert!(poisoned.len() >= 5, "{}", poisoned.len());
+    let recorder = Arc::new(Recorder::default());
+    let worker = start(&setup, settings(&unique_name("g")), recorder.clone());
+    let good = events.len() - poisoned.len();
+    wait_until("every good record handled", Duration::from_secs(60), || {
+        recorder.seen.lock().expect("lock").len() >= good
+    })
+    .await;
+    assert!(worker.ready.load(Ordering::SeqCst));
+    let topic = &setup.catalog.topics[0];
+    let dlq = topic
+        .dead_letter
+        .as_ref()
+        .expect("test setup")
+        .topic
+        .clone();
+    let dead = shopstream_tests::consume(
+        setup.connection.bootstrap_servers(),
+        &[&dlq],
+        poisoned.len(),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("test setup");
+    let text = worker.metrics.render();
+    stop(worker).await;
+
+    let handled = handled_ids(&recorder);
+    assert_eq!(handled.len(), good, "each good record handled once");
+    assert_eq!(handled.iter().collect::<HashSet<_>>().len(), good);
+    assert!(handled.iter().all(|id| !poisoned.contains(id)));
+    // Exactly the poison, once each, with key, payload and every header.
+    let originals = shopstream_tests::consume(
+        setup.connection.bootstrap_servers(),
+        &[&topic.name],
+        events.len(),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("test setup");
+    let by_offset: HashMap<(i32, i64), &rdkafka::message::OwnedMessage> = originals
+        .iter()
+        .map(|m| ((m.partition(), m.offset()), m))
+        .collect();
+    let mut seen_offsets = HashSet::new();
+    for record in &dead {
+        let partition: i32 = header(record, headers::ORIGINAL_PARTITION)
+            .expect("test setup")
+            .parse()
+            .expect("test setup");
+        let offset: i64 = header(record, headers::ORIGINAL_OFFSET)
+            .expect("test setup")
+            .parse()
+            .expect("test setup");
+        assert!(
+            seen_offsets.insert((partition, offset)),
+            "dead-lettered once"
+        );
+        let original = by_offset[&(partition, offset)];
+        assert_eq!(record.key(), original.key());
+        assert_eq!(record.payload(), original.payload());
+        assert_eq!(
+            header(record, headers::ORIGINAL_TOPIC),
+            Some(topic.name.as_str())
+        );
+        assert_eq!(
+            header(record, headers::ORIGINAL_TIMESTAMP)
+                .expect("test setup")
+                .parse::<i64>()
+                .ok(),
+            original.timestamp().to_millis()
+        );
+        assert!(["truncated", "not_avro_or_json", "unknown_fingerprint"]
+            .contains(&header(record, headers::ERROR_CLASS).expect("test setup")));
+        assert!(!header(record, headers::ERROR_MESSAGE)
+            .expect("test setup")
+            .is_empty());
+        assert!(header(record, headers::CONSUMER_GROUP)
+            .expect("test setup")
+            .starts_with("g-"));
+        assert_eq!(header(record, headers::ATTEMPTS), Some("0"));
+        assert!(
+            header(record, headers::FIRST_FAILURE_AT).is_some()
+                && header(record, headers::LAST_FAILURE_AT).is_some()
+        );
+        assert_eq!(
+            header(record, headers::TRACEPARENT),
+            header(original, headers::TRACEPARENT)
+        );
+    }
+    assert_eq!(dead.len(), poisoned.len());
+    assert!(
+        text.contains("shopstream_records_dead_lettered_total{error_class="),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transient_failures_retry_in_place_and_exhausted_ones_walk_the_tiers_to_the_dlq() {
+    let cluster = mock_cluster(1);
+    let setup = setup(&cluster, 3);
+    let events = publish(&setup, 200, 4, 0.0).await;
+    let ids: Vec<Uuid> = events.iter().map(|(e, _)| e.event_id()).collect();
+    let (flaky, doomed) = (ids[10], ids[20]);
+    let recorder = Arc::new(Recorder::default());
+    recorder
+        .failing
+        .lock()
+        .expect("test setup")
+        .extend([(flaky, 2), (doomed, u32::MAX)]);
+    let worker = start(&setup, settings(&unique_name("g")), recorder.clone());
+    let topic = &setup.catalog.topics[0];
+    let dlq = topic
+        .dead_letter
+        .as_ref()
+        .expect("test setup")
+        .topic
+        .clone();
+    let dead = shopstream_tests::consume(
+        setup.connection.bootstrap_servers(),
+        &[&dlq],
+        1,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("test setup");
+    // Everything else flowed while the doomed record retried.
+    let handled = handled_ids(&recorder);
+    let text = worker.metrics.render();
+    stop(worker).await;
+    assert_eq!(
+        handled.len(),
+        199,
+        "all but the doomed record were handled first"
+    );
+    assert!(handled.contains(&flaky) && !handled.contains(&doomed));
+    let attempts = recorder.attempts.lock().expect("lock").clone();
+    assert_eq!(
+        attempts[&flaky],
+        [0, 1, 2],
+        "succeeded in place on the third attempt"
+    );
+    // Four attempts in place, one from the 1 s tier.
+    assert_eq!(attempts[&doomed], [0, 1, 2, 3, 4]);
+    let record = &dead[0];
+    assert_eq!(
+        header(record, headers::ERROR_CLASS),
+        Some("retry_exhausted")
+    );
+    assert_eq!(
+        header(record, headers::ERROR_MESSAGE),
+        Some("the test says not yet")
+    );
+    assert_eq!(header(record, headers::ATTEMPTS), Some("5"));
+    assert_eq!(
+        header(record, headers::ORIGINAL_TOPIC),
+        Some(topic.name.as_str())
+    );
+    let first: i64 = header(record, headers::FIRST_FAILURE_AT)
+        .expect("test setup")
+        .parse()
+        .expect("test setup");
+    let last: i64 = header(record, headers::LAST_FAILURE_AT)
+        .expect("test setup")
+        .parse()
+        .expect("test setup");
+    assert!(
+        last - first >= 1_000,
+        "the tier's delay passed between failures: {first} {last}"
+    );
+    assert!(
+        text.contains("shopstream_records_tiered_total{tier=\"0\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shopstream_retries_total{tier=\"in_place\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_batch_then_restart_loses_nothing_and_handles_nothing_twice() {
+    let cluster = mock_cluster(1);
+    let setup = setup(&cluster, 3);
+    let events = publish(&setup, 1500, 5, 0.0).await;
+    let group = unique_name("g");
+    let recorder = Arc::new(Recorder {
+        delay: Duration::from_millis(40),
+        ..Recorder::default()
+    });
+    let mut small = settings(&group);
+    small.batch_max_records = 20;
+    let first = start(&setup, small.clone(), recorder.clone());
+    wait_until("some records handled", Duration::from_secs(60), || {
+        recorder.seen.lock().expect("lock").len() >= 200
+    })
+    .await;
+    // SIGTERM lands while batches are in the handler.
+    stop(first).await;
+    let after_first = recorder.seen.lock().expect("lock").len();
+    assert!(after_first < events.len(), "stopped mid-run");
+    let second = start(&setup, small, recorder.clone());
+    wait_until("every record handled", Duration::from_secs(90), || {
+        recorder.seen.lock().expect("lock").len() >= events.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop(second).await;
+    let seen = recorder.seen.lock().expect("lock").clone();
+    let unique: HashSet<(i32, i64)> = seen.iter().map(|s| (s.1, s.2)).collect();
+    assert_eq!(unique.len(), events.len(), "nothing lost");
+    assert_eq!(seen.len(), events.len(), "nothing handled twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 6)]
+async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss() {
+    let cluster = mock_cluster(1);
+    let setup = setup(&cluster, 6);
+    let group = unique_name("g");
+    let active = Arc::new(Mutex::new(HashMap::new()));
+    let recorders: Vec<Arc<Recorder>> = (0..3)
+        .map(|worker| {
+            Arc::new(Recorder {
+                worker,
+                delay: Duration::from_millis(5),
+                shared_active: Some(active.clone()),
+                ..Recorder::default()
+            })
+        })
+        .collect();
+    let a = start(&setup, settings(&group), recorders[0].clone());
+    let mut events = publish(&setup, 400, 6, 0.0).await;
+    let b = start(&setup, settings(&group), recorders[1].clone());
+    events.extend(publish(&setup, 400, 7, 0.0).await);
+    let c = start(&setup, settings(&group), recorders[2].clone());
+    events.extend(publish(&setup, 400, 8, 0.0).await);
+    stop(a).await;
+    events.extend(publish(&setup, 400, 9, 0.0).await);
+    let total = || {
+        recorders
+            .iter()
+            .map(|r| r.seen.lock().expect("lock").len())
+            .sum::<usize>()
+    };
+    wait_until("every record handled", Duration::from_secs(120), || {
+        total() >= events.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop(b).await;
+    stop(c).await;
+    let mut all: Vec<Seen> = recorders
+        .iter()
+        .flat_map(|r| r.seen.lock().expect("lock").clone())
+        .collect();
+    all.sort();
+    let unique: HashSet<(i32, i64)> = all.iter().map(|s| (s.1, s.2)).collect();
+    assert_eq!(unique.len(), events.len(), "every record handled");
+    assert_eq!(
+        all.len(),
+        events.len(),
+        "none handled twice across the rebalances"
+    );
+    let overlaps: u32 = recorders
+        .iter()
+        .map(|r| *r.overlaps.lock().expect("lock"))
+        .sum();
+    assert_eq!(
+        overlaps, 0,
+        "no partition was handled by two workers at once"
+    );
+    let per_worker: BTreeMap<usize, usize> = recorders
+        .iter()
+        .map(|r| (r.worker, r.seen.lock().expect("lock").len()))
+        .collect();
+    assert!(
+        per_worker.values().filter(|n| **n > 0).count() >= 2,
+        "the work was shared: {per_worker:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_is_lost_under_request_errors_and_a_broker_going_down() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = mock_cluster(3);
+    let setup = setup_replicated(&cluster, 3, 3);
+    let mut events = publish(&setup, 450, 10, 0.05).await;
+    events.extend(publish(&setup, 450, 11, 0.05).await);
+    // Slow enough that the faults below land while records are in flight.
+    let recorder = Arc::new(Recorder {
+        delay: Duration::from_millis(100),
+        ..Recorder::default()
+    });
+    let mut slow = settings(&unique_name("g"));
+    slow.batch_max_records = 10;
+    let worker = start(&setup, slow, recorder.clone());
+    wait_until("some records handled", Duration::from_secs(60), || {
+        !recorder.seen.lock().expect("lock").is_empty()
+    })
+    .await;
+    // Faults on every path the worker uses: fetching, committing, and the
+    // DLQ producer; then a broker goes down and comes back.
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 5],
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 5],
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 5],
+    );
+    cluster.broker_down(2).expect("test setup");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.broker_up(2).expect("test setup");
+    assert!(
+        recorder.seen.lock().expect("lock").len() < events.len(),
+        "the faults hit a run in progress"
+    );
+    let good: HashSet<Uuid> = events
+        .iter()
+        .filter(|(_, p)| !*p)
+        .map(|(e, _)| e.event_id())
+        .collect();
+    let poisoned = events.len() - good.len();
+    wait_until(
+        "every good record handled",
+        Duration::from_secs(120),
+        || recorder.seen.lock().expect("lock").len() >= good.len(),
+    )
+    .await;
+    let dlq = setup.catalog.topics[0]
+        .dead_letter
+        .as_ref()
+        .expect("test setup")
+        .topic
+        .clone();
+    let dead = shopstream_tests::consume(
+        setup.connection.bootstrap_servers(),
+        &[&dlq],
+        poisoned,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("test setup");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop(worker).await;
+    let handled = handled_ids(&recorder);
+    assert_eq!(
+        handled.iter().copied().collect::<HashSet<_>>(),
+        good,
+        "no good record lost"
+    );
+    assert_eq!(handled.len(), good.len(), "none handled twice");
+    let dead_ids: HashSet<(String, String)> = dead
+        .iter()
+        .map(|m| {
+            (
+                header(m, headers::ORIGINAL_PARTITION)
+                    .expect("test setup")
+                    .to_owned(),
+                header(m, headers::ORIGINAL_OFFSET)
+                    .expect("test setup")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        dead_ids.len(),
+        poisoned,
+        "each poison record dead-lettered, no duplicates"
+    );
+    // And nothing more arrives in the DLQ later.
+    let more = shopstream_tests::consume(
+        setup.connection.bootstrap_servers(),
+        &[&dlq],
+        poisoned + 1,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(more.is_err(), "no duplicate dead letters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_handler_pauses_its_partitions_instead_of_buffering_without_bound() {
+    let cluster = mock_cluster(1);
+    let setup = setup(&cluster, 2);
+    let events = publish(&setup, 600, 13, 0.0).await;
+    let recorder = Arc::new(Recorder {
+        delay: Duration::from_millis(30),
+        ..Recorder::default()
+    });
+    let mut tight = settings(&unique_name("g"));
+    tight.max_in_flight_records = 20;
+    tight.batch_max_records = 10;
+    let worker = start(&setup, tight, recorder.clone());
+    let metrics = worker.metrics.clone();
+    let mut paused_seen = 0;
+    wait_until("every record handled", Duration::from_secs(120), || {
+        paused_seen = paused_seen.max(metrics.paused_partitions.load(Ordering::Relaxed));
+        recorder.seen.lock().expect("lock").len() >= events.len()
+    })
+    .await;
+    stop(worker).await;
+    assert!(paused_seen >= 1, "the in-flight bound paused a partition");
+    assert_eq!(recorder.seen.lock().expect("lock").len(), events.len());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_current_thread_runtime_is_refused() {
+    let cluster = mock_cluster(1);
+    let setup = setup(&cluster, 1);
+    let result = run(
+        &setup.connection,
+        &settings("g"),
+        Routes::new(&setup.catalog, None),
+        Named(Arc::new(Recorder::default())),
+        Arc::new(Metrics::default()),
+        Arc::new(AtomicBool::new(false)),
+        Shutdown::new(),
+    )
+    .await;
+    assert!(matches!(result, Err(WorkerError::CurrentThreadRuntime)));
+}
+
+#[allow(dead_code)]
+fn order(event: &AnyEvent) -> Option<&OrderEvent> {
+    match event {
+        AnyEvent::Order(o) => Some(o),
+        _ => None,
+    }
+}
