@@ -68,6 +68,8 @@ pub struct WorkerSettings {
     pub commit_interval_ms: u64,
     /// Address of /healthz, /readyz and /metrics.
     pub metrics_address: String,
+    /// `dlq replay` refuses records already replayed this many times.
+    pub max_replays: u32,
 }
 
 impl Default for WorkerSettings {
@@ -88,6 +90,7 @@ impl Default for WorkerSettings {
             drain_timeout_ms: 10_000,
             commit_interval_ms: 1_000,
             metrics_address: "127.0.0.1:9464".into(),
+            max_replays: 3,
         }
     }
 }
@@ -132,6 +135,17 @@ pub struct ClickHouseSettings {
     /// LZ4 over HTTP. Off by default: ClickHouse 18.16 silently returns no
     /// rows to the client's compressed reads.
     pub compression: bool,
+    /// A cluster name from the server's `remote_servers`: DDL then runs
+    /// `ON CLUSTER` with Replicated engines.
+    pub cluster: Option<String>,
+    /// An insert into a table closes after this long...
+    pub insert_period_ms: u64,
+    /// ...or at this many rows...
+    pub insert_max_rows: usize,
+    /// ...or this many bytes, whichever comes first.
+    pub insert_max_bytes: usize,
+    /// Upper bound on one request, so a hung server is an error, not a hang.
+    pub timeout_ms: u64,
 }
 
 impl Default for ClickHouseSettings {
@@ -142,6 +156,11 @@ impl Default for ClickHouseSettings {
             user: "default".into(),
             password: Secret::default(),
             compression: false,
+            cluster: None,
+            insert_period_ms: 1_000,
+            insert_max_rows: 100_000,
+            insert_max_bytes: 16 << 20,
+            timeout_ms: 30_000,
         }
     }
 }
@@ -510,6 +529,40 @@ impl Config {
         }
         if let Err(why) = crate::sql::check_identifier(&self.clickhouse.database) {
             problem("clickhouse.database", why);
+        }
+        if let Some(Err(why)) = self
+            .clickhouse
+            .cluster
+            .as_deref()
+            .map(crate::sql::check_identifier)
+        {
+            problem("clickhouse.cluster", why);
+        }
+        let c = &self.clickhouse;
+        for (field, value, min, max) in [
+            (
+                "clickhouse.insert_period_ms",
+                c.insert_period_ms,
+                10,
+                600_000,
+            ),
+            (
+                "clickhouse.insert_max_rows",
+                c.insert_max_rows as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "clickhouse.insert_max_bytes",
+                c.insert_max_bytes as u64,
+                1_024,
+                1 << 30,
+            ),
+            ("clickhouse.timeout_ms", c.timeout_ms, 100, 3_600_000),
+        ] {
+            if !(min..=max).contains(&value) {
+                problem(field, format!("must be from {min} to {max}, got {value}"));
+            }
         }
         let w = &self.worker;
         if w.group_id.trim().is_empty() {

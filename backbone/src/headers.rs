@@ -34,6 +34,10 @@ pub const LAST_FAILURE_AT: &str = "last-failure-at";
 /// Which retry tier the record is in (0 the first).
 pub const RETRY_TIER: &str = "retry-tier";
 
+/// How many times `dlq replay` has sent this record back to its topic. Kept
+/// through failures, so the replay loop guard sees it again in the DLQ.
+pub const REPLAY_COUNT: &str = "replay-count";
+
 /// Every header the runtime sets on a failed record, so forwarding replaces
 /// rather than repeats them.
 pub const FAILURE_HEADERS: [&str; 11] = [

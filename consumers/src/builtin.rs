@@ -1,5 +1,5 @@
-//! Handlers that ship with the worker and are chosen by name. The ClickHouse
-//! projections join them in their own module.
+//! Handlers that ship with the worker and are chosen by name; the ClickHouse
+//! projections live in `projection`.
 
 use std::str::FromStr;
 
@@ -12,10 +12,23 @@ pub enum Builtin {
     Noop,
     /// Logs every event at info level.
     Log,
+    /// Every event into ClickHouse, a table per event type.
+    EventsStore,
+    /// The current state of every order in ClickHouse.
+    OrderStatus,
 }
 
 impl Builtin {
-    pub const NAMES: [&'static str; 2] = ["noop", "log"];
+    pub const NAMES: [&'static str; 4] = ["noop", "log", "events-store", "order-status"];
+
+    /// The ClickHouse projection this name stands for, if it is one.
+    pub fn projection(self) -> Option<crate::projection::Projection> {
+        match self {
+            Self::EventsStore => Some(crate::projection::Projection::EventsStore),
+            Self::OrderStatus => Some(crate::projection::Projection::OrderStatus),
+            Self::Noop | Self::Log => None,
+        }
+    }
 }
 
 impl FromStr for Builtin {
@@ -25,6 +38,8 @@ impl FromStr for Builtin {
         match name {
             "noop" => Ok(Self::Noop),
             "log" => Ok(Self::Log),
+            "events-store" => Ok(Self::EventsStore),
+            "order-status" => Ok(Self::OrderStatus),
             other => Err(format!(
                 "unknown handler {other:?}; valid: {}",
                 Self::NAMES.join(", ")
@@ -38,6 +53,8 @@ impl Handler for Builtin {
         match self {
             Self::Noop => "noop",
             Self::Log => "log",
+            Self::EventsStore => "events-store",
+            Self::OrderStatus => "order-status",
         }
     }
 
@@ -55,7 +72,10 @@ impl Handler for Builtin {
 /// says so, and the gravest outcome wins (fatal over retry over done).
 /// Handlers must be idempotent: a retry runs all of them again.
 #[derive(Debug, Clone)]
-pub struct Chain(pub Vec<Builtin>);
+pub struct Chain {
+    pub builtins: Vec<Builtin>,
+    pub projections: Option<std::sync::Arc<crate::projection::Projections>>,
+}
 
 impl Handler for Chain {
     fn name(&self) -> &str {
@@ -64,8 +84,14 @@ impl Handler for Chain {
 
     async fn handle(&self, batch: &[Record]) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Done; batch.len()];
-        for handler in &self.0 {
-            let answers = handler.handle(batch).await;
+        let mut answers = Vec::new();
+        for handler in self.builtins.iter().filter(|b| b.projection().is_none()) {
+            answers.push(handler.handle(batch).await);
+        }
+        if let Some(projections) = &self.projections {
+            answers.push(projections.handle(batch).await);
+        }
+        for answers in answers {
             for (slot, answer) in outcomes.iter_mut().zip(answers) {
                 *slot = match (&*slot, answer) {
                     (Outcome::Fatal { .. }, _) => continue,

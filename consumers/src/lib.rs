@@ -2,10 +2,12 @@
 //! retry tiers, dead-letter, commit, rebalance, drain) and the handlers it runs.
 
 pub mod builtin;
+pub mod dlq;
 pub mod fetched;
 pub mod forward;
 pub mod handler;
 pub mod metrics;
+pub mod projection;
 pub mod routes;
 pub mod runtime;
 pub mod worker;

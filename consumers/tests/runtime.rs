@@ -21,8 +21,8 @@ use consumers::routes::Routes;
 use consumers::runtime::{run, WorkerError};
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
-use rdkafka::message::{Headers, Message};
-use shopstream_tests::{mock_cluster, repo_root, unique_name};
+use rdkafka::message::Message;
+use shopstream_tests::{header, mock_cluster, repo_root, unique_name};
 use uuid::Uuid;
 
 /// A handled record: where it was read and which event it was.
@@ -251,15 +251,6 @@ fn handled_ids(recorder: &Recorder) -> Vec<Uuid> {
         .iter()
         .map(|s| s.3)
         .collect()
-}
-
-fn header<'a>(message: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)?
-        .value
-        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

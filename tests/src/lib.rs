@@ -208,6 +208,17 @@ pub async fn consume(
     Ok(out)
 }
 
+/// A header's value as text, if the record has it.
+pub fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    use rdkafka::message::{Headers, Message};
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)?
+        .value
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
 /// The ClickHouse shared by one test binary.
 #[derive(Debug)]
 pub struct TestClickHouse {

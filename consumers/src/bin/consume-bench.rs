@@ -37,6 +37,75 @@ struct Args {
     /// by default the embedded mock cluster, hosted in this process.
     #[arg(long, default_value = backbone::kafka::EMBEDDED)]
     brokers: String,
+    /// Also measure the events-store handler into this ClickHouse (a fresh
+    /// database per round).
+    #[arg(long)]
+    clickhouse: Option<String>,
+}
+
+/// Runs shopstream-worker until it has handled `args.events` records; its
+/// rate from the first handled record, peak RSS and RSS at the end (KiB).
+async fn measure_worker(
+    worker_bin: &std::path::Path,
+    args: &Args,
+    brokers: &str,
+    group: &str,
+    extra: &[&str],
+) -> anyhow::Result<(f64, u64, u64)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = KillOnDrop(
+        Command::new(worker_bin)
+            .args(["--brokers", brokers, "--group", group])
+            .args(extra)
+            .args(args.profile.iter().flat_map(|p| ["--profile", p.as_str()]))
+            .args(["--set", &format!("catalog.path={}", args.catalog.display())])
+            .args(["--set", &format!("worker.metrics_address=127.0.0.1:{port}")])
+            .args(
+                std::env::var("BENCH_WORKER_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(
+                std::env::temp_dir().join("consume-bench-worker.log"),
+            )?)
+            .spawn()?,
+    );
+    let pid = child.0.id();
+    let (mut peak_rss, mut first_seen, mut last_rss) = (0u64, None, 0u64);
+    let done = loop {
+        let consumed = metric(port, "shopstream_records_handled_total")
+            .await
+            .unwrap_or(0.0) as usize;
+        last_rss = rss_kib(pid, "VmRSS:").unwrap_or(last_rss);
+        peak_rss = peak_rss.max(last_rss);
+        if consumed > 0 && first_seen.is_none() {
+            first_seen = Some((Instant::now(), consumed));
+        }
+        if consumed >= args.events {
+            break Instant::now();
+        }
+        if let Some(status) = child.0.try_wait()? {
+            anyhow::bail!(
+                "shopstream-worker exited early ({status}) after handling {consumed} records"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (t0, c0) = first_seen.unwrap_or((done, 0));
+    let rate = (args.events - c0) as f64 / done.duration_since(t0).as_secs_f64().max(1e-6);
+    let hwm = rss_kib(pid, "VmHWM:").unwrap_or(peak_rss);
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    child.0.wait()?;
+    Ok((rate, hwm, last_rss))
 }
 
 #[global_allocator]
@@ -90,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
 
     let (mut bare_rates, mut worker_rates, mut peaks, mut steadies) =
         (vec![], vec![], vec![], vec![]);
-    let mut decoding_rates = vec![];
+    let (mut decoding_rates, mut sink_rates) = (vec![], vec![]);
     for round in 1..=args.rounds {
         // Bare plus decoding: what any consumer of these events must spend.
         let consumer: StreamConsumer = connection
@@ -141,62 +210,30 @@ async fn main() -> anyhow::Result<()> {
         drop(consumer);
 
         // shopstream-worker: decode, batch, no-op handler, store offsets, commit.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut child = KillOnDrop(
-            Command::new(&worker_bin)
-                .args(["--brokers", &brokers, "--handler", "noop"])
-                .args(args.profile.iter().flat_map(|p| ["--profile", p.as_str()]))
-                .args([
-                    "--group",
-                    &format!("bench-worker-{round}-{}", std::process::id()),
-                ])
-                .args(["--set", &format!("catalog.path={}", args.catalog.display())])
-                .args(["--set", &format!("worker.metrics_address=127.0.0.1:{port}")])
-                .args(
-                    std::env::var("BENCH_WORKER_ARGS")
-                        .unwrap_or_default()
-                        .split_whitespace(),
-                )
-                .env(
-                    "RUST_LOG",
-                    std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "error".into()),
-                )
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(
-                    std::env::temp_dir().join("consume-bench-worker.log"),
-                )?)
-                .spawn()?,
-        );
-        let pid = child.0.id();
-        let (mut peak_rss, mut first_seen, mut last_rss) = (0u64, None, 0u64);
-        let done = loop {
-            let consumed = metric(port, "shopstream_records_handled_total")
-                .await
-                .unwrap_or(0.0) as usize;
-            last_rss = rss_kib(pid, "VmRSS:").unwrap_or(last_rss);
-            peak_rss = peak_rss.max(last_rss);
-            if consumed > 0 && first_seen.is_none() {
-                first_seen = Some((Instant::now(), consumed));
-            }
-            if consumed >= args.events {
-                break Instant::now();
-            }
-            if let Some(status) = child.0.try_wait()? {
-                anyhow::bail!(
-                    "shopstream-worker exited early ({status}) after handling {consumed} records"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let (t0, c0) = first_seen.unwrap_or((done, 0));
-        let worker = (args.events - c0) as f64 / done.duration_since(t0).as_secs_f64().max(1e-6);
-        let hwm = rss_kib(pid, "VmHWM:").unwrap_or(peak_rss);
-        Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        child.0.wait()?;
+        let group = format!("bench-worker-{round}-{}", std::process::id());
+        let (worker, hwm, last_rss) =
+            measure_worker(&worker_bin, &args, &brokers, &group, &["--handler", "noop"]).await?;
+        if let Some(url) = &args.clickhouse {
+            let group = format!("bench-sink-{round}-{}", std::process::id());
+            let database = format!("consume_bench_{}_{round}", std::process::id());
+            let (sink, _, _) = measure_worker(
+                &worker_bin,
+                &args,
+                &brokers,
+                &group,
+                &[
+                    "--handler",
+                    "events-store",
+                    "--set",
+                    &format!("clickhouse.url={url}"),
+                    "--set",
+                    &format!("clickhouse.database={database}"),
+                ],
+            )
+            .await?;
+            println!("round {round}: worker (events-store into ClickHouse) {sink:>9.0} rows/s");
+            sink_rates.push(sink);
+        }
         println!(
             "round {round}: bare {bare:>9.0}/s | bare+decode {decoding:>9.0}/s | worker (no-op) {worker:>9.0}/s | ratio {:.2} (vs bare+decode {:.2}) | worker RSS peak {:.1} MB, after the run {:.1} MB",
             worker / bare,
@@ -225,6 +262,10 @@ async fn main() -> anyhow::Result<()> {
         w / b,
         w / d
     );
+    if !sink_rates.is_empty() {
+        let (k, kmin, kmax) = median(&mut sink_rates);
+        println!("events-store: median {k:.0} rows/s (min {kmin:.0}, max {kmax:.0}); {:.2} of the no-op worker", k / w);
+    }
     println!("worker RSS: peak median {p:.1} MB (max {pmax:.1}), after the run median {s:.1} MB");
     Ok(())
 }

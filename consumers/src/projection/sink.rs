@@ -1,0 +1,398 @@
+//! Batched, idempotent inserts into one ClickHouse table, shared by every
+//! partition task. Handlers submit a batch's rows and wait; a table's rows go
+//! out in one INSERT when the insert period ends, a size limit is reached or
+//! every permitted partition task is waiting (nothing else can arrive). A
+//! batch's offsets are stored only after that INSERT is acknowledged.
+//!
+//! Idempotence: event rows carry their Kafka position. Before each attempt
+//! the positions already in the table are looked up (the sorting key, so it
+//! is cheap) and left out, so a replay after a crash, or a retry after a
+//! response lost on the wire, adds nothing. One INSERT below a million rows
+//! into a table without PARTITION BY is one part: all or nothing.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clickhouse::{Client, RowOwned, RowWrite};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+
+use super::rows::{Malformed, Position};
+
+/// How inserts are paced.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub period: Duration,
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// Counts the partition tasks waiting on any table, so that when all the
+/// runtime allows are waiting the tables flush at once.
+#[derive(Debug)]
+pub struct Pacer {
+    waiting: AtomicUsize,
+    concurrency: usize,
+    flush_now: Notify,
+}
+
+impl Pacer {
+    pub fn new(concurrency: usize) -> Arc<Self> {
+        Arc::new(Self {
+            waiting: AtomicUsize::new(0),
+            concurrency,
+            flush_now: Notify::new(),
+        })
+    }
+
+    fn all_waiting(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) >= self.concurrency
+    }
+}
+
+/// Holds a place in the pacer's count until the submission is answered or
+/// dropped (abandoned).
+#[derive(Debug)]
+struct Waiting(Arc<Pacer>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Per row: stored (or already there), or refused by ClickHouse as malformed.
+pub type RowResults = Vec<Result<(), Malformed>>;
+
+struct Submission<T> {
+    rows: Vec<(Option<Position>, T)>,
+    bytes: usize,
+    ack: oneshot::Sender<RowResults>,
+    _waiting: Waiting,
+}
+
+/// A table's insert queue; cloning shares it.
+pub struct Table<T> {
+    name: &'static str,
+    queue: mpsc::UnboundedSender<Submission<T>>,
+    pacer: Arc<Pacer>,
+}
+
+impl<T> std::fmt::Debug for Table<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("name", &self.name).finish()
+    }
+}
+
+impl<T> Clone for Table<T> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name,
+            queue: self.queue.clone(),
+            pacer: self.pacer.clone(),
+        }
+    }
+}
+
+/// The table's writer task is gone (the worker is stopping).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the ClickHouse writer stopped")]
+pub struct Stopped;
+
+impl<T: RowOwned + RowWrite + Serialize + Send + Sync + 'static> Table<T> {
+    /// Starts the table's writer. `guarded` tables have the position columns
+    /// and skip rows whose position is already stored.
+    pub fn start(
+        client: Client,
+        name: &'static str,
+        guarded: bool,
+        limits: Limits,
+        pacer: Arc<Pacer>,
+    ) -> Self {
+        let (queue, inbox) = mpsc::unbounded_channel();
+        let writer = Writer {
+            client,
+            name,
+            guarded,
+            limits,
+            pacer: pacer.clone(),
+        };
+        tokio::spawn(writer.run(inbox));
+        Self { name, queue, pacer }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Queues rows and waits until they are stored: one result per row.
+    /// Dropping the future withdraws rows not yet sent.
+    pub async fn store(
+        &self,
+        rows: Vec<(Option<Position>, T)>,
+        bytes: usize,
+    ) -> Result<RowResults, Stopped> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ack, answer) = oneshot::channel();
+        self.pacer.waiting.fetch_add(1, Ordering::SeqCst);
+        let submission = Submission {
+            rows,
+            bytes,
+            ack,
+            _waiting: Waiting(self.pacer.clone()),
+        };
+        self.queue.send(submission).map_err(|_| Stopped)?;
+        if self.pacer.all_waiting() {
+            self.pacer.flush_now.notify_waiters();
+        }
+        answer.await.map_err(|_| Stopped)
+    }
+}
+
+struct Writer {
+    client: Client,
+    name: &'static str,
+    guarded: bool,
+    limits: Limits,
+    pacer: Arc<Pacer>,
+}
+
+impl Writer {
+    async fn run<T: RowOwned + RowWrite + Serialize + Send + Sync>(
+        self,
+        mut inbox: mpsc::UnboundedReceiver<Submission<T>>,
+    ) {
+        let mut pending: Vec<Submission<T>> = Vec::new();
+        let (mut rows, mut bytes) = (0, 0);
+        let mut since: Option<Instant> = None;
+        loop {
+            let due = since.map(|t| t + self.limits.period);
+            let flush = tokio::select! {
+                received = inbox.recv() => match received {
+                    Some(submission) => {
+                        rows += submission.rows.len();
+                        bytes += submission.bytes;
+                        pending.push(submission);
+                        since.get_or_insert_with(Instant::now);
+                        rows >= self.limits.max_rows
+                            || bytes >= self.limits.max_bytes
+                            || self.pacer.all_waiting()
+                    }
+                    None => {
+                        self.flush(std::mem::take(&mut pending)).await;
+                        return;
+                    }
+                },
+                () = sleep_until(due), if due.is_some() => true,
+                () = self.pacer.flush_now.notified(), if !pending.is_empty() => true,
+            };
+            if flush {
+                self.flush(std::mem::take(&mut pending)).await;
+                (rows, bytes, since) = (0, 0, None);
+            }
+        }
+    }
+
+    /// Stores every pending row, retrying with backoff while ClickHouse is
+    /// unavailable; answers each submission.
+    async fn flush<T: RowOwned + RowWrite + Serialize + Send + Sync>(
+        &self,
+        mut pending: Vec<Submission<T>>,
+    ) {
+        let mut delay = Duration::from_millis(100);
+        let started = std::time::Instant::now();
+        loop {
+            pending.retain(|s| !s.ack.is_closed());
+            if pending.is_empty() {
+                return;
+            }
+            let failure = match self.try_flush(&pending).await {
+                Ok(Some(results)) => {
+                    for (submission, results) in pending.into_iter().zip(results) {
+                        let _ = submission.ack.send(results);
+                    }
+                    if started.elapsed() > Duration::from_secs(1) {
+                        tracing::info!(table = self.name, after = ?started.elapsed(), "ClickHouse insert succeeded after retries.");
+                    }
+                    return;
+                }
+                Ok(None) => "a row was refused and retried alone".to_owned(),
+                Err(error) => error.to_string(),
+            };
+            tracing::warn!(table = self.name, error = %failure, retry_in = ?delay, "ClickHouse insert failed; retrying (offsets wait).");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One attempt: the rows not yet stored, in one INSERT; when ClickHouse
+    /// refuses the data, row by row to find the malformed ones. `Ok(None)`
+    /// when a transient error interrupted the row-by-row pass.
+    async fn try_flush<T: RowOwned + RowWrite + Serialize + Send + Sync>(
+        &self,
+        pending: &[Submission<T>],
+    ) -> Result<Option<Vec<RowResults>>, clickhouse::error::Error> {
+        let stored = if self.guarded {
+            self.stored_positions(pending).await?
+        } else {
+            HashSet::new()
+        };
+        let fresh = |p: &Option<Position>| p.as_ref().is_none_or(|p| !stored.contains(p));
+        let rows: Vec<&T> = pending
+            .iter()
+            .flat_map(|s| s.rows.iter())
+            .filter(|(p, _)| fresh(p))
+            .map(|(_, row)| row)
+            .collect();
+        let ok =
+            || -> Vec<RowResults> { pending.iter().map(|s| vec![Ok(()); s.rows.len()]).collect() };
+        match self.insert(&rows).await {
+            Ok(()) => return Ok(Some(ok())),
+            Err(error) if !is_data_error(&error) => return Err(error),
+            Err(error) => {
+                tracing::warn!(table = self.name, %error, rows = rows.len(), "ClickHouse refused the data; inserting row by row to find the malformed rows.");
+            }
+        }
+        let mut results = ok();
+        for (s, submission) in pending.iter().enumerate() {
+            for (r, (position, row)) in submission.rows.iter().enumerate() {
+                if !fresh(position) {
+                    continue;
+                }
+                match self.insert(&[row]).await {
+                    Ok(()) => {}
+                    Err(error) if is_data_error(&error) => {
+                        results[s][r] = Err(Malformed(error.to_string()));
+                    }
+                    Err(_) => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(results))
+    }
+
+    async fn insert<T: RowOwned + RowWrite + Serialize + Send + Sync>(
+        &self,
+        rows: &[&T],
+    ) -> Result<(), clickhouse::error::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let timeout = Some(self.limits.timeout);
+        let mut insert = self
+            .client
+            .insert::<T>(self.name)
+            .await?
+            .with_timeouts(timeout, timeout);
+        for row in rows {
+            insert.write(row).await?;
+        }
+        insert.end().await
+    }
+
+    /// Which of the pending rows' positions the table already holds.
+    async fn stored_positions<T>(
+        &self,
+        pending: &[Submission<T>],
+    ) -> Result<HashSet<Position>, clickhouse::error::Error> {
+        let mut ranges: std::collections::BTreeMap<(&str, i32), (i64, i64)> = Default::default();
+        for (position, _) in pending.iter().flat_map(|s| s.rows.iter()) {
+            let Some(p) = position else { continue };
+            let range = ranges
+                .entry((p.kafka_topic.as_str(), p.kafka_partition))
+                .or_insert((p.kafka_offset, p.kafka_offset));
+            range.0 = range.0.min(p.kafka_offset);
+            range.1 = range.1.max(p.kafka_offset);
+        }
+        if ranges.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let condition = vec![
+                "(kafka_topic = ? AND kafka_partition = ? AND kafka_offset BETWEEN ? AND ?)";
+                ranges.len()
+            ]
+        .join(" OR ");
+        let mut query = self.client.query(&format!(
+            "SELECT kafka_topic, kafka_partition, kafka_offset FROM `{}` WHERE {condition}",
+            self.name
+        ));
+        for ((topic, partition), (low, high)) in &ranges {
+            query = query.bind(*topic).bind(*partition).bind(*low).bind(*high);
+        }
+        let found = tokio::time::timeout(self.limits.timeout, query.fetch_all::<Position>())
+            .await
+            .map_err(|_| clickhouse::error::Error::TimedOut)??;
+        Ok(found.into_iter().collect())
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// ClickHouse error codes that blame the data, not the server: the rows are
+/// retried one by one and those still refused go to the DLQ.
+const DATA_ERROR_CODES: [u32; 14] = [
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+    469, // VIOLATED_CONSTRAINT
+];
+
+/// The `Code: N` of a ClickHouse exception, if the error carries one.
+pub fn error_code(error: &clickhouse::error::Error) -> Option<u32> {
+    let clickhouse::error::Error::BadResponse(text) = error else {
+        return None;
+    };
+    let rest = &text[text.find("Code: ")? + 6..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn is_data_error(error: &clickhouse::error::Error) -> bool {
+    error_code(error).is_some_and(|code| DATA_ERROR_CODES.contains(&code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_read_from_exceptions() {
+        let refused = clickhouse::error::Error::BadResponse(
+            "Code: 395, e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero, e.what() = DB::Exception".into(),
+        );
+        assert_eq!(error_code(&refused), Some(395));
+        assert!(is_data_error(&refused));
+        let missing = clickhouse::error::Error::BadResponse(
+            "Code: 60. DB::Exception: Table x doesn't exist".into(),
+        );
+        assert_eq!(error_code(&missing), Some(60));
+        assert!(
+            !is_data_error(&missing),
+            "a missing table is the server's problem: retried, never dead-lettered"
+        );
+        assert!(!is_data_error(&clickhouse::error::Error::TimedOut));
+    }
+}
