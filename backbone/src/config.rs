@@ -30,6 +30,52 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     /// The consumer-group runtime (shopstream-worker).
     pub worker: WorkerSettings,
+    /// The windowed aggregation job (shopstream-analytics).
+    pub analytics: AnalyticsSettings,
+}
+
+/// What the analytics job does with an event older than the watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LateEvents {
+    /// Add it to its window anyway (windows are additive, so it just adds).
+    Add,
+    /// Send it to `analytics.late_topic` instead.
+    Divert,
+}
+
+/// shopstream-analytics: event-time windows into ClickHouse read models.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyticsSettings {
+    /// Kafka consumer group of the job's replicas.
+    pub group_id: String,
+    /// Tumbling window size; a whole number of seconds.
+    pub window_ms: i64,
+    /// The watermark trails the latest event time by this much.
+    pub allowed_lateness_ms: i64,
+    /// Each Kafka partition's partial aggregates go to ClickHouse this often.
+    pub flush_interval_ms: u64,
+    /// `add` or `divert`.
+    pub late_events: LateEvents,
+    /// Where `divert` sends late events.
+    pub late_topic: String,
+    /// Address of /healthz, /readyz and /metrics.
+    pub metrics_address: String,
+}
+
+impl Default for AnalyticsSettings {
+    fn default() -> Self {
+        Self {
+            group_id: "shopstream-analytics".into(),
+            window_ms: 60_000,
+            allowed_lateness_ms: 30_000,
+            flush_interval_ms: 1_000,
+            late_events: LateEvents::Add,
+            late_topic: "late-events".into(),
+            metrics_address: "127.0.0.1:9465".into(),
+        }
+    }
 }
 
 /// The consumer-group runtime: batching, retries, dead-lettering, draining.
@@ -620,6 +666,37 @@ impl Config {
                 ),
             );
         }
+        let a = &self.analytics;
+        if a.window_ms < 1_000 || a.window_ms % 1_000 != 0 || a.window_ms > 86_400_000 {
+            problem(
+                "analytics.window_ms",
+                format!(
+                    "must be whole seconds from 1000 to 86400000, got {}",
+                    a.window_ms
+                ),
+            );
+        }
+        if a.allowed_lateness_ms < 0 {
+            problem(
+                "analytics.allowed_lateness_ms",
+                format!("must not be negative, got {}", a.allowed_lateness_ms),
+            );
+        }
+        if !(10..=600_000).contains(&a.flush_interval_ms) {
+            problem(
+                "analytics.flush_interval_ms",
+                format!("must be from 10 to 600000, got {}", a.flush_interval_ms),
+            );
+        }
+        if a.metrics_address.parse::<std::net::SocketAddr>().is_err() {
+            problem(
+                "analytics.metrics_address",
+                format!(
+                    "must be host:port such as 0.0.0.0:9465, got {:?}",
+                    a.metrics_address
+                ),
+            );
+        }
         if w.metrics_address.parse::<std::net::SocketAddr>().is_err() {
             problem(
                 "worker.metrics_address",
@@ -782,6 +859,22 @@ mod tests {
         );
         assert!(
             err.contains("shopstream.yaml:10: worker.metrics_address: must be host:port"),
+            "{err}"
+        );
+        let (_dir, args) = with_file("analytics:\n  window_ms: 1500\n  allowed_lateness_ms: -1\n  flush_interval_ms: 0\n  metrics_address: nowhere\n");
+        let err = error(&args, &[]);
+        for expected in [
+            "shopstream.yaml:2: analytics.window_ms: must be whole seconds from 1000 to 86400000, got 1500",
+            "shopstream.yaml:3: analytics.allowed_lateness_ms: must not be negative, got -1",
+            "shopstream.yaml:4: analytics.flush_interval_ms: must be from 10 to 600000, got 0",
+            "shopstream.yaml:5: analytics.metrics_address: must be host:port",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let (_dir, args) = with_file("analytics:\n  late_events: drop\n");
+        let err = error(&args, &[]);
+        assert!(
+            err.contains("analytics.late_events") && err.contains("add") && err.contains("divert"),
             "{err}"
         );
         let err = error(

@@ -10,6 +10,7 @@ pub mod events;
 pub mod headers;
 pub mod kafka;
 pub mod ops;
+pub mod procfs;
 pub mod provision;
 pub mod schema;
 pub mod shutdown;

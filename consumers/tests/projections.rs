@@ -4,13 +4,11 @@
 //! the DLQ and come back through `dlq replay` (with its loop guard).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backbone::catalog::Catalog;
 use backbone::config::{ClickHouseSettings, KafkaSettings, WorkerSettings};
 use backbone::events::{AnyEvent, EventType, OrderEvent};
 use backbone::headers;
@@ -23,91 +21,28 @@ use consumers::projection::{Projection, Projections};
 use consumers::routes::Routes;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use shopstream_tests::{
-    clickhouse, clickhouse_client, free_port, header, mock_cluster, repo_root, unique_name,
-    TestDatabase,
+    clickhouse, clickhouse_client, free_port, header, unique_name, EventTopics,
+    StoppableClickHouse, TestDatabase,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-worker");
 
-/// The four event topics (3 partitions, a 1 s retry tier, a DLQ each) on a
-/// mock cluster that other processes reach over loopback.
-struct Setup {
-    dir: tempfile::TempDir,
-    cluster: MockCluster<'static, DefaultProducerContext>,
-    catalog: Catalog,
-    connection: KafkaConnection,
+/// The event topics with a 1 s retry tier and a DLQ each.
+fn setup() -> EventTopics {
+    EventTopics::new("    retry: {tiers: [1s]}\n")
 }
 
-impl Setup {
-    fn new() -> Self {
-        let cluster = mock_cluster(1);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let schemas = repo_root().join("schemas");
-        let mut text = String::from("defaults: {partitions: 3, replication_factor: 1}\ntopics:\n");
-        for (event, key) in [
-            ("user_event", "user_id"),
-            ("order_event", "order_id"),
-            ("chat_message", "room_id"),
-            ("search_query", "user_id"),
-        ] {
-            text.push_str(&format!(
-                "  - name: {}\n    schema: {}/{event}\n    key: {key}\n    retry: {{tiers: [1s]}}\n",
-                unique_name(event).replace('_', "-"),
-                schemas.display()
-            ));
-        }
-        let path = dir.path().join("topics.yaml");
-        std::fs::write(&path, text).expect("catalog");
-        let catalog = Catalog::load(&path, None).expect("catalog loads");
-        for topic in catalog.desired_topics() {
-            cluster
-                .create_topic(&topic.name, topic.partitions, 1)
-                .expect("topic");
-        }
-        let connection = KafkaConnection::connect(
-            &KafkaSettings {
-                bootstrap_servers: cluster.bootstrap_servers(),
-                ..KafkaSettings::default()
-            },
-            &catalog,
-        )
-        .expect("connects");
-        Self {
-            dir,
-            cluster,
-            catalog,
-            connection,
-        }
-    }
-
-    fn catalog_path(&self) -> PathBuf {
-        self.dir.path().join("topics.yaml")
-    }
-
-    fn topic(&self, event: EventType) -> &str {
-        &self
-            .catalog
-            .topics
-            .iter()
-            .find(|t| t.event == event)
-            .expect("topic")
-            .name
-    }
-
-    async fn publish(&self, events: &[AnyEvent]) {
-        let publisher = Publisher::new(&self.connection, &self.catalog, &PublishOptions::default())
-            .expect("publisher");
-        let mut pending = Vec::new();
-        for event in events {
-            pending.push(publisher.enqueue_any(event, None).await.expect("enqueued"));
-        }
-        for p in pending {
-            p.delivered().await.expect("delivered");
-        }
-    }
+async fn publish(setup: &EventTopics, events: &[AnyEvent]) {
+    Publisher::new(
+        &setup.connection,
+        &setup.catalog,
+        &PublishOptions::default(),
+    )
+    .expect("publisher")
+    .publish_all(events.iter().map(|e| (e, None)))
+    .await
+    .expect("delivered");
 }
 
 fn generate(seed: u64, n: usize) -> Vec<AnyEvent> {
@@ -131,7 +66,7 @@ fn clickhouse_settings(url: &str, database: &str) -> ClickHouseSettings {
 }
 
 /// A worker process running both projections.
-fn worker_process(setup: &Setup, db: &TestDatabase, group: &str) -> Child {
+fn worker_process(setup: &EventTopics, db: &TestDatabase, group: &str) -> Child {
     Command::new(BIN)
         .args([
             "--brokers",
@@ -298,10 +233,10 @@ fn late_repeats(events: &[AnyEvent], n: usize) -> Vec<AnyEvent> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events() {
-    let setup = Setup::new();
+    let setup = setup();
     let db = clickhouse().await.database().await.expect("database");
     let mut published = generate(11, 3_000);
-    setup.publish(&published).await;
+    publish(&setup, &published).await;
     let group = unique_name("projections");
     let mut first = worker_process(&setup, &db, &group);
     let started = Instant::now();
@@ -317,8 +252,8 @@ async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events() 
 
     let more = generate(12, 2_000);
     let late = late_repeats(&published, 50);
-    setup.publish(&more).await;
-    setup.publish(&late).await;
+    publish(&setup, &more).await;
+    publish(&setup, &late).await;
     published.extend(more);
     published.extend(late);
     let mut second = worker_process(&setup, &db, &group);
@@ -337,68 +272,6 @@ async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events() 
         .status()
         .expect("kill");
     assert!(second.wait().expect("exits").success());
-}
-
-/// A private clickhouse-server the test stops and starts (same data, same port).
-struct StoppableClickHouse {
-    dir: PathBuf,
-    ports: (u16, u16),
-    server: Option<Child>,
-}
-
-impl StoppableClickHouse {
-    fn start(dir: &Path) -> Self {
-        let mut server = Self {
-            dir: dir.to_owned(),
-            ports: (free_port().expect("port"), free_port().expect("port")),
-            server: None,
-        };
-        server.resume();
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ports.0)
-    }
-
-    fn resume(&mut self) {
-        self.server = Some(
-            Command::new(repo_root().join("scripts/clickhouse-local"))
-                .arg(&self.dir)
-                .args([self.ports.0.to_string(), self.ports.1.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("clickhouse-server starts"),
-        );
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &server.id().to_string()])
-                .status();
-            let _ = server.wait();
-        }
-    }
-
-    async fn ready(&self) {
-        let client = clickhouse_client(&self.url());
-        let started = Instant::now();
-        while client.query("SELECT 1").fetch_one::<u8>().await.is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "ClickHouse did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for StoppableClickHouse {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 struct InProcess {
@@ -420,7 +293,11 @@ fn worker_settings(group: &str) -> WorkerSettings {
     }
 }
 
-async fn start_in_process(setup: &Setup, clickhouse: ClickHouseSettings, group: &str) -> InProcess {
+async fn start_in_process(
+    setup: &EventTopics,
+    clickhouse: ClickHouseSettings,
+    group: &str,
+) -> InProcess {
     let shutdown = Shutdown::new();
     let metrics = Arc::new(Metrics::default());
     let settings = worker_settings(group);
@@ -478,7 +355,7 @@ impl InProcess {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clickhouse_stopped_then_started_loses_nothing() {
-    let setup = Setup::new();
+    let setup = setup();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = StoppableClickHouse::start(&dir.path().join("clickhouse"));
     server.ready().await;
@@ -486,7 +363,7 @@ async fn clickhouse_stopped_then_started_loses_nothing() {
     let client = clickhouse_client(&server.url()).with_database("outage");
     let worker = start_in_process(&setup, settings, &unique_name("outage")).await;
     let mut published = generate(21, 1_000);
-    setup.publish(&published).await;
+    publish(&setup, &published).await;
     wait_for_counts(
         &client,
         &expected_counts(&published),
@@ -496,7 +373,7 @@ async fn clickhouse_stopped_then_started_loses_nothing() {
 
     server.stop();
     let during = generate(22, 1_000);
-    setup.publish(&during).await;
+    publish(&setup, &during).await;
     published.extend(during);
     // The worker keeps fetching and retrying; nothing may be committed past
     // what ClickHouse stored. Let it fail for a while.
@@ -515,7 +392,7 @@ async fn clickhouse_stopped_then_started_loses_nothing() {
     worker.stop().await;
 }
 
-fn dlq_run(setup: &Setup, args: &[&str]) -> (bool, String, String) {
+fn dlq_run(setup: &EventTopics, args: &[&str]) -> (bool, String, String) {
     let output = Command::new(BIN)
         .args(["dlq"])
         .args(args)
@@ -532,7 +409,7 @@ fn dlq_run(setup: &Setup, args: &[&str]) -> (bool, String, String) {
 }
 
 /// `dlq replay` of the order topic's DLQ; its summary line.
-fn replay(setup: &Setup, since: &str, max_replays: u32, dry_run: bool) -> String {
+fn replay(setup: &EventTopics, since: &str, max_replays: u32, dry_run: bool) -> String {
     let topic = setup.topic(EventType::Order).to_owned();
     let max = format!("worker.max_replays={max_replays}");
     let mut args = vec!["replay", "--topic", &topic, "--since", since, "--set", &max];
@@ -542,13 +419,13 @@ fn replay(setup: &Setup, since: &str, max_replays: u32, dry_run: bool) -> String
     dlq_cli(setup, &args)
 }
 
-fn dlq_cli(setup: &Setup, args: &[&str]) -> String {
+fn dlq_cli(setup: &EventTopics, args: &[&str]) -> String {
     let (ok, stdout, stderr) = dlq_run(setup, args);
     assert!(ok, "dlq {args:?} failed: {stdout}{stderr}");
     stdout
 }
 
-async fn dead_letters(setup: &Setup, count: usize) -> Vec<rdkafka::message::OwnedMessage> {
+async fn dead_letters(setup: &EventTopics, count: usize) -> Vec<rdkafka::message::OwnedMessage> {
     let topic = consumers::dlq::dead_letter_topic(&setup.catalog, setup.topic(EventType::Order));
     let started = Instant::now();
     loop {
@@ -567,7 +444,7 @@ async fn dead_letters(setup: &Setup, count: usize) -> Vec<rdkafka::message::Owne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_rows_go_to_the_dlq_and_replay_brings_them_back_once_fixed() {
-    let setup = Setup::new();
+    let setup = setup();
     let db = clickhouse().await.database().await.expect("database");
     let worker = start_in_process(
         &setup,
@@ -592,7 +469,7 @@ async fn malformed_rows_go_to_the_dlq_and_replay_brings_them_back_once_fixed() {
             refused.insert(order.event_id);
         }
     }
-    setup.publish(&events).await;
+    publish(&setup, &events).await;
     let dead = dead_letters(&setup, refused.len()).await;
     assert_eq!(
         dead.len(),

@@ -174,18 +174,10 @@ async fn publish(setup: &Setup, n: usize, seed: u64, poison_rate: f64) -> Vec<(A
     .filter(|g| matches!(g.event, AnyEvent::Order(_)))
     .take(n)
     .collect();
-    let mut pending = Vec::new();
-    for g in &generated {
-        pending.push(
-            publisher
-                .enqueue_any(&g.event, g.poison)
-                .await
-                .expect("test setup"),
-        );
-    }
-    for p in pending {
-        p.delivered().await.expect("test setup");
-    }
+    publisher
+        .publish_all(generated.iter().map(|g| (&g.event, g.poison)))
+        .await
+        .expect("test setup");
     generated
         .into_iter()
         .map(|g| (g.event, g.poison.is_some()))

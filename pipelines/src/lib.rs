@@ -1,3 +1,9 @@
 //! shopstream-analytics: event-time windowed aggregates into ClickHouse read
-//! models. The job arrives with its own issue; this crate holds the
-//! workspace's place for it.
+//! models. `aggregate` holds the windows and partials, `job` the consumer
+//! loop, `store` and `ddl` the ClickHouse side, `report` the human view.
+
+pub mod aggregate;
+pub mod ddl;
+pub mod job;
+pub mod report;
+pub mod store;

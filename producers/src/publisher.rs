@@ -276,6 +276,24 @@ impl Publisher {
             .await
     }
 
+    /// Enqueues every event (each optionally malformed on purpose), then
+    /// waits for every acknowledgement: the in-flight window is the whole
+    /// slice, so this is for seeding and tests rather than a steady stream.
+    pub async fn publish_all<'a>(
+        &self,
+        events: impl IntoIterator<Item = (&'a AnyEvent, Option<Poison>)>,
+    ) -> Result<Vec<Delivered>, PublishError> {
+        let mut pending = Vec::new();
+        for (event, poison) in events {
+            pending.push(self.enqueue_any(event, poison).await?);
+        }
+        let mut delivered = Vec::with_capacity(pending.len());
+        for p in pending {
+            delivered.push(p.delivered().await?);
+        }
+        Ok(delivered)
+    }
+
     /// Like [`Publisher::enqueue`] for an event of any type, optionally
     /// malformed on purpose (same key and headers, broken payload).
     pub async fn enqueue_any(

@@ -9,16 +9,20 @@
 //! group and database names. Tests that inject faults take a mock cluster of
 //! their own from [`mock_cluster`].
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use backbone::kafka::{EmbeddedCluster, EmbeddedTopic};
+use backbone::catalog::Catalog;
+use backbone::config::KafkaSettings;
+use backbone::events::EventType;
+use backbone::kafka::{EmbeddedCluster, EmbeddedTopic, KafkaConnection};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -361,6 +365,166 @@ impl LocalServer {
             http_port,
             _watcher: watcher,
         })
+    }
+}
+
+/// The four event topics (3 partitions each, every topic's DLQ, plus what
+/// `topic_extra` adds to each catalog entry, such as retry tiers) in a
+/// catalog file, on a mock cluster of their own that other processes reach
+/// over loopback.
+pub struct EventTopics {
+    pub dir: tempfile::TempDir,
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub catalog: Catalog,
+    pub connection: KafkaConnection,
+}
+
+impl std::fmt::Debug for EventTopics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventTopics")
+            .field("catalog", &self.catalog_path())
+            .field("bootstrap_servers", &self.cluster.bootstrap_servers())
+            .finish()
+    }
+}
+
+impl EventTopics {
+    pub fn new(topic_extra: &str) -> Self {
+        let cluster = mock_cluster(1);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schemas = repo_root().join("schemas");
+        let mut text = String::from("defaults: {partitions: 3, replication_factor: 1}\ntopics:\n");
+        for (event, key) in [
+            ("user_event", "user_id"),
+            ("order_event", "order_id"),
+            ("chat_message", "room_id"),
+            ("search_query", "user_id"),
+        ] {
+            text.push_str(&format!(
+                "  - name: {}\n    schema: {}/{event}\n    key: {key}\n{topic_extra}",
+                unique_name(event).replace('_', "-"),
+                schemas.display()
+            ));
+        }
+        let path = dir.path().join("topics.yaml");
+        std::fs::write(&path, text).expect("catalog");
+        let catalog = Catalog::load(&path, None).expect("catalog loads");
+        for topic in catalog.desired_topics() {
+            cluster
+                .create_topic(&topic.name, topic.partitions, 1)
+                .expect("topic");
+        }
+        let connection = KafkaConnection::connect(
+            &KafkaSettings {
+                bootstrap_servers: cluster.bootstrap_servers(),
+                ..KafkaSettings::default()
+            },
+            &catalog,
+        )
+        .expect("connects");
+        Self {
+            dir,
+            cluster,
+            catalog,
+            connection,
+        }
+    }
+
+    pub fn catalog_path(&self) -> PathBuf {
+        self.dir.path().join("topics.yaml")
+    }
+
+    /// The catalog topic carrying `event`.
+    pub fn topic(&self, event: EventType) -> &str {
+        &self
+            .catalog
+            .topics
+            .iter()
+            .find(|t| t.event == event)
+            .expect("topic")
+            .name
+    }
+
+    /// Every non-empty partition's last offset, for knowing when a consumer
+    /// has caught up.
+    pub fn ends(&self) -> BTreeMap<(String, i32), i64> {
+        let probe: BaseConsumer = self.connection.client_config().create().expect("probe");
+        let mut out = BTreeMap::new();
+        for topic in &self.catalog.topics {
+            for partition in 0..topic.partitions {
+                let (_, high) = probe
+                    .fetch_watermarks(&topic.name, partition, Duration::from_secs(5))
+                    .expect("watermarks");
+                if high > 0 {
+                    out.insert((topic.name.clone(), partition), high - 1);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A private clickhouse-server a test stops and starts (same data, same
+/// port), for outage tests.
+#[derive(Debug)]
+pub struct StoppableClickHouse {
+    dir: PathBuf,
+    ports: (u16, u16),
+    server: Option<Child>,
+}
+
+impl StoppableClickHouse {
+    pub fn start(dir: &Path) -> Self {
+        let mut server = Self {
+            dir: dir.to_owned(),
+            ports: (free_port().expect("port"), free_port().expect("port")),
+            server: None,
+        };
+        server.resume();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.0)
+    }
+
+    pub fn resume(&mut self) {
+        self.server = Some(
+            Command::new(repo_root().join("scripts/clickhouse-local"))
+                .arg(&self.dir)
+                .args([self.ports.0.to_string(), self.ports.1.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("clickhouse-server starts"),
+        );
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &server.id().to_string()])
+                .status();
+            let _ = server.wait();
+        }
+    }
+
+    pub async fn ready(&self) {
+        let client = clickhouse_client(&self.url());
+        let started = Instant::now();
+        while client.query("SELECT 1").fetch_one::<u8>().await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "ClickHouse did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for StoppableClickHouse {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -18,7 +18,6 @@ use clap::Parser;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -80,10 +79,10 @@ async fn measure_worker(
     let pid = child.0.id();
     let (mut peak_rss, mut first_seen, mut last_rss) = (0u64, None, 0u64);
     let done = loop {
-        let consumed = metric(port, "shopstream_records_handled_total")
+        let consumed = backbone::procfs::metric(port, "shopstream_records_handled_total")
             .await
             .unwrap_or(0.0) as usize;
-        last_rss = rss_kib(pid, "VmRSS:").unwrap_or(last_rss);
+        last_rss = backbone::procfs::status_kib(pid, "VmRSS:").unwrap_or(last_rss);
         peak_rss = peak_rss.max(last_rss);
         if consumed > 0 && first_seen.is_none() {
             first_seen = Some((Instant::now(), consumed));
@@ -100,7 +99,7 @@ async fn measure_worker(
     };
     let (t0, c0) = first_seen.unwrap_or((done, 0));
     let rate = (args.events - c0) as f64 / done.duration_since(t0).as_secs_f64().max(1e-6);
-    let hwm = rss_kib(pid, "VmHWM:").unwrap_or(peak_rss);
+    let hwm = backbone::procfs::status_kib(pid, "VmHWM:").unwrap_or(peak_rss);
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()?;
@@ -287,30 +286,4 @@ fn publisher_client_metadata(connection: &KafkaConnection) -> anyhow::Result<i32
         .topics()
         .first()
         .map_or(0, |t| t.partitions().len() as i32))
-}
-
-async fn metric(port: u16, name: &str) -> Option<f64> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-}
-
-fn rss_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        l.strip_prefix(field)?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })
 }

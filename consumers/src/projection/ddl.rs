@@ -30,14 +30,14 @@ impl Target {
         format!("{}.`{table}`", self.database)
     }
 
-    fn on_cluster(&self) -> String {
+    pub fn on_cluster(&self) -> String {
         self.cluster
             .as_ref()
             .map_or_else(String::new, |c| format!(" ON CLUSTER {c}"))
     }
 
     /// `engine` (e.g. `ReplacingMergeTree(version)`), replicated on a cluster.
-    fn engine(&self, table: &str, engine: &str) -> String {
+    pub fn engine(&self, table: &str, engine: &str) -> String {
         if self.cluster.is_none() {
             return engine.to_owned();
         }
@@ -62,7 +62,7 @@ impl Target {
         )
     }
 
-    fn create_table(&self, table: &str, columns: &str, engine: &str, order_by: &str) -> String {
+    pub fn create_table(&self, table: &str, columns: &str, engine: &str, order_by: &str) -> String {
         format!(
             "CREATE TABLE IF NOT EXISTS {}{} ({columns}) ENGINE = {} ORDER BY {order_by}",
             self.table(table),
@@ -71,9 +71,10 @@ impl Target {
         )
     }
 
-    pub fn create_migrations_table(&self) -> String {
+    /// The table recording one component's applied migrations.
+    pub fn create_migrations_table(&self, table: &str) -> String {
         self.create_table(
-            MIGRATIONS_TABLE,
+            table,
             "version UInt32, name String, applied_at DateTime",
             "ReplacingMergeTree()",
             "version",
@@ -81,6 +82,7 @@ impl Target {
     }
 }
 
+/// The projections' migrations table; other components keep their own.
 pub const MIGRATIONS_TABLE: &str = "schema_migrations";
 
 /// The Kafka position stored with every event row: replays are recognised by
@@ -214,7 +216,7 @@ mod tests {
         assert!(all[1].statements[1].starts_with(
             "CREATE VIEW IF NOT EXISTS `shop`.`order_status_current` ON CLUSTER `prod` AS SELECT"
         ));
-        assert!(target.create_migrations_table().contains("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/shop/schema_migrations', '{replica}')"));
+        assert!(target.create_migrations_table(MIGRATIONS_TABLE).contains("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/shop/schema_migrations', '{replica}')"));
     }
 
     #[test]

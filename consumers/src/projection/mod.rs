@@ -39,25 +39,30 @@ pub fn client(settings: &ClickHouseSettings, database: bool) -> clickhouse::Clie
     client
 }
 
-/// Applies the pending migrations; returns the versions it applied.
-pub async fn migrate(settings: &ClickHouseSettings) -> Result<Vec<u32>, clickhouse::error::Error> {
+/// Applies `migrations` not yet recorded in the migrations table `table`;
+/// returns the versions it applied.
+pub async fn migrate(
+    settings: &ClickHouseSettings,
+    table: &str,
+    migrations: fn(&ddl::Target) -> Vec<ddl::Migration>,
+) -> Result<Vec<u32>, clickhouse::error::Error> {
     let target = ddl::Target::new(&settings.database, settings.cluster.as_deref())
         .map_err(clickhouse::error::Error::Custom)?;
     let client = client(settings, false);
     client.query(&target.create_database()).execute().await?;
     client
-        .query(&target.create_migrations_table())
+        .query(&target.create_migrations_table(table))
         .execute()
         .await?;
     let applied: Vec<u32> = client
         .query(&format!(
             "SELECT DISTINCT version FROM {}",
-            target.table(ddl::MIGRATIONS_TABLE)
+            target.table(table)
         ))
         .fetch_all()
         .await?;
     let mut done = Vec::new();
-    for migration in ddl::migrations(&target) {
+    for migration in migrations(&target) {
         if applied.contains(&migration.version) {
             continue;
         }
@@ -67,7 +72,7 @@ pub async fn migrate(settings: &ClickHouseSettings) -> Result<Vec<u32>, clickhou
         client
             .query(&format!(
                 "INSERT INTO {} (version, name, applied_at) SELECT ?, ?, now()",
-                target.table(ddl::MIGRATIONS_TABLE)
+                target.table(table)
             ))
             .bind(migration.version)
             .bind(migration.name)
@@ -81,6 +86,37 @@ pub async fn migrate(settings: &ClickHouseSettings) -> Result<Vec<u32>, clickhou
         done.push(migration.version);
     }
     Ok(done)
+}
+
+/// [`migrate`], waiting with backoff while ClickHouse is unreachable, until
+/// `shutdown`.
+pub async fn migrate_when_reachable(
+    settings: &ClickHouseSettings,
+    table: &str,
+    migrations: fn(&ddl::Target) -> Vec<ddl::Migration>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match migrate(settings, table, migrations).await {
+            Ok(_) => return Ok(()),
+            Err(
+                error @ (clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut),
+            ) => {
+                tracing::warn!(url = %settings.url, %error, retry_in = ?delay, "ClickHouse unreachable; retrying the migrations.");
+            }
+            Err(error) => anyhow::bail!(
+                "applying the ClickHouse migrations to {} database {}: {error}",
+                settings.url,
+                settings.database
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => anyhow::bail!("stopped before ClickHouse at {} answered", settings.url),
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// A projection chosen with `--handler NAME`.
@@ -116,8 +152,7 @@ impl std::fmt::Debug for Projections {
 const ROW_BYTES: usize = 256;
 
 impl Projections {
-    /// Migrates (waiting with backoff while ClickHouse is unreachable, until
-    /// `shutdown`) and starts a writer per table. `concurrency` is the
+    /// Migrates (see [`migrate_when_reachable`]) and starts a writer per table. `concurrency` is the
     /// runtime's: when that many batches wait, the tables flush at once.
     pub async fn start(
         settings: &ClickHouseSettings,
@@ -125,28 +160,7 @@ impl Projections {
         concurrency: usize,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match migrate(settings).await {
-                Ok(_) => break,
-                Err(error @ clickhouse::error::Error::Network(_))
-                | Err(error @ clickhouse::error::Error::TimedOut) => {
-                    tracing::warn!(url = %settings.url, %error, retry_in = ?delay, "ClickHouse unreachable; retrying the migrations.");
-                }
-                Err(error) => {
-                    anyhow::bail!(
-                        "applying the ClickHouse migrations to {} database {}: {error}",
-                        settings.url,
-                        settings.database
-                    )
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown.cancelled() => anyhow::bail!("stopped before ClickHouse at {} answered", settings.url),
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+        migrate_when_reachable(settings, ddl::MIGRATIONS_TABLE, ddl::migrations, shutdown).await?;
         let client = client(settings, true);
         let limits = Limits {
             period: Duration::from_millis(settings.insert_period_ms),

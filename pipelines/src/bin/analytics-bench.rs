@@ -1,0 +1,245 @@
+//! shopstream-analytics throughput per core and freshness, in one run on the
+//! embedded broker (hosted here) and a ClickHouse server:
+//!
+//!   cargo build --release -p pipelines
+//!   target/release/analytics-bench --clickhouse http://127.0.0.1:8123
+//!
+//! 1. Throughput: N generated events already in Kafka; the job (a separate
+//!    process, fresh database) runs until ClickHouse holds every partition's
+//!    last offset. Events per wall second and per CPU second of the job.
+//! 2. Freshness: the job keeps running while events arrive at a fixed rate;
+//!    for a sample of records, the time from the producer's send to the flush
+//!    that makes it visible in the read models (its offset stored).
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backbone::catalog::Catalog;
+use backbone::config::KafkaSettings;
+use backbone::kafka::KafkaConnection;
+use backbone::procfs;
+use clap::Parser;
+use producers::generator::{Generator, GeneratorConfig};
+use producers::publisher::{PublishOptions, Publisher};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// ClickHouse HTTP URL; each run uses a fresh database.
+    #[arg(long)]
+    clickhouse: String,
+    /// Events for the throughput phase (the embedded broker keeps about
+    /// 5 MiB per partition: the bench checks).
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Events per second in the freshness phase.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds of the freshness phase.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    #[arg(long, default_value = "topics.yaml")]
+    catalog: std::path::PathBuf,
+}
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Job(std::process::Child);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn stored(client: &clickhouse::Client) -> HashMap<(String, i32), i64> {
+    pipelines::store::stored_offsets(client)
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let catalog = Catalog::load(&args.catalog, None).map_err(|p| anyhow::anyhow!("{p}"))?;
+    let connection = KafkaConnection::connect(&KafkaSettings::default(), &catalog)?;
+    let publisher = Publisher::new(&connection, &catalog, &PublishOptions::default())?;
+    let mut generator = Generator::new(GeneratorConfig {
+        spacing_ms: 10.0,
+        ..GeneratorConfig::default()
+    });
+    let mut pending = Vec::new();
+    for g in generator.by_ref().take(args.events) {
+        pending.push(publisher.enqueue_any(&g.event, None).await?);
+    }
+    for p in pending {
+        p.delivered().await?;
+    }
+    let probe: BaseConsumer = connection.client_config().create()?;
+    let mut ends = HashMap::new();
+    let mut kept = 0;
+    for topic in &catalog.topics {
+        for partition in 0..topic.partitions {
+            let (low, high) =
+                probe.fetch_watermarks(&topic.name, partition, Duration::from_secs(5))?;
+            kept += high - low;
+            if high > 0 {
+                ends.insert((topic.name.clone(), partition), high - 1);
+            }
+        }
+    }
+    anyhow::ensure!(
+        kept as usize >= args.events,
+        "the embedded broker kept only {kept} of {} events; use fewer --events",
+        args.events
+    );
+
+    let database = format!("analytics_bench_{}", std::process::id());
+    let settings = backbone::config::ClickHouseSettings {
+        url: args.clickhouse.clone(),
+        database: database.clone(),
+        ..Default::default()
+    };
+    let client = consumers::projection::client(&settings, true);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let bin = std::env::current_exe()?.with_file_name("shopstream-analytics");
+    let job = Job(Command::new(&bin)
+        .args(["--brokers", connection.bootstrap_servers(), "--set"])
+        .arg(format!("catalog.path={}", args.catalog.display()))
+        .args([
+            "--set",
+            &format!("clickhouse.url={}", args.clickhouse),
+            "--set",
+            &format!("clickhouse.database={database}"),
+        ])
+        .args([
+            "--set",
+            &format!("analytics.metrics_address=127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()?);
+    let pid = job.0.id();
+    println!(
+        "{} events in {} partitions, embedded broker {}, ClickHouse {}",
+        args.events,
+        ends.len(),
+        connection.bootstrap_servers(),
+        args.clickhouse
+    );
+
+    // Throughput: from the job's first stored flush to the last offset.
+    let (mut first, mut peak_rss) = (None, 0u64);
+    let started = Instant::now();
+    loop {
+        let now = stored(&client).await;
+        peak_rss = peak_rss.max(procfs::status_kib(pid, "VmRSS:").unwrap_or(0));
+        if first.is_none() && !now.is_empty() {
+            let events = procfs::metric(port, "shopstream_analytics_events_total")
+                .await
+                .unwrap_or(0.0);
+            first = Some((
+                Instant::now(),
+                procfs::cpu_seconds(pid).unwrap_or(0.0),
+                events,
+            ));
+        }
+        if ends
+            .iter()
+            .all(|(k, end)| now.get(k).is_some_and(|s| s >= end))
+        {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the job did not catch up within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (t0, cpu0, events0) = first.unwrap_or((Instant::now(), 0.0, 0.0));
+    let events = procfs::metric(port, "shopstream_analytics_events_total")
+        .await
+        .unwrap_or(0.0)
+        - events0;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = procfs::cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    println!(
+        "throughput: {events:.0} events in {wall:.2} s = {:.0} events/s; job CPU {cpu:.2} s = {:.0} events per CPU second (per core); peak RSS {:.1} MB",
+        events / wall,
+        events / cpu.max(1e-6),
+        peak_rss as f64 / 1024.0
+    );
+
+    // Freshness at a fixed rate: one sampled record per 10 ms tick.
+    let per_tick = (args.rate / 100).max(1) as usize;
+    let mut samples: Vec<(String, i32, i64, Instant)> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let topics: HashMap<_, _> = catalog
+        .topics
+        .iter()
+        .map(|t| (t.event, t.name.clone()))
+        .collect();
+    let phase = Instant::now();
+    let mut latencies = Vec::new();
+    let mut last_check = Instant::now();
+    while phase.elapsed() < Duration::from_secs(args.seconds) || !samples.is_empty() {
+        if phase.elapsed() < Duration::from_secs(args.seconds) {
+            tick.tick().await;
+            let sent = Instant::now();
+            let mut batch = Vec::new();
+            for g in generator.by_ref().take(per_tick) {
+                let topic = topics[&g.event.event_type()].clone();
+                batch.push((topic, publisher.enqueue_any(&g.event, None).await?));
+            }
+            if let Some((topic, last)) = batch.pop() {
+                let delivered = last.delivered().await?;
+                samples.push((topic, delivered.partition, delivered.offset, sent));
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            anyhow::ensure!(
+                phase.elapsed() < Duration::from_secs(args.seconds + 60),
+                "records were not visible within 60 s"
+            );
+        }
+        if last_check.elapsed() >= Duration::from_millis(50) {
+            last_check = Instant::now();
+            let now = stored(&client).await;
+            samples.retain(|(topic, partition, offset, sent)| {
+                if now
+                    .get(&(topic.clone(), *partition))
+                    .is_some_and(|s| s >= offset)
+                {
+                    latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((q * latencies.len() as f64) as usize).min(latencies.len() - 1)];
+    println!(
+        "freshness at {} events/s for {} s: {} samples, produce -> visible p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; RSS now {:.1} MB",
+        args.rate,
+        args.seconds,
+        latencies.len(),
+        at(0.5),
+        at(0.99),
+        latencies[latencies.len() - 1],
+        procfs::status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0
+    );
+    let _ = client
+        .query(&format!("DROP DATABASE IF EXISTS `{database}`"))
+        .execute()
+        .await;
+    Ok(())
+}

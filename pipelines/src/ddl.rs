@@ -1,0 +1,300 @@
+//! The analytics tables. A flush is ONE insert into `analytics_partials`
+//! (several only past 500,000 rows): the partial aggregates of every read
+//! model for each Kafka partition flushed, plus per partition an `_offset`
+//! row naming it and the last offset its rows cover. The table has no
+//! PARTITION BY, so the insert is one part, all or nothing: aggregates and
+//! offsets land together or not at all. On assignment the job resumes after
+//! the stored offset, so nothing is counted twice or missed.
+//!
+//! The read models are views that add the partials up (sums, and distinct
+//! counts and percentiles over the arrays they carry); hourly rollups are
+//! materialized views into AggregatingMergeTree tables, read through views.
+
+use consumers::projection::ddl::{Migration, Target};
+
+pub const MIGRATIONS_TABLE: &str = "analytics_migrations";
+pub const PARTIALS_TABLE: &str = "analytics_partials";
+
+/// A read model: its per-window view and the hourly rollup.
+struct Model {
+    /// `model` value in the partials.
+    key: &'static str,
+    /// View name stem: `<name>_per_minute`, `<name>_per_hour`.
+    name: &'static str,
+    /// (partials expression, column name) of the grouping dimensions.
+    dims: &'static [(&'static str, &'static str)],
+    measures: &'static [Measure],
+}
+
+struct Measure {
+    column: &'static str,
+    /// Per window, straight from the partials.
+    value: &'static str,
+    state_type: &'static str,
+    state: &'static str,
+    merge: &'static str,
+}
+
+const fn sum(
+    column: &'static str,
+    value: &'static str,
+    state: &'static str,
+    merge: &'static str,
+) -> Measure {
+    Measure {
+        column,
+        value,
+        state_type: "AggregateFunction(sum, Int64)",
+        state,
+        merge,
+    }
+}
+
+const fn distinct(
+    column: &'static str,
+    value: &'static str,
+    state: &'static str,
+    merge: &'static str,
+) -> Measure {
+    Measure {
+        column,
+        value,
+        state_type: "AggregateFunction(uniqExactArray, Array(String))",
+        state,
+        merge,
+    }
+}
+
+const MODELS: [Model; 6] = [
+    Model {
+        key: "orders",
+        name: "orders",
+        dims: &[("dim1", "category"), ("dim2", "currency")],
+        measures: &[
+            sum("orders", "sum(c1)", "sumState(c1)", "sumMerge(orders)"),
+            sum("items", "sum(c2)", "sumState(c2)", "sumMerge(items)"),
+            sum(
+                "revenue_minor",
+                "sum(c3)",
+                "sumState(c3)",
+                "sumMerge(revenue_minor)",
+            ),
+            distinct(
+                "unique_buyers",
+                "uniqExactArray(set1)",
+                "uniqExactArrayState(set1)",
+                "uniqExactArrayMerge(unique_buyers)",
+            ),
+        ],
+    },
+    Model {
+        key: "funnel",
+        name: "order_funnel",
+        dims: &[],
+        measures: &[
+            sum("created", "sum(c1)", "sumState(c1)", "sumMerge(created)"),
+            sum("paid", "sum(c2)", "sumState(c2)", "sumMerge(paid)"),
+            sum("shipped", "sum(c3)", "sumState(c3)", "sumMerge(shipped)"),
+            sum(
+                "delivered",
+                "sum(c4)",
+                "sumState(c4)",
+                "sumMerge(delivered)",
+            ),
+            sum(
+                "cancelled",
+                "sum(c5)",
+                "sumState(c5)",
+                "sumMerge(cancelled)",
+            ),
+            sum("refunded", "sum(c6)", "sumState(c6)", "sumMerge(refunded)"),
+        ],
+    },
+    Model {
+        key: "users",
+        name: "active_users",
+        dims: &[("dim1", "country"), ("dim2", "platform")],
+        measures: &[
+            distinct(
+                "unique_users",
+                "uniqExactArray(set1)",
+                "uniqExactArrayState(set1)",
+                "uniqExactArrayMerge(unique_users)",
+            ),
+            sum("sign_ups", "sum(c1)", "sumState(c1)", "sumMerge(sign_ups)"),
+            distinct(
+                "sessions",
+                "uniqExactArray(set2)",
+                "uniqExactArrayState(set2)",
+                "uniqExactArrayMerge(sessions)",
+            ),
+        ],
+    },
+    Model {
+        key: "chat",
+        name: "chat_rooms",
+        dims: &[("dim1", "room_id")],
+        measures: &[
+            sum("messages", "sum(c1)", "sumState(c1)", "sumMerge(messages)"),
+            distinct(
+                "unique_chatters",
+                "uniqExactArray(set1)",
+                "uniqExactArrayState(set1)",
+                "uniqExactArrayMerge(unique_chatters)",
+            ),
+            sum("flagged", "sum(c2)", "sumState(c2)", "sumMerge(flagged)"),
+        ],
+    },
+    Model {
+        key: "search",
+        name: "searches",
+        dims: &[],
+        measures: &[
+            sum("searches", "sum(c1)", "sumState(c1)", "sumMerge(searches)"),
+            sum(
+                "zero_results",
+                "sum(c2)",
+                "sumState(c2)",
+                "sumMerge(zero_results)",
+            ),
+            sum(
+                "latency_sum_ms",
+                "sum(c3)",
+                "sumState(c3)",
+                "sumMerge(latency_sum_ms)",
+            ),
+            Measure {
+                column: "p95_latency_ms",
+                value: "quantileExactArray(0.95)(latencies)",
+                state_type: "AggregateFunction(quantileExactArray(0.95), Array(Int32))",
+                state: "quantileExactArrayState(0.95)(latencies)",
+                merge: "quantileExactArrayMerge(0.95)(p95_latency_ms)",
+            },
+        ],
+    },
+    Model {
+        key: "queries",
+        name: "search_queries",
+        dims: &[("dim1", "query")],
+        measures: &[sum(
+            "searches",
+            "sum(c1)",
+            "sumState(c1)",
+            "sumMerge(searches)",
+        )],
+    },
+];
+
+/// The model keys the job writes, for its rows.
+pub const MODEL_KEYS: [&str; 6] = ["orders", "funnel", "users", "chat", "search", "queries"];
+/// The `model` of the row carrying a flush's source offset.
+pub const OFFSET_MODEL: &str = "_offset";
+
+pub fn migrations(target: &Target) -> Vec<Migration> {
+    let partials = target.table(PARTIALS_TABLE);
+    let mut views = Vec::new();
+    for model in &MODELS {
+        let dims_select: String = model
+            .dims
+            .iter()
+            .map(|(e, c)| format!(", {e} AS {c}"))
+            .collect();
+        let dims_group: String = model.dims.iter().map(|(_, c)| format!(", {c}")).collect();
+        let dims_columns: String = model
+            .dims
+            .iter()
+            .map(|(_, c)| format!(", {c} String"))
+            .collect();
+        let values: Vec<String> = model
+            .measures
+            .iter()
+            .map(|m| format!("{} AS {}", m.value, m.column))
+            .collect();
+        views.push(format!(
+            "CREATE VIEW IF NOT EXISTS {}{} AS SELECT window_start{dims_select}, {} FROM {partials} WHERE model = '{}' GROUP BY window_start{dims_group}",
+            target.table(&format!("{}_per_minute", model.name)),
+            target.on_cluster(),
+            values.join(", "),
+            model.key
+        ));
+        let state_table = format!("{}_per_hour_state", model.name);
+        let states: Vec<String> = model
+            .measures
+            .iter()
+            .map(|m| format!("{} {}", m.column, m.state_type))
+            .collect();
+        views.push(target.create_table(
+            &state_table,
+            &format!("hour DateTime{dims_columns}, {}", states.join(", ")),
+            "AggregatingMergeTree()",
+            &format!("(hour{dims_group})"),
+        ));
+        let state_select: Vec<String> = model
+            .measures
+            .iter()
+            .map(|m| format!("{} AS {}", m.state, m.column))
+            .collect();
+        views.push(format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {}{} TO {} AS SELECT toStartOfHour(window_start) AS hour{dims_select}, {} FROM {partials} WHERE model = '{}' GROUP BY hour{dims_group}",
+            target.table(&format!("{}_per_hour_mv", model.name)),
+            target.on_cluster(),
+            target.table(&state_table),
+            state_select.join(", "),
+            model.key
+        ));
+        let merges: Vec<String> = model
+            .measures
+            .iter()
+            .map(|m| format!("{} AS {}", m.merge, m.column))
+            .collect();
+        views.push(format!(
+            "CREATE VIEW IF NOT EXISTS {}{} AS SELECT hour{dims_group}, {} FROM {} GROUP BY hour{dims_group}",
+            target.table(&format!("{}_per_hour", model.name)),
+            target.on_cluster(),
+            merges.join(", "),
+            target.table(&state_table)
+        ));
+    }
+    let mut first = vec![target.create_table(
+        PARTIALS_TABLE,
+        "model String, window_start DateTime, dim1 String, dim2 String, \
+         c1 Int64, c2 Int64, c3 Int64, c4 Int64, c5 Int64, c6 Int64, \
+         set1 Array(String), set2 Array(String), latencies Array(Int32), \
+         source_topic String, source_partition Int32, last_offset Int64, flushed_at DateTime",
+        "MergeTree()",
+        "(model, window_start, dim1, dim2)",
+    )];
+    first.extend(views);
+    vec![Migration {
+        version: 1,
+        name: "partials, read models and hourly rollups",
+        statements: first,
+    }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_model_has_a_window_view_an_hourly_rollup_and_a_reader() {
+        let target = Target::new("shop", None).unwrap();
+        let all = migrations(&target);
+        let statements = &all[0].statements;
+        assert_eq!(statements.len(), 1 + 4 * MODELS.len());
+        assert!(
+            statements[0].contains("`shop`.`analytics_partials`")
+                && !statements[0].contains("PARTITION BY")
+        );
+        let orders: Vec<&String> = statements
+            .iter()
+            .filter(|s| s.contains("`orders_per_"))
+            .collect();
+        assert_eq!(orders.len(), 4, "{orders:#?}");
+        assert!(orders[0].ends_with("FROM `shop`.`analytics_partials` WHERE model = 'orders' GROUP BY window_start, category, currency"), "{}", orders[0]);
+        assert!(orders[2].contains("TO `shop`.`orders_per_hour_state` AS SELECT toStartOfHour(window_start) AS hour, dim1 AS category"), "{}", orders[2]);
+        for key in MODEL_KEYS {
+            assert!(MODELS.iter().any(|m| m.key == key));
+        }
+    }
+}

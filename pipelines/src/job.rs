@@ -1,0 +1,517 @@
+//! The analytics job: a consumer-group member that decodes events, adds them
+//! to per-Kafka-partition partial aggregates and, every flush interval, writes
+//! each partition's partials together with the offset they reach in one
+//! ClickHouse insert. ClickHouse, not Kafka, holds the job's position: on
+//! assignment each partition resumes right after the offset stored with its
+//! last insert, so a crash at any moment neither loses nor double-counts.
+//! Undecodable events go to the topic's DLQ (acknowledged before their offset
+//! is flushed); Kafka commits follow the inserts and are only a convenience.
+//!
+//! The loop runs on a thread of its own with a blocking consumer, so the
+//! rebalance callback can wait for ClickHouse before partitions start.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backbone::catalog::Catalog;
+use backbone::codec::{DecodeHint, Decoder};
+use backbone::config::{AnalyticsSettings, ClickHouseSettings, LateEvents};
+use backbone::headers;
+use backbone::kafka::KafkaConnection;
+use backbone::shutdown::Shutdown;
+use consumers::fetched::Fetched;
+use consumers::forward::{now_ms, Failure, Forwarder};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::aggregate::{Arrival, Partial, Watermark, Windows};
+use crate::store;
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct JobMetrics {
+    pub events: AtomicU64,
+    pub late: AtomicU64,
+    pub diverted: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub flushes: AtomicU64,
+    pub insert_retries: AtomicU64,
+}
+
+impl JobMetrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, help, value) in [
+            (
+                "shopstream_analytics_events_total",
+                "Events added to windows.",
+                &self.events,
+            ),
+            (
+                "shopstream_analytics_late_events_total",
+                "Events older than the watermark.",
+                &self.late,
+            ),
+            (
+                "shopstream_analytics_diverted_events_total",
+                "Late events sent to the late topic.",
+                &self.diverted,
+            ),
+            (
+                "shopstream_analytics_dead_lettered_total",
+                "Undecodable events sent to the DLQ.",
+                &self.dead_lettered,
+            ),
+            (
+                "shopstream_analytics_flushes_total",
+                "Partition flushes stored in ClickHouse.",
+                &self.flushes,
+            ),
+            (
+                "shopstream_analytics_insert_retries_total",
+                "ClickHouse inserts retried.",
+                &self.insert_retries,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                value.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+}
+
+/// One assigned partition's unflushed work.
+struct PartitionState {
+    partial: Partial,
+    watermark: Watermark,
+    /// Last offset taken into `partial` (or forwarded), if any since the flush.
+    last_offset: Option<i64>,
+}
+
+type Key = (String, i32);
+
+struct Shared {
+    partitions: Mutex<HashMap<Key, PartitionState>>,
+    client: clickhouse::Client,
+    runtime: tokio::runtime::Handle,
+    lateness_ms: i64,
+    shutdown: Shutdown,
+}
+
+/// Resumes assigned partitions where ClickHouse says they stopped.
+struct JobContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for JobContext {}
+
+impl ConsumerContext for JobContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let stored = self.stored_offsets();
+                let mut partitions = self.shared.partitions.lock().expect("partitions lock");
+                let keys: Vec<Key> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                for key in keys {
+                    let offset = stored
+                        .get(&key)
+                        .map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+                    let _ = tpl.set_partition_offset(&key.0, key.1, offset);
+                    partitions.insert(
+                        key,
+                        PartitionState {
+                            partial: Partial::default(),
+                            watermark: Watermark::new(self.shared.lateness_ms),
+                            last_offset: None,
+                        },
+                    );
+                }
+                drop(partitions);
+                tracing::info!(
+                    partitions = tpl.count(),
+                    "Partitions assigned; resuming after the offsets stored in ClickHouse."
+                );
+                if let Err(error) = consumer.assign(tpl) {
+                    tracing::error!(%error, "Assigning partitions failed.");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // Unflushed partials are dropped: the next owner starts after
+                // the last stored offset and counts those events itself.
+                let mut partitions = self.shared.partitions.lock().expect("partitions lock");
+                for element in tpl.elements() {
+                    partitions.remove(&(element.topic().to_owned(), element.partition()));
+                }
+                drop(partitions);
+                tracing::info!(
+                    partitions = tpl.count(),
+                    "Partitions revoked; their unflushed partials are left to the next owner."
+                );
+                if let Err(error) = consumer.unassign() {
+                    tracing::error!(%error, "Unassigning partitions failed.");
+                }
+            }
+            other => tracing::error!(error = ?other, "Rebalance error."),
+        }
+    }
+}
+
+impl JobContext {
+    /// Waits (with backoff) until ClickHouse answers: starting a partition
+    /// anywhere but after its stored offset would count events twice.
+    fn stored_offsets(&self) -> HashMap<Key, i64> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self
+                .shared
+                .runtime
+                .block_on(store::stored_offsets(&self.shared.client))
+            {
+                Ok(offsets) => return offsets,
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?delay, "Reading the stored offsets from ClickHouse failed; retrying.");
+                    if self.shared.shutdown.is_cancelled() {
+                        return HashMap::new();
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Runs the job until `shutdown`; flushes what it holds before returning.
+/// Call it from `spawn_blocking`.
+pub fn run(
+    connection: &KafkaConnection,
+    catalog: &Catalog,
+    settings: &AnalyticsSettings,
+    clickhouse: &ClickHouseSettings,
+    metrics: Arc<JobMetrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    // Called on a blocking thread of the runtime, which may block on it.
+    let runtime = tokio::runtime::Handle::current();
+    let shared = Arc::new(Shared {
+        partitions: Mutex::new(HashMap::new()),
+        client: consumers::projection::client(clickhouse, true),
+        runtime: runtime.clone(),
+        lateness_ms: settings.allowed_lateness_ms,
+        shutdown: shutdown.clone(),
+    });
+    let mut config = connection.client_config();
+    config
+        .set("group.id", &settings.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    for (key, value) in [
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "1000"),
+        ("queued.max.messages.kbytes", "16384"),
+    ] {
+        if config.get(key).is_none() {
+            config.set(key, value);
+        }
+    }
+    let consumer: BaseConsumer<JobContext> = config.create_with_context(JobContext {
+        shared: shared.clone(),
+    })?;
+    let topics: Vec<&str> = catalog.topics.iter().map(|t| t.name.as_str()).collect();
+    consumer.subscribe(&topics)?;
+    let forwarder = Forwarder::new(&connection.client_config(), &settings.group_id)?;
+    let dead_letters: HashMap<&str, (backbone::events::EventType, Option<String>)> = catalog
+        .topics
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                (t.event, t.dead_letter.as_ref().map(|d| d.topic.clone())),
+            )
+        })
+        .collect();
+    let windows = Windows::new(settings.window_ms);
+    let decoder = Decoder::default();
+    let flush_every = Duration::from_millis(settings.flush_interval_ms);
+    let timeout = Duration::from_millis(clickhouse.timeout_ms);
+    let mut next_flush = Instant::now() + flush_every;
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(group = %settings.group_id, topics = ?topics, "Analytics job subscribed.");
+    while !shutdown.is_cancelled() {
+        if let Some(result) = consumer.poll(Duration::from_millis(50)) {
+            match result {
+                Ok(message) => {
+                    let (event_type, dlq) = dead_letters
+                        .get(message.topic())
+                        .cloned()
+                        .unwrap_or((backbone::events::EventType::Order, None));
+                    take(
+                        &shared,
+                        &message,
+                        event_type,
+                        dlq.as_deref(),
+                        &decoder,
+                        windows,
+                        settings,
+                        &forwarder,
+                        &metrics,
+                        &runtime,
+                        &shutdown,
+                    );
+                }
+                Err(error) => tracing::warn!(%error, "Consumer error; librdkafka keeps retrying."),
+            }
+        }
+        if Instant::now() >= next_flush {
+            if let Err(abandoned) = flush_all(&shared, &consumer, &metrics, timeout) {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                return Err(abandoned.into());
+            }
+            next_flush = Instant::now() + flush_every;
+        }
+    }
+    ready.store(false, Ordering::SeqCst);
+    tracing::info!("Stopping: flushing the partials held.");
+    // If ClickHouse is away, what is held is counted again by the next run.
+    let _ = flush_all(&shared, &consumer, &metrics, timeout);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn take(
+    shared: &Shared,
+    message: &BorrowedMessage<'_>,
+    event_type: backbone::events::EventType,
+    dlq: Option<&str>,
+    decoder: &Decoder,
+    windows: Windows,
+    settings: &AnalyticsSettings,
+    forwarder: &Forwarder,
+    metrics: &JobMetrics,
+    runtime: &tokio::runtime::Handle,
+    shutdown: &Shutdown,
+) {
+    let key = (message.topic().to_owned(), message.partition());
+    let content_type = message
+        .headers()
+        .and_then(|h| {
+            h.iter()
+                .find(|h| h.key == headers::CONTENT_TYPE)
+                .and_then(|h| h.value)
+        })
+        .and_then(|v| std::str::from_utf8(v).ok());
+    let decoded = decoder
+        .decode(
+            message.payload().unwrap_or_default(),
+            DecodeHint {
+                content_type,
+                event_type: Some(event_type),
+            },
+        )
+        .map_err(|e| (e.class().to_owned(), e.to_string()))
+        .and_then(|event| {
+            if event.occurred_at() < 0 || event.occurred_at() / 1000 > i64::from(u32::MAX) {
+                Err((
+                    "out_of_range".to_owned(),
+                    format!(
+                        "occurred_at {} is outside 1970 to 2106",
+                        event.occurred_at()
+                    ),
+                ))
+            } else {
+                Ok(event)
+            }
+        });
+    let divert = |topic: &str, class: &str, reason: String| {
+        let fetched = Fetched::from_message(message, Arc::from(message.topic()));
+        let failure = Failure {
+            class: class.to_owned(),
+            message: reason,
+            attempts: 1,
+        };
+        // Acknowledged before the offset can be flushed.
+        runtime
+            .block_on(forwarder.forward(topic, &fetched, &failure, None, shutdown))
+            .is_ok()
+    };
+    let mut partitions = shared.partitions.lock().expect("partitions lock");
+    let Some(state) = partitions.get_mut(&key) else {
+        return;
+    };
+    match decoded {
+        Ok(event) => {
+            let late = state.watermark.observe(event.occurred_at()) == Arrival::Late;
+            if late {
+                metrics.late.fetch_add(1, Ordering::Relaxed);
+            }
+            if late && settings.late_events == LateEvents::Divert {
+                drop(partitions);
+                if !divert(
+                    &settings.late_topic,
+                    "late_event",
+                    format!(
+                        "older than the watermark by more than {} ms",
+                        settings.allowed_lateness_ms
+                    ),
+                ) {
+                    return;
+                }
+                metrics.diverted.fetch_add(1, Ordering::Relaxed);
+                partitions = shared.partitions.lock().expect("partitions lock");
+                let Some(state) = partitions.get_mut(&key) else {
+                    return;
+                };
+                state.last_offset = Some(message.offset());
+                return;
+            }
+            state.partial.add(windows, &event);
+            state.last_offset = Some(message.offset());
+            metrics.events.fetch_add(1, Ordering::Relaxed);
+        }
+        Err((class, reason)) => {
+            drop(partitions);
+            let Some(dlq) = dlq else {
+                tracing::warn!(topic = %key.0, partition = key.1, offset = message.offset(), %reason, "Undecodable event and no DLQ: skipped.");
+                return;
+            };
+            if !divert(dlq, &class, reason) {
+                return;
+            }
+            metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            let mut partitions = shared.partitions.lock().expect("partitions lock");
+            if let Some(state) = partitions.get_mut(&key) {
+                state.last_offset = Some(message.offset());
+            }
+        }
+    }
+}
+
+/// Stores every partition's partials with its offset, one insert each,
+/// retrying until ClickHouse takes it; then commits to Kafka.
+fn flush_all(
+    shared: &Shared,
+    consumer: &BaseConsumer<JobContext>,
+    metrics: &JobMetrics,
+    timeout: Duration,
+) -> Result<(), Abandoned> {
+    let work: Vec<(Key, Partial, i64)> = {
+        let mut partitions = shared.partitions.lock().expect("partitions lock");
+        partitions
+            .iter_mut()
+            .filter_map(|(key, state)| {
+                let last_offset = state.last_offset.take()?;
+                Some((key.clone(), std::mem::take(&mut state.partial), last_offset))
+            })
+            .collect()
+    };
+    if work.is_empty() {
+        return Ok(());
+    }
+    let now = u32::try_from(now_ms() / 1000).unwrap_or_default();
+    // Every partition's rows and offset in as few inserts as possible (one
+    // under normal load): each insert is one part, so whole partitions land
+    // or none do, and ClickHouse gets about one insert per flush interval.
+    let mut batches: Vec<Batch> = vec![(Vec::new(), Vec::new())];
+    for ((topic, partition), partial, last_offset) in work {
+        let rows = store::rows(partial, &topic, partition, last_offset, now);
+        let current = batches.last_mut().expect("a batch");
+        if !current.0.is_empty() && current.0.len() + rows.len() > MAX_INSERT_ROWS {
+            batches.push((Vec::new(), Vec::new()));
+        }
+        let current = batches.last_mut().expect("a batch");
+        current.0.extend(rows);
+        current.1.push(((topic, partition), last_offset));
+    }
+    let mut commit = TopicPartitionList::new();
+    for (rows, offsets) in batches {
+        store_batch(shared, &rows, &offsets, metrics, timeout)?;
+        metrics
+            .flushes
+            .fetch_add(offsets.len() as u64, Ordering::Relaxed);
+        for ((topic, partition), last_offset) in offsets {
+            let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(last_offset + 1));
+        }
+    }
+    if let Err(error) = consumer.commit(&commit, CommitMode::Async) {
+        tracing::debug!(%error, "Kafka commit failed (a convenience: ClickHouse holds the position).");
+    }
+    Ok(())
+}
+
+/// One insert's rows, and the partitions and last offsets they cover.
+type Batch = (Vec<store::PartialRow>, Vec<(Key, i64)>);
+
+/// Rows per insert at most: below ClickHouse's `max_insert_block_size`
+/// (1,048,576), so an insert is never split into several parts.
+const MAX_INSERT_ROWS: usize = 500_000;
+
+/// One insert, retried until it lands. After a failure the stored offsets
+/// tell whether it landed anyway (an answer lost on the wire): the insert is
+/// atomic, so either all its partitions' offsets are there or none.
+fn store_batch(
+    shared: &Shared,
+    rows: &[store::PartialRow],
+    offsets: &[(Key, i64)],
+    metrics: &JobMetrics,
+    timeout: Duration,
+) -> Result<(), Abandoned> {
+    let mut delay = Duration::from_millis(100);
+    let failing_since = Instant::now();
+    loop {
+        let error = match shared
+            .runtime
+            .block_on(store::insert(&shared.client, rows, timeout))
+        {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        if shared.shutdown.is_cancelled() || failing_since.elapsed() > MAX_OUTAGE {
+            tracing::error!(%error, "Giving up on ClickHouse; the unstored events are counted again after the stored offsets by the next run.");
+            return Err(Abandoned);
+        }
+        metrics.insert_retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%error, partitions = offsets.len(), retry_in = ?delay, "Storing partials failed; retrying.");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(5));
+        if let Ok(stored) = shared
+            .runtime
+            .block_on(store::stored_offsets(&shared.client))
+        {
+            if offsets
+                .iter()
+                .all(|(key, last)| stored.get(key).is_some_and(|s| s >= last))
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// How long a flush may keep failing before the job gives up and exits. It
+/// must stay well under librdkafka's `max.poll.interval.ms` (5 minutes): past
+/// that the group gives this job's partitions away while it still holds
+/// their partials, and a late successful insert would count them twice.
+const MAX_OUTAGE: Duration = Duration::from_secs(120);
+
+/// ClickHouse did not take a flush in time, or the job is stopping.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("ClickHouse refused inserts for longer than 120 s; exiting so that a restart resumes after the offsets stored in ClickHouse")]
+pub struct Abandoned;

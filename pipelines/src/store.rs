@@ -1,0 +1,150 @@
+//! Partials as rows of `analytics_partials`, written together with the offset
+//! they reach in the same insert, and the stored offsets read back on
+//! assignment.
+
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::Partial;
+use crate::ddl::{OFFSET_MODEL, PARTIALS_TABLE};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct PartialRow {
+    pub model: String,
+    pub window_start: u32,
+    pub dim1: String,
+    pub dim2: String,
+    pub c1: i64,
+    pub c2: i64,
+    pub c3: i64,
+    pub c4: i64,
+    pub c5: i64,
+    pub c6: i64,
+    pub set1: Vec<String>,
+    pub set2: Vec<String>,
+    pub latencies: Vec<i32>,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub last_offset: i64,
+    pub flushed_at: u32,
+}
+
+/// Window starts are whole seconds after 1970 (the job refuses other events).
+fn seconds(window_ms: i64) -> u32 {
+    u32::try_from(window_ms / 1000).unwrap_or_default()
+}
+
+/// One partition's rows of a flush: every partial figure, then its offset row.
+pub fn rows(
+    partial: Partial,
+    topic: &str,
+    partition: i32,
+    last_offset: i64,
+    now: u32,
+) -> Vec<PartialRow> {
+    let base = PartialRow {
+        source_topic: topic.to_owned(),
+        source_partition: partition,
+        last_offset,
+        flushed_at: now,
+        ..PartialRow::default()
+    };
+    let row = |model: &str, window: i64| PartialRow {
+        model: model.to_owned(),
+        window_start: seconds(window),
+        ..base.clone()
+    };
+    let mut out = Vec::new();
+    for ((window, category, currency), f) in partial.orders {
+        out.push(PartialRow {
+            dim1: category,
+            dim2: currency,
+            c1: f.orders as i64,
+            c2: f.items as i64,
+            c3: f.revenue_minor,
+            set1: f.buyers.into_iter().collect(),
+            ..row("orders", window)
+        });
+    }
+    for (window, [c1, c2, c3, c4, c5, c6]) in partial.funnel {
+        let [c1, c2, c3, c4, c5, c6] = [c1, c2, c3, c4, c5, c6].map(|c| c as i64);
+        out.push(PartialRow {
+            c1,
+            c2,
+            c3,
+            c4,
+            c5,
+            c6,
+            ..row("funnel", window)
+        });
+    }
+    for ((window, country, platform), f) in partial.users {
+        out.push(PartialRow {
+            dim1: country,
+            dim2: platform,
+            c1: f.sign_ups as i64,
+            set1: f.users.into_iter().collect(),
+            set2: f.sessions.into_iter().collect(),
+            ..row("users", window)
+        });
+    }
+    for ((window, room), f) in partial.chat {
+        out.push(PartialRow {
+            dim1: room,
+            c1: f.messages as i64,
+            c2: f.flagged as i64,
+            set1: f.chatters.into_iter().collect(),
+            ..row("chat", window)
+        });
+    }
+    for (window, f) in partial.search {
+        out.push(PartialRow {
+            c1: f.searches as i64,
+            c2: f.zero_results as i64,
+            c3: f.latency_sum_ms,
+            latencies: f.latencies_ms,
+            ..row("search", window)
+        });
+    }
+    for ((window, query), n) in partial.queries {
+        out.push(PartialRow {
+            dim1: query,
+            c1: n as i64,
+            ..row("queries", window)
+        });
+    }
+    out.push(PartialRow {
+        model: OFFSET_MODEL.to_owned(),
+        ..base
+    });
+    out
+}
+
+/// One insert: all or nothing (see `ddl`).
+pub async fn insert(
+    client: &clickhouse::Client,
+    rows: &[PartialRow],
+    timeout: std::time::Duration,
+) -> Result<(), clickhouse::error::Error> {
+    let mut insert = client
+        .insert::<PartialRow>(PARTIALS_TABLE)
+        .await?
+        .with_timeouts(Some(timeout), Some(timeout));
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+/// The last offset stored per (topic, partition).
+pub async fn stored_offsets(
+    client: &clickhouse::Client,
+) -> Result<std::collections::HashMap<(String, i32), i64>, clickhouse::error::Error> {
+    let found: Vec<(String, i32, i64)> = client
+        .query(&format!(
+            "SELECT source_topic, source_partition, max(last_offset) FROM `{PARTIALS_TABLE}` WHERE model = ? GROUP BY source_topic, source_partition"
+        ))
+        .bind(OFFSET_MODEL)
+        .fetch_all()
+        .await?;
+    Ok(found.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+}

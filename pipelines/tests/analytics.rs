@@ -1,0 +1,622 @@
+//! shopstream-analytics against a real ClickHouse (18.16 here) and Kafka
+//! (the mock cluster, reached over loopback by the job's process): every read
+//! model equals the same aggregates computed here from the produced events,
+//! also after the job is SIGKILLed several times mid-run and while ClickHouse
+//! goes away and comes back; poison events go to their DLQ once; late and
+//! out-of-order events land in their windows, or in the late topic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backbone::events::{AnyEvent, OrderStatus, UserEventKind};
+use producers::generator::{Generator, GeneratorConfig};
+use producers::publisher::{PublishOptions, Publisher};
+use shopstream_tests::{clickhouse, free_port, EventTopics, StoppableClickHouse, TestDatabase};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shopstream-analytics");
+const MINUTE: i64 = 60_000;
+
+/// The event topics with a DLQ each, and the late-events topic.
+fn setup() -> EventTopics {
+    let setup = EventTopics::new("");
+    setup
+        .cluster
+        .create_topic("late-events", 1, 1)
+        .expect("late topic");
+    setup
+}
+
+async fn publish(setup: &EventTopics, events: &[AnyEvent]) {
+    Publisher::new(
+        &setup.connection,
+        &setup.catalog,
+        &PublishOptions::default(),
+    )
+    .expect("publisher")
+    .publish_all(events.iter().map(|e| (e, None)))
+    .await
+    .expect("delivered");
+}
+
+/// The job as its own process, writing to `db`.
+fn start_job(setup: &EventTopics, db: &TestDatabase, extra: &[&str]) -> Job {
+    let metrics_port = free_port().expect("port");
+    let child = Command::new(BIN)
+        .args(["--brokers", &setup.cluster.bootstrap_servers(), "--set"])
+        .arg(format!("catalog.path={}", setup.catalog_path().display()))
+        .args([
+            "--set",
+            &format!("clickhouse.url={}", db.url),
+            "--set",
+            &format!("clickhouse.database={}", db.name),
+        ])
+        .args([
+            "--set",
+            "analytics.flush_interval_ms=200",
+            "--set",
+            &format!("analytics.metrics_address=127.0.0.1:{metrics_port}"),
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("job starts");
+    Job {
+        child,
+        metrics_port,
+    }
+}
+
+/// The job's process; killed if a failing test leaves it behind.
+struct Job {
+    child: Child,
+    metrics_port: u16,
+}
+
+impl Job {
+    async fn metric(&self, name: &str) -> f64 {
+        backbone::procfs::metric(self.metrics_port, name)
+            .await
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn generate(seed: u64, n: usize, start_ms: i64) -> Vec<AnyEvent> {
+    Generator::new(GeneratorConfig {
+        seed,
+        start_ms,
+        spacing_ms: 60.0,
+        ..GeneratorConfig::default()
+    })
+    .take(n)
+    .map(|g| g.event)
+    .collect()
+}
+
+async fn stored_offsets(db: &TestDatabase) -> BTreeMap<(String, i32), i64> {
+    db.client
+        .query("SELECT source_topic, source_partition, max(last_offset) FROM analytics_partials WHERE model = '_offset' GROUP BY source_topic, source_partition")
+        .fetch_all::<(String, i32, i64)>()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(t, p, o)| ((t, p), o))
+        .collect()
+}
+
+async fn wait_caught_up(setup: &EventTopics, db: &TestDatabase, limit: Duration) {
+    let ends = setup.ends();
+    let started = Instant::now();
+    loop {
+        let stored = stored_offsets(db).await;
+        if ends
+            .iter()
+            .all(|(k, end)| stored.get(k).is_some_and(|s| s >= end))
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the job did not catch up within {limit:?}: stored {stored:?}, ends {ends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn sigterm(job: &mut Job) {
+    Command::new("kill")
+        .args(["-TERM", &job.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(
+        job.child.wait().expect("exits").success(),
+        "drains and exits 0"
+    );
+}
+
+fn minute(ms: i64) -> u32 {
+    ((ms - ms.rem_euclid(MINUTE)) / 1000) as u32
+}
+
+/// quantileExact's definition: the element at floor(level * n), sorted.
+fn quantile_exact(values: &mut [i32], level: f64) -> i32 {
+    values.sort_unstable();
+    let at = ((level * values.len() as f64) as usize).min(values.len() - 1);
+    values[at]
+}
+
+/// (window start, first dimension, second dimension).
+type Key3 = (u32, String, String);
+
+/// The read models, recomputed here from the events with plain loops.
+#[derive(Debug, Default, PartialEq)]
+struct Expected {
+    orders: BTreeMap<Key3, (i64, i64, i64, u64)>,
+    funnel: BTreeMap<u32, [i64; 6]>,
+    users: BTreeMap<Key3, (u64, i64, u64)>,
+    chat: BTreeMap<(u32, String), (i64, u64, i64)>,
+    search: BTreeMap<u32, (i64, i64, i64, i32)>,
+    queries: BTreeMap<(u32, String), i64>,
+}
+
+fn expected(events: &[AnyEvent]) -> Expected {
+    let mut buyers: BTreeMap<Key3, BTreeSet<&str>> = BTreeMap::new();
+    let mut users: BTreeMap<Key3, (BTreeSet<&str>, i64, BTreeSet<&str>)> = BTreeMap::new();
+    let mut chatters: BTreeMap<(u32, String), (i64, BTreeSet<&str>, i64)> = BTreeMap::new();
+    let mut latencies: BTreeMap<u32, Vec<i32>> = BTreeMap::new();
+    let mut out = Expected::default();
+    for event in events {
+        match event {
+            AnyEvent::Order(o) => {
+                let m = minute(o.occurred_at);
+                let stage = [
+                    OrderStatus::Created,
+                    OrderStatus::Paid,
+                    OrderStatus::Shipped,
+                    OrderStatus::Delivered,
+                    OrderStatus::Cancelled,
+                    OrderStatus::Refunded,
+                ]
+                .iter()
+                .position(|s| *s == o.status)
+                .expect("a stage");
+                out.funnel.entry(m).or_default()[stage] += 1;
+                if o.status == OrderStatus::Created {
+                    let categories: BTreeSet<&str> =
+                        o.items.iter().map(|i| i.category.as_str()).collect();
+                    for category in categories {
+                        let key = (m, category.to_owned(), o.currency.clone());
+                        let slot = out.orders.entry(key.clone()).or_default();
+                        slot.0 += 1;
+                        for item in o.items.iter().filter(|i| i.category == category) {
+                            slot.1 += i64::from(item.quantity);
+                            slot.2 += i64::from(item.quantity) * item.unit_price_minor;
+                        }
+                        buyers.entry(key).or_default().insert(&o.user_id);
+                    }
+                }
+            }
+            AnyEvent::User(u) => {
+                let platform = serde_json::to_value(u.platform)
+                    .expect("platform")
+                    .as_str()
+                    .expect("text")
+                    .to_owned();
+                let slot = users
+                    .entry((minute(u.occurred_at), u.country.clone(), platform))
+                    .or_default();
+                slot.0.insert(&u.user_id);
+                slot.2.insert(&u.session_id);
+                slot.1 += i64::from(u.kind == UserEventKind::SignedUp);
+            }
+            AnyEvent::Chat(c) => {
+                let slot = chatters
+                    .entry((minute(c.occurred_at), c.room_id.clone()))
+                    .or_default();
+                slot.0 += 1;
+                slot.1.insert(&c.user_id);
+                slot.2 += i64::from(c.flagged);
+            }
+            AnyEvent::Search(s) => {
+                let m = minute(s.occurred_at);
+                let slot = out.search.entry(m).or_default();
+                slot.0 += 1;
+                slot.1 += i64::from(s.results_count == 0);
+                slot.2 += i64::from(s.latency_ms);
+                latencies.entry(m).or_default().push(s.latency_ms);
+                *out.queries.entry((m, s.query.clone())).or_default() += 1;
+            }
+        }
+    }
+    for (key, set) in buyers {
+        out.orders.get_mut(&key).expect("order row").3 = set.len() as u64;
+    }
+    out.users = users
+        .into_iter()
+        .map(|(k, (u, s, sessions))| (k, (u.len() as u64, s, sessions.len() as u64)))
+        .collect();
+    out.chat = chatters
+        .into_iter()
+        .map(|(k, (m, c, f))| (k, (m, c.len() as u64, f)))
+        .collect();
+    for (m, mut values) in latencies {
+        out.search.get_mut(&m).expect("search row").3 = quantile_exact(&mut values, 0.95);
+    }
+    out
+}
+
+async fn actual(db: &TestDatabase, view: &str) -> Expected {
+    let c = &db.client;
+    let per = |name: &str| format!("{name}_{view}");
+    let t = if view == "per_minute" {
+        "toUInt32(window_start)"
+    } else {
+        "toUInt32(hour)"
+    };
+    let mut out = Expected::default();
+    for (w, cat, cur, a, b, r, u) in c
+        .query(&format!(
+            "SELECT {t}, category, currency, orders, items, revenue_minor, unique_buyers FROM {}",
+            per("orders")
+        ))
+        .fetch_all::<(u32, String, String, i64, i64, i64, u64)>()
+        .await
+        .expect("orders")
+    {
+        out.orders.insert((w, cat, cur), (a, b, r, u));
+    }
+    for (w, a, b, d, e, f, g) in c
+        .query(&format!(
+            "SELECT {t}, created, paid, shipped, delivered, cancelled, refunded FROM {}",
+            per("order_funnel")
+        ))
+        .fetch_all::<(u32, i64, i64, i64, i64, i64, i64)>()
+        .await
+        .expect("funnel")
+    {
+        out.funnel.insert(w, [a, b, d, e, f, g]);
+    }
+    for (w, country, platform, u, s, sessions) in c
+        .query(&format!(
+            "SELECT {t}, country, platform, unique_users, sign_ups, sessions FROM {}",
+            per("active_users")
+        ))
+        .fetch_all::<(u32, String, String, u64, i64, u64)>()
+        .await
+        .expect("users")
+    {
+        out.users.insert((w, country, platform), (u, s, sessions));
+    }
+    for (w, room, m, u, f) in c
+        .query(&format!(
+            "SELECT {t}, room_id, messages, unique_chatters, flagged FROM {}",
+            per("chat_rooms")
+        ))
+        .fetch_all::<(u32, String, i64, u64, i64)>()
+        .await
+        .expect("chat")
+    {
+        out.chat.insert((w, room), (m, u, f));
+    }
+    for (w, n, z, l, p) in c
+        .query(&format!(
+            "SELECT {t}, searches, zero_results, latency_sum_ms, toInt32(p95_latency_ms) FROM {}",
+            per("searches")
+        ))
+        .fetch_all::<(u32, i64, i64, i64, i32)>()
+        .await
+        .expect("search")
+    {
+        out.search.insert(w, (n, z, l, p));
+    }
+    for (w, q, n) in c
+        .query(&format!(
+            "SELECT {t}, query, searches FROM {}",
+            per("search_queries")
+        ))
+        .fetch_all::<(u32, String, i64)>()
+        .await
+        .expect("queries")
+    {
+        out.queries.insert((w, q), n);
+    }
+    out
+}
+
+/// Per-minute figures folded into hours, for checking the rollups: sums
+/// only (distinct counts and percentiles do not add up across minutes).
+fn hourly_sums(e: &Expected) -> BTreeMap<(u32, String), i64> {
+    let hour = |w: u32| w - w % 3600;
+    let mut out = BTreeMap::new();
+    for ((w, cat, cur), (a, b, r, _)) in &e.orders {
+        *out.entry((hour(*w), format!("orders {cat} {cur}")))
+            .or_default() += a + 1000 * b + 1_000_000 * r;
+    }
+    for (w, counts) in &e.funnel {
+        *out.entry((hour(*w), "funnel".to_owned())).or_default() += counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c << (8 * i))
+            .sum::<i64>();
+    }
+    for ((w, room), (m, _, f)) in &e.chat {
+        *out.entry((hour(*w), format!("chat {room}"))).or_default() += m + 1000 * f;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_models_equal_an_independent_computation_after_repeated_sigkills() {
+    let setup = setup();
+    let db = clickhouse().await.database().await.expect("database");
+    let start = 1_763_000_000_000;
+    let mut published = Vec::new();
+    let mut job = start_job(&setup, &db, &[]);
+    for round in 0..3u64 {
+        let events = generate(50 + round, 2_500, start + round as i64 * 2_500 * 60);
+        publish(&setup, &events).await;
+        published.extend(events);
+        // Let it store something, then kill it without warning.
+        let before = stored_offsets(&db).await;
+        let started = Instant::now();
+        while stored_offsets(&db).await == before {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no flush within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100 * round)).await;
+        job.child.kill().expect("SIGKILL");
+        job.child.wait().expect("reaped");
+        job = start_job(&setup, &db, &[]);
+    }
+    wait_caught_up(&setup, &db, Duration::from_secs(120)).await;
+    let want = expected(&published);
+    let got = actual(&db, "per_minute").await;
+    assert_eq!(got.funnel, want.funnel, "funnel");
+    assert_eq!(got.orders, want.orders, "orders per category and currency");
+    assert_eq!(got.users, want.users, "active users");
+    assert_eq!(got.chat, want.chat, "chat rooms");
+    assert_eq!(got.search, want.search, "searches");
+    assert_eq!(got.queries, want.queries, "search queries");
+    assert!(
+        want.funnel.len() >= 5,
+        "several windows: {:?}",
+        want.funnel.keys()
+    );
+    let hourly = actual(&db, "per_hour").await;
+    assert_eq!(
+        hourly_sums(&hourly),
+        hourly_sums(&got),
+        "hourly rollups add up to the minutes"
+    );
+
+    let report = Command::new(BIN)
+        .args(["report", "--since", "0", "--output", "json", "--set"])
+        .arg(format!("clickhouse.url={}", db.url))
+        .args(["--set", &format!("clickhouse.database={}", db.name)])
+        .output()
+        .expect("report runs");
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let report: pipelines::report::Report =
+        serde_json::from_slice(&report.stdout).expect("JSON report");
+    assert_eq!(
+        report.funnel.created,
+        want.funnel.values().map(|f| f[0]).sum::<i64>()
+    );
+    assert_eq!(
+        report.revenue.iter().map(|r| r.revenue_minor).sum::<i64>(),
+        want.orders.values().map(|o| o.2).sum::<i64>()
+    );
+    assert_eq!(
+        report.searches.searches,
+        want.search.values().map(|s| s.0).sum::<i64>()
+    );
+    sigterm(&mut job);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_and_out_of_order_events_land_in_their_windows_or_the_late_topic() {
+    let setup = setup();
+    let db = clickhouse().await.database().await.expect("database");
+    let start = 1_763_000_000_000;
+    // In order, then a straggler 90 s behind (later than the 30 s allowed),
+    // then one 10 s behind (out of order but within the lateness).
+    let mut events = generate(70, 200, start + 10 * MINUTE);
+    let mut straggler = generate(71, 1, start)[0].clone();
+    let mut within = generate(72, 1, start)[0].clone();
+    let newest = events
+        .iter()
+        .map(AnyEvent::occurred_at)
+        .max()
+        .expect("events");
+    set_time(&mut straggler, newest - 90_000);
+    set_time(&mut within, newest - 10_000);
+    events.push(straggler.clone());
+    events.push(within.clone());
+    // Every event in one partition's order: one key.
+    for e in &mut events {
+        set_key(e);
+    }
+    publish(&setup, &events).await;
+
+    let mut job = start_job(&setup, &db, &[]);
+    wait_caught_up(&setup, &db, Duration::from_secs(60)).await;
+    assert_eq!(
+        actual(&db, "per_minute").await.funnel,
+        expected(&events).funnel,
+        "added to their own windows"
+    );
+    sigterm(&mut job);
+
+    // Divert: a fresh database, so the job starts from the beginning again.
+    let db = clickhouse().await.database().await.expect("database");
+    let mut job = start_job(
+        &setup,
+        &db,
+        &[
+            "--set",
+            "analytics.late_events=divert",
+            "--set",
+            "analytics.late_topic=late-events",
+        ],
+    );
+    wait_caught_up(&setup, &db, Duration::from_secs(60)).await;
+    let kept: Vec<AnyEvent> = events
+        .iter()
+        .filter(|e| e.event_id() != straggler.event_id())
+        .cloned()
+        .collect();
+    assert_eq!(
+        actual(&db, "per_minute").await.funnel,
+        expected(&kept).funnel,
+        "the straggler left out"
+    );
+    let late = shopstream_tests::consume(
+        &setup.cluster.bootstrap_servers(),
+        &["late-events"],
+        1,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("late topic");
+    assert_eq!(
+        shopstream_tests::header(&late[0], backbone::headers::ERROR_CLASS),
+        Some("late_event")
+    );
+    sigterm(&mut job);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_events_go_to_their_dlq_once_and_the_rest_is_counted_exactly() {
+    let setup = setup();
+    let db = clickhouse().await.database().await.expect("database");
+    let generated: Vec<_> = Generator::new(GeneratorConfig {
+        seed: 90,
+        start_ms: 1_763_000_000_000,
+        spacing_ms: 60.0,
+        poison_rate: 0.03,
+        ..GeneratorConfig::default()
+    })
+    .take(2_000)
+    .collect();
+    Publisher::new(
+        &setup.connection,
+        &setup.catalog,
+        &PublishOptions::default(),
+    )
+    .expect("publisher")
+    .publish_all(generated.iter().map(|g| (&g.event, g.poison)))
+    .await
+    .expect("delivered");
+    let poisoned: BTreeSet<String> = generated
+        .iter()
+        .filter(|g| g.poison.is_some())
+        .map(|g| g.event.event_id().to_string())
+        .collect();
+    let clean: Vec<AnyEvent> = generated
+        .iter()
+        .filter(|g| g.poison.is_none())
+        .map(|g| g.event.clone())
+        .collect();
+    assert!(poisoned.len() >= 20, "some poison: {}", poisoned.len());
+
+    let mut job = start_job(&setup, &db, &[]);
+    wait_caught_up(&setup, &db, Duration::from_secs(60)).await;
+    assert_eq!(actual(&db, "per_minute").await, expected(&clean));
+    let mut dead = Vec::new();
+    for topic in &setup.catalog.topics {
+        let dlq = consumers::dlq::dead_letter_topic(&setup.catalog, &topic.name);
+        for record in consumers::dlq::read_all(&setup.connection, &dlq).expect("DLQ") {
+            assert_eq!(
+                shopstream_tests::header(&record, backbone::headers::ORIGINAL_TOPIC),
+                Some(topic.name.as_str())
+            );
+            assert!(
+                shopstream_tests::header(&record, backbone::headers::ERROR_CLASS).is_some(),
+                "error class on {record:?}"
+            );
+            dead.push(record);
+        }
+    }
+    assert_eq!(dead.len(), poisoned.len(), "each poison record once");
+    assert_eq!(
+        job.metric("shopstream_analytics_dead_lettered_total").await,
+        poisoned.len() as f64
+    );
+    assert_eq!(
+        job.metric("shopstream_analytics_events_total").await,
+        clean.len() as f64
+    );
+    sigterm(&mut job);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clickhouse_down_at_start_and_mid_run_loses_and_doubles_nothing() {
+    let setup = setup();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = StoppableClickHouse::start(&dir.path().join("clickhouse"));
+    server.stop();
+    let db = TestDatabase {
+        name: "outage".into(),
+        url: server.url(),
+        client: shopstream_tests::clickhouse_client(&server.url()).with_database("outage"),
+    };
+    let start = 1_763_000_000_000;
+    let mut published = generate(80, 1_000, start);
+    publish(&setup, &published).await;
+    // Nothing to migrate into yet: the job waits, not ready, and starts
+    // once ClickHouse answers.
+    let mut job = start_job(&setup, &db, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        job.child.try_wait().expect("status").is_none(),
+        "still waiting"
+    );
+    server.resume();
+    server.ready().await;
+    wait_caught_up(&setup, &db, Duration::from_secs(90)).await;
+
+    server.stop();
+    let during = generate(81, 1_000, start + 1_000 * 60);
+    publish(&setup, &during).await;
+    published.extend(during);
+    // Flushes fail and are retried; the partials stay held meanwhile.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    server.resume();
+    server.ready().await;
+    wait_caught_up(&setup, &db, Duration::from_secs(90)).await;
+    assert_eq!(actual(&db, "per_minute").await, expected(&published));
+    assert!(
+        job.metric("shopstream_analytics_insert_retries_total")
+            .await
+            >= 1.0
+    );
+    sigterm(&mut job);
+}
+
+fn set_time(event: &mut AnyEvent, t: i64) {
+    if let AnyEvent::Order(o) = event {
+        o.occurred_at = t;
+    }
+}
+
+/// Order events all under one key, so they share a partition and its order.
+fn set_key(event: &mut AnyEvent) {
+    if let AnyEvent::Order(o) = event {
+        o.order_id = "o-one".into();
+    }
+}
