@@ -24,6 +24,8 @@ struct Model {
     /// (partials expression, column name) of the grouping dimensions.
     dims: &'static [(&'static str, &'static str)],
     measures: &'static [Measure],
+    /// (expression over the measures, column name), for both views.
+    derived: &'static [(&'static str, &'static str)],
 }
 
 struct Measure {
@@ -86,6 +88,7 @@ const MODELS: [Model; 6] = [
                 "uniqExactArrayMerge(unique_buyers)",
             ),
         ],
+        derived: &[],
     },
     Model {
         key: "funnel",
@@ -109,6 +112,7 @@ const MODELS: [Model; 6] = [
             ),
             sum("refunded", "sum(c6)", "sumState(c6)", "sumMerge(refunded)"),
         ],
+        derived: &[],
     },
     Model {
         key: "users",
@@ -129,6 +133,7 @@ const MODELS: [Model; 6] = [
                 "uniqExactArrayMerge(sessions)",
             ),
         ],
+        derived: &[],
     },
     Model {
         key: "chat",
@@ -144,6 +149,7 @@ const MODELS: [Model; 6] = [
             ),
             sum("flagged", "sum(c2)", "sumState(c2)", "sumMerge(flagged)"),
         ],
+        derived: &[],
     },
     Model {
         key: "search",
@@ -171,6 +177,7 @@ const MODELS: [Model; 6] = [
                 merge: "quantileExactArrayMerge(0.95)(p95_latency_ms)",
             },
         ],
+        derived: &[("latency_sum_ms / searches", "mean_latency_ms")],
     },
     Model {
         key: "queries",
@@ -182,8 +189,12 @@ const MODELS: [Model; 6] = [
             "sumState(c1)",
             "sumMerge(searches)",
         )],
+        derived: &[],
     },
 ];
+
+/// Queries per window in `top_queries_per_minute`.
+pub const TOP_QUERIES: usize = 10;
 
 /// The model keys the job writes, for its rows.
 pub const MODEL_KEYS: [&str; 6] = ["orders", "funnel", "users", "chat", "search", "queries"];
@@ -205,10 +216,12 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             .iter()
             .map(|(_, c)| format!(", {c} String"))
             .collect();
+        let derived = model.derived.iter().map(|(e, c)| format!("{e} AS {c}"));
         let values: Vec<String> = model
             .measures
             .iter()
             .map(|m| format!("{} AS {}", m.value, m.column))
+            .chain(derived.clone())
             .collect();
         views.push(format!(
             "CREATE VIEW IF NOT EXISTS {}{} AS SELECT window_start{dims_select}, {} FROM {partials} WHERE model = '{}' GROUP BY window_start{dims_group}",
@@ -246,6 +259,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             .measures
             .iter()
             .map(|m| format!("{} AS {}", m.merge, m.column))
+            .chain(derived)
             .collect();
         views.push(format!(
             "CREATE VIEW IF NOT EXISTS {}{} AS SELECT hour{dims_group}, {} FROM {} GROUP BY hour{dims_group}",
@@ -255,6 +269,12 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             target.table(&state_table)
         ));
     }
+    views.push(format!(
+        "CREATE VIEW IF NOT EXISTS {}{} AS SELECT window_start, query, searches FROM {} ORDER BY window_start, searches DESC, query LIMIT {TOP_QUERIES} BY window_start",
+        target.table("top_queries_per_minute"),
+        target.on_cluster(),
+        target.table("search_queries_per_minute"),
+    ));
     let mut first = vec![target.create_table(
         PARTIALS_TABLE,
         "model String, window_start DateTime, dim1 String, dim2 String, \
@@ -281,7 +301,7 @@ mod tests {
         let target = Target::new("shop", None).unwrap();
         let all = migrations(&target);
         let statements = &all[0].statements;
-        assert_eq!(statements.len(), 1 + 4 * MODELS.len());
+        assert_eq!(statements.len(), 1 + 4 * MODELS.len() + 1);
         assert!(
             statements[0].contains("`shop`.`analytics_partials`")
                 && !statements[0].contains("PARTITION BY")
@@ -293,6 +313,13 @@ mod tests {
         assert_eq!(orders.len(), 4, "{orders:#?}");
         assert!(orders[0].ends_with("FROM `shop`.`analytics_partials` WHERE model = 'orders' GROUP BY window_start, category, currency"), "{}", orders[0]);
         assert!(orders[2].contains("TO `shop`.`orders_per_hour_state` AS SELECT toStartOfHour(window_start) AS hour, dim1 AS category"), "{}", orders[2]);
+        let searches: Vec<&String> = statements
+            .iter()
+            .filter(|s| s.contains("`searches_per_minute`") || s.contains("`searches_per_hour`"))
+            .collect();
+        assert!(searches
+            .iter()
+            .all(|s| s.contains("latency_sum_ms / searches AS mean_latency_ms")));
         for key in MODEL_KEYS {
             assert!(MODELS.iter().any(|m| m.key == key));
         }

@@ -144,6 +144,30 @@ pub async fn read(
     })
 }
 
+/// Minor units as the currency writes them: ISO 4217 gives most currencies
+/// two decimals, some none (JPY, KRW) and some three (KWD, BHD).
+fn major_units(minor: i64, currency: &str) -> String {
+    let decimals = match currency {
+        "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF" | "UGX"
+        | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => 0,
+        "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
+        _ => 2,
+    };
+    let scale = 10i64.pow(decimals);
+    if decimals == 0 {
+        return minor.to_string();
+    }
+    let sign = if minor < 0 { "-" } else { "" };
+    let (whole, fraction) = (
+        minor.unsigned_abs() / scale as u64,
+        minor.unsigned_abs() % scale as u64,
+    );
+    format!(
+        "{sign}{whole}.{fraction:0width$}",
+        width = decimals as usize
+    )
+}
+
 fn rate(part: i64, whole: i64) -> String {
     if whole == 0 {
         "-".into()
@@ -164,12 +188,12 @@ pub fn text(report: &Report) -> String {
     for r in &report.revenue {
         let _ = writeln!(
             out,
-            "  {:<16} {:<8} {:>8} {:>8} {:>14.2} {:>8}",
+            "  {:<16} {:<8} {:>8} {:>8} {:>14} {:>8}",
             r.category,
             r.currency,
             r.orders,
             r.items,
-            r.revenue_minor as f64 / 100.0,
+            major_units(r.revenue_minor, &r.currency),
             r.unique_buyers
         );
     }
@@ -224,4 +248,48 @@ pub fn text(report: &Report) -> String {
         u.unique_users, u.sessions, u.sign_ups
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_shows_money_in_major_units_and_conversion_rates() {
+        let report = Report {
+            revenue: vec![CategoryRevenue {
+                category: "shoes".into(),
+                currency: "EUR".into(),
+                orders: 4,
+                items: 6,
+                revenue_minor: 123_456,
+                unique_buyers: 3,
+            }],
+            funnel: Funnel {
+                created: 200,
+                paid: 150,
+                shipped: 0,
+                ..Funnel::default()
+            },
+            searches: Searches {
+                searches: 8,
+                zero_results: 2,
+            },
+            ..Report::default()
+        };
+        let text = text(&report);
+        assert!(
+            text.contains("shoes            EUR             4        6        1234.56        3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("paid         150  75.0% of created"),
+            "{text}"
+        );
+        assert!(text.contains("delivered      0  - of shipped"), "{text}");
+        assert!(
+            text.contains("Searches: 8 (2 zero results, 25.0%)"),
+            "{text}"
+        );
+    }
 }

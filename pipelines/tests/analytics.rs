@@ -163,7 +163,8 @@ struct Expected {
     funnel: BTreeMap<u32, [i64; 6]>,
     users: BTreeMap<Key3, (u64, i64, u64)>,
     chat: BTreeMap<(u32, String), (i64, u64, i64)>,
-    search: BTreeMap<u32, (i64, i64, i64, i32)>,
+    /// searches, zero results, latency sum, p95, mean.
+    search: BTreeMap<u32, (i64, i64, i64, i32, f64)>,
     queries: BTreeMap<(u32, String), i64>,
 }
 
@@ -248,7 +249,9 @@ fn expected(events: &[AnyEvent]) -> Expected {
         .map(|(k, (m, c, f))| (k, (m, c.len() as u64, f)))
         .collect();
     for (m, mut values) in latencies {
-        out.search.get_mut(&m).expect("search row").3 = quantile_exact(&mut values, 0.95);
+        let row = out.search.get_mut(&m).expect("search row");
+        row.3 = quantile_exact(&mut values, 0.95);
+        row.4 = row.2 as f64 / row.0 as f64;
     }
     out
 }
@@ -306,16 +309,16 @@ async fn actual(db: &TestDatabase, view: &str) -> Expected {
     {
         out.chat.insert((w, room), (m, u, f));
     }
-    for (w, n, z, l, p) in c
+    for (w, n, z, l, p, mean) in c
         .query(&format!(
-            "SELECT {t}, searches, zero_results, latency_sum_ms, toInt32(p95_latency_ms) FROM {}",
+            "SELECT {t}, searches, zero_results, latency_sum_ms, toInt32(p95_latency_ms), mean_latency_ms FROM {}",
             per("searches")
         ))
-        .fetch_all::<(u32, i64, i64, i64, i32)>()
+        .fetch_all::<(u32, i64, i64, i64, i32, f64)>()
         .await
         .expect("search")
     {
-        out.search.insert(w, (n, z, l, p));
+        out.search.insert(w, (n, z, l, p, mean));
     }
     for (w, q, n) in c
         .query(&format!(
@@ -346,6 +349,12 @@ fn hourly_sums(e: &Expected) -> BTreeMap<(u32, String), i64> {
             .enumerate()
             .map(|(i, c)| c << (8 * i))
             .sum::<i64>();
+    }
+    for (w, (n, z, l, _, _)) in &e.search {
+        *out.entry((hour(*w), "search".to_owned())).or_default() += n + 1000 * z + 1_000_000 * l;
+    }
+    for ((w, query), n) in &e.queries {
+        *out.entry((hour(*w), format!("query {query}"))).or_default() += n;
     }
     for ((w, room), (m, _, f)) in &e.chat {
         *out.entry((hour(*w), format!("chat {room}"))).or_default() += m + 1000 * f;
@@ -393,6 +402,25 @@ async fn read_models_equal_an_independent_computation_after_repeated_sigkills() 
         "several windows: {:?}",
         want.funnel.keys()
     );
+    let top: Vec<(u32, String, i64)> = db
+        .client
+        .query("SELECT toUInt32(window_start), query, searches FROM top_queries_per_minute")
+        .fetch_all()
+        .await
+        .expect("top queries");
+    let mut want_top: Vec<(u32, String, i64)> = want
+        .queries
+        .iter()
+        .map(|((w, q), n)| (*w, q.clone(), *n))
+        .collect();
+    want_top.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)).then(a.1.cmp(&b.1)));
+    let mut per_window = BTreeMap::<u32, usize>::new();
+    want_top.retain(|(w, _, _)| {
+        let seen = per_window.entry(*w).or_default();
+        *seen += 1;
+        *seen <= pipelines::ddl::TOP_QUERIES
+    });
+    assert_eq!(top, want_top, "top queries per window");
     let hourly = actual(&db, "per_hour").await;
     assert_eq!(
         hourly_sums(&hourly),
