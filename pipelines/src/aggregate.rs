@@ -1,6 +1,6 @@
 //! The analytics job's arithmetic, free of Kafka and ClickHouse: event-time
-//! tumbling windows, the watermark, and per-Kafka-partition partial
-//! aggregates for every read model. Partials are additive: counts and sums
+//! tumbling windows, the watermark, and partial aggregates for every read
+//! model (kept per Kafka partition, merged across partitions at a flush). Partials are additive: counts and sums
 //! add, and the distinct-count inputs (buyers, users, sessions, chatters) and
 //! search latencies travel as sets and lists that ClickHouse combines at
 //! query time (`uniqExactArray`, `quantileExactArray`), so a partial flushed
@@ -107,7 +107,7 @@ pub struct SearchFigures {
     pub latencies_ms: Vec<i32>,
 }
 
-/// Everything one Kafka partition contributed since its last flush.
+/// Everything one Kafka partition (or, merged, a flush) contributed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Partial {
     pub orders: BTreeMap<(i64, String, String), OrderFigures>,
@@ -199,8 +199,22 @@ impl Partial {
         }
     }
 
+    /// The rows this partial becomes in ClickHouse.
+    pub fn row_count(&self) -> usize {
+        self.orders.len()
+            + self.funnel.len()
+            + self.users.len()
+            + self.chat.len()
+            + self.search.len()
+            + self.queries.len()
+    }
+
     /// Folds `other` in, as ClickHouse does when it sums partial rows.
-    pub fn merge(&mut self, other: Partial) {
+    pub fn merge(&mut self, mut other: Partial) {
+        // The smaller one is walked, the larger kept.
+        if other.row_count() > self.row_count() {
+            std::mem::swap(self, &mut other);
+        }
         self.events += other.events;
         for (key, o) in other.orders {
             let figures = self.orders.entry(key).or_default();

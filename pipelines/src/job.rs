@@ -1,7 +1,7 @@
 //! The analytics job: a consumer-group member that decodes events, adds them
 //! to per-Kafka-partition partial aggregates and, every flush interval, writes
-//! each partition's partials together with the offset they reach in one
-//! ClickHouse insert. ClickHouse, not Kafka, holds the job's position: on
+//! the partials (merged) together with the offset each partition reaches in
+//! one ClickHouse insert. ClickHouse, not Kafka, holds the job's position: on
 //! assignment each partition resumes right after the offset stored with its
 //! last insert, so a crash at any moment neither loses nor double-counts.
 //! Undecodable events go to the topic's DLQ (acknowledged before their offset
@@ -39,6 +39,9 @@ pub struct JobMetrics {
     pub diverted: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub flushes: AtomicU64,
+    pub inserts: AtomicU64,
+    /// Microseconds spent in acknowledged inserts.
+    pub insert_micros: AtomicU64,
     pub insert_retries: AtomicU64,
 }
 
@@ -70,6 +73,16 @@ impl JobMetrics {
                 "shopstream_analytics_flushes_total",
                 "Partition flushes stored in ClickHouse.",
                 &self.flushes,
+            ),
+            (
+                "shopstream_analytics_inserts_total",
+                "ClickHouse inserts acknowledged.",
+                &self.inserts,
+            ),
+            (
+                "shopstream_analytics_insert_microseconds_total",
+                "Time spent in acknowledged inserts.",
+                &self.insert_micros,
             ),
             (
                 "shopstream_analytics_insert_retries_total",
@@ -221,10 +234,15 @@ pub fn run(
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
+    // Unless the user's client properties say otherwise: quick failover,
+    // bounded prefetch, and fetches that return within 100 ms (librdkafka
+    // waits up to 500 ms by default, half the freshness budget on a broker
+    // that holds fetches).
     for (key, value) in [
         ("session.timeout.ms", "10000"),
         ("heartbeat.interval.ms", "1000"),
         ("queued.max.messages.kbytes", "16384"),
+        ("fetch.wait.max.ms", "100"),
     ] {
         if config.get(key).is_none() {
             config.set(key, value);
@@ -285,7 +303,9 @@ pub fn run(
                 }
                 return Err(abandoned.into());
             }
-            next_flush = Instant::now() + flush_every;
+            // On a fixed cadence, so an insert's own time does not stretch
+            // the interval (and freshness) unless it outlasts it.
+            next_flush = (next_flush + flush_every).max(Instant::now());
         }
     }
     ready.store(false, Ordering::SeqCst);
@@ -404,8 +424,8 @@ fn take(
     }
 }
 
-/// Stores every partition's partials with its offset, one insert each,
-/// retrying until ClickHouse takes it; then commits to Kafka.
+/// Stores every partition's partials with its offset, retrying until
+/// ClickHouse takes them; then commits to Kafka.
 fn flush_all(
     shared: &Shared,
     consumer: &BaseConsumer<JobContext>,
@@ -426,22 +446,34 @@ fn flush_all(
         return Ok(());
     }
     let now = u32::try_from(now_ms() / 1000).unwrap_or_default();
-    // Every partition's rows and offset in as few inserts as possible (one
-    // under normal load): each insert is one part, so whole partitions land
-    // or none do, and ClickHouse gets about one insert per flush interval.
-    let mut batches: Vec<Batch> = vec![(Vec::new(), Vec::new())];
+    // Every partition's partials merged and stored with their offsets in as
+    // few inserts as possible (one under normal load): an insert is one
+    // part, so whole partitions land or none do, ClickHouse gets about one
+    // insert per flush interval, and a window's figures from many partitions
+    // become one row.
+    let mut batches: Vec<Batch> = vec![Batch::default()];
     for ((topic, partition), partial, last_offset) in work {
-        let rows = store::rows(partial, &topic, partition, last_offset, now);
+        let rows = partial.row_count();
         let current = batches.last_mut().expect("a batch");
-        if !current.0.is_empty() && current.0.len() + rows.len() > MAX_INSERT_ROWS {
-            batches.push((Vec::new(), Vec::new()));
+        if current.rows > 0 && current.rows + rows > MAX_INSERT_ROWS {
+            batches.push(Batch::default());
         }
         let current = batches.last_mut().expect("a batch");
-        current.0.extend(rows);
-        current.1.push(((topic, partition), last_offset));
+        current.partial.merge(partial);
+        current.rows += rows + 1;
+        current.offsets.push(((topic, partition), last_offset));
     }
     let mut commit = TopicPartitionList::new();
-    for (rows, offsets) in batches {
+    for Batch {
+        partial, offsets, ..
+    } in batches
+    {
+        let mut rows = store::rows(partial, now);
+        rows.extend(
+            offsets
+                .iter()
+                .map(|((topic, partition), last)| store::offset_row(topic, *partition, *last, now)),
+        );
         store_batch(shared, &rows, &offsets, metrics, timeout)?;
         metrics
             .flushes
@@ -456,8 +488,15 @@ fn flush_all(
     Ok(())
 }
 
-/// One insert's rows, and the partitions and last offsets they cover.
-type Batch = (Vec<store::PartialRow>, Vec<(Key, i64)>);
+/// One insert's merged partials, and the partitions and last offsets they
+/// cover.
+#[derive(Default)]
+struct Batch {
+    partial: Partial,
+    /// Rows it becomes at most (merging only lowers it).
+    rows: usize,
+    offsets: Vec<(Key, i64)>,
+}
 
 /// Rows per insert at most: below ClickHouse's `max_insert_block_size`
 /// (1,048,576), so an insert is never split into several parts.
@@ -476,11 +515,19 @@ fn store_batch(
     let mut delay = Duration::from_millis(100);
     let failing_since = Instant::now();
     loop {
+        let attempt = Instant::now();
         let error = match shared
             .runtime
             .block_on(store::insert(&shared.client, rows, timeout))
         {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                metrics.inserts.fetch_add(1, Ordering::Relaxed);
+                metrics.insert_micros.fetch_add(
+                    u64::try_from(attempt.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                return Ok(());
+            }
             Err(error) => error,
         };
         if shared.shutdown.is_cancelled() || failing_since.elapsed() > MAX_OUTAGE {

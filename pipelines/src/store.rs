@@ -33,18 +33,23 @@ fn seconds(window_ms: i64) -> u32 {
     u32::try_from(window_ms / 1000).unwrap_or_default()
 }
 
-/// One partition's rows of a flush: every partial figure, then its offset row.
-pub fn rows(
-    partial: Partial,
-    topic: &str,
-    partition: i32,
-    last_offset: i64,
-    now: u32,
-) -> Vec<PartialRow> {
-    let base = PartialRow {
+/// The row recording that a flush covers `topic`/`partition` up to and
+/// including `last_offset`.
+pub fn offset_row(topic: &str, partition: i32, last_offset: i64, now: u32) -> PartialRow {
+    PartialRow {
+        model: OFFSET_MODEL.to_owned(),
         source_topic: topic.to_owned(),
         source_partition: partition,
         last_offset,
+        flushed_at: now,
+        ..PartialRow::default()
+    }
+}
+
+/// A flush's figures (its partitions' partials merged) as rows; the offset
+/// rows go into the same insert.
+pub fn rows(partial: Partial, now: u32) -> Vec<PartialRow> {
+    let base = PartialRow {
         flushed_at: now,
         ..PartialRow::default()
     };
@@ -112,10 +117,6 @@ pub fn rows(
             ..row("queries", window)
         });
     }
-    out.push(PartialRow {
-        model: OFFSET_MODEL.to_owned(),
-        ..base
-    });
     out
 }
 
