@@ -14,16 +14,32 @@ use crate::shutdown::Shutdown;
 /// Renders the Prometheus text for `/metrics`.
 pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Binds `address` now (so a bad address fails at start), then serves until
-/// `shutdown`. Returns the bound address (useful with port 0).
+/// The probes' address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("listening on {setting} {address}: {source}")]
+pub struct ServeError {
+    setting: String,
+    address: String,
+    source: std::io::Error,
+}
+
+/// Binds `address`, the value of the config field `setting`, now (so a bad
+/// address fails at start, naming the field), then serves until `shutdown`.
+/// Returns the bound address (useful with port 0).
 pub async fn serve(
+    setting: &str,
     address: &str,
     ready: Arc<AtomicBool>,
     metrics: MetricsText,
     shutdown: Shutdown,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(address).await?;
-    let bound = listener.local_addr()?;
+) -> Result<SocketAddr, ServeError> {
+    let fail = |source| ServeError {
+        setting: setting.to_owned(),
+        address: address.to_owned(),
+        source,
+    };
+    let listener = TcpListener::bind(address).await.map_err(fail)?;
+    let bound = listener.local_addr().map_err(fail)?;
     tracing::info!(address = %bound, "Serving /healthz, /readyz and /metrics.");
     tokio::spawn(async move {
         loop {
@@ -94,6 +110,7 @@ mod tests {
         let ready = Arc::new(AtomicBool::new(false));
         let shutdown = Shutdown::new();
         let address = serve(
+            "worker.metrics_address",
             "127.0.0.1:0",
             ready.clone(),
             Arc::new(|| "up 1\n".to_owned()),
@@ -110,10 +127,20 @@ mod tests {
         assert!(get(address, "/metrics").await.ends_with("\r\n\r\nup 1\n"));
         assert!(get(address, "/nope").await.starts_with("HTTP/1.1 404"));
         shutdown.cancel();
+        let error = serve(
+            "analytics.metrics_address",
+            "256.0.0.1:1",
+            ready,
+            Arc::new(String::new),
+            Shutdown::new(),
+        )
+        .await
+        .unwrap_err();
         assert!(
-            serve("256.0.0.1:1", ready, Arc::new(String::new), Shutdown::new())
-                .await
-                .is_err()
+            error
+                .to_string()
+                .starts_with("listening on analytics.metrics_address 256.0.0.1:1: "),
+            "{error}"
         );
     }
 }

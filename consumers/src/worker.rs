@@ -119,18 +119,13 @@ pub async fn run(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let render = metrics.clone();
     backbone::ops::serve(
+        "worker.metrics_address",
         &config.worker.metrics_address,
         ready.clone(),
         Arc::new(move || render.render()),
         shutdown.clone(),
     )
-    .await
-    .with_context(|| {
-        format!(
-            "listening on worker.metrics_address {}",
-            config.worker.metrics_address
-        )
-    })?;
+    .await?;
     let projections: Vec<_> = builtins.iter().filter_map(|b| b.projection()).collect();
     let projections = if projections.is_empty() {
         None

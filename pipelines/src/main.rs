@@ -116,18 +116,13 @@ async fn run(args: Args, shutdown: Shutdown) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let render = metrics.clone();
     backbone::ops::serve(
+        "analytics.metrics_address",
         &config.analytics.metrics_address,
         ready.clone(),
         Arc::new(move || render.render()),
         shutdown.clone(),
     )
-    .await
-    .with_context(|| {
-        format!(
-            "listening on analytics.metrics_address {}",
-            config.analytics.metrics_address
-        )
-    })?;
+    .await?;
     tokio::task::spawn_blocking(move || {
         pipelines::job::run(
             &connection,
