@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use backbone::events::{AnyEvent, OrderStatus, UserEventKind};
+use consumers::projection::rows::platform_name;
 
 /// Tumbling event-time windows of a fixed size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +170,11 @@ impl Partial {
                 let window = windows.start(user.occurred_at);
                 let figures = self
                     .users
-                    .entry((window, user.country.clone(), platform_name(user)))
+                    .entry((
+                        window,
+                        user.country.clone(),
+                        platform_name(user.platform).to_owned(),
+                    ))
                     .or_default();
                 figures.users.insert(user.user_id.clone());
                 figures.sessions.insert(user.session_id.clone());
@@ -252,15 +257,6 @@ impl Partial {
             *self.queries.entry(key).or_default() += n;
         }
     }
-}
-
-fn platform_name(user: &backbone::events::UserEvent) -> String {
-    match user.platform {
-        backbone::events::Platform::Web => "web",
-        backbone::events::Platform::Ios => "ios",
-        backbone::events::Platform::Android => "android",
-    }
-    .to_owned()
 }
 
 #[cfg(test)]

@@ -28,42 +28,48 @@ struct Model {
     derived: &'static [(&'static str, &'static str)],
 }
 
+/// A column computed by one aggregate function over a partials column: per
+/// window `f(arg)`, in the hourly state `fState(arg)`, read as `fMerge(column)`.
 struct Measure {
     column: &'static str,
-    /// Per window, straight from the partials.
-    value: &'static str,
+    function: &'static str,
+    /// Parameters, such as `(0.95)` for a quantile.
+    params: &'static str,
+    argument: &'static str,
     state_type: &'static str,
-    state: &'static str,
-    merge: &'static str,
 }
 
-const fn sum(
-    column: &'static str,
-    value: &'static str,
-    state: &'static str,
-    merge: &'static str,
-) -> Measure {
-    Measure {
-        column,
-        value,
-        state_type: "AggregateFunction(sum, Int64)",
-        state,
-        merge,
+impl Measure {
+    fn value(&self) -> String {
+        format!("{}{}({})", self.function, self.params, self.argument)
+    }
+
+    fn state(&self) -> String {
+        format!("{}State{}({})", self.function, self.params, self.argument)
+    }
+
+    fn merge(&self) -> String {
+        format!("{}Merge{}({})", self.function, self.params, self.column)
     }
 }
 
-const fn distinct(
-    column: &'static str,
-    value: &'static str,
-    state: &'static str,
-    merge: &'static str,
-) -> Measure {
+const fn sum(column: &'static str, argument: &'static str) -> Measure {
     Measure {
         column,
-        value,
+        function: "sum",
+        params: "",
+        argument,
+        state_type: "AggregateFunction(sum, Int64)",
+    }
+}
+
+const fn distinct(column: &'static str, argument: &'static str) -> Measure {
+    Measure {
+        column,
+        function: "uniqExactArray",
+        params: "",
+        argument,
         state_type: "AggregateFunction(uniqExactArray, Array(String))",
-        state,
-        merge,
     }
 }
 
@@ -73,20 +79,10 @@ const MODELS: [Model; 6] = [
         name: "orders",
         dims: &[("dim1", "category"), ("dim2", "currency")],
         measures: &[
-            sum("orders", "sum(c1)", "sumState(c1)", "sumMerge(orders)"),
-            sum("items", "sum(c2)", "sumState(c2)", "sumMerge(items)"),
-            sum(
-                "revenue_minor",
-                "sum(c3)",
-                "sumState(c3)",
-                "sumMerge(revenue_minor)",
-            ),
-            distinct(
-                "unique_buyers",
-                "uniqExactArray(set1)",
-                "uniqExactArrayState(set1)",
-                "uniqExactArrayMerge(unique_buyers)",
-            ),
+            sum("orders", "c1"),
+            sum("items", "c2"),
+            sum("revenue_minor", "c3"),
+            distinct("unique_buyers", "set1"),
         ],
         derived: &[],
     },
@@ -95,22 +91,12 @@ const MODELS: [Model; 6] = [
         name: "order_funnel",
         dims: &[],
         measures: &[
-            sum("created", "sum(c1)", "sumState(c1)", "sumMerge(created)"),
-            sum("paid", "sum(c2)", "sumState(c2)", "sumMerge(paid)"),
-            sum("shipped", "sum(c3)", "sumState(c3)", "sumMerge(shipped)"),
-            sum(
-                "delivered",
-                "sum(c4)",
-                "sumState(c4)",
-                "sumMerge(delivered)",
-            ),
-            sum(
-                "cancelled",
-                "sum(c5)",
-                "sumState(c5)",
-                "sumMerge(cancelled)",
-            ),
-            sum("refunded", "sum(c6)", "sumState(c6)", "sumMerge(refunded)"),
+            sum("created", "c1"),
+            sum("paid", "c2"),
+            sum("shipped", "c3"),
+            sum("delivered", "c4"),
+            sum("cancelled", "c5"),
+            sum("refunded", "c6"),
         ],
         derived: &[],
     },
@@ -119,19 +105,9 @@ const MODELS: [Model; 6] = [
         name: "active_users",
         dims: &[("dim1", "country"), ("dim2", "platform")],
         measures: &[
-            distinct(
-                "unique_users",
-                "uniqExactArray(set1)",
-                "uniqExactArrayState(set1)",
-                "uniqExactArrayMerge(unique_users)",
-            ),
-            sum("sign_ups", "sum(c1)", "sumState(c1)", "sumMerge(sign_ups)"),
-            distinct(
-                "sessions",
-                "uniqExactArray(set2)",
-                "uniqExactArrayState(set2)",
-                "uniqExactArrayMerge(sessions)",
-            ),
+            distinct("unique_users", "set1"),
+            sum("sign_ups", "c1"),
+            distinct("sessions", "set2"),
         ],
         derived: &[],
     },
@@ -140,14 +116,9 @@ const MODELS: [Model; 6] = [
         name: "chat_rooms",
         dims: &[("dim1", "room_id")],
         measures: &[
-            sum("messages", "sum(c1)", "sumState(c1)", "sumMerge(messages)"),
-            distinct(
-                "unique_chatters",
-                "uniqExactArray(set1)",
-                "uniqExactArrayState(set1)",
-                "uniqExactArrayMerge(unique_chatters)",
-            ),
-            sum("flagged", "sum(c2)", "sumState(c2)", "sumMerge(flagged)"),
+            sum("messages", "c1"),
+            distinct("unique_chatters", "set1"),
+            sum("flagged", "c2"),
         ],
         derived: &[],
     },
@@ -156,25 +127,15 @@ const MODELS: [Model; 6] = [
         name: "searches",
         dims: &[],
         measures: &[
-            sum("searches", "sum(c1)", "sumState(c1)", "sumMerge(searches)"),
-            sum(
-                "zero_results",
-                "sum(c2)",
-                "sumState(c2)",
-                "sumMerge(zero_results)",
-            ),
-            sum(
-                "latency_sum_ms",
-                "sum(c3)",
-                "sumState(c3)",
-                "sumMerge(latency_sum_ms)",
-            ),
+            sum("searches", "c1"),
+            sum("zero_results", "c2"),
+            sum("latency_sum_ms", "c3"),
             Measure {
                 column: "p95_latency_ms",
-                value: "quantileExactArray(0.95)(latencies)",
+                function: "quantileExactArray",
+                params: "(0.95)",
+                argument: "latencies",
                 state_type: "AggregateFunction(quantileExactArray(0.95), Array(Int32))",
-                state: "quantileExactArrayState(0.95)(latencies)",
-                merge: "quantileExactArrayMerge(0.95)(p95_latency_ms)",
             },
         ],
         derived: &[("latency_sum_ms / searches", "mean_latency_ms")],
@@ -183,12 +144,7 @@ const MODELS: [Model; 6] = [
         key: "queries",
         name: "search_queries",
         dims: &[("dim1", "query")],
-        measures: &[sum(
-            "searches",
-            "sum(c1)",
-            "sumState(c1)",
-            "sumMerge(searches)",
-        )],
+        measures: &[sum("searches", "c1")],
         derived: &[],
     },
 ];
@@ -220,7 +176,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
         let values: Vec<String> = model
             .measures
             .iter()
-            .map(|m| format!("{} AS {}", m.value, m.column))
+            .map(|m| format!("{} AS {}", m.value(), m.column))
             .chain(derived.clone())
             .collect();
         views.push(format!(
@@ -245,7 +201,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
         let state_select: Vec<String> = model
             .measures
             .iter()
-            .map(|m| format!("{} AS {}", m.state, m.column))
+            .map(|m| format!("{} AS {}", m.state(), m.column))
             .collect();
         views.push(format!(
             "CREATE MATERIALIZED VIEW IF NOT EXISTS {}{} TO {} AS SELECT toStartOfHour(window_start) AS hour{dims_select}, {} FROM {partials} WHERE model = '{}' GROUP BY hour{dims_group}",
@@ -258,7 +214,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
         let merges: Vec<String> = model
             .measures
             .iter()
-            .map(|m| format!("{} AS {}", m.merge, m.column))
+            .map(|m| format!("{} AS {}", m.merge(), m.column))
             .chain(derived)
             .collect();
         views.push(format!(

@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 use backbone::catalog::Catalog;
 use backbone::codec::{DecodeHint, Decoder};
 use backbone::config::{AnalyticsSettings, ClickHouseSettings, LateEvents};
+use backbone::events::EventType;
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
 use backbone::shutdown::Shutdown;
 use consumers::fetched::Fetched;
 use consumers::forward::{now_ms, Failure, Forwarder};
+use consumers::projection::rows::{datetime, Malformed};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
@@ -109,8 +111,12 @@ struct PartitionState {
 
 type Key = (String, i32);
 
+/// Assigned partitions by topic, then partition: a record finds its state
+/// from its borrowed topic name, without allocating.
+type PartitionStates = HashMap<String, HashMap<i32, PartitionState>>;
+
 struct Shared {
-    partitions: Mutex<HashMap<Key, PartitionState>>,
+    partitions: Mutex<PartitionStates>,
     client: clickhouse::Client,
     runtime: tokio::runtime::Handle,
     lateness_ms: i64,
@@ -145,8 +151,8 @@ impl ConsumerContext for JobContext {
                         .get(&key)
                         .map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
                     let _ = tpl.set_partition_offset(&key.0, key.1, offset);
-                    partitions.insert(
-                        key,
+                    partitions.entry(key.0).or_default().insert(
+                        key.1,
                         PartitionState {
                             partial: Partial::default(),
                             watermark: Watermark::new(self.shared.lateness_ms),
@@ -168,7 +174,9 @@ impl ConsumerContext for JobContext {
                 // the last stored offset and counts those events itself.
                 let mut partitions = self.shared.partitions.lock().expect("partitions lock");
                 for element in tpl.elements() {
-                    partitions.remove(&(element.topic().to_owned(), element.partition()));
+                    if let Some(topic) = partitions.get_mut(element.topic()) {
+                        topic.remove(&element.partition());
+                    }
                 }
                 drop(partitions);
                 tracing::info!(
@@ -254,13 +262,14 @@ pub fn run(
     let topics: Vec<&str> = catalog.topics.iter().map(|t| t.name.as_str()).collect();
     consumer.subscribe(&topics)?;
     let forwarder = Forwarder::new(&connection.client_config(), &settings.group_id)?;
-    let dead_letters: HashMap<&str, (backbone::events::EventType, Option<String>)> = catalog
+    // Per topic: its event type and DLQ.
+    let routes: HashMap<&str, (EventType, Option<&str>)> = catalog
         .topics
         .iter()
         .map(|t| {
             (
                 t.name.as_str(),
-                (t.event, t.dead_letter.as_ref().map(|d| d.topic.clone())),
+                (t.event, t.dead_letter.as_ref().map(|d| d.topic.as_str())),
             )
         })
         .collect();
@@ -275,22 +284,13 @@ pub fn run(
         if let Some(result) = consumer.poll(Duration::from_millis(50)) {
             match result {
                 Ok(message) => {
-                    let (event_type, dlq) = dead_letters
-                        .get(message.topic())
-                        .cloned()
-                        .unwrap_or((backbone::events::EventType::Order, None));
+                    // Only subscribed topics arrive.
+                    let Some(&(event_type, dlq)) = routes.get(message.topic()) else {
+                        continue;
+                    };
                     take(
-                        &shared,
-                        &message,
-                        event_type,
-                        dlq.as_deref(),
-                        &decoder,
-                        windows,
-                        settings,
-                        &forwarder,
-                        &metrics,
-                        &runtime,
-                        &shutdown,
+                        &shared, &message, event_type, dlq, &decoder, windows, settings,
+                        &forwarder, &metrics, &runtime, &shutdown,
                     );
                 }
                 Err(error) => tracing::warn!(%error, "Consumer error; librdkafka keeps retrying."),
@@ -319,7 +319,7 @@ pub fn run(
 fn take(
     shared: &Shared,
     message: &BorrowedMessage<'_>,
-    event_type: backbone::events::EventType,
+    event_type: EventType,
     dlq: Option<&str>,
     decoder: &Decoder,
     windows: Windows,
@@ -329,7 +329,7 @@ fn take(
     runtime: &tokio::runtime::Handle,
     shutdown: &Shutdown,
 ) {
-    let key = (message.topic().to_owned(), message.partition());
+    let (topic, partition) = (message.topic(), message.partition());
     let content_type = message
         .headers()
         .and_then(|h| {
@@ -347,80 +347,70 @@ fn take(
             },
         )
         .map_err(|e| (e.class().to_owned(), e.to_string()))
-        .and_then(|event| {
-            if event.occurred_at() < 0 || event.occurred_at() / 1000 > i64::from(u32::MAX) {
-                Err((
-                    "out_of_range".to_owned(),
-                    format!(
-                        "occurred_at {} is outside 1970 to 2106",
-                        event.occurred_at()
-                    ),
-                ))
-            } else {
-                Ok(event)
-            }
+        .and_then(|event| match datetime("occurred_at", event.occurred_at()) {
+            Ok(_) => Ok(event),
+            Err(Malformed(reason)) => Err(("out_of_range".to_owned(), reason)),
         });
-    let divert = |topic: &str, class: &str, reason: String| {
-        let fetched = Fetched::from_message(message, Arc::from(message.topic()));
-        let failure = Failure {
-            class: class.to_owned(),
-            message: reason,
-            attempts: 1,
-        };
-        // Acknowledged before the offset can be flushed.
-        runtime
-            .block_on(forwarder.forward(topic, &fetched, &failure, None, shutdown))
-            .is_ok()
-    };
-    let mut partitions = shared.partitions.lock().expect("partitions lock");
-    let Some(state) = partitions.get_mut(&key) else {
-        return;
-    };
-    match decoded {
+    // Where the record goes instead of its window, if anywhere, and what
+    // counts it there.
+    let (to, class, reason, counter) = match decoded {
         Ok(event) => {
+            let mut partitions = shared.partitions.lock().expect("partitions lock");
+            let Some(state) = partitions
+                .get_mut(topic)
+                .and_then(|t| t.get_mut(&partition))
+            else {
+                return;
+            };
             let late = state.watermark.observe(event.occurred_at()) == Arrival::Late;
             if late {
                 metrics.late.fetch_add(1, Ordering::Relaxed);
             }
-            if late && settings.late_events == LateEvents::Divert {
-                drop(partitions);
-                if !divert(
-                    &settings.late_topic,
-                    "late_event",
-                    format!(
-                        "older than the watermark by more than {} ms",
-                        settings.allowed_lateness_ms
-                    ),
-                ) {
-                    return;
-                }
-                metrics.diverted.fetch_add(1, Ordering::Relaxed);
-                partitions = shared.partitions.lock().expect("partitions lock");
-                let Some(state) = partitions.get_mut(&key) else {
-                    return;
-                };
+            if !(late && settings.late_events == LateEvents::Divert) {
+                state.partial.add(windows, &event);
                 state.last_offset = Some(message.offset());
+                metrics.events.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            state.partial.add(windows, &event);
-            state.last_offset = Some(message.offset());
-            metrics.events.fetch_add(1, Ordering::Relaxed);
+            (
+                settings.late_topic.as_str(),
+                "late_event".to_owned(),
+                format!(
+                    "older than the watermark by more than {} ms",
+                    settings.allowed_lateness_ms
+                ),
+                &metrics.diverted,
+            )
         }
         Err((class, reason)) => {
-            drop(partitions);
             let Some(dlq) = dlq else {
-                tracing::warn!(topic = %key.0, partition = key.1, offset = message.offset(), %reason, "Undecodable event and no DLQ: skipped.");
+                tracing::warn!(%topic, partition, offset = message.offset(), %reason, "Undecodable event and no DLQ: skipped.");
                 return;
             };
-            if !divert(dlq, &class, reason) {
-                return;
-            }
-            metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            let mut partitions = shared.partitions.lock().expect("partitions lock");
-            if let Some(state) = partitions.get_mut(&key) {
-                state.last_offset = Some(message.offset());
-            }
+            (dlq, class, reason, &metrics.dead_lettered)
         }
+    };
+    // Acknowledged before the offset can be flushed; the lock is not held
+    // meanwhile, so a flush is never kept waiting on Kafka.
+    let fetched = Fetched::from_message(message, Arc::from(topic));
+    let failure = Failure {
+        class,
+        message: reason,
+        attempts: 1,
+    };
+    if runtime
+        .block_on(forwarder.forward(to, &fetched, &failure, None, shutdown))
+        .is_err()
+    {
+        return;
+    }
+    counter.fetch_add(1, Ordering::Relaxed);
+    let mut partitions = shared.partitions.lock().expect("partitions lock");
+    if let Some(state) = partitions
+        .get_mut(topic)
+        .and_then(|t| t.get_mut(&partition))
+    {
+        state.last_offset = Some(message.offset());
     }
 }
 
@@ -436,9 +426,15 @@ fn flush_all(
         let mut partitions = shared.partitions.lock().expect("partitions lock");
         partitions
             .iter_mut()
-            .filter_map(|(key, state)| {
-                let last_offset = state.last_offset.take()?;
-                Some((key.clone(), std::mem::take(&mut state.partial), last_offset))
+            .flat_map(|(topic, states)| {
+                states.iter_mut().filter_map(|(partition, state)| {
+                    let last_offset = state.last_offset.take()?;
+                    Some((
+                        (topic.clone(), *partition),
+                        std::mem::take(&mut state.partial),
+                        last_offset,
+                    ))
+                })
             })
             .collect()
     };

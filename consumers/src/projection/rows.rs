@@ -21,7 +21,7 @@ pub struct Position {
 pub struct Malformed(pub String);
 
 /// Milliseconds to ClickHouse `DateTime` seconds (UInt32 since 1970).
-fn datetime(field: &str, ms: i64) -> Result<u32, Malformed> {
+pub fn datetime(field: &str, ms: i64) -> Result<u32, Malformed> {
     u32::try_from(ms.div_euclid(1000)).map_err(|_| {
         Malformed(format!(
             "{field} {ms} ms is outside ClickHouse DateTime (1970 to 2106)"
@@ -50,7 +50,8 @@ fn kind_name(kind: UserEventKind) -> &'static str {
     }
 }
 
-fn platform_name(platform: Platform) -> &'static str {
+/// The platform as the read models and tables name it.
+pub fn platform_name(platform: Platform) -> &'static str {
     match platform {
         Platform::Web => "web",
         Platform::Ios => "ios",
