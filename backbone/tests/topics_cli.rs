@@ -423,3 +423,79 @@ fn the_embedded_cluster_is_provisioned_through_its_own_calls() {
         apply.all()
     );
 }
+
+#[test]
+fn serve_hosts_the_provisioned_catalog_for_other_processes_until_sigterm() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let catalog = TestCatalog::new(2, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let address_file = dir.path().join("kafka.address");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--address-file"])
+        .arg(&address_file)
+        .arg("--set")
+        .arg(format!("catalog.path={}", catalog.path.display()))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("shopstream-topics serve runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !address_file.exists() {
+        assert!(Instant::now() < deadline, "no address file within 30 s");
+        assert!(child.try_wait().unwrap().is_none(), "serve exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let address = std::fs::read_to_string(&address_file).unwrap();
+    let address = address.trim();
+    assert!(address.starts_with("127.0.0.1:"), "{address}");
+
+    // Another process sees every catalog topic with its partitions.
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", address)
+        .set("group.id", "serve-test")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata from the served cluster");
+    let mut seen: Vec<(String, usize)> = metadata
+        .topics()
+        .iter()
+        .map(|t| (t.name().to_owned(), t.partitions().len()))
+        .collect();
+    seen.sort();
+    let mut expected: Vec<(String, usize)> = catalog.names().into_iter().map(|n| (n, 2)).collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let output = child.wait_with_output().expect("serve exits");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{:?}: {stdout}", output.status);
+    assert!(stdout.contains("Applied 5 of 5 change(s)."), "{stdout}");
+    assert!(
+        stdout.contains(&format!("Embedded Kafka serving at {address}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Embedded Kafka stopped."), "{stdout}");
+}
+
+#[test]
+fn serve_refuses_a_real_cluster() {
+    let catalog = TestCatalog::new(1, "");
+    let run = topics(&catalog.path, "127.0.0.1:9092", &["serve"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(
+        run.stderr.contains(
+            "serve hosts the embedded cluster; kafka.bootstrap_servers is \"127.0.0.1:9092\""
+        ),
+        "{}",
+        run.all()
+    );
+}

@@ -7,13 +7,14 @@
 #![allow(clippy::print_stdout)]
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use backbone::admin::{Outcome, ProvisionTarget};
 use backbone::catalog::Catalog;
 use backbone::config::{Config, ConfigArgs};
-use backbone::kafka::KafkaConnection;
+use backbone::kafka::{KafkaConnection, EMBEDDED};
 use backbone::provision::{self, is_managed, Plan};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -56,6 +57,16 @@ enum Command {
     Describe {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// Host the embedded cluster (`embedded://`, librdkafka's mock cluster)
+    /// with the catalog applied, so processes on this machine can connect
+    /// over loopback; serves until SIGTERM or ctrl-c. For demos and
+    /// development: it keeps about 5 MiB per partition, nothing on disk.
+    Serve {
+        /// Write the bootstrap servers to this file once the topics exist
+        /// (written whole, so a script can wait for it to appear).
+        #[arg(long)]
+        address_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -101,10 +112,17 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
 
+    let serving = matches!(cli.command, Command::Serve { .. });
+    if serving && config.kafka.bootstrap_servers.trim() != EMBEDDED {
+        return Err(format!(
+            "serve hosts the embedded cluster; kafka.bootstrap_servers is {:?} (leave it unset or {EMBEDDED:?}, and use apply for a real cluster)",
+            config.kafka.bootstrap_servers
+        ));
+    }
     let timeout = Duration::from_millis(config.kafka.request_timeout_ms);
     let connection = KafkaConnection::connect_empty(&config.kafka).map_err(|e| e.to_string())?;
     let target = ProvisionTarget::new(&connection, timeout).map_err(|e| e.to_string())?;
-    if target.is_embedded() {
+    if target.is_embedded() && !serving {
         eprintln!(
             "note: embedded:// is an in-process mock cluster without an admin API; topics are created with its own calls and vanish when this command exits."
         );
@@ -159,32 +177,68 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             })
         }
         Command::Apply { yes, allow_delete } => {
-            let plan = provision::plan(
-                &catalog.desired_topics(),
-                &catalog.managed_prefixes,
-                &state,
-                allow_delete,
-            );
-            print!(
-                "Plan for {} ({}):\n{}",
-                target.broker(),
-                path.display(),
-                provision::render(&plan)
-            );
-            if plan.changes.is_empty() {
-                return Ok(refusal_exit(&plan));
+            apply(&catalog, &path, &state, &target, yes, allow_delete).await
+        }
+        Command::Serve { address_file } => {
+            let code = apply(&catalog, &path, &state, &target, true, false).await?;
+            if code != ExitCode::SUCCESS {
+                return Ok(code);
             }
-            if !yes {
-                confirm(plan.changes.len())?;
-            }
-            let outcomes = target.apply(&plan.changes).await;
-            report(&outcomes);
-            if outcomes.iter().any(|o| o.error.is_some()) {
-                return Ok(ExitCode::FAILURE);
-            }
-            Ok(refusal_exit(&plan))
+            serve(connection.bootstrap_servers(), address_file.as_deref()).await
         }
     }
+}
+
+/// Shows the plan, asks unless `yes`, carries it out and reports each change.
+async fn apply(
+    catalog: &Catalog,
+    path: &Path,
+    state: &provision::ClusterState,
+    target: &ProvisionTarget<'_>,
+    yes: bool,
+    allow_delete: bool,
+) -> Result<ExitCode, String> {
+    let plan = provision::plan(
+        &catalog.desired_topics(),
+        &catalog.managed_prefixes,
+        state,
+        allow_delete,
+    );
+    print!(
+        "Plan for {} ({}):\n{}",
+        target.broker(),
+        path.display(),
+        provision::render(&plan)
+    );
+    if plan.changes.is_empty() {
+        return Ok(refusal_exit(&plan));
+    }
+    if !yes {
+        confirm(plan.changes.len())?;
+    }
+    let outcomes = target.apply(&plan.changes).await;
+    report(&outcomes);
+    if outcomes.iter().any(|o| o.error.is_some()) {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(refusal_exit(&plan))
+}
+
+/// Keeps the embedded cluster (owned by the caller) alive until a signal.
+async fn serve(bootstrap_servers: &str, address_file: Option<&Path>) -> Result<ExitCode, String> {
+    let shutdown = backbone::shutdown::on_signals().map_err(|e| e.to_string())?;
+    if let Some(file) = address_file {
+        // Written beside, then renamed: a reader never sees half an address.
+        let partial = file.with_extension("partial");
+        std::fs::write(&partial, format!("{bootstrap_servers}\n"))
+            .and_then(|()| std::fs::rename(&partial, file))
+            .map_err(|e| format!("cannot write --address-file {}: {e}", file.display()))?;
+    }
+    println!("Embedded Kafka serving at {bootstrap_servers} until SIGTERM or ctrl-c (in memory; about 5 MiB kept per partition).");
+    let _ = std::io::stdout().flush();
+    shutdown.cancelled().await;
+    println!("Embedded Kafka stopped.");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn refusal_exit(plan: &Plan) -> ExitCode {

@@ -1,0 +1,203 @@
+//! scripts/demo as a new user runs it: every binary as its own process, the
+//! embedded broker hosted by `shopstream-topics serve`, a report at the end,
+//! and nothing left running afterwards, ctrl-c included.
+//!
+//! The demo uses the binaries `cargo test --workspace` built (DEMO_BIN_DIR),
+//! so it does not build a release of its own here.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shopstream_tests::{clickhouse, repo_root, unique_name};
+
+/// The directory this test binary was built into (`target/<profile>`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf();
+    for bin in [
+        "shopstream-topics",
+        "shopstream-worker",
+        "shopstream-analytics",
+        "shopstream-publish",
+    ] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} is missing: build every binary first (cargo test --workspace or cargo build --bins)",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+fn demo(tmp: &Path) -> Command {
+    let mut command = Command::new(repo_root().join("scripts/demo"));
+    command
+        .env("DEMO_BIN_DIR", bin_dir())
+        .env("DEMO_DATABASE", unique_name("demo").replace('-', "_"))
+        .env("DEMO_RATE", "200")
+        // Every file and process of the demo lives under this directory.
+        .env("TMPDIR", tmp)
+        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+        .env_remove("CLICKHOUSE_URL")
+        .stdin(Stdio::null());
+    command
+}
+
+/// Processes whose command line mentions `dir`: the demo's, if any remain.
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if line.contains(&needle) {
+            found.push(format!("{}: {line}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+fn number_after<'a>(text: &'a str, prefix: &str) -> u64 {
+    let line = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{text}"));
+    line.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {prefix:?} in {line:?}"))
+}
+
+#[tokio::test]
+async fn the_demo_runs_every_process_prints_the_report_and_stops_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = demo(tmp.path())
+        .env("CLICKHOUSE_URL", clickhouse().await.url())
+        .env("DEMO_DURATION", "10s")
+        .output()
+        .expect("scripts/demo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{:?}\n{stdout}\n{stderr}",
+        output.status
+    );
+
+    // The publisher's events all reached the projections and the report.
+    let sent = number_after(&stdout, "Sent ");
+    assert!(sent > 1000, "{stdout}");
+    let rows: u64 = [
+        "user_events",
+        "order_events",
+        "chat_messages",
+        "search_queries",
+    ]
+    .iter()
+    .map(|table| number_after(&stdout, table))
+    .sum();
+    assert_eq!(rows, sent, "events-store rows\n{stdout}");
+    for heading in [
+        "Revenue and orders by category",
+        "Order funnel",
+        "Busiest chat rooms",
+        "Searches: ",
+        "Active users: ",
+    ] {
+        assert!(stdout.contains(heading), "{heading} in\n{stdout}");
+    }
+    let created = number_after(&stdout, "created ");
+    assert!(created > 0, "{stdout}");
+    assert_eq!(
+        number_after(&stdout, "order_status_current"),
+        created,
+        "every order created has its status row\n{stdout}"
+    );
+    for step in [
+        "Kafka: the embedded broker",
+        "Applied 16 of 16 change(s).",
+        "Stopping analytics",
+        "Stopping worker",
+        "Stopping kafka",
+    ] {
+        assert!(stderr.contains(step), "{step} in\n{stderr}");
+    }
+    assert_eq!(processes_under(tmp.path()), Vec::<String>::new());
+}
+
+#[test]
+fn ctrl_c_stops_every_process_the_demo_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Its own ClickHouse too, so ctrl-c has a server to stop.
+    let mut child = demo(tmp.path())
+        .env("DEMO_DURATION", "10m")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("scripts/demo runs");
+    let log = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let log = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !log.lock().unwrap().contains("Published ") {
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not start publishing within 120 s:\n{}",
+            log.lock().unwrap()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the demo exited early:\n{}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !processes_under(tmp.path()).is_empty(),
+        "the demo's processes are running"
+    );
+
+    // What a terminal does on ctrl-c: SIGINT to the whole foreground group.
+    let group = format!("-{}", child.id());
+    assert!(Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not stop within 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    reader.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("Interrupted; stopping everything."), "{log}");
+    assert_eq!(processes_under(tmp.path()), Vec::<String>::new(), "{log}");
+}
