@@ -67,7 +67,7 @@ fn processes_under(dir: &Path) -> Vec<String> {
     found
 }
 
-fn number_after<'a>(text: &'a str, prefix: &str) -> u64 {
+fn number_after(text: &str, prefix: &str) -> u64 {
     let line = text
         .lines()
         .find_map(|l| l.trim_start().strip_prefix(prefix))
