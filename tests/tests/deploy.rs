@@ -84,8 +84,8 @@ fn manifests() -> (Vec<PathBuf>, Vec<PathBuf>) {
         .collect();
     let yaml_in = |dir: &Path| -> BTreeSet<PathBuf> {
         std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
+            .expect("deploy/k8s")
+            .map(|e| e.expect("a directory entry").path())
             .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
             .collect()
     };
