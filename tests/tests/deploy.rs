@@ -6,6 +6,9 @@
 //! grace periods match it, the autoscalers stop at the partition count, and
 //! every command names a binary the image has.
 
+// Helpers as well as tests: a panic is how a check fails here.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
