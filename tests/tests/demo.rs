@@ -201,3 +201,40 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     assert!(log.contains("Interrupted; stopping everything."), "{log}");
     assert_eq!(processes_under(tmp.path()), Vec::<String>::new(), "{log}");
 }
+
+#[test]
+fn bad_demo_settings_are_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (variable, value, message) in [
+        (
+            "DEMO_DURATION",
+            "2 minutes",
+            "DEMO_DURATION must be a duration such as 90s, 2m or 1h, got '2 minutes'",
+        ),
+        ("DEMO_DURATION", "0s", "DEMO_DURATION must be a duration"),
+        (
+            "DEMO_RATE",
+            "fast",
+            "DEMO_RATE must be a whole number of events per second above 0, got 'fast'",
+        ),
+        ("DEMO_RATE", "0", "DEMO_RATE must be a whole number"),
+        (
+            "DEMO_DATABASE",
+            "shop; DROP TABLE x",
+            "DEMO_DATABASE must be a ClickHouse identifier",
+        ),
+    ] {
+        let output = demo(tmp.path())
+            .env(variable, value)
+            .output()
+            .expect("scripts/demo runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{variable}={value}: {stderr}"
+        );
+        assert!(stderr.contains(message), "{variable}={value}: {stderr}");
+        assert!(!stderr.contains("==>"), "nothing started: {stderr}");
+    }
+}
