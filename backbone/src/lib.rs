@@ -3,6 +3,7 @@
 //! shutdown. Nothing here is specific to one binary.
 
 pub mod admin;
+pub mod bench;
 pub mod catalog;
 pub mod codec;
 pub mod config;

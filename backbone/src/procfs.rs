@@ -23,6 +23,48 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
+/// What a child process used over its whole life.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub wall_seconds: f64,
+    /// User plus system, all threads; read from the exited process before it
+    /// is reaped, so nothing is missed at the end.
+    pub cpu_seconds: f64,
+    /// The highest resident set seen (sampled every 10 ms).
+    pub peak_rss_kib: u64,
+    pub success: bool,
+}
+
+/// Waits for `child` to exit while sampling it (blocking: call it off the
+/// async runtime's threads).
+pub fn measure(child: &mut std::process::Child) -> std::io::Result<Usage> {
+    let pid = child.id();
+    let started = std::time::Instant::now();
+    let (mut peak, mut cpu) = (0, 0.0);
+    loop {
+        peak = peak.max(status_kib(pid, "VmHWM:").unwrap_or(0));
+        cpu = cpu_seconds(pid).unwrap_or(cpu);
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.trim_start().chars().next())
+            });
+        if matches!(state, Some('Z') | None) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let status = child.wait()?;
+    Ok(Usage {
+        wall_seconds,
+        cpu_seconds: cpu,
+        peak_rss_kib: peak,
+        success: status.success(),
+    })
+}
+
 /// The /metrics value of `name` (a counter or gauge without labels) served
 /// on `127.0.0.1:port`.
 pub async fn metric(port: u16, name: &str) -> Option<f64> {
@@ -49,5 +91,19 @@ mod tests {
         let spin: u64 = (0..20_000_000u64).fold(0, |a, b| a ^ b.wrapping_mul(31));
         assert!(spin != 1);
         assert!(super::cpu_seconds(me).is_some_and(|s| s > 0.0));
+    }
+
+    #[test]
+    fn a_child_is_measured_to_its_end() {
+        // Busy for about 0.3 CPU seconds, then gone.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 60000 ]; do i=$((i+1)); done"])
+            .spawn()
+            .unwrap();
+        let usage = super::measure(&mut child).unwrap();
+        assert!(usage.success);
+        assert!(usage.cpu_seconds > 0.02, "{usage:?}");
+        assert!(usage.cpu_seconds <= usage.wall_seconds + 0.05, "{usage:?}");
+        assert!(usage.peak_rss_kib > 0, "{usage:?}");
     }
 }

@@ -1,15 +1,19 @@
 //! Consume throughput, shopstream-worker (no-op handler, as a separate
-//! process) vs a bare rdkafka consumer, in one run on the same broker and
-//! records; plus the worker's peak and steady RSS. Rounds alternate.
+//! process) vs a bare rdkafka consumer and kcat, in one run on the same
+//! broker and records; plus the worker's peak and steady RSS and CPU per
+//! million events. Rounds alternate.
 //!
 //!   cargo build --release -p consumers
-//!   target/release/consume-bench [--events N] [--rounds R]
+//!   target/release/consume-bench [--events N] [--rounds R] [--clickhouse URL]
+//!
+//! With BENCH_JSON set, the figures are appended there (see bench-report).
 
 #![allow(clippy::print_stdout)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use backbone::bench::{Goal, Recorder};
 use backbone::catalog::Catalog;
 use backbone::config::KafkaSettings;
 use backbone::events::AnyEvent;
@@ -42,15 +46,25 @@ struct Args {
     clickhouse: Option<String>,
 }
 
-/// Runs shopstream-worker until it has handled `args.events` records; its
-/// rate from the first handled record, peak RSS and RSS at the end (KiB).
+/// What one worker run measured.
+struct WorkerRun {
+    /// Records per second from the first handled record.
+    rate: f64,
+    peak_rss_kib: u64,
+    /// At the end of the run.
+    last_rss_kib: u64,
+    /// From the first handled record to the last.
+    cpu_seconds: f64,
+}
+
+/// Runs shopstream-worker until it has handled `args.events` records.
 async fn measure_worker(
     worker_bin: &std::path::Path,
     args: &Args,
     brokers: &str,
     group: &str,
     extra: &[&str],
-) -> anyhow::Result<(f64, u64, u64)> {
+) -> anyhow::Result<WorkerRun> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -77,6 +91,7 @@ async fn measure_worker(
             .spawn()?,
     );
     let pid = child.0.id();
+    let spawned = Instant::now();
     let (mut peak_rss, mut first_seen, mut last_rss) = (0u64, None, 0u64);
     let done = loop {
         let consumed = backbone::procfs::metric(port, "shopstream_records_handled_total")
@@ -85,7 +100,11 @@ async fn measure_worker(
         last_rss = backbone::procfs::status_kib(pid, "VmRSS:").unwrap_or(last_rss);
         peak_rss = peak_rss.max(last_rss);
         if consumed > 0 && first_seen.is_none() {
-            first_seen = Some((Instant::now(), consumed));
+            first_seen = Some((
+                Instant::now(),
+                consumed,
+                backbone::procfs::cpu_seconds(pid).unwrap_or(0.0),
+            ));
         }
         if consumed >= args.events {
             break Instant::now();
@@ -97,14 +116,62 @@ async fn measure_worker(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let (t0, c0) = first_seen.unwrap_or((done, 0));
+    // Counted from the first handled record, unless the worker was done
+    // before it was first seen working (tiny runs): then from its start.
+    let (t0, c0, cpu0) = match first_seen {
+        Some(seen @ (_, count, _)) if count <= args.events / 2 => seen,
+        _ => (spawned, 0, 0.0),
+    };
+    let cpu_seconds = backbone::procfs::cpu_seconds(pid).unwrap_or(cpu0) - cpu0;
     let rate = (args.events - c0) as f64 / done.duration_since(t0).as_secs_f64().max(1e-6);
     let hwm = backbone::procfs::status_kib(pid, "VmHWM:").unwrap_or(peak_rss);
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()?;
     child.0.wait()?;
-    Ok((rate, hwm, last_rss))
+    Ok(WorkerRun {
+        rate,
+        peak_rss_kib: hwm,
+        last_rss_kib: last_rss,
+        cpu_seconds: cpu_seconds * args.events as f64 / (args.events - c0).max(1) as f64,
+    })
+}
+
+/// kcat reading the topic from the beginning to its end, as a separate
+/// process: records per second, start-up included. `None` without kcat.
+fn measure_kcat(brokers: &str, events: usize) -> anyhow::Result<Option<f64>> {
+    use std::io::{BufRead, BufReader};
+    let started = Instant::now();
+    let mut child = match Command::new("kcat")
+        .args([
+            "-C",
+            "-b",
+            brokers,
+            "-t",
+            "orders",
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+        ])
+        .args(["-c", &events.to_string(), "-f", "\\n"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let stdout = child.stdout.take().expect("piped");
+    let lines = BufReader::new(stdout).lines().count();
+    let status = child.wait()?;
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        status.success() && lines >= events,
+        "kcat read {lines} of {events} records ({status})"
+    );
+    Ok(Some(events as f64 / seconds))
 }
 
 #[global_allocator]
@@ -159,6 +226,9 @@ async fn main() -> anyhow::Result<()> {
     let (mut bare_rates, mut worker_rates, mut peaks, mut steadies) =
         (vec![], vec![], vec![], vec![]);
     let (mut decoding_rates, mut sink_rates) = (vec![], vec![]);
+    let mut consume = Recorder::from_env("consume")?;
+    let mut sinks = Recorder::from_env("sink")?;
+    let mut resources = Recorder::from_env("resources")?;
     for round in 1..=args.rounds {
         // Bare plus decoding: what any consumer of these events must spend.
         let consumer: StreamConsumer = connection
@@ -208,14 +278,17 @@ async fn main() -> anyhow::Result<()> {
         let bare = args.events as f64 / started.elapsed().as_secs_f64();
         drop(consumer);
 
+        let kcat = measure_kcat(&brokers, args.events)?;
+
         // shopstream-worker: decode, batch, no-op handler, store offsets, commit.
         let group = format!("bench-worker-{round}-{}", std::process::id());
-        let (worker, hwm, last_rss) =
+        let run =
             measure_worker(&worker_bin, &args, &brokers, &group, &["--handler", "noop"]).await?;
+        let (worker, hwm, last_rss) = (run.rate, run.peak_rss_kib, run.last_rss_kib);
         if let Some(url) = &args.clickhouse {
             let group = format!("bench-sink-{round}-{}", std::process::id());
             let database = format!("consume_bench_{}_{round}", std::process::id());
-            let (sink, _, _) = measure_worker(
+            let sink = measure_worker(
                 &worker_bin,
                 &args,
                 &brokers,
@@ -229,8 +302,16 @@ async fn main() -> anyhow::Result<()> {
                     &format!("clickhouse.database={database}"),
                 ],
             )
-            .await?;
+            .await?
+            .rate;
             println!("round {round}: worker (events-store into ClickHouse) {sink:>9.0} rows/s");
+            sinks.record(
+                "shopstream-worker events-store into ClickHouse",
+                "rows/s",
+                sink,
+                Some(("shopstream-worker, no-op handler", worker)),
+                None,
+            )?;
             sink_rates.push(sink);
         }
         println!(
@@ -240,6 +321,69 @@ async fn main() -> anyhow::Result<()> {
             hwm as f64 / 1024.0,
             last_rss as f64 / 1024.0
         );
+        if let Some(kcat) = kcat {
+            println!(
+                "round {round}: kcat {kcat:>9.0}/s (start-up included) | worker/kcat {:.2}",
+                worker / kcat
+            );
+            consume.record("kcat -C (start-up included)", "events/s", kcat, None, None)?;
+            consume.record(
+                "shopstream-worker vs kcat",
+                "events/s",
+                worker,
+                Some(("kcat", kcat)),
+                None,
+            )?;
+        }
+        consume.record(
+            "bare rdkafka StreamConsumer, counting",
+            "events/s",
+            bare,
+            None,
+            None,
+        )?;
+        consume.record(
+            "bare rdkafka, decoding each record",
+            "events/s",
+            decoding,
+            None,
+            None,
+        )?;
+        consume.record(
+            "shopstream-worker, no-op handler",
+            "events/s",
+            worker,
+            Some(("bare rdkafka consumer", bare)),
+            Some(Goal::RatioAtLeast(0.8)),
+        )?;
+        consume.record(
+            "shopstream-worker vs a bare consumer that decodes",
+            "events/s",
+            worker,
+            Some(("bare rdkafka, decoding", decoding)),
+            None,
+        )?;
+        resources.record(
+            "shopstream-worker peak RSS",
+            "MB",
+            hwm as f64 / 1024.0,
+            None,
+            Some(Goal::AtMost(100.0)),
+        )?;
+        resources.record(
+            "shopstream-worker RSS after the run",
+            "MB",
+            last_rss as f64 / 1024.0,
+            None,
+            None,
+        )?;
+        resources.record(
+            "shopstream-worker CPU per million events (no-op)",
+            "CPU s",
+            run.cpu_seconds / args.events as f64 * 1e6,
+            None,
+            None,
+        )?;
         bare_rates.push(bare);
         decoding_rates.push(decoding);
         worker_rates.push(worker);

@@ -6,12 +6,18 @@
 //! from the cost of our code. Rounds alternate so drift on a noisy machine
 //! hits all; a warm-up round is not counted.
 //!
-//!   cargo run --release -p producers --bin publish-bench -- [--brokers B] [--events N] [--rounds R]
+//! Then the shopstream-publish binary (generator included) sends the same
+//! number of events as a separate process, for its CPU and memory.
+//!
+//!   cargo run --release -p producers --bin publish-bench -- [--brokers B] [--events N] [--rounds R] [--format json]
+//!
+//! With BENCH_JSON set, the figures are appended there (see bench-report).
 
 #![allow(clippy::print_stdout)]
 
 use std::time::{Duration, Instant};
 
+use backbone::bench::{Goal, Recorder};
 use backbone::catalog::Catalog;
 use backbone::codec::{encode, Encoding};
 use backbone::config::KafkaSettings;
@@ -147,6 +153,11 @@ async fn main() -> anyhow::Result<()> {
                 })
         })
         .collect();
+    let section = match args.format {
+        Encoding::Avro => "publish (Avro)",
+        Encoding::Json => "publish (JSON)",
+    };
+    let mut recorder = Recorder::from_env(section)?;
     let (mut ours, mut theirs, mut with_headers) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..=args.rounds {
         let bare_rate = bare_run(&bare, &encoded, None).await?;
@@ -177,6 +188,36 @@ async fn main() -> anyhow::Result<()> {
             our_rate / bare_rate,
             our_rate / headed_rate
         );
+        let bare = Some(("bare rdkafka producer", bare_rate));
+        recorder.record(
+            "bare rdkafka producer, pre-encoded",
+            "events/s",
+            bare_rate,
+            None,
+            None,
+        )?;
+        recorder.record(
+            "bare rdkafka producer, pre-encoded",
+            "MB/s",
+            mb(bare_rate),
+            None,
+            None,
+        )?;
+        recorder.record(
+            "shopstream Publisher",
+            "events/s",
+            our_rate,
+            bare,
+            Some(Goal::RatioAtLeast(0.8)),
+        )?;
+        recorder.record("shopstream Publisher", "MB/s", mb(our_rate), None, None)?;
+        recorder.record(
+            "shopstream Publisher vs bare with the same five headers",
+            "events/s",
+            our_rate,
+            Some(("bare rdkafka producer with the headers", headed_rate)),
+            None,
+        )?;
         theirs.push(bare_rate);
         with_headers.push(headed_rate);
         ours.push(our_rate);
@@ -194,6 +235,68 @@ async fn main() -> anyhow::Result<()> {
         om / bm,
         om / hm
     );
+    publish_binary(&args, connection.bootstrap_servers(), &mut recorder).await
+}
+
+/// The shopstream-publish binary, as users run it, sending `args.events`
+/// as fast as it can: its rate, CPU seconds per million events and peak RSS.
+async fn publish_binary(args: &Args, brokers: &str, recorder: &mut Recorder) -> anyhow::Result<()> {
+    let format = match args.format {
+        Encoding::Avro => "avro",
+        Encoding::Json => "json",
+    };
+    let mut child =
+        std::process::Command::new(std::env::current_exe()?.with_file_name("shopstream-publish"))
+            .args([
+                "--brokers",
+                brokers,
+                "--profile",
+                &args.profile,
+                "--format",
+                format,
+            ])
+            .args(["--count", &args.events.to_string(), "--rate", "100000000"])
+            .arg("--set")
+            .arg(format!("catalog.path={}", args.catalog.display()))
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+    let usage =
+        tokio::task::spawn_blocking(move || backbone::procfs::measure(&mut child)).await??;
+    anyhow::ensure!(usage.success, "shopstream-publish failed");
+    let rate = args.events as f64 / usage.wall_seconds;
+    let cpu_per_million = usage.cpu_seconds / args.events as f64 * 1e6;
+    let peak_mb = usage.peak_rss_kib as f64 / 1024.0;
+    println!(
+        "shopstream-publish binary: {rate:.0} events/s (generator included), {cpu_per_million:.1} CPU s per million events, peak RSS {peak_mb:.1} MB"
+    );
+    recorder.record(
+        "shopstream-publish binary, generator included",
+        "events/s",
+        rate,
+        None,
+        None,
+    )?;
+    let mut resources = Recorder::from_env("resources")?;
+    let label = match args.format {
+        Encoding::Avro => "Avro",
+        Encoding::Json => "JSON",
+    };
+    resources.record(
+        &format!("shopstream-publish CPU per million events ({label})"),
+        "CPU s",
+        cpu_per_million,
+        None,
+        None,
+    )?;
+    resources.record(
+        &format!("shopstream-publish peak RSS ({label})"),
+        "MB",
+        peak_mb,
+        None,
+        None,
+    )?;
     Ok(())
 }
 

@@ -11,13 +11,27 @@
 //! 2. Freshness: the job keeps running while events arrive at a fixed rate;
 //!    for a sample of records, the time from the producer's send to the flush
 //!    that makes it visible in the read models (its offset stored).
+//! 3. Against the ClickHouse Kafka engine (what many users pick instead):
+//!    order events in JSON in a topic of their own; the job (with a catalog
+//!    of just that topic) and then the engine's materialized views compute
+//!    the per-minute orders, items, revenue and unique buyers per category
+//!    and currency from it. Both results must be equal; the figure is events
+//!    per CPU second, ours counting the job and the ClickHouse server during
+//!    its run, theirs the ClickHouse server. The server must read from the
+//!    earliest offsets (scripts/bench configures it):
+//!    `<kafka><auto_offset_reset>smallest</auto_offset_reset></kafka>`.
+//!
+//! With BENCH_JSON set, the figures are appended there (see bench-report).
 
 #![allow(clippy::print_stdout)]
+
+mod kafka_engine;
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use backbone::bench::{Goal, Recorder};
 use backbone::catalog::Catalog;
 use backbone::config::KafkaSettings;
 use backbone::kafka::KafkaConnection;
@@ -28,29 +42,35 @@ use producers::publisher::{PublishOptions, Publisher};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 #[derive(Debug, Parser)]
-struct Args {
+pub(crate) struct Args {
     /// ClickHouse HTTP URL; each run uses a fresh database.
     #[arg(long)]
-    clickhouse: String,
+    pub(crate) clickhouse: String,
     /// Events for the throughput phase. The embedded broker keeps about
     /// 5 MiB per partition and the hottest partitions (busy chat rooms) fill
     /// first: past about 250,000 it drops data, which the bench refuses.
     #[arg(long, default_value_t = 200_000)]
-    events: usize,
+    pub(crate) events: usize,
     /// Events per second in the freshness phase.
     #[arg(long, default_value_t = 10_000)]
-    rate: u64,
+    pub(crate) rate: u64,
     /// Seconds of the freshness phase.
     #[arg(long, default_value_t = 20)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     #[arg(long, default_value = "topics.yaml")]
-    catalog: std::path::PathBuf,
+    pub(crate) catalog: std::path::PathBuf,
+    /// Order events for the comparison with the ClickHouse Kafka engine; 0 skips it.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) engine_events: usize,
+    /// The clickhouse-server process, for its CPU time (default: the only one running).
+    #[arg(long)]
+    pub(crate) clickhouse_pid: Option<u32>,
 }
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-struct Job(std::process::Child);
+pub(crate) struct Job(pub(crate) std::process::Child);
 
 impl Drop for Job {
     fn drop(&mut self) {
@@ -59,7 +79,7 @@ impl Drop for Job {
     }
 }
 
-async fn stored(client: &clickhouse::Client) -> HashMap<(String, i32), i64> {
+pub(crate) async fn stored(client: &clickhouse::Client) -> HashMap<(String, i32), i64> {
     pipelines::store::stored_offsets(client)
         .await
         .unwrap_or_default()
@@ -186,6 +206,29 @@ async fn main() -> anyhow::Result<()> {
         events / cpu.max(1e-6),
         peak_rss as f64 / 1024.0
     );
+    let mut figures = Recorder::from_env("analytics")?;
+    let mut resources = Recorder::from_env("resources")?;
+    figures.record(
+        "shopstream-analytics, per CPU second of the job (per core)",
+        "events/s",
+        events / cpu.max(1e-6),
+        None,
+        Some(Goal::AtLeast(150_000.0)),
+    )?;
+    figures.record(
+        "shopstream-analytics, per wall second",
+        "events/s",
+        events / wall,
+        None,
+        None,
+    )?;
+    resources.record(
+        "shopstream-analytics CPU per million events",
+        "CPU s",
+        cpu / events.max(1.0) * 1e6,
+        None,
+        None,
+    )?;
 
     // Freshness at a fixed rate: one sampled record per 10 ms tick.
     let per_tick = (args.rate / 100).max(1) as usize;
@@ -257,9 +300,50 @@ async fn main() -> anyhow::Result<()> {
         latencies[latencies.len() - 1],
         procfs::status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0
     );
+    figures.record(
+        &format!(
+            "freshness p50 at {} events/s, produce to visible",
+            args.rate
+        ),
+        "ms",
+        at(0.5),
+        None,
+        None,
+    )?;
+    figures.record(
+        &format!(
+            "freshness p99 at {} events/s, produce to visible",
+            args.rate
+        ),
+        "ms",
+        at(0.99),
+        None,
+        Some(Goal::AtMost(2000.0)),
+    )?;
+    figures.record(
+        "mean insert",
+        "ms",
+        insert_micros / 1000.0 / inserts.max(1.0),
+        None,
+        None,
+    )?;
+    let hwm = procfs::status_kib(pid, "VmHWM:").unwrap_or(peak_rss) as f64 / 1024.0;
+    let steady = procfs::status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    resources.record("shopstream-analytics peak RSS", "MB", hwm, None, None)?;
+    resources.record(
+        "shopstream-analytics RSS after the run",
+        "MB",
+        steady,
+        None,
+        None,
+    )?;
+    drop(job);
     let _ = client
         .query(&format!("DROP DATABASE IF EXISTS `{database}`"))
         .execute()
         .await;
+    if args.engine_events > 0 {
+        kafka_engine::compare(&args, &connection, &bin).await?;
+    }
     Ok(())
 }
