@@ -43,8 +43,15 @@ fn engine_ddl(brokers: &str, group: &str) -> Vec<String> {
     ]
 }
 
-const ENGINE_RESULT: &str = "SELECT toUInt32(window), category, currency, countMerge(orders), sumMerge(items), sumMerge(revenue_minor), uniqExactMerge(buyers) FROM orders_state GROUP BY window, category, currency ORDER BY 1, 2, 3";
-const OUR_RESULT: &str = "SELECT toUInt32(window_start), category, currency, toUInt64(orders), toUInt64(items), toInt64(revenue_minor), toUInt64(unique_buyers) FROM orders_per_minute ORDER BY 1, 2, 3";
+const ENGINE_RESULT: &str = "SELECT toUInt32(window), category, currency, countMerge(orders), sumMerge(items), sumMerge(revenue_minor), uniqExactMerge(buyers) FROM orders_state GROUP BY window, category, currency";
+const OUR_RESULT: &str = "SELECT toUInt32(window_start), category, currency, toUInt64(orders), toUInt64(items), toInt64(revenue_minor), toUInt64(unique_buyers) FROM orders_per_minute";
+
+/// A side's result in one order (18.16 has no positional ORDER BY).
+async fn result(client: &clickhouse::Client, query: &str) -> clickhouse::error::Result<Vec<Row>> {
+    let mut rows: Vec<Row> = client.query(query).fetch_all().await?;
+    rows.sort();
+    Ok(rows)
+}
 
 /// The clickhouse-server process: the one given, or the only one running.
 fn server_pid(given: Option<u32>) -> anyhow::Result<u32> {
@@ -202,7 +209,7 @@ pub async fn compare(args: &Args, connection: &KafkaConnection, bin: &Path) -> a
         t0.elapsed().as_secs_f64(),
     );
     drop(job);
-    let our_rows: Vec<Row> = ours.query(OUR_RESULT).fetch_all().await?;
+    let our_rows = result(&ours, OUR_RESULT).await?;
 
     // Theirs: the Kafka engine and its materialized views, in a database of its own.
     let engine_db = format!("analytics_bench_engine_{}", std::process::id());
@@ -248,9 +255,7 @@ pub async fn compare(args: &Args, connection: &KafkaConnection, bin: &Path) -> a
                 "the Kafka engine's aggregates did not reach ours",
                 Duration::from_secs(60),
                 || async {
-                    engine
-                        .query(ENGINE_RESULT)
-                        .fetch_all::<Row>()
+                    result(&engine, ENGINE_RESULT)
                         .await
                         .is_ok_and(|rows| rows == our_rows)
                 },
@@ -260,7 +265,7 @@ pub async fn compare(args: &Args, connection: &KafkaConnection, bin: &Path) -> a
         Err(e) => Err(e),
     };
     let (engine_cpu, engine_wall) = (cpu(server)? - server0, t0.elapsed().as_secs_f64());
-    let engine_rows: Vec<Row> = engine.query(ENGINE_RESULT).fetch_all().await?;
+    let engine_rows = result(&engine, ENGINE_RESULT).await?;
     // The Kafka table keeps consuming until dropped.
     root.query(&format!("DROP DATABASE IF EXISTS `{engine_db}`"))
         .execute()
