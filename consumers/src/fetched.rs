@@ -9,7 +9,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 /// Where a record first entered the system, carried through retry tiers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
@@ -24,25 +24,79 @@ pub struct Fetched {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub headers: RawHeaders,
     pub timestamp_ms: Option<i64>,
     pub origin: Origin,
 }
 
+/// A record's headers as fetched, in one buffer: two allocations per record
+/// instead of two per header (a published event carries five).
+#[derive(Debug, Clone, Default)]
+pub struct RawHeaders {
+    bytes: Vec<u8>,
+    /// Per header: the key's end in `bytes`, then its value's end, if any.
+    /// Each starts where the one before ended.
+    ends: Vec<(u32, Option<u32>)>,
+}
+
+impl RawHeaders {
+    fn from_message(message: &BorrowedMessage<'_>) -> Self {
+        let Some(headers) = message.headers() else {
+            return Self::default();
+        };
+        let mut raw = Self {
+            bytes: Vec::with_capacity(256),
+            ends: Vec::with_capacity(headers.count()),
+        };
+        for header in headers.iter() {
+            raw.push(header.key, header.value);
+        }
+        raw
+    }
+
+    pub fn push(&mut self, key: &str, value: Option<&[u8]>) {
+        self.bytes.extend_from_slice(key.as_bytes());
+        let key_end = self.bytes.len() as u32;
+        let value_end = value.map(|v| {
+            self.bytes.extend_from_slice(v);
+            self.bytes.len() as u32
+        });
+        self.ends.push((key_end, value_end));
+    }
+
+    /// Every header in order: its key and value.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
+        let mut start = 0usize;
+        self.ends.iter().map(move |&(key_end, value_end)| {
+            let key_end = key_end as usize;
+            // Keys went in as &str, so they are UTF-8.
+            let key = std::str::from_utf8(&self.bytes[start..key_end]).unwrap_or_default();
+            start = key_end;
+            let value = value_end.map(|end| {
+                let value = &self.bytes[key_end..end as usize];
+                start = end as usize;
+                value
+            });
+            (key, value)
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+}
+
 impl Fetched {
     pub fn from_message(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
-        let headers: Vec<(String, Option<Vec<u8>>)> = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = RawHeaders::from_message(message);
         let timestamp_ms = message.timestamp().to_millis();
         let mut fetched = Self {
             origin: Origin {
-                topic: topic.to_string(),
+                topic: topic.clone(),
                 partition: message.partition(),
                 offset: message.offset(),
                 timestamp_ms,
@@ -61,7 +115,7 @@ impl Fetched {
         if let Some(topic) = fetched.header(headers::ORIGINAL_TOPIC) {
             let number = |name| fetched.header(name).and_then(|v| v.parse::<i64>().ok());
             fetched.origin = Origin {
-                topic: topic.to_owned(),
+                topic: topic.into(),
                 partition: number(headers::ORIGINAL_PARTITION).unwrap_or(-1) as i32,
                 offset: number(headers::ORIGINAL_OFFSET).unwrap_or(-1),
                 timestamp_ms: number(headers::ORIGINAL_TIMESTAMP),
@@ -75,12 +129,40 @@ impl Fetched {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| v.as_deref())
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v)
             .and_then(|v| std::str::from_utf8(v).ok())
     }
 
     pub fn bytes(&self) -> usize {
         self.payload.as_ref().map_or(0, Vec::len) + self.key.as_ref().map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RawHeaders;
+
+    #[test]
+    fn headers_come_back_in_order_with_their_values() {
+        let mut raw = RawHeaders::default();
+        assert!(raw.is_empty());
+        raw.push("event-type", Some(b"order_event"));
+        raw.push("empty", Some(b""));
+        raw.push("none", None);
+        raw.push("", Some(b"\x00\xff"));
+        raw.push("traceparent", Some(b"00-abc-def-01"));
+        let seen: Vec<(&str, Option<&[u8]>)> = raw.iter().collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("event-type", Some(&b"order_event"[..])),
+                ("empty", Some(&b""[..])),
+                ("none", None),
+                ("", Some(&b"\x00\xff"[..])),
+                ("traceparent", Some(&b"00-abc-def-01"[..])),
+            ]
+        );
+        assert_eq!(raw.len(), 5);
     }
 }

@@ -78,7 +78,7 @@ impl Forwarder {
         let mut added: Vec<(&str, String)> = vec![
             (headers::ERROR_CLASS, failure.class.clone()),
             (headers::ERROR_MESSAGE, truncate(&failure.message, 1_000)),
-            (headers::ORIGINAL_TOPIC, origin.topic.clone()),
+            (headers::ORIGINAL_TOPIC, origin.topic.to_string()),
             (headers::ORIGINAL_PARTITION, origin.partition.to_string()),
             (headers::ORIGINAL_OFFSET, origin.offset.to_string()),
             (headers::CONSUMER_GROUP, self.group.clone()),
@@ -95,12 +95,9 @@ impl Forwarder {
         let mut delay = Duration::from_millis(100);
         loop {
             let mut out = OwnedHeaders::new_with_capacity(record.headers.len() + added.len());
-            for (key, value) in &record.headers {
-                if !headers::FAILURE_HEADERS.contains(&key.as_str()) {
-                    out = out.insert(Header {
-                        key,
-                        value: value.as_deref(),
-                    });
+            for (key, value) in record.headers.iter() {
+                if !headers::FAILURE_HEADERS.contains(&key) {
+                    out = out.insert(Header { key, value });
                 }
             }
             for (key, value) in &added {
