@@ -3,8 +3,6 @@
 //! and the CPU each side spends on them.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -102,7 +100,7 @@ where
     Ok(())
 }
 
-pub async fn compare(args: &Args, connection: &KafkaConnection, bin: &Path) -> anyhow::Result<()> {
+pub async fn compare(args: &Args, connection: &KafkaConnection) -> anyhow::Result<()> {
     let server = server_pid(args.clickhouse_pid)?;
     // Beside the catalog, as topics.yaml's schema folders are.
     let schemas = std::fs::canonicalize(&args.catalog)
@@ -157,28 +155,14 @@ pub async fn compare(args: &Args, connection: &KafkaConnection, bin: &Path) -> a
 
     // Ours: the job with a catalog of that topic alone.
     let database = format!("analytics_bench_json_{}", std::process::id());
-    let settings = backbone::config::ClickHouseSettings {
-        url: args.clickhouse.clone(),
-        database: database.clone(),
-        ..Default::default()
-    };
-    let ours = consumers::projection::client(&settings, true);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let job = Job(Command::new(bin)
-        .args(["--brokers", connection.bootstrap_servers(), "--set"])
-        .arg(format!("catalog.path={}", catalog_path.display()))
-        .args(["--set", &format!("clickhouse.url={}", args.clickhouse)])
-        .args(["--set", &format!("clickhouse.database={database}")])
-        .args([
-            "--set",
-            &format!("analytics.metrics_address=127.0.0.1:{port}"),
-        ])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()?);
-    let job_pid = job.0.id();
+    let job = Job::start(
+        connection.bootstrap_servers(),
+        &catalog_path,
+        &args.clickhouse,
+        &database,
+    )?;
+    let (ours, port) = (job.client.clone(), job.port);
+    let job_pid = job.child.id();
     wait_until(
         "the job counted no event",
         Duration::from_secs(120),
@@ -213,7 +197,13 @@ pub async fn compare(args: &Args, connection: &KafkaConnection, bin: &Path) -> a
 
     // Theirs: the Kafka engine and its materialized views, in a database of its own.
     let engine_db = format!("analytics_bench_engine_{}", std::process::id());
-    let root = consumers::projection::client(&settings, false);
+    let root = consumers::projection::client(
+        &backbone::config::ClickHouseSettings {
+            url: args.clickhouse.clone(),
+            ..Default::default()
+        },
+        false,
+    );
     root.query(&format!("CREATE DATABASE `{engine_db}`"))
         .execute()
         .await?;

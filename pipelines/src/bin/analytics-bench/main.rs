@@ -70,12 +70,56 @@ pub(crate) struct Args {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-pub(crate) struct Job(pub(crate) std::process::Child);
+/// shopstream-analytics as a separate process; killed when dropped.
+pub(crate) struct Job {
+    pub(crate) child: std::process::Child,
+    /// Where its /metrics are served.
+    pub(crate) port: u16,
+    /// A client of its database.
+    pub(crate) client: clickhouse::Client,
+}
+
+impl Job {
+    /// Starts the job next to this bench's binary with `catalog`, on the
+    /// fresh ClickHouse database `database`.
+    pub(crate) fn start(
+        brokers: &str,
+        catalog: &std::path::Path,
+        clickhouse: &str,
+        database: &str,
+    ) -> anyhow::Result<Self> {
+        let settings = backbone::config::ClickHouseSettings {
+            url: clickhouse.to_owned(),
+            database: database.to_owned(),
+            ..Default::default()
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(std::env::current_exe()?.with_file_name("shopstream-analytics"))
+            .args(["--brokers", brokers, "--set"])
+            .arg(format!("catalog.path={}", catalog.display()))
+            .args(["--set", &format!("clickhouse.url={clickhouse}")])
+            .args(["--set", &format!("clickhouse.database={database}")])
+            .args([
+                "--set",
+                &format!("analytics.metrics_address=127.0.0.1:{port}"),
+            ])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(Self {
+            child,
+            port,
+            client: consumers::projection::client(&settings, true),
+        })
+    }
+}
 
 impl Drop for Job {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -122,33 +166,14 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let database = format!("analytics_bench_{}", std::process::id());
-    let settings = backbone::config::ClickHouseSettings {
-        url: args.clickhouse.clone(),
-        database: database.clone(),
-        ..Default::default()
-    };
-    let client = consumers::projection::client(&settings, true);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let bin = std::env::current_exe()?.with_file_name("shopstream-analytics");
-    let job = Job(Command::new(&bin)
-        .args(["--brokers", connection.bootstrap_servers(), "--set"])
-        .arg(format!("catalog.path={}", args.catalog.display()))
-        .args([
-            "--set",
-            &format!("clickhouse.url={}", args.clickhouse),
-            "--set",
-            &format!("clickhouse.database={database}"),
-        ])
-        .args([
-            "--set",
-            &format!("analytics.metrics_address=127.0.0.1:{port}"),
-        ])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()?);
-    let pid = job.0.id();
+    let job = Job::start(
+        connection.bootstrap_servers(),
+        &args.catalog,
+        &args.clickhouse,
+        &database,
+    )?;
+    let (client, port) = (job.client.clone(), job.port);
+    let pid = job.child.id();
     println!(
         "{} events in {} partitions, embedded broker {}, ClickHouse {}",
         args.events,
@@ -343,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
         .execute()
         .await;
     if args.engine_events > 0 {
-        kafka_engine::compare(&args, &connection, &bin).await?;
+        kafka_engine::compare(&args, &connection).await?;
     }
     Ok(())
 }
