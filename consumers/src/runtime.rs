@@ -431,9 +431,21 @@ impl<H: Handler> Job<H> {
             partitions.remove(&key);
             return;
         }
+        let queued = (handle.queued_records.clone(), handle.queued_bytes.clone());
         drop(partitions);
         if full {
             self.shared.set_pause(&key, PauseReason::Backpressure, true);
+            // The task may have drained everything (and found nothing paused
+            // to resume) before the pause above: look again, or nothing would
+            // ever resume the partition.
+            if drained(
+                settings,
+                queued.0.load(Ordering::Relaxed),
+                queued.1.load(Ordering::Relaxed),
+            ) {
+                self.shared
+                    .set_pause(&key, PauseReason::Backpressure, false);
+            }
         }
     }
 
@@ -467,6 +479,12 @@ impl<H: Handler> Job<H> {
     }
 }
 
+/// Few enough records and bytes in flight for a partition paused by
+/// backpressure to resume: half its bounds.
+fn drained(settings: &WorkerSettings, records: usize, bytes: usize) -> bool {
+    records < settings.max_in_flight_records / 2 && bytes < settings.max_in_flight_bytes / 2
+}
+
 struct PartitionTask<H> {
     job: Arc<Job<H>>,
     key: PartitionKey,
@@ -490,9 +508,7 @@ impl<H: Handler> PartitionTask<H> {
             let outcome = self.process(batch).await;
             let left = self.queued_records.fetch_sub(count, Ordering::Relaxed) - count;
             let left_bytes = self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed) - bytes;
-            if left < settings.max_in_flight_records / 2
-                && left_bytes < settings.max_in_flight_bytes / 2
-            {
+            if drained(&settings, left, left_bytes) {
                 self.job
                     .shared
                     .set_pause(&self.key, PauseReason::Backpressure, false);

@@ -665,6 +665,42 @@ async fn a_slow_handler_pauses_its_partitions_instead_of_buffering_without_bound
     assert_eq!(recorder.seen.lock().expect("lock").len(), events.len());
 }
 
+/// A partition pauses when its in-flight bound fills and resumes when its
+/// task drains. With a fast handler the task may drain before the pause is
+/// applied; the partition must not stay paused with nothing in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_paused_for_backpressure_always_resumes() {
+    let cluster = mock_cluster(1);
+    let setup = setup(&cluster, 4);
+    let events = publish(&setup, 2000, 17, 0.0).await;
+    let recorder = Arc::new(Recorder::default());
+    let mut tight = settings(&unique_name("g"));
+    tight.max_in_flight_records = 2;
+    tight.batch_max_records = 2;
+    tight.batch_linger_ms = 0;
+    let worker = start(&setup, tight, recorder.clone());
+    let metrics = worker.metrics.clone();
+    // Every pause costs a refetch, so this is slow; a stall is no progress at all.
+    let (mut last, mut progressed) = (0, Instant::now());
+    loop {
+        let handled = recorder.seen.lock().expect("lock").len();
+        if handled >= events.len() {
+            break;
+        }
+        if handled > last {
+            (last, progressed) = (handled, Instant::now());
+        }
+        assert!(
+            progressed.elapsed() < Duration::from_secs(10),
+            "stalled at {handled} of {} records with {} partition(s) paused",
+            events.len(),
+            metrics.paused_partitions.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(worker).await;
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_current_thread_runtime_is_refused() {
     let cluster = mock_cluster(1);
