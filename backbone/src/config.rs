@@ -403,6 +403,20 @@ impl Config {
     }
 
     /// The catalog path, resolved against the config file's folder when relative.
+    /// What every binary starts from: the configuration, logging set up
+    /// from it, and the topic catalog it names (with that catalog's path).
+    /// Errors say which of the two is invalid, with every problem.
+    pub fn load_with_catalog(
+        args: &ConfigArgs,
+    ) -> Result<(Self, crate::catalog::Catalog, PathBuf), String> {
+        let config = Self::load(args).map_err(|p| format!("invalid configuration:\n{p}"))?;
+        crate::telemetry::init(&config.telemetry);
+        let path = config.catalog_path(args);
+        let catalog = crate::catalog::Catalog::load(&path, config.catalog.profile.as_deref())
+            .map_err(|p| format!("invalid topic catalog:\n{p}"))?;
+        Ok((config, catalog, path))
+    }
+
     pub fn catalog_path(&self, args: &ConfigArgs) -> PathBuf {
         match (&args.config, self.catalog.path.is_relative()) {
             (Some(file), true) => file

@@ -431,21 +431,22 @@ impl<H: Handler> Job<H> {
             partitions.remove(&key);
             return;
         }
+        if !full {
+            return;
+        }
         let queued = (handle.queued_records.clone(), handle.queued_bytes.clone());
         drop(partitions);
-        if full {
-            self.shared.set_pause(&key, PauseReason::Backpressure, true);
-            // The task may have drained everything (and found nothing paused
-            // to resume) before the pause above: look again, or nothing would
-            // ever resume the partition.
-            if drained(
-                settings,
-                queued.0.load(Ordering::Relaxed),
-                queued.1.load(Ordering::Relaxed),
-            ) {
-                self.shared
-                    .set_pause(&key, PauseReason::Backpressure, false);
-            }
+        self.shared.set_pause(&key, PauseReason::Backpressure, true);
+        // The task may have drained everything (and found nothing paused to
+        // resume) before the pause above: look again, or nothing would ever
+        // resume the partition.
+        if drained(
+            settings,
+            queued.0.load(Ordering::Relaxed),
+            queued.1.load(Ordering::Relaxed),
+        ) {
+            self.shared
+                .set_pause(&key, PauseReason::Backpressure, false);
         }
     }
 

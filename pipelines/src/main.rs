@@ -65,11 +65,7 @@ fn parse_time(text: &str) -> Result<i64, String> {
 }
 
 fn load(args: &ConfigArgs) -> anyhow::Result<(Config, Catalog)> {
-    let config = Config::load(args).map_err(|p| anyhow::anyhow!("invalid configuration:\n{p}"))?;
-    backbone::telemetry::init(&config.telemetry);
-    let path = config.catalog_path(args);
-    let catalog = Catalog::load(&path, config.catalog.profile.as_deref())
-        .map_err(|p| anyhow::anyhow!("invalid topic catalog:\n{p}"))?;
+    let (config, catalog, _) = Config::load_with_catalog(args).map_err(anyhow::Error::msg)?;
     Ok((config, catalog))
 }
 

@@ -5,7 +5,6 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use backbone::catalog::Catalog;
 use backbone::codec::Encoding;
 use backbone::config::{Config, ConfigArgs};
 use backbone::kafka::KafkaConnection;
@@ -117,12 +116,8 @@ impl std::fmt::Display for Summary {
 /// Generates and publishes until the count or duration is reached or
 /// `shutdown` fires; then waits for every in-flight record.
 pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summary> {
-    let config =
-        Config::load(&args.config).map_err(|p| anyhow::anyhow!("invalid configuration:\n{p}"))?;
-    backbone::telemetry::init(&config.telemetry);
-    let path = config.catalog_path(&args.config);
-    let catalog = Catalog::load(&path, config.catalog.profile.as_deref())
-        .map_err(|p| anyhow::anyhow!("invalid topic catalog:\n{p}"))?;
+    let (config, catalog, _) =
+        Config::load_with_catalog(&args.config).map_err(anyhow::Error::msg)?;
     let connection =
         KafkaConnection::connect(&config.kafka, &catalog).context("connecting to Kafka")?;
     let options = PublishOptions {

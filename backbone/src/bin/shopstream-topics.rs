@@ -92,11 +92,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
-    let config = Config::load(&cli.config).map_err(|p| format!("invalid configuration:\n{p}"))?;
-    backbone::telemetry::init(&config.telemetry);
-    let path = config.catalog_path(&cli.config);
-    let catalog = Catalog::load(&path, config.catalog.profile.as_deref())
-        .map_err(|p| format!("invalid topic catalog:\n{p}"))?;
+    let (config, catalog, path) = Config::load_with_catalog(&cli.config)?;
     if let Command::Validate = cli.command {
         let desired = catalog.desired_topics().len();
         println!(
