@@ -218,6 +218,11 @@ pub fn parse_delay(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+/// Partitions per topic, at most. Kafka sets no hard limit, but every
+/// partition costs each replica broker memory, file handles and recovery
+/// time; a topic past ten thousand is a typo, not a plan.
+pub const MAX_PARTITIONS: i64 = 10_000;
+
 /// Why a topic name is not legal in Kafka, if it is not.
 pub fn topic_name_problem(name: &str) -> Option<String> {
     if name.starts_with('^') {
@@ -433,7 +438,7 @@ impl Checker<'_> {
             layers,
             |o| o.partitions,
             1,
-            i32::MAX as i64,
+            MAX_PARTITIONS,
         );
         let replication_factor = self.strongest(
             at,
@@ -864,7 +869,7 @@ topics:
         let found = problems(&ONE.replace("partitions: 3", "partitions: 0"));
         assert_eq!(
             found,
-            ["topics.yaml:2: defaults.partitions: must be from 1 to 2147483647, got 0"]
+            ["topics.yaml:2: defaults.partitions: must be from 1 to 10000, got 0"]
         );
         let text = ONE.replace(
             "    key: order_id",

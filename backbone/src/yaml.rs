@@ -65,8 +65,25 @@ impl YamlDocument {
     pub fn parse(origin: impl Into<String>, text: &str) -> Result<Self, Problem> {
         let origin = origin.into();
         let mut index = LineIndex::default();
+        // Event by event: the parser's own `load` recurses per nesting level.
         // An error here only costs line numbers: serde_yaml reports it below.
-        let _ = Parser::new_from_str(text).load(&mut index, false);
+        let mut parser = Parser::new_from_str(text);
+        while let Ok((event, mark)) = parser.next_token() {
+            if matches!(event, Event::StreamEnd) {
+                break;
+            }
+            index.on_event(event, mark);
+        }
+        if let Some(line) = index.too_deep {
+            return Err(Problem {
+                origin,
+                line: Some(line),
+                field: String::new(),
+                message: format!(
+                    "nested more than {MAX_DEPTH} levels deep; no shopstream file needs that"
+                ),
+            });
+        }
         let value: Value = serde_yaml::from_str(text).map_err(|e| {
             let message = strip_location(&e.to_string());
             // serde_yaml points at the mapping; point at the repeated key.
@@ -177,10 +194,16 @@ enum Frame {
     Seq { next: usize },
 }
 
+/// Collections nested deeper than this are refused before serde sees them:
+/// a hostile file nested thousands deep would otherwise overflow the stack.
+pub const MAX_DEPTH: usize = 64;
+
 /// Maps each field path to its line, from the parser's events.
 #[derive(Default)]
 struct LineIndex {
     stack: Vec<Frame>,
+    /// Where nesting first went past [`MAX_DEPTH`]; events are ignored after.
+    too_deep: Option<usize>,
     lines: HashMap<String, usize>,
     /// Keys seen twice in one mapping, where they repeat.
     duplicates: Vec<(String, usize)>,
@@ -224,6 +247,15 @@ impl LineIndex {
 impl MarkedEventReceiver for LineIndex {
     fn on_event(&mut self, event: Event, mark: Marker) {
         let line = mark.line();
+        if self.too_deep.is_some() {
+            return;
+        }
+        if self.stack.len() >= MAX_DEPTH
+            && matches!(event, Event::MappingStart(..) | Event::SequenceStart(..))
+        {
+            self.too_deep = Some(line);
+            return;
+        }
         match event {
             Event::Scalar(text, ..) => {
                 if let Some(Frame::Map { key: key @ None }) = self.stack.last_mut() {

@@ -98,6 +98,7 @@ impl Shared {
         } else {
             pauses.insert(key.clone(), after);
         }
+        tracing::debug!(topic = &*key.0, partition = key.1, ?reason, on, before, after, "Pause reasons changed.");
         if (before == 0) == (after == 0) {
             return;
         }
@@ -140,15 +141,33 @@ impl Shared {
                 let _ = handle.finished.recv_timeout(Duration::from_secs(5));
             }
         }
+    }
+
+    /// Forgets why `keys` were paused and resumes them in librdkafka, which
+    /// keeps an application's pause on a partition across revoke and
+    /// reassignment: a partition revoked while paused for backpressure would
+    /// come back paused with no task left to resume it.
+    fn forget_pauses(&self, keys: &[PartitionKey]) {
         let mut pauses = self.pauses.lock().expect("pauses lock");
+        let mut resume = TopicPartitionList::new();
         for key in keys {
-            pauses.remove(key);
+            if pauses.remove(key).is_some() {
+                resume.add_partition(&key.0, key.1);
+            }
+        }
+        self.metrics
+            .paused_partitions
+            .store(pauses.len(), Ordering::Relaxed);
+        if let (true, Some(consumer)) = (resume.count() > 0, self.consumer()) {
+            if let Err(error) = consumer.resume(&resume) {
+                tracing::warn!(%error, "Resuming revoked partitions failed.");
+            }
         }
     }
 }
 
 /// Hooks the rebalance: revoked partitions' work ends before their offsets are
-/// committed and the partitions are given away; pauses survive reassignment.
+/// committed and the partitions are given away, unpaused.
 pub struct WorkerContext {
     shared: Arc<Shared>,
 }
@@ -180,6 +199,7 @@ impl ConsumerContext for WorkerContext {
                 "Partitions revoked; finishing their work."
             );
             self.shared.stop_partitions(&keys);
+            self.shared.forget_pauses(&keys);
             if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::debug!(%error, "Nothing to commit on revoke.");
             }
@@ -188,22 +208,11 @@ impl ConsumerContext for WorkerContext {
 
     fn post_rebalance(
         &self,
-        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "Partitions assigned.");
-            // librdkafka forgets pauses across a rebalance (librdkafka#1849).
-            let pauses = self.shared.pauses.lock().expect("pauses lock");
-            let mut again = TopicPartitionList::new();
-            for e in tpl.elements() {
-                if pauses.contains_key(&(Arc::from(e.topic()), e.partition())) {
-                    again.add_partition(e.topic(), e.partition());
-                }
-            }
-            if again.count() > 0 {
-                let _ = consumer.pause(&again);
-            }
         }
     }
 }
@@ -334,15 +343,52 @@ pub async fn run<H: Handler>(
         .keys()
         .cloned()
         .collect();
+    let drained_by = Instant::now() + Duration::from_millis(settings.drain_timeout_ms);
     let drain = shared.clone();
     tokio::task::spawn_blocking(move || drain.stop_partitions(&keys))
         .await
         .unwrap_or_else(|e| tracing::error!(error = %e, "Drain task failed."));
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("Offsets committed; worker stopped."),
-        Err(error) => tracing::info!(%error, "No new offsets to commit; worker stopped."),
-    }
+    commit_and_close_before(consumer, drained_by).await;
     Ok(())
+}
+
+/// The final commit and the consumer's close (it leaves the group, so the
+/// partitions move at once), given until `deadline` (at least a second).
+/// Both wait for Kafka without end when no broker answers, so they run on a
+/// thread of their own that the process may leave behind: offsets not
+/// committed are redelivered (the sinks skip what they already stored), and
+/// a member that did not leave is dropped by the group after its session
+/// timeout.
+async fn commit_and_close_before(consumer: Arc<StreamConsumer<WorkerContext>>, deadline: Instant) {
+    let (committed, commit_result) = tokio::sync::oneshot::channel();
+    let (closed, close_result) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("final-commit".into())
+        .spawn(move || {
+            let _ = committed.send(consumer.commit_consumer_state(CommitMode::Sync));
+            drop(consumer);
+            let _ = closed.send(());
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "Cannot start the final commit; exiting without it.");
+        return;
+    }
+    let until = deadline.max(Instant::now() + Duration::from_secs(1));
+    let late = |what: &str| {
+        tracing::warn!(
+            "Kafka did not answer the {what} before the drain timeout; exiting without it. Records since the last commit will be redelivered (the sinks skip what they already stored)."
+        );
+    };
+    match tokio::time::timeout_at(until.into(), commit_result).await {
+        Ok(Ok(Ok(()))) => tracing::info!("Offsets committed."),
+        Ok(Ok(Err(error))) => tracing::info!(%error, "No new offsets to commit."),
+        Ok(Err(_)) => tracing::warn!("The final commit ended without an answer."),
+        Err(_) => return late("final commit"),
+    }
+    match tokio::time::timeout_at(until.into(), close_result).await {
+        Ok(_) => tracing::info!("Left the group; worker stopped."),
+        Err(_) => late("group leave"),
+    }
 }
 
 /// The future's output if it is ready now.

@@ -725,3 +725,58 @@ fn order(event: &AnyEvent) -> Option<&OrderEvent> {
         _ => None,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_revoked_while_paused_for_backpressure_resumes_when_it_comes_back() {
+    let cluster = mock_cluster(1);
+    let setup = setup(&cluster, 2);
+    let group = unique_name("g");
+    let events = publish(&setup, 300, 19, 0.0).await;
+    let recorder = Arc::new(Recorder {
+        delay: Duration::from_millis(200),
+        ..Recorder::default()
+    });
+    let mut tight = settings(&group);
+    tight.max_in_flight_records = 8;
+    tight.batch_max_records = 2;
+    let a = start(&setup, tight.clone(), recorder.clone());
+    wait_until(
+        "the first worker is paused for backpressure",
+        Duration::from_secs(30),
+        || a.metrics.paused_partitions.load(Ordering::Relaxed) > 0,
+    )
+    .await;
+    // A second member joins and leaves: the first one's partitions are
+    // revoked while paused and come back to it.
+    let other = Arc::new(Recorder {
+        delay: Duration::from_millis(200),
+        ..Recorder::default()
+    });
+    let b = start(&setup, tight, other.clone());
+    wait_until(
+        "the second worker takes a partition",
+        Duration::from_secs(30),
+        || !other.seen.lock().expect("lock").is_empty(),
+    )
+    .await;
+    stop(b).await;
+    let (mut last, mut progressed) = (0, Instant::now());
+    loop {
+        let handled =
+            recorder.seen.lock().expect("lock").len() + other.seen.lock().expect("lock").len();
+        if handled >= events.len() {
+            break;
+        }
+        if handled > last {
+            (last, progressed) = (handled, Instant::now());
+        }
+        assert!(
+            progressed.elapsed() < Duration::from_secs(60),
+            "stalled at {handled} of {} records with {} partition(s) paused",
+            events.len(),
+            a.metrics.paused_partitions.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(a).await;
+}

@@ -11,21 +11,11 @@ use backbone::kafka::KafkaConnection;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use shopstream_tests::{free_port, kafka, repo_root, unique_name};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-worker");
 
 async fn get(port: u16, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    Some(response)
+    backbone::procfs::http_get(port, path).await
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {

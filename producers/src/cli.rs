@@ -24,15 +24,28 @@ use crate::publisher::{PublishOptions, Publisher};
 pub struct PublishArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Events per second, all types together.
-    #[arg(long, default_value_t = 1000.0, value_parser = positive_rate, allow_negative_numbers = true)]
-    pub rate: f64,
+    #[command(flatten)]
+    pub traffic: Traffic,
     /// Stop after this many events (default 10000 unless --duration is given).
     #[arg(long, conflicts_with = "duration")]
     pub count: Option<u64>,
     /// Stop after this long, such as 90s or 5m.
     #[arg(long, value_parser = duration)]
     pub duration: Option<Duration>,
+    #[arg(long, value_enum, default_value_t = Encoding::Avro)]
+    pub format: Encoding,
+    /// Records handed to Kafka and not yet acknowledged, at most.
+    #[arg(long, default_value_t = 50_000)]
+    pub max_in_flight: usize,
+}
+
+/// What traffic to generate: the same values give the same events, so
+/// `shopstream-check` takes these flags too and recomputes a run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Traffic {
+    /// Events per second, all types together.
+    #[arg(long, default_value_t = 1000.0, value_parser = positive_rate, allow_negative_numbers = true)]
+    pub rate: f64,
     /// Relative weights per event type: user, order, chat, search.
     #[arg(long, default_value = "user=30,order=15,chat=35,search=20")]
     pub mix: Mix,
@@ -46,17 +59,29 @@ pub struct PublishArgs {
     /// Fraction of records sent deliberately malformed, to exercise dead-lettering.
     #[arg(long, default_value_t = 0.0, value_parser = fraction)]
     pub poison_rate: f64,
-    #[arg(long, value_enum, default_value_t = Encoding::Avro)]
-    pub format: Encoding,
     /// Distinct users (Zipf-distributed activity).
     #[arg(long, default_value_t = 10_000)]
     pub users: usize,
     /// Distinct live-shopping rooms (Zipf-distributed activity).
     #[arg(long, default_value_t = 200)]
     pub rooms: usize,
-    /// Records handed to Kafka and not yet acknowledged, at most.
-    #[arg(long, default_value_t = 50_000)]
-    pub max_in_flight: usize,
+}
+
+impl Traffic {
+    /// The generator for these flags, starting at `start_ms` (the run's
+    /// `--start-ms`, or now).
+    pub fn generator(&self, start_ms: i64) -> Generator {
+        Generator::new(GeneratorConfig {
+            seed: self.seed,
+            start_ms,
+            spacing_ms: 1000.0 / self.rate,
+            users: self.users,
+            rooms: self.rooms,
+            mix: self.mix,
+            poison_rate: self.poison_rate,
+            ..GeneratorConfig::default()
+        })
+    }
 }
 
 fn positive_rate(text: &str) -> Result<f64, String> {
@@ -129,17 +154,9 @@ pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summar
         Duration::from_millis(config.kafka.request_timeout_ms).min(Duration::from_secs(10));
     publisher.check_topics(check_timeout)?;
 
-    let start_ms = args.start_ms.unwrap_or_else(now_ms);
-    let generator = Generator::new(GeneratorConfig {
-        seed: args.seed,
-        start_ms,
-        spacing_ms: 1000.0 / args.rate,
-        users: args.users,
-        rooms: args.rooms,
-        mix: args.mix,
-        poison_rate: args.poison_rate,
-        ..GeneratorConfig::default()
-    });
+    let traffic = &args.traffic;
+    let start_ms = traffic.start_ms.unwrap_or_else(now_ms);
+    let generator = traffic.generator(start_ms);
     let limit = match (args.count, args.duration) {
         (Some(count), _) => Some(count),
         (None, Some(_)) => None,
@@ -147,7 +164,7 @@ pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summar
     };
     let progress = Progress::new(limit);
     let mut summary = Summary {
-        seed: args.seed,
+        seed: traffic.seed,
         start_ms,
         ..Summary::default()
     };
@@ -181,7 +198,7 @@ pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summar
             break;
         }
         // Pace: event i is due at i / rate seconds.
-        let due = started + Duration::from_secs_f64(i as f64 / args.rate);
+        let due = started + Duration::from_secs_f64(i as f64 / traffic.rate);
         if let Some(ahead) = due.checked_duration_since(Instant::now()) {
             if ahead > Duration::from_millis(1) {
                 tokio::select! {

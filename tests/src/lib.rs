@@ -33,6 +33,8 @@ use testcontainers::{ContainerAsync, GenericImage};
 use testcontainers_modules::kafka::apache::{Kafka, KAFKA_PORT};
 use tokio::sync::OnceCell;
 
+pub mod proxy;
+
 /// The ClickHouse image used when Docker is available; pinned so results
 /// do not move under us.
 pub const CLICKHOUSE_IMAGE: (&str, &str) = ("clickhouse/clickhouse-server", "24.8.14.39");
@@ -390,7 +392,13 @@ impl std::fmt::Debug for EventTopics {
 
 impl EventTopics {
     pub fn new(topic_extra: &str) -> Self {
-        let cluster = mock_cluster(1);
+        Self::with_brokers(1, topic_extra)
+    }
+
+    /// On `brokers` brokers, every partition replicated to each of them, so
+    /// a broker can go down and leaders can move.
+    pub fn with_brokers(brokers: i32, topic_extra: &str) -> Self {
+        let cluster = mock_cluster(brokers);
         let dir = tempfile::tempdir().expect("tempdir");
         let schemas = repo_root().join("schemas");
         let mut text = String::from("defaults: {partitions: 3, replication_factor: 1}\ntopics:\n");
@@ -411,7 +419,7 @@ impl EventTopics {
         let catalog = Catalog::load(&path, None).expect("catalog loads");
         for topic in catalog.desired_topics() {
             cluster
-                .create_topic(&topic.name, topic.partitions, 1)
+                .create_topic(&topic.name, topic.partitions, brokers)
                 .expect("topic");
         }
         let connection = KafkaConnection::connect(
@@ -531,6 +539,31 @@ impl Drop for StoppableClickHouse {
 /// A port nothing listens on right now.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The directory `cargo test --workspace` (or `cargo build --bins`) built
+/// every binary into: `target/<profile>`, beside this test binary's `deps`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf();
+    for bin in [
+        "shopstream-topics",
+        "shopstream-worker",
+        "shopstream-analytics",
+        "shopstream-publish",
+        "shopstream-check",
+    ] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} is missing: build every binary first (cargo test --workspace or cargo build --bins)",
+            dir.join(bin).display()
+        );
+    }
+    dir
 }
 
 /// The repository root, for scripts and `topics.yaml`.

@@ -3,20 +3,14 @@
 //! baseline, the report and JSON are written, and nothing is left running.
 //! Its figures mean nothing; `scripts/bench` without --smoke measures.
 
-use std::path::Path;
 use std::process::Command;
 
-use shopstream_tests::repo_root;
+use shopstream_tests::{bin_dir, repo_root};
 
 #[test]
 fn the_bench_harness_runs_every_contender_and_writes_the_report() {
     let dir = tempfile::tempdir().unwrap();
-    let bin_dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_path_buf();
+    let bin_dir = bin_dir();
     let out = dir.path().join("out");
     let output = Command::new(repo_root().join("scripts/bench"))
         .args(["--smoke", "--out"])

@@ -7,35 +7,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shopstream_tests::{clickhouse, repo_root, unique_name};
-
-/// The directory this test binary was built into (`target/<profile>`).
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_path_buf();
-    for bin in [
-        "shopstream-topics",
-        "shopstream-worker",
-        "shopstream-analytics",
-        "shopstream-publish",
-    ] {
-        assert!(
-            dir.join(bin).exists(),
-            "{} is missing: build every binary first (cargo test --workspace or cargo build --bins)",
-            dir.join(bin).display()
-        );
-    }
-    dir
-}
+use shopstream_tests::{bin_dir, clickhouse, repo_root, unique_name};
 
 fn demo(tmp: &Path) -> Command {
     let mut command = Command::new(repo_root().join("scripts/demo"));

@@ -1,0 +1,723 @@
+//! The reliability checker: recomputes the events a seeded run produced and
+//! compares them with the system's end state, the way Jepsen's Kafka checker
+//! and Kafka's system tests do. It reports
+//! - lost events: a produced event missing from its events-store table;
+//! - duplicates: an event visible more than once to queries (after `FINAL`),
+//!   or, when asked, stored more than once in the raw table;
+//! - order violations: an order whose current status in `order_status_current`
+//!   is not the one its last lifecycle event set;
+//! - aggregates that differ from an independent recomputation
+//!   ([`read_models::ReadModels`]);
+//! - dead letters that are missing, doubled, unexpected, lack a header, or
+//!   whose key, payload or headers differ from the original record.
+//!
+//! [`Expected`] is what the run produced; [`Observed`] is read from
+//! ClickHouse and Kafka; [`check`] compares the two into a [`Report`].
+
+pub mod read_models;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use backbone::catalog::Catalog;
+use backbone::events::AnyEvent;
+use backbone::headers;
+use backbone::kafka::KafkaConnection;
+use consumers::projection::rows::order_status_name;
+use producers::generator::Generated;
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::read_models::ReadModels;
+
+/// The parts of the system to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checks {
+    /// The worker's `events-store` projection.
+    pub events: bool,
+    /// The worker's `order-status` projection.
+    pub order_status: bool,
+    /// The analytics job's read models.
+    pub analytics: bool,
+    /// The consumer groups whose dead letters to check (each dead-letters
+    /// every poisoned record once); none skips the DLQs.
+    pub dead_letter_groups: Vec<String>,
+    /// A raw-table duplicate (one hidden by `FINAL`) is a finding too.
+    pub exact_raw: bool,
+    /// A dead letter written twice (a crash between the DLQ write and the
+    /// commit) is counted, not a finding: the DLQ is at-least-once.
+    pub dead_letters_at_least_once: bool,
+}
+
+/// The events-store tables, by event type.
+pub const EVENT_TABLES: [&str; 4] = [
+    "user_events",
+    "order_events",
+    "chat_messages",
+    "search_queries",
+];
+
+/// The events-store table an event lands in.
+pub fn table_of(event: &AnyEvent) -> &'static str {
+    match event {
+        AnyEvent::User(_) => EVENT_TABLES[0],
+        AnyEvent::Order(_) => EVENT_TABLES[1],
+        AnyEvent::Chat(_) => EVENT_TABLES[2],
+        AnyEvent::Search(_) => EVENT_TABLES[3],
+    }
+}
+
+/// Headers every dead letter must carry (retry tiers add `retry-tier`).
+pub const DEAD_LETTER_HEADERS: [&str; 11] = [
+    headers::ERROR_CLASS,
+    headers::ERROR_MESSAGE,
+    headers::ORIGINAL_TOPIC,
+    headers::ORIGINAL_PARTITION,
+    headers::ORIGINAL_OFFSET,
+    headers::ORIGINAL_TIMESTAMP,
+    headers::CONSUMER_GROUP,
+    headers::ATTEMPTS,
+    headers::FIRST_FAILURE_AT,
+    headers::LAST_FAILURE_AT,
+    headers::TRACEPARENT,
+];
+
+/// What a run produced, recomputed from its seed.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    /// Events sent well-formed, in generation order.
+    pub good: Vec<AnyEvent>,
+    /// Ids of the events sent deliberately malformed.
+    pub poisoned: BTreeSet<Uuid>,
+}
+
+impl Expected {
+    pub fn new(generated: impl IntoIterator<Item = Generated>) -> Self {
+        let mut good = Vec::new();
+        let mut poisoned = BTreeSet::new();
+        for g in generated {
+            if g.poison.is_some() {
+                poisoned.insert(g.event.event_id());
+            } else {
+                good.push(g.event);
+            }
+        }
+        Self { good, poisoned }
+    }
+
+    /// Each order's status as its last well-formed lifecycle event left it.
+    /// The generator emits an order's events in lifecycle order, so the last
+    /// one generated is the current one: no version logic involved.
+    pub fn order_status(&self) -> BTreeMap<String, &'static str> {
+        let mut out = BTreeMap::new();
+        for event in &self.good {
+            if let AnyEvent::Order(o) = event {
+                out.insert(o.order_id.clone(), order_status_name(o.status));
+            }
+        }
+        out
+    }
+}
+
+/// A dead letter as the checker needs it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// An original record a dead letter names, as it is in its topic.
+#[derive(Debug, Clone)]
+pub struct Original {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Copies of each event id in one table.
+pub type Copies = HashMap<String, u64>;
+
+/// The system's end state.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// Per events-store table: copies of each event id, raw and after FINAL.
+    pub events: BTreeMap<&'static str, (Copies, Copies)>,
+    /// order id -> status in `order_status_current`, with its row count.
+    pub order_status: BTreeMap<String, (String, u64)>,
+    pub per_minute: ReadModels,
+    pub per_hour: ReadModels,
+    pub top_queries: Vec<(u32, String, i64)>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// (topic, partition, offset) -> the record, for every dead letter's origin.
+    pub originals: BTreeMap<(String, i32, i64), Original>,
+}
+
+fn header_map(message: &OwnedMessage) -> BTreeMap<String, String> {
+    message
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        h.value
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Observed {
+    /// Reads what `checks` needs from ClickHouse (`client`, bound to the
+    /// database) and from Kafka (the catalog's DLQs and their origins).
+    pub async fn read(
+        checks: &Checks,
+        client: &clickhouse::Client,
+        connection: &KafkaConnection,
+        catalog: &Catalog,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let mut out = Self::default();
+        if checks.events {
+            for table in EVENT_TABLES {
+                let count = |final_: &str| {
+                    client.query(&format!(
+                        "SELECT event_id, count() FROM `{table}` {final_} GROUP BY event_id"
+                    ))
+                };
+                let raw: Copies = count("")
+                    .fetch_all::<(String, u64)>()
+                    .await
+                    .with_context(|| format!("reading {table}"))?
+                    .into_iter()
+                    .collect();
+                let visible: Copies = count("FINAL")
+                    .fetch_all::<(String, u64)>()
+                    .await
+                    .with_context(|| format!("reading {table} FINAL"))?
+                    .into_iter()
+                    .collect();
+                out.events.insert(table, (raw, visible));
+            }
+        }
+        if checks.order_status {
+            out.order_status = client
+                .query("SELECT order_id, any(status), count() FROM order_status_current GROUP BY order_id")
+                .fetch_all::<(String, String, u64)>()
+                .await
+                .context("reading order_status_current")?
+                .into_iter()
+                .map(|(id, status, n)| (id, (status, n)))
+                .collect();
+        }
+        if checks.analytics {
+            out.per_minute = ReadModels::read(client, "per_minute")
+                .await
+                .context("reading the per-minute read models")?;
+            out.per_hour = ReadModels::read(client, "per_hour")
+                .await
+                .context("reading the per-hour read models")?;
+            out.top_queries = read_models::read_top_queries(client)
+                .await
+                .context("reading top_queries_per_minute")?;
+        }
+        if !checks.dead_letter_groups.is_empty() {
+            let mut wanted: BTreeMap<String, BTreeSet<(i32, i64)>> = BTreeMap::new();
+            for topic in &catalog.topics {
+                let Some(dlq) = &topic.dead_letter else {
+                    continue;
+                };
+                for m in consumers::dlq::read_all(connection, &dlq.topic)? {
+                    let letter = DeadLetter {
+                        topic: dlq.topic.clone(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                        headers: header_map(&m),
+                    };
+                    if let (Some(t), Some(p), Some(o)) = (
+                        letter.headers.get(headers::ORIGINAL_TOPIC),
+                        letter
+                            .headers
+                            .get(headers::ORIGINAL_PARTITION)
+                            .and_then(|p| p.parse().ok()),
+                        letter
+                            .headers
+                            .get(headers::ORIGINAL_OFFSET)
+                            .and_then(|o| o.parse().ok()),
+                    ) {
+                        wanted.entry(t.clone()).or_default().insert((p, o));
+                    }
+                    out.dead_letters.push(letter);
+                }
+            }
+            for (topic, positions) in wanted {
+                if catalog.topic(&topic).is_none() {
+                    continue;
+                }
+                for m in consumers::dlq::read_all(connection, &topic)? {
+                    if positions.contains(&(m.partition(), m.offset())) {
+                        out.originals.insert(
+                            (topic.clone(), m.partition(), m.offset()),
+                            Original {
+                                key: m.key().map(<[u8]>::to_vec),
+                                payload: m.payload().map(<[u8]>::to_vec),
+                                headers: header_map(&m),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One thing wrong with the end state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Finding {
+    Lost {
+        table: String,
+        event_id: String,
+    },
+    Duplicate {
+        table: String,
+        event_id: String,
+        copies: u64,
+        visible: bool,
+    },
+    Unexpected {
+        table: String,
+        event_id: String,
+    },
+    OrderStatus {
+        order_id: String,
+        expected: String,
+        found: String,
+    },
+    Aggregate {
+        model: String,
+        key: String,
+        expected: String,
+        found: String,
+    },
+    DeadLetterMissing {
+        event_id: String,
+        group: String,
+    },
+    DeadLetterDuplicate {
+        event_id: String,
+        group: String,
+        copies: usize,
+    },
+    DeadLetterUnexpected {
+        at: String,
+        event_id: String,
+        group: String,
+    },
+    DeadLetterHeaders {
+        at: String,
+        missing: Vec<String>,
+    },
+    DeadLetterChanged {
+        at: String,
+        what: String,
+    },
+}
+
+impl Finding {
+    /// The finding's kind, as `--output json` names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Lost { .. } => "lost",
+            Self::Duplicate { .. } => "duplicate",
+            Self::Unexpected { .. } => "unexpected",
+            Self::OrderStatus { .. } => "order_status",
+            Self::Aggregate { .. } => "aggregate",
+            Self::DeadLetterMissing { .. } => "dead_letter_missing",
+            Self::DeadLetterDuplicate { .. } => "dead_letter_duplicate",
+            Self::DeadLetterUnexpected { .. } => "dead_letter_unexpected",
+            Self::DeadLetterHeaders { .. } => "dead_letter_headers",
+            Self::DeadLetterChanged { .. } => "dead_letter_changed",
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Lost { table, event_id } => write!(f, "lost: event {event_id} is not in {table}"),
+            Self::Duplicate { table, event_id, copies, visible } => write!(
+                f,
+                "duplicate: event {event_id} is in {table} {copies} times{}",
+                if *visible { " (visible to queries)" } else { " (raw rows, hidden by FINAL)" }
+            ),
+            Self::Unexpected { table, event_id } => {
+                write!(f, "unexpected: {table} has event {event_id}, which the run did not send well-formed")
+            }
+            Self::OrderStatus { order_id, expected, found } => write!(
+                f,
+                "order violation: order {order_id} is {found} in order_status_current, its last event made it {expected}"
+            ),
+            Self::Aggregate { model, key, expected, found } => {
+                write!(f, "aggregate: {model} {key} is {found}, recomputed {expected}")
+            }
+            Self::DeadLetterMissing { event_id, group } => {
+                write!(f, "dead letter missing: poisoned event {event_id} is not in a DLQ for group {group}")
+            }
+            Self::DeadLetterDuplicate { event_id, group, copies } => {
+                write!(f, "dead letter duplicate: event {event_id} is in the DLQ {copies} times for group {group}")
+            }
+            Self::DeadLetterUnexpected { at, event_id, group } => write!(
+                f,
+                "dead letter unexpected: {at} (event {event_id}, group {group}) was not sent malformed"
+            ),
+            Self::DeadLetterHeaders { at, missing } => {
+                write!(f, "dead letter headers: {at} lacks {}", missing.join(", "))
+            }
+            Self::DeadLetterChanged { at, what } => write!(f, "dead letter changed: {at}: {what}"),
+        }
+    }
+}
+
+/// What was checked and what was found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub events_sent: usize,
+    pub events_poisoned: usize,
+    /// Rows read per events-store table (raw).
+    pub rows: BTreeMap<String, u64>,
+    /// Raw copies hidden by FINAL (not findings unless `exact_raw`).
+    pub raw_duplicates: u64,
+    pub orders: usize,
+    /// Read-model rows compared (per minute).
+    pub aggregate_rows: usize,
+    pub dead_letters: usize,
+    /// Dead letters written more than once, when that is allowed.
+    pub dead_letter_duplicates: usize,
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.findings.is_empty()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "Checked {} events ({} sent malformed): {} event rows, {} raw duplicate rows hidden by FINAL, {} orders, {} read-model rows, {} dead letters ({} repeated).",
+            self.events_sent + self.events_poisoned,
+            self.events_poisoned,
+            self.rows.values().sum::<u64>(),
+            self.raw_duplicates,
+            self.orders,
+            self.aggregate_rows,
+            self.dead_letters,
+            self.dead_letter_duplicates
+        )?;
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for finding in &self.findings {
+            *kinds.entry(finding.kind()).or_default() += 1;
+        }
+        if !kinds.is_empty() {
+            let counts: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            writeln!(f, "Findings by kind: {}.", counts.join(", "))?;
+        }
+        const SHOWN: usize = 50;
+        for finding in self.findings.iter().take(SHOWN) {
+            writeln!(f, "  {finding}")?;
+        }
+        if self.findings.len() > SHOWN {
+            writeln!(f, "  ... and {} more", self.findings.len() - SHOWN)?;
+        }
+        write!(f, "{} findings.", self.findings.len())
+    }
+}
+
+/// Compares `observed` with `expected` for the parts `checks` names.
+pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Report {
+    let mut report = Report {
+        events_sent: expected.good.len(),
+        events_poisoned: expected.poisoned.len(),
+        ..Report::default()
+    };
+    let findings = &mut report.findings;
+    if checks.events {
+        let mut want: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for event in &expected.good {
+            want.entry(table_of(event))
+                .or_default()
+                .insert(event.event_id().to_string());
+        }
+        for (table, (raw, visible)) in &observed.events {
+            let wanted = want.remove(table).unwrap_or_default();
+            report
+                .rows
+                .insert((*table).to_owned(), raw.values().sum::<u64>());
+            for id in &wanted {
+                if !visible.contains_key(id) {
+                    findings.push(Finding::Lost {
+                        table: (*table).to_owned(),
+                        event_id: id.clone(),
+                    });
+                }
+            }
+            let mut ids: Vec<&String> = raw.keys().collect();
+            ids.sort();
+            for id in ids {
+                let (copies, shown) = (raw[id], visible.get(id).copied().unwrap_or(0));
+                if !wanted.contains(id) {
+                    findings.push(Finding::Unexpected {
+                        table: (*table).to_owned(),
+                        event_id: id.clone(),
+                    });
+                } else if shown > 1 {
+                    findings.push(Finding::Duplicate {
+                        table: (*table).to_owned(),
+                        event_id: id.clone(),
+                        copies: shown,
+                        visible: true,
+                    });
+                } else if copies > shown {
+                    report.raw_duplicates += copies - shown;
+                    if checks.exact_raw {
+                        findings.push(Finding::Duplicate {
+                            table: (*table).to_owned(),
+                            event_id: id.clone(),
+                            copies,
+                            visible: false,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if checks.order_status {
+        let want = expected.order_status();
+        report.orders = want.len();
+        for (order, status) in &want {
+            let found = match observed.order_status.get(order) {
+                Some((s, 1)) if s == status => continue,
+                Some((s, 1)) => s.clone(),
+                Some((s, n)) => format!("{s} in {n} rows"),
+                None => "absent".to_owned(),
+            };
+            findings.push(Finding::OrderStatus {
+                order_id: order.clone(),
+                expected: (*status).to_owned(),
+                found,
+            });
+        }
+        for (order, (status, _)) in &observed.order_status {
+            if !want.contains_key(order) {
+                findings.push(Finding::OrderStatus {
+                    order_id: order.clone(),
+                    expected: "absent".to_owned(),
+                    found: status.clone(),
+                });
+            }
+        }
+    }
+    if checks.analytics {
+        let want = ReadModels::compute(&expected.good);
+        let got = &observed.per_minute;
+        report.aggregate_rows = got.orders.len()
+            + got.funnel.len()
+            + got.users.len()
+            + got.chat.len()
+            + got.search.len()
+            + got.queries.len();
+        compare("orders_per_minute", &want.orders, &got.orders, findings);
+        compare(
+            "order_funnel_per_minute",
+            &want.funnel,
+            &got.funnel,
+            findings,
+        );
+        compare("active_users_per_minute", &want.users, &got.users, findings);
+        compare("chat_rooms_per_minute", &want.chat, &got.chat, findings);
+        compare("searches_per_minute", &want.search, &got.search, findings);
+        compare(
+            "search_queries_per_minute",
+            &want.queries,
+            &got.queries,
+            findings,
+        );
+        let mut top = observed.top_queries.clone();
+        top.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)).then(a.1.cmp(&b.1)));
+        let want_top: BTreeMap<usize, _> = want.top_queries().into_iter().enumerate().collect();
+        let got_top: BTreeMap<usize, _> = top.into_iter().enumerate().collect();
+        compare(
+            "top_queries_per_minute (rank)",
+            &want_top,
+            &got_top,
+            findings,
+        );
+        compare(
+            "per-hour rollups (sums)",
+            &got.hourly_sums(),
+            &observed.per_hour.hourly_sums(),
+            findings,
+        );
+    }
+    if !checks.dead_letter_groups.is_empty() {
+        check_dead_letters(expected, observed, checks, &mut report);
+    }
+    report
+}
+
+fn compare<K: Ord + fmt::Debug, V: PartialEq + fmt::Debug>(
+    model: &str,
+    want: &BTreeMap<K, V>,
+    got: &BTreeMap<K, V>,
+    findings: &mut Vec<Finding>,
+) {
+    let show = |v: Option<&V>| v.map_or_else(|| "absent".to_owned(), |v| format!("{v:?}"));
+    for key in want
+        .keys()
+        .chain(got.keys().filter(|k| !want.contains_key(k)))
+    {
+        let (w, g) = (want.get(key), got.get(key));
+        if w != g {
+            findings.push(Finding::Aggregate {
+                model: model.to_owned(),
+                key: format!("{key:?}"),
+                expected: show(w),
+                found: show(g),
+            });
+        }
+    }
+}
+
+/// The event id in a `traceparent` whose trace id is the event id.
+fn event_of(letter: &DeadLetter) -> Option<Uuid> {
+    let trace = letter
+        .headers
+        .get(headers::TRACEPARENT)?
+        .split('-')
+        .nth(1)?;
+    Uuid::try_parse(trace).ok()
+}
+
+fn check_dead_letters(
+    expected: &Expected,
+    observed: &Observed,
+    checks: &Checks,
+    report: &mut Report,
+) {
+    let mut findings = Vec::new();
+    let mut copies: BTreeMap<(Uuid, &str), usize> = BTreeMap::new();
+    for letter in &observed.dead_letters {
+        let at = format!("{}[{}]@{}", letter.topic, letter.partition, letter.offset);
+        let missing: Vec<String> = DEAD_LETTER_HEADERS
+            .iter()
+            .filter(|h| !letter.headers.contains_key(**h))
+            .map(|h| (*h).to_owned())
+            .collect();
+        if !missing.is_empty() {
+            findings.push(Finding::DeadLetterHeaders {
+                at: at.clone(),
+                missing,
+            });
+        }
+        let group = letter
+            .headers
+            .get(headers::CONSUMER_GROUP)
+            .map_or("", String::as_str);
+        if !checks.dead_letter_groups.iter().any(|g| g == group) {
+            continue;
+        }
+        report.dead_letters += 1;
+        let id = event_of(letter);
+        match id {
+            Some(id) if expected.poisoned.contains(&id) => {
+                *copies.entry((id, group)).or_default() += 1;
+            }
+            _ => findings.push(Finding::DeadLetterUnexpected {
+                at: at.clone(),
+                event_id: id.map_or_else(|| "unknown".to_owned(), |i| i.to_string()),
+                group: group.to_owned(),
+            }),
+        }
+        let origin = (
+            letter
+                .headers
+                .get(headers::ORIGINAL_TOPIC)
+                .cloned()
+                .unwrap_or_default(),
+            letter
+                .headers
+                .get(headers::ORIGINAL_PARTITION)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(-1),
+            letter
+                .headers
+                .get(headers::ORIGINAL_OFFSET)
+                .and_then(|o| o.parse().ok())
+                .unwrap_or(-1),
+        );
+        let Some(original) = observed.originals.get(&origin) else {
+            findings.push(Finding::DeadLetterChanged {
+                at,
+                what: format!(
+                    "its original {}[{}]@{} was not found",
+                    origin.0, origin.1, origin.2
+                ),
+            });
+            continue;
+        };
+        let mut changed = Vec::new();
+        if original.key != letter.key {
+            changed.push("key".to_owned());
+        }
+        if original.payload != letter.payload {
+            changed.push("payload".to_owned());
+        }
+        for (name, value) in &original.headers {
+            if !headers::FAILURE_HEADERS.contains(&name.as_str())
+                && letter.headers.get(name) != Some(value)
+            {
+                changed.push(format!("header {name}"));
+            }
+        }
+        if !changed.is_empty() {
+            findings.push(Finding::DeadLetterChanged {
+                at,
+                what: format!("{} differ from the original", changed.join(", ")),
+            });
+        }
+    }
+    for group in &checks.dead_letter_groups {
+        for id in &expected.poisoned {
+            match copies.get(&(*id, group.as_str())).copied().unwrap_or(0) {
+                1 => {}
+                n if n > 1 && checks.dead_letters_at_least_once => {
+                    report.dead_letter_duplicates += n - 1;
+                }
+                0 => findings.push(Finding::DeadLetterMissing {
+                    event_id: id.to_string(),
+                    group: group.clone(),
+                }),
+                n => findings.push(Finding::DeadLetterDuplicate {
+                    event_id: id.to_string(),
+                    group: group.clone(),
+                    copies: n,
+                }),
+            }
+        }
+    }
+    report.findings.extend(findings);
+}

@@ -1,0 +1,115 @@
+//! Scenario 4: ClickHouse stopped and started mid-run, answering errors
+//! (its tables renamed away, so every insert gets a real "table doesn't
+//! exist"), and inserts whose answers are cut after the rows were stored:
+//! nothing lost, nothing visible twice.
+
+use std::time::{Duration, Instant};
+
+use shopstream_tests::proxy::ClickHouseProxy;
+use shopstream_tests::{clickhouse_client, StoppableClickHouse};
+
+use crate::{soak, Run, System};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut server = StoppableClickHouse::start(dir.path());
+    server.ready().await;
+    let proxy = ClickHouseProxy::start(&server.url()).await.expect("proxy");
+    let system = System::new(&server.url(), &proxy.url(), &[]).await;
+    let run = Run::new(74, 30_000 * soak() as usize, 1_000.0, 0.01);
+    let expected = run.expected();
+    let mut worker = system.worker();
+    let mut analytics = system.analytics();
+    system.ready(&[&worker, &analytics]).await;
+    let mut publisher = system.publish(&run);
+    let mut faults = Vec::new();
+    for round in 0..soak() {
+        // Down for a while, then back with the same data.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        server.stop();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        server.resume();
+        server.ready().await;
+        faults.push(format!("round {round}: ClickHouse stopped for 4 s"));
+
+        // Up, but answering errors to every insert for a while.
+        let admin = clickhouse_client(&server.url()).with_database(&system.database);
+        let tables = [
+            "order_events",
+            "chat_messages",
+            "order_status",
+            "analytics_partials",
+        ];
+        for table in tables {
+            admin
+                .query(&format!("RENAME TABLE {table} TO {table}_away"))
+                .execute()
+                .await
+                .expect("rename away");
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for table in tables {
+            admin
+                .query(&format!("RENAME TABLE {table}_away TO {table}"))
+                .execute()
+                .await
+                .expect("rename back");
+        }
+        faults.push(format!(
+            "round {round}: {} tables missing for 3 s",
+            tables.len()
+        ));
+
+        // Answers lost on the way back, after the rows were stored.
+        let before = proxy.cuts();
+        proxy.cut_next_inserts(6);
+        let started = Instant::now();
+        while proxy.cuts() < before + 6 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "inserts kept coming"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        faults.push(format!("round {round}: 6 insert answers cut"));
+    }
+    assert!(publisher.running(), "the faults happened under load");
+    assert!(publisher
+        .wait(Duration::from_secs(120))
+        .expect("finishes")
+        .success());
+    let checks = system.checks();
+    let report = system
+        .converge(&expected, &checks, Duration::from_secs(180))
+        .await;
+    assert!(report.passed(), "{report}\n{}", system.logs());
+    // The faults reached both: they retried, and dead-lettered only poison.
+    let metric = |port, name| async move {
+        backbone::procfs::metric(port, name)
+            .await
+            .unwrap_or_default()
+    };
+    let worker_retries = metric(
+        worker.metrics_port,
+        r#"shopstream_retries_total{tier="in_place"}"#,
+    )
+    .await;
+    let analytics_retries = metric(
+        analytics.metrics_port,
+        "shopstream_analytics_insert_retries_total",
+    )
+    .await;
+    assert!(
+        worker_retries > 0.0 && analytics_retries > 0.0,
+        "retries: worker {worker_retries}, analytics {analytics_retries}"
+    );
+    faults.push(format!(
+        "{worker_retries} worker and {analytics_retries} analytics retries"
+    ));
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    assert!(analytics.terminate(Duration::from_secs(30)).success());
+    let report = system.check(&expected, &checks).await;
+    assert!(report.passed(), "after SIGTERM: {report}");
+    println!("{}; {report}", faults.join("; "));
+}

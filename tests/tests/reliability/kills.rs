@@ -1,0 +1,193 @@
+//! Scenarios 2 and 3: the worker and the analytics job SIGKILLed again and
+//! again under load (at random moments, and right after ClickHouse
+//! acknowledged one of their inserts, before any commit), then SIGTERMed
+//! and restarted: the end state is exact, and after clean restarts not even
+//! the raw tables hold a duplicate.
+
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use shopstream_tests::clickhouse;
+use shopstream_tests::proxy::ClickHouseProxy;
+
+use crate::{soak, Run, Service, System};
+
+/// Which process a cycle stops.
+fn is_worker(cycle: u32) -> bool {
+    cycle.is_multiple_of(2)
+}
+
+/// Waits for the next acknowledged insert by `service`'s kind of process.
+async fn next_insert(acks: &mut tokio::sync::broadcast::Receiver<String>, worker: bool) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), acks.recv()).await {
+            Ok(Ok(line)) if line.contains("analytics_partials") != worker => return,
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("the proxy stopped: {e}"),
+            Err(_) => panic!("no insert acknowledged within 60 s"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_cycles_under_load_leave_an_exact_end_state() {
+    let server = clickhouse().await.url();
+    let proxy = ClickHouseProxy::start(server).await.expect("proxy");
+    let system = System::new(server, &proxy.url(), &[]).await;
+    let cycles = 8 * soak();
+    let run = Run::new(72, 40_000 * soak() as usize, 1_000.0, 0.01);
+    let expected = run.expected();
+    let seed: u64 = rand::rng().random();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut worker = system.worker();
+    let mut analytics = system.analytics();
+    system.ready(&[&worker, &analytics]).await;
+    let mut acks = proxy.acknowledged_inserts();
+    let mut publisher = system.publish(&run);
+    let (mut after_ack, mut under_load) = (0, 0);
+    let started = std::time::Instant::now();
+    for cycle in 0..cycles {
+        let target: &mut Service = if is_worker(cycle) {
+            &mut worker
+        } else {
+            &mut analytics
+        };
+        if cycle % 3 == 1 {
+            acks = acks.resubscribe();
+            next_insert(&mut acks, is_worker(cycle)).await;
+            after_ack += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(300..2_500))).await;
+        }
+        target.kill();
+        under_load += u32::from(publisher.running());
+        println!(
+            "SIGKILL {} at {:.1} s",
+            target.name,
+            started.elapsed().as_secs_f64()
+        );
+        *target = if is_worker(cycle) {
+            system.worker()
+        } else {
+            system.analytics()
+        };
+        system
+            .ready(&[if is_worker(cycle) {
+                &worker
+            } else {
+                &analytics
+            }])
+            .await;
+    }
+    assert!(
+        under_load >= 5,
+        "only {under_load} kills landed while the publisher was sending: raise the count"
+    );
+    let status = publisher
+        .wait(Duration::from_secs(120))
+        .expect("the publisher finishes");
+    assert!(status.success(), "{}", system.logs());
+    let mut checks = system.checks();
+    // A kill between a dead letter's write and the commit repeats it: the
+    // DLQ is at-least-once, and the report counts the repeats.
+    checks.dead_letters_at_least_once = true;
+    let report = system
+        .converge(&expected, &checks, Duration::from_secs(180))
+        .await;
+    assert!(
+        report.passed(),
+        "kill seed {seed}: {report}\n{}",
+        system.logs()
+    );
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    assert!(analytics.terminate(Duration::from_secs(30)).success());
+    let report = system.check(&expected, &checks).await;
+    assert!(report.passed(), "after SIGTERM: {report}");
+    println!(
+        "{cycles} SIGKILLs ({under_load} under load, {after_ack} right after an acknowledged insert), kill seed {seed}: {report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables() {
+    let url = clickhouse().await.url();
+    let system = System::new(url, url, &[]).await;
+    let cycles = 4 * soak();
+    let run = Run::new(73, 15_000 * soak() as usize, 1_000.0, 0.01);
+    let expected = run.expected();
+    let mut worker = system.worker();
+    let mut analytics = system.analytics();
+    system.ready(&[&worker, &analytics]).await;
+    let mut publisher = system.publish(&run);
+    for cycle in 0..cycles {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let target: &mut Service = if is_worker(cycle) {
+            &mut worker
+        } else {
+            &mut analytics
+        };
+        let status = target.terminate(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "{} drains and exits 0: {status}",
+            target.name
+        );
+        *target = if is_worker(cycle) {
+            system.worker()
+        } else {
+            system.analytics()
+        };
+    }
+    assert!(publisher.running(), "the restarts happened under load");
+    assert!(publisher
+        .wait(Duration::from_secs(120))
+        .expect("finishes")
+        .success());
+    let mut checks = system.checks();
+    checks.exact_raw = true;
+    let report = system
+        .converge(&expected, &checks, Duration::from_secs(120))
+        .await;
+    assert!(report.passed(), "{report}\n{}", system.logs());
+    assert_eq!(report.raw_duplicates, 0);
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    assert!(analytics.terminate(Duration::from_secs(30)).success());
+    println!("{cycles} SIGTERM restarts: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_every_broker_down_still_exits_within_the_drain_timeout() {
+    let url = clickhouse().await.url();
+    let system = System::new(url, url, &[("worker", "drain_timeout_ms: 3000")]).await;
+    let run = Run::new(79, 3_000, 3_000.0, 0.0);
+    let mut worker = system.worker();
+    let mut analytics = system.analytics();
+    system.ready(&[&worker, &analytics]).await;
+    assert!(system
+        .publish(&run)
+        .wait(Duration::from_secs(60))
+        .expect("finishes")
+        .success());
+    let report = system
+        .converge(&run.expected(), &system.checks(), Duration::from_secs(60))
+        .await;
+    assert!(report.passed(), "{report}");
+    system.topics.cluster.broker_down(1).expect("broker down");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for service in [&mut worker, &mut analytics] {
+        let started = std::time::Instant::now();
+        let status = service.terminate(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "{} exits 0: {status}\n{}",
+            service.name,
+            system.logs()
+        );
+        println!(
+            "{} stopped {:.1} s after SIGTERM with no broker",
+            service.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! A whole deployment as processes: the catalog's topics on a mock cluster
+//! this test hosts (reached over loopback), a ClickHouse database, and the
+//! worker (events-store and order-status), the analytics job and the
+//! publisher as the binaries users run, all reading one shopstream.yaml.
+//! The checker compares the end state with the recomputed run.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use backbone::events::EventType;
+use checker::{Checks, Expected, Observed, Report};
+use producers::cli::Traffic;
+use producers::generator::Mix;
+use shopstream_tests::{bin_dir, clickhouse_client, free_port, unique_name, EventTopics};
+
+/// How much longer and heavier the scenarios run: `SHOPSTREAM_SOAK=10`
+/// multiplies events, kills and faults by ten (see the README).
+pub fn soak() -> u32 {
+    std::env::var("SHOPSTREAM_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|f| *f >= 1)
+        .unwrap_or(1)
+}
+
+/// The catalog line giving each topic 3 partitions per soak factor, so a
+/// partition holds as much in a soak as in a normal run: the mock cluster
+/// keeps 5 MiB per partition and silently drops what is older.
+pub fn partitions() -> String {
+    format!("    partitions: {}\n", 3 * soak())
+}
+
+/// One seeded publisher run: what the publisher is given and the checker
+/// recomputes.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub traffic: Traffic,
+    pub count: usize,
+}
+
+impl Run {
+    /// `count` events at `rate` per second from `seed`, `poison_rate` of
+    /// them malformed, starting now.
+    pub fn new(seed: u64, count: usize, rate: f64, poison_rate: f64) -> Self {
+        Self {
+            traffic: Traffic {
+                rate,
+                mix: Mix::default(),
+                seed,
+                start_ms: Some(backbone_now_ms()),
+                poison_rate,
+                users: 2_000,
+                rooms: 50,
+            },
+            count,
+        }
+    }
+
+    /// The flags `shopstream-publish` and `shopstream-check` both take.
+    pub fn flags(&self) -> Vec<String> {
+        let t = &self.traffic;
+        vec![
+            format!("--rate={}", t.rate),
+            format!("--seed={}", t.seed),
+            format!("--start-ms={}", t.start_ms.expect("a start")),
+            format!("--poison-rate={}", t.poison_rate),
+            format!("--users={}", t.users),
+            format!("--rooms={}", t.rooms),
+            format!("--count={}", self.count),
+        ]
+    }
+
+    pub fn expected(&self) -> Expected {
+        Expected::new(
+            self.traffic
+                .generator(self.traffic.start_ms.expect("a start"))
+                .take(self.count),
+        )
+    }
+}
+
+fn backbone_now_ms() -> i64 {
+    consumers::forward::now_ms()
+}
+
+/// A running binary, with its log in the system's directory. Killed if a
+/// failing test leaves it behind.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub metrics_port: u16,
+    child: Child,
+}
+
+impl Service {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no drain, no commit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status within `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        self.wait(limit)
+            .unwrap_or_else(|| panic!("{} did not exit within {limit:?} of SIGTERM", self.name))
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if started.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// Whether /readyz answers 200.
+    pub async fn ready(&self) -> bool {
+        backbone::procfs::http_get(self.metrics_port, "/readyz")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The topics, the database and the configuration every process reads.
+pub struct System {
+    pub topics: EventTopics,
+    pub database: String,
+    /// Straight to the server (not through a proxy the test may cut), bound
+    /// to the database.
+    pub client: clickhouse::Client,
+    pub worker_group: String,
+    pub analytics_group: String,
+    config: PathBuf,
+    started: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for System {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("System")
+            .field("topics", &self.topics)
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+impl System {
+    /// A fresh database on `server_url`; the services reach ClickHouse at
+    /// `service_url` (the same, or a proxy in front of it). `settings` are
+    /// extra YAML lines under each section, such as
+    /// `("worker", "max_in_flight_records: 2")`.
+    pub async fn new(server_url: &str, service_url: &str, settings: &[(&str, &str)]) -> Self {
+        Self::on(
+            EventTopics::new(&partitions()),
+            server_url,
+            service_url,
+            settings,
+        )
+        .await
+    }
+
+    /// Like [`System::new`] on topics the test set up itself.
+    pub async fn on(
+        topics: EventTopics,
+        server_url: &str,
+        service_url: &str,
+        settings: &[(&str, &str)],
+    ) -> Self {
+        topics
+            .cluster
+            .create_topic("late-events", 1, 1)
+            .expect("late topic");
+        let database = unique_name("reliability").replace('-', "_");
+        let worker_group = unique_name("worker");
+        let analytics_group = unique_name("analytics");
+        let bootstrap = topics.cluster.bootstrap_servers();
+        let catalog = topics.catalog_path().display().to_string();
+        let sections: [(&str, Vec<String>); 6] = [
+            ("telemetry", vec!["log_filter: warn".into()]),
+            ("kafka", vec![format!("bootstrap_servers: {bootstrap}")]),
+            ("catalog", vec![format!("path: {catalog}")]),
+            (
+                "clickhouse",
+                vec![
+                    format!("url: {service_url}"),
+                    format!("database: {database}"),
+                    "insert_period_ms: 200".into(),
+                    "timeout_ms: 5000".into(),
+                ],
+            ),
+            (
+                "worker",
+                vec![
+                    format!("group_id: {worker_group}"),
+                    "handlers: [events-store, order-status]".into(),
+                    "commit_interval_ms: 200".into(),
+                ],
+            ),
+            (
+                "analytics",
+                vec![
+                    format!("group_id: {analytics_group}"),
+                    "flush_interval_ms: 200".into(),
+                ],
+            ),
+        ];
+        let mut yaml = String::new();
+        for (section, base) in sections {
+            let extra: Vec<&str> = settings
+                .iter()
+                .filter(|(s, _)| *s == section)
+                .map(|(_, line)| *line)
+                .collect();
+            let key = |line: &str| line.split(':').next().unwrap_or_default().to_owned();
+            yaml.push_str(&format!("{section}:\n"));
+            // A test's line replaces the base line with the same key.
+            for line in base
+                .iter()
+                .filter(|b| extra.iter().all(|e| key(e) != key(b)))
+            {
+                yaml.push_str(&format!("  {line}\n"));
+            }
+            for line in extra {
+                yaml.push_str(&format!("  {line}\n"));
+            }
+        }
+        let config = topics.dir.path().join("shopstream.yaml");
+        std::fs::write(&config, yaml).expect("shopstream.yaml");
+        let client = clickhouse_client(server_url);
+        client
+            .query(&format!("CREATE DATABASE `{database}`"))
+            .execute()
+            .await
+            .expect("database");
+        Self {
+            client: client.with_database(&database),
+            topics,
+            database,
+            worker_group,
+            analytics_group,
+            config,
+            started: Default::default(),
+        }
+    }
+
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.topics.dir.path().join(format!("{name}.log")))
+            .expect("log file")
+    }
+
+    fn spawn(&self, binary: &str, args: &[String]) -> Service {
+        let n = self
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let name = format!("{binary}-{n}");
+        let metrics_port = free_port().expect("port");
+        let section = if binary == "shopstream-analytics" {
+            "analytics"
+        } else {
+            "worker"
+        };
+        let child = Command::new(bin_dir().join(binary))
+            .arg("--config")
+            .arg(&self.config)
+            .args([
+                "--set",
+                &format!("{section}.metrics_address=127.0.0.1:{metrics_port}"),
+            ])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(self.log(&name))
+            .stderr(self.log(&name))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{binary} starts: {e}"));
+        Service {
+            name,
+            metrics_port,
+            child,
+        }
+    }
+
+    pub fn worker(&self) -> Service {
+        self.spawn("shopstream-worker", &[])
+    }
+
+    pub fn analytics(&self) -> Service {
+        self.spawn("shopstream-analytics", &[])
+    }
+
+    /// `shopstream-publish` for `run`, in the background.
+    pub fn publish(&self, run: &Run) -> Service {
+        self.spawn("shopstream-publish", &run.flags())
+    }
+
+    /// Waits for `services` to answer /readyz.
+    pub async fn ready(&self, services: &[&Service]) {
+        let started = Instant::now();
+        for service in services {
+            while !service.ready().await {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "{} not ready within 60 s:\n{}",
+                    service.name,
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// What `services` report on /metrics about lag and pauses, for a
+    /// failing assertion.
+    pub async fn progress(&self, services: &[&Service]) -> String {
+        let mut out = String::new();
+        for service in services {
+            let text = backbone::procfs::http_get(service.metrics_port, "/metrics")
+                .await
+                .unwrap_or_default();
+            out.push_str(&format!("--- {} /metrics\n", service.name));
+            for line in text.lines().filter(|l| {
+                !l.starts_with('#')
+                    && (l.contains("paused") || (l.contains("_lag{") && !l.ends_with(" 0")))
+            }) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Every process's log, for a failing assertion.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut entries: Vec<_> = std::fs::read_dir(self.topics.dir.path())
+            .expect("dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .collect();
+        entries.sort_by_key(|e| e.path());
+        for entry in entries {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("--- {}\n", entry.path().display()));
+            for line in tail.iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The checks for a system that runs both consumers.
+    pub fn checks(&self) -> Checks {
+        Checks {
+            events: true,
+            order_status: true,
+            analytics: true,
+            dead_letter_groups: vec![self.worker_group.clone(), self.analytics_group.clone()],
+            exact_raw: false,
+            dead_letters_at_least_once: false,
+        }
+    }
+
+    /// Checks the end state once.
+    pub async fn check(&self, expected: &Expected, checks: &Checks) -> Report {
+        let observed = Observed::read(
+            checks,
+            &self.client,
+            &self.topics.connection,
+            &self.topics.catalog,
+        )
+        .await
+        .expect("the end state reads");
+        checker::check(expected, &observed, checks)
+    }
+
+    /// Checks until nothing is found or `limit` passes; the last report.
+    pub async fn converge(&self, expected: &Expected, checks: &Checks, limit: Duration) -> Report {
+        let started = Instant::now();
+        loop {
+            let report = self.check(expected, checks).await;
+            if report.passed() || started.elapsed() > limit {
+                return report;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// The topic carrying `event`.
+    pub fn topic(&self, event: EventType) -> &str {
+        self.topics.topic(event)
+    }
+}
