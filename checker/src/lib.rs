@@ -436,12 +436,21 @@ impl fmt::Display for Report {
             let counts: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
             writeln!(f, "Findings by kind: {}.", counts.join(", "))?;
         }
-        const SHOWN: usize = 50;
-        for finding in self.findings.iter().take(SHOWN) {
-            writeln!(f, "  {finding}")?;
-        }
-        if self.findings.len() > SHOWN {
-            writeln!(f, "  ... and {} more", self.findings.len() - SHOWN)?;
+        // The first few of each kind, so a rare kind is not hidden behind
+        // a common one.
+        const SHOWN: usize = 10;
+        for (kind, n) in &kinds {
+            for finding in self
+                .findings
+                .iter()
+                .filter(|x| x.kind() == *kind)
+                .take(SHOWN)
+            {
+                writeln!(f, "  {finding}")?;
+            }
+            if *n > SHOWN {
+                writeln!(f, "  ... and {} more {kind} findings", n - SHOWN)?;
+            }
         }
         write!(f, "{} findings.", self.findings.len())
     }

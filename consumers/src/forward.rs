@@ -53,7 +53,10 @@ impl Forwarder {
         let mut config = config.clone();
         config
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5");
+            .set("linger.ms", "5")
+            // A delivery that does not complete is failed and retried (with a
+            // warning) rather than awaited for librdkafka's default 5 minutes.
+            .set("message.timeout.ms", "15000");
         Ok(Self {
             producer: config.create()?,
             group: group.to_owned(),
@@ -113,6 +116,7 @@ impl Forwarder {
             if let Some(payload) = &record.payload {
                 message = message.payload(payload.as_slice());
             }
+            tracing::debug!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Forwarding a failed record.");
             let sent = tokio::select! {
                 result = self.producer.send(message, Duration::from_secs(5)) => result,
                 _ = stop.cancelled() => return Err(Abandoned),

@@ -98,7 +98,15 @@ impl Shared {
         } else {
             pauses.insert(key.clone(), after);
         }
-        tracing::debug!(topic = &*key.0, partition = key.1, ?reason, on, before, after, "Pause reasons changed.");
+        tracing::debug!(
+            topic = &*key.0,
+            partition = key.1,
+            ?reason,
+            on,
+            before,
+            after,
+            "Pause reasons changed."
+        );
         if (before == 0) == (after == 0) {
             return;
         }

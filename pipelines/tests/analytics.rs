@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backbone::events::{AnyEvent, OrderStatus, UserEventKind};
+use backbone::events::AnyEvent;
+use checker::read_models::ReadModels;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use shopstream_tests::{clickhouse, free_port, EventTopics, StoppableClickHouse, TestDatabase};
@@ -142,224 +143,15 @@ fn sigterm(job: &mut Job) {
     );
 }
 
-fn minute(ms: i64) -> u32 {
-    ((ms - ms.rem_euclid(MINUTE)) / 1000) as u32
+/// The read models recomputed independently (the checker's).
+fn expected(events: &[AnyEvent]) -> ReadModels {
+    ReadModels::compute(events)
 }
 
-/// quantileExact's definition: the element at floor(level * n), sorted.
-fn quantile_exact(values: &mut [i32], level: f64) -> i32 {
-    values.sort_unstable();
-    let at = ((level * values.len() as f64) as usize).min(values.len() - 1);
-    values[at]
-}
-
-/// (window start, first dimension, second dimension).
-type Key3 = (u32, String, String);
-
-/// The read models, recomputed here from the events with plain loops.
-#[derive(Debug, Default, PartialEq)]
-struct Expected {
-    orders: BTreeMap<Key3, (i64, i64, i64, u64)>,
-    funnel: BTreeMap<u32, [i64; 6]>,
-    users: BTreeMap<Key3, (u64, i64, u64)>,
-    chat: BTreeMap<(u32, String), (i64, u64, i64)>,
-    /// searches, zero results, latency sum, p95, mean.
-    search: BTreeMap<u32, (i64, i64, i64, i32, f64)>,
-    queries: BTreeMap<(u32, String), i64>,
-}
-
-fn expected(events: &[AnyEvent]) -> Expected {
-    let mut buyers: BTreeMap<Key3, BTreeSet<&str>> = BTreeMap::new();
-    let mut users: BTreeMap<Key3, (BTreeSet<&str>, i64, BTreeSet<&str>)> = BTreeMap::new();
-    let mut chatters: BTreeMap<(u32, String), (i64, BTreeSet<&str>, i64)> = BTreeMap::new();
-    let mut latencies: BTreeMap<u32, Vec<i32>> = BTreeMap::new();
-    let mut out = Expected::default();
-    for event in events {
-        match event {
-            AnyEvent::Order(o) => {
-                let m = minute(o.occurred_at);
-                let stage = [
-                    OrderStatus::Created,
-                    OrderStatus::Paid,
-                    OrderStatus::Shipped,
-                    OrderStatus::Delivered,
-                    OrderStatus::Cancelled,
-                    OrderStatus::Refunded,
-                ]
-                .iter()
-                .position(|s| *s == o.status)
-                .expect("a stage");
-                out.funnel.entry(m).or_default()[stage] += 1;
-                if o.status == OrderStatus::Created {
-                    let categories: BTreeSet<&str> =
-                        o.items.iter().map(|i| i.category.as_str()).collect();
-                    for category in categories {
-                        let key = (m, category.to_owned(), o.currency.clone());
-                        let slot = out.orders.entry(key.clone()).or_default();
-                        slot.0 += 1;
-                        for item in o.items.iter().filter(|i| i.category == category) {
-                            slot.1 += i64::from(item.quantity);
-                            slot.2 += i64::from(item.quantity) * item.unit_price_minor;
-                        }
-                        buyers.entry(key).or_default().insert(&o.user_id);
-                    }
-                }
-            }
-            AnyEvent::User(u) => {
-                let platform = serde_json::to_value(u.platform)
-                    .expect("platform")
-                    .as_str()
-                    .expect("text")
-                    .to_owned();
-                let slot = users
-                    .entry((minute(u.occurred_at), u.country.clone(), platform))
-                    .or_default();
-                slot.0.insert(&u.user_id);
-                slot.2.insert(&u.session_id);
-                slot.1 += i64::from(u.kind == UserEventKind::SignedUp);
-            }
-            AnyEvent::Chat(c) => {
-                let slot = chatters
-                    .entry((minute(c.occurred_at), c.room_id.clone()))
-                    .or_default();
-                slot.0 += 1;
-                slot.1.insert(&c.user_id);
-                slot.2 += i64::from(c.flagged);
-            }
-            AnyEvent::Search(s) => {
-                let m = minute(s.occurred_at);
-                let slot = out.search.entry(m).or_default();
-                slot.0 += 1;
-                slot.1 += i64::from(s.results_count == 0);
-                slot.2 += i64::from(s.latency_ms);
-                latencies.entry(m).or_default().push(s.latency_ms);
-                *out.queries.entry((m, s.query.clone())).or_default() += 1;
-            }
-        }
-    }
-    for (key, set) in buyers {
-        out.orders.get_mut(&key).expect("order row").3 = set.len() as u64;
-    }
-    out.users = users
-        .into_iter()
-        .map(|(k, (u, s, sessions))| (k, (u.len() as u64, s, sessions.len() as u64)))
-        .collect();
-    out.chat = chatters
-        .into_iter()
-        .map(|(k, (m, c, f))| (k, (m, c.len() as u64, f)))
-        .collect();
-    for (m, mut values) in latencies {
-        let row = out.search.get_mut(&m).expect("search row");
-        row.3 = quantile_exact(&mut values, 0.95);
-        row.4 = row.2 as f64 / row.0 as f64;
-    }
-    out
-}
-
-async fn actual(db: &TestDatabase, view: &str) -> Expected {
-    let c = &db.client;
-    let per = |name: &str| format!("{name}_{view}");
-    let t = if view == "per_minute" {
-        "toUInt32(window_start)"
-    } else {
-        "toUInt32(hour)"
-    };
-    let mut out = Expected::default();
-    for (w, cat, cur, a, b, r, u) in c
-        .query(&format!(
-            "SELECT {t}, category, currency, orders, items, revenue_minor, unique_buyers FROM {}",
-            per("orders")
-        ))
-        .fetch_all::<(u32, String, String, i64, i64, i64, u64)>()
+async fn actual(db: &TestDatabase, view: &str) -> ReadModels {
+    ReadModels::read(&db.client, view)
         .await
-        .expect("orders")
-    {
-        out.orders.insert((w, cat, cur), (a, b, r, u));
-    }
-    for (w, a, b, d, e, f, g) in c
-        .query(&format!(
-            "SELECT {t}, created, paid, shipped, delivered, cancelled, refunded FROM {}",
-            per("order_funnel")
-        ))
-        .fetch_all::<(u32, i64, i64, i64, i64, i64, i64)>()
-        .await
-        .expect("funnel")
-    {
-        out.funnel.insert(w, [a, b, d, e, f, g]);
-    }
-    for (w, country, platform, u, s, sessions) in c
-        .query(&format!(
-            "SELECT {t}, country, platform, unique_users, sign_ups, sessions FROM {}",
-            per("active_users")
-        ))
-        .fetch_all::<(u32, String, String, u64, i64, u64)>()
-        .await
-        .expect("users")
-    {
-        out.users.insert((w, country, platform), (u, s, sessions));
-    }
-    for (w, room, m, u, f) in c
-        .query(&format!(
-            "SELECT {t}, room_id, messages, unique_chatters, flagged FROM {}",
-            per("chat_rooms")
-        ))
-        .fetch_all::<(u32, String, i64, u64, i64)>()
-        .await
-        .expect("chat")
-    {
-        out.chat.insert((w, room), (m, u, f));
-    }
-    for (w, n, z, l, p, mean) in c
-        .query(&format!(
-            "SELECT {t}, searches, zero_results, latency_sum_ms, toInt32(p95_latency_ms), mean_latency_ms FROM {}",
-            per("searches")
-        ))
-        .fetch_all::<(u32, i64, i64, i64, i32, f64)>()
-        .await
-        .expect("search")
-    {
-        out.search.insert(w, (n, z, l, p, mean));
-    }
-    for (w, q, n) in c
-        .query(&format!(
-            "SELECT {t}, query, searches FROM {}",
-            per("search_queries")
-        ))
-        .fetch_all::<(u32, String, i64)>()
-        .await
-        .expect("queries")
-    {
-        out.queries.insert((w, q), n);
-    }
-    out
-}
-
-/// Per-minute figures folded into hours, for checking the rollups: sums
-/// only (distinct counts and percentiles do not add up across minutes).
-fn hourly_sums(e: &Expected) -> BTreeMap<(u32, String), i64> {
-    let hour = |w: u32| w - w % 3600;
-    let mut out = BTreeMap::new();
-    for ((w, cat, cur), (a, b, r, _)) in &e.orders {
-        *out.entry((hour(*w), format!("orders {cat} {cur}")))
-            .or_default() += a + 1000 * b + 1_000_000 * r;
-    }
-    for (w, counts) in &e.funnel {
-        *out.entry((hour(*w), "funnel".to_owned())).or_default() += counts
-            .iter()
-            .enumerate()
-            .map(|(i, c)| c << (8 * i))
-            .sum::<i64>();
-    }
-    for (w, (n, z, l, _, _)) in &e.search {
-        *out.entry((hour(*w), "search".to_owned())).or_default() += n + 1000 * z + 1_000_000 * l;
-    }
-    for ((w, query), n) in &e.queries {
-        *out.entry((hour(*w), format!("query {query}"))).or_default() += n;
-    }
-    for ((w, room), (m, _, f)) in &e.chat {
-        *out.entry((hour(*w), format!("chat {room}"))).or_default() += m + 1000 * f;
-    }
-    out
+        .expect("read models")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -402,29 +194,15 @@ async fn read_models_equal_an_independent_computation_after_repeated_sigkills() 
         "several windows: {:?}",
         want.funnel.keys()
     );
-    let top: Vec<(u32, String, i64)> = db
-        .client
-        .query("SELECT toUInt32(window_start), query, searches FROM top_queries_per_minute")
-        .fetch_all()
+    let top = checker::read_models::read_top_queries(&db.client)
         .await
         .expect("top queries");
-    let mut want_top: Vec<(u32, String, i64)> = want
-        .queries
-        .iter()
-        .map(|((w, q), n)| (*w, q.clone(), *n))
-        .collect();
-    want_top.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)).then(a.1.cmp(&b.1)));
-    let mut per_window = BTreeMap::<u32, usize>::new();
-    want_top.retain(|(w, _, _)| {
-        let seen = per_window.entry(*w).or_default();
-        *seen += 1;
-        *seen <= pipelines::ddl::TOP_QUERIES
-    });
+    let want_top = want.top_queries();
     assert_eq!(top, want_top, "top queries per window");
     let hourly = actual(&db, "per_hour").await;
     assert_eq!(
-        hourly_sums(&hourly),
-        hourly_sums(&got),
+        hourly.hourly_sums(),
+        got.hourly_sums(),
         "hourly rollups add up to the minutes"
     );
 

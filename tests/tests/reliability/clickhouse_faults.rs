@@ -19,9 +19,7 @@ async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing() {
     let system = System::new(&server.url(), &proxy.url(), &[]).await;
     let run = Run::new(74, 30_000 * soak() as usize, 1_000.0, 0.01);
     let expected = run.expected();
-    let mut worker = system.worker();
-    let mut analytics = system.analytics();
-    system.ready(&[&worker, &analytics]).await;
+    let (mut worker, mut analytics) = system.consumers().await;
     let mut publisher = system.publish(&run);
     let mut faults = Vec::new();
     for round in 0..soak() {
@@ -107,8 +105,7 @@ async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing() {
     faults.push(format!(
         "{worker_retries} worker and {analytics_retries} analytics retries"
     ));
-    assert!(worker.terminate(Duration::from_secs(30)).success());
-    assert!(analytics.terminate(Duration::from_secs(30)).success());
+    system.stop(&mut [&mut worker, &mut analytics]);
     let report = system.check(&expected, &checks).await;
     assert!(report.passed(), "after SIGTERM: {report}");
     println!("{}; {report}", faults.join("; "));

@@ -19,9 +19,7 @@ async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_
     let run = Run::new(71, 6_000 * soak() as usize, 2_000.0, 0.01);
     let expected = run.expected();
     assert!(expected.poisoned.len() >= 30, "1% of the run is poison");
-    let mut worker = system.worker();
-    let mut analytics = system.analytics();
-    system.ready(&[&worker, &analytics]).await;
+    let (mut worker, mut analytics) = system.consumers().await;
     let mut publisher = system.publish(&run);
     let status = publisher
         .wait(Duration::from_secs(120))
@@ -32,8 +30,7 @@ async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_
         .converge(&expected, &system.checks(), Duration::from_secs(120))
         .await;
     assert!(report.passed(), "{report}\n{}", system.logs());
-    assert!(worker.terminate(Duration::from_secs(30)).success());
-    assert!(analytics.terminate(Duration::from_secs(30)).success());
+    system.stop(&mut [&mut worker, &mut analytics]);
     let mut exact = system.checks();
     exact.exact_raw = true;
     let report = system.check(&expected, &exact).await;

@@ -40,9 +40,7 @@ async fn sigkill_cycles_under_load_leave_an_exact_end_state() {
     let expected = run.expected();
     let seed: u64 = rand::rng().random();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut worker = system.worker();
-    let mut analytics = system.analytics();
-    system.ready(&[&worker, &analytics]).await;
+    let (mut worker, mut analytics) = system.consumers().await;
     let mut acks = proxy.acknowledged_inserts();
     let mut publisher = system.publish(&run);
     let (mut after_ack, mut under_load) = (0, 0);
@@ -100,8 +98,7 @@ async fn sigkill_cycles_under_load_leave_an_exact_end_state() {
         "kill seed {seed}: {report}\n{}",
         system.logs()
     );
-    assert!(worker.terminate(Duration::from_secs(30)).success());
-    assert!(analytics.terminate(Duration::from_secs(30)).success());
+    system.stop(&mut [&mut worker, &mut analytics]);
     let report = system.check(&expected, &checks).await;
     assert!(report.passed(), "after SIGTERM: {report}");
     println!(
@@ -116,9 +113,7 @@ async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables()
     let cycles = 4 * soak();
     let run = Run::new(73, 15_000 * soak() as usize, 1_000.0, 0.01);
     let expected = run.expected();
-    let mut worker = system.worker();
-    let mut analytics = system.analytics();
-    system.ready(&[&worker, &analytics]).await;
+    let (mut worker, mut analytics) = system.consumers().await;
     let mut publisher = system.publish(&run);
     for cycle in 0..cycles {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -151,8 +146,7 @@ async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables()
         .await;
     assert!(report.passed(), "{report}\n{}", system.logs());
     assert_eq!(report.raw_duplicates, 0);
-    assert!(worker.terminate(Duration::from_secs(30)).success());
-    assert!(analytics.terminate(Duration::from_secs(30)).success());
+    system.stop(&mut [&mut worker, &mut analytics]);
     println!("{cycles} SIGTERM restarts: {report}");
 }
 
@@ -161,14 +155,8 @@ async fn sigterm_with_every_broker_down_still_exits_within_the_drain_timeout() {
     let url = clickhouse().await.url();
     let system = System::new(url, url, &[("worker", "drain_timeout_ms: 3000")]).await;
     let run = Run::new(79, 3_000, 3_000.0, 0.0);
-    let mut worker = system.worker();
-    let mut analytics = system.analytics();
-    system.ready(&[&worker, &analytics]).await;
-    assert!(system
-        .publish(&run)
-        .wait(Duration::from_secs(60))
-        .expect("finishes")
-        .success());
+    let (mut worker, mut analytics) = system.consumers().await;
+    system.publish_all(&run);
     let report = system
         .converge(&run.expected(), &system.checks(), Duration::from_secs(60))
         .await;

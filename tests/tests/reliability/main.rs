@@ -5,6 +5,9 @@
 //! recomputation, dead letters complete. `SHOPSTREAM_SOAK=N` runs every
 //! scenario N times longer and harder (README, "Reliability").
 
+// Each scenario prints its figures (events, kills, faults, the report).
+#![allow(clippy::print_stdout)]
+
 mod system;
 
 mod broker_faults;

@@ -172,14 +172,8 @@ async fn malformed_records_of_every_kind_are_dead_lettered_once_and_an_oversized
     let system = System::new(url, url, &[]).await;
     let run = Run::new(78, 2_000, 2_000.0, 0.01);
     let mut expected = run.expected();
-    let mut worker = system.worker();
-    let mut analytics = system.analytics();
-    system.ready(&[&worker, &analytics]).await;
-    assert!(system
-        .publish(&run)
-        .wait(Duration::from_secs(60))
-        .expect("finishes")
-        .success());
+    let (mut worker, mut analytics) = system.consumers().await;
+    system.publish_all(&run);
 
     let orders = system.topic(EventType::Order).to_owned();
     let avro = Encoding::Avro.content_type();
@@ -252,8 +246,7 @@ async fn malformed_records_of_every_kind_are_dead_lettered_once_and_an_oversized
         .converge(&expected, &system.checks(), Duration::from_secs(120))
         .await;
     assert!(report.passed(), "{report}\n{}", system.logs());
-    assert!(worker.terminate(Duration::from_secs(30)).success());
-    assert!(analytics.terminate(Duration::from_secs(30)).success());
+    system.stop(&mut [&mut worker, &mut analytics]);
     println!(
         "{} crafted malformed records and one 300 KB event: {report}",
         payloads.len()

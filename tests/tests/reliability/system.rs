@@ -325,6 +325,39 @@ impl System {
         self.spawn("shopstream-publish", &run.flags())
     }
 
+    /// A worker and an analytics job, both ready.
+    pub async fn consumers(&self) -> (Service, Service) {
+        let (worker, analytics) = (self.worker(), self.analytics());
+        self.ready(&[&worker, &analytics]).await;
+        (worker, analytics)
+    }
+
+    /// Runs the publisher for `run` to its end; it must succeed.
+    pub fn publish_all(&self, run: &Run) {
+        let status = self
+            .publish(run)
+            .wait(Duration::from_secs(120))
+            .expect("the publisher finishes within 120 s");
+        assert!(
+            status.success(),
+            "the publisher failed: {status}\n{}",
+            self.logs()
+        );
+    }
+
+    /// SIGTERMs each service; each must drain and exit 0 within 60 s.
+    pub fn stop(&self, services: &mut [&mut Service]) {
+        for service in services {
+            let status = service.terminate(Duration::from_secs(60));
+            assert!(
+                status.success(),
+                "{} exited {status}\n{}",
+                service.name,
+                self.logs()
+            );
+        }
+    }
+
     /// Waits for `services` to answer /readyz.
     pub async fn ready(&self, services: &[&Service]) {
         let started = Instant::now();
