@@ -730,3 +730,91 @@ fn check_dead_letters(
     }
     report.findings.extend(findings);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use producers::generator::{Generator, GeneratorConfig};
+
+    fn run() -> Expected {
+        Expected::new(Generator::new(GeneratorConfig::default()).take(200))
+    }
+
+    /// The end state of a perfect run: every event once in its table.
+    fn perfect(expected: &Expected) -> Observed {
+        let mut observed = Observed::default();
+        for table in EVENT_TABLES {
+            observed
+                .events
+                .insert(table, (Copies::new(), Copies::new()));
+        }
+        for event in &expected.good {
+            let (raw, visible) = observed.events.get_mut(table_of(event)).expect("table");
+            raw.insert(event.event_id().to_string(), 1);
+            visible.insert(event.event_id().to_string(), 1);
+        }
+        observed.order_status = expected
+            .order_status()
+            .into_iter()
+            .map(|(order, status)| (order, (status.to_owned(), 1)))
+            .collect();
+        observed
+    }
+
+    fn checks() -> Checks {
+        Checks {
+            events: true,
+            order_status: true,
+            analytics: false,
+            dead_letter_groups: Vec::new(),
+            exact_raw: false,
+            dead_letters_at_least_once: false,
+        }
+    }
+
+    #[test]
+    fn a_perfect_end_state_has_no_findings() {
+        let expected = run();
+        let report = check(&expected, &perfect(&expected), &checks());
+        assert!(report.passed(), "{report}");
+        assert_eq!(
+            report.rows.values().sum::<u64>() as usize,
+            expected.good.len()
+        );
+    }
+
+    #[test]
+    fn a_dropped_or_doubled_record_is_found() {
+        let expected = run();
+        let mut observed = perfect(&expected);
+        let (dropped, doubled) = (&expected.good[3], &expected.good[7]);
+        let (raw, visible) = observed.events.get_mut(table_of(dropped)).expect("table");
+        raw.remove(&dropped.event_id().to_string());
+        visible.remove(&dropped.event_id().to_string());
+        let (raw, visible) = observed.events.get_mut(table_of(doubled)).expect("table");
+        *raw.get_mut(&doubled.event_id().to_string()).expect("row") = 2;
+        *visible
+            .get_mut(&doubled.event_id().to_string())
+            .expect("row") = 2;
+        let report = check(&expected, &observed, &checks());
+        let kinds: Vec<&str> = report.findings.iter().map(Finding::kind).collect();
+        assert_eq!(kinds, ["lost", "duplicate"], "{report}");
+    }
+
+    #[test]
+    fn a_raw_duplicate_counts_and_is_a_finding_only_when_asked() {
+        let expected = run();
+        let mut observed = perfect(&expected);
+        let event = &expected.good[5];
+        let (raw, _) = observed.events.get_mut(table_of(event)).expect("table");
+        *raw.get_mut(&event.event_id().to_string()).expect("row") = 2;
+        let report = check(&expected, &observed, &checks());
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.raw_duplicates, 1);
+        let exact = Checks {
+            exact_raw: true,
+            ..checks()
+        };
+        assert!(!check(&expected, &observed, &exact).passed());
+    }
+}

@@ -206,14 +206,4 @@ async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_
         ["lost", "duplicate"],
         "only the parts asked for: {report}"
     );
-
-    // Bad input is refused with exit 2 and the reason.
-    let refused = Command::new(bin_dir().join("shopstream-check"))
-        .arg("--config")
-        .arg(system.config_path())
-        .args(["--count", "10", "--seed", "1"])
-        .output()
-        .expect("runs");
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--start-ms is required"));
 }
