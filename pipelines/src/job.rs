@@ -217,6 +217,9 @@ impl JobContext {
     }
 }
 
+/// How long a dead letter in flight at shutdown may still take.
+const FORWARD_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs the job until `shutdown`; flushes what it holds before returning.
 /// Call it from `spawn_blocking`.
 pub fn run(
@@ -262,6 +265,18 @@ pub fn run(
     let topics: Vec<&str> = catalog.topics.iter().map(|t| t.name.as_str()).collect();
     consumer.subscribe(&topics)?;
     let forwarder = Forwarder::new(&connection.client_config(), &settings.group_id)?;
+    // A dead letter being written when the shutdown comes is finished (and
+    // its offset flushed with the rest), or a restart would write it again;
+    // given up only when Kafka cannot take it within the grace.
+    let forward_stop = Shutdown::new();
+    {
+        let (shutdown, stop) = (shutdown.clone(), forward_stop.clone());
+        runtime.spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(FORWARD_GRACE).await;
+            stop.cancel();
+        });
+    }
     // Per topic: its event type and DLQ.
     let routes: HashMap<&str, (EventType, Option<&str>)> = catalog
         .topics
@@ -289,8 +304,17 @@ pub fn run(
                         continue;
                     };
                     take(
-                        &shared, &message, event_type, dlq, &decoder, windows, settings,
-                        &forwarder, &metrics, &runtime, &shutdown,
+                        &shared,
+                        &message,
+                        event_type,
+                        dlq,
+                        &decoder,
+                        windows,
+                        settings,
+                        &forwarder,
+                        &metrics,
+                        &runtime,
+                        &forward_stop,
                     );
                 }
                 Err(error) => tracing::warn!(%error, "Consumer error; librdkafka keeps retrying."),
@@ -327,7 +351,7 @@ fn take(
     forwarder: &Forwarder,
     metrics: &JobMetrics,
     runtime: &tokio::runtime::Handle,
-    shutdown: &Shutdown,
+    forward_stop: &Shutdown,
 ) {
     let (topic, partition) = (message.topic(), message.partition());
     let content_type = message
@@ -399,7 +423,7 @@ fn take(
         attempts: 1,
     };
     if runtime
-        .block_on(forwarder.forward(to, &fetched, &failure, None, shutdown))
+        .block_on(forwarder.forward(to, &fetched, &failure, None, forward_stop))
         .is_err()
     {
         return;

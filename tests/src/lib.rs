@@ -517,6 +517,15 @@ impl StoppableClickHouse {
         }
     }
 
+    /// SIGKILL: gone at once, as in a crash or an OOM kill (a graceful stop
+    /// waits for open connections and can take most of a minute).
+    pub fn crash(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
     pub async fn ready(&self) {
         let client = clickhouse_client(&self.url());
         let started = Instant::now();

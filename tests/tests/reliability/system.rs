@@ -358,6 +358,29 @@ impl System {
         }
     }
 
+    /// Waits until both consumers have stored something: the worker rows,
+    /// the analytics job its first offsets (ready only means subscribed;
+    /// the partitions come a moment later).
+    pub async fn consuming(&self) {
+        let started = Instant::now();
+        loop {
+            let count = |sql: &'static str| async move {
+                self.client.query(sql).fetch_one::<u64>().await.unwrap_or(0)
+            };
+            if count("SELECT count() FROM user_events").await > 0
+                && count("SELECT count() FROM analytics_partials WHERE model = '_offset'").await > 0
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "nothing stored within 60 s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for `services` to answer /readyz.
     pub async fn ready(&self, services: &[&Service]) {
         let started = Instant::now();
@@ -394,19 +417,35 @@ impl System {
         out
     }
 
-    /// Every process's log, for a failing assertion.
-    pub fn logs(&self) -> String {
-        let mut out = String::new();
-        let mut entries: Vec<_> = std::fs::read_dir(self.topics.dir.path())
+    /// Every process's log, by file, in name order.
+    fn log_files(&self) -> Vec<(PathBuf, String)> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.topics.dir.path())
             .expect("dir")
             .filter_map(Result::ok)
-            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
             .collect();
-        entries.sort_by_key(|e| e.path());
-        for entry in entries {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        paths.sort();
+        paths
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                (p, text)
+            })
+            .collect()
+    }
+
+    /// Every process's whole log, one after the other.
+    pub fn logs_in_full(&self) -> String {
+        self.log_files().into_iter().map(|(_, text)| text).collect()
+    }
+
+    /// The end of every process's log, for a failing assertion.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (path, text) in self.log_files() {
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
-            out.push_str(&format!("--- {}\n", entry.path().display()));
+            out.push_str(&format!("--- {}\n", path.display()));
             for line in tail.iter().rev() {
                 out.push_str(line);
                 out.push('\n');
