@@ -14,10 +14,11 @@ use producers::cli::Traffic;
 use producers::generator::Mix;
 use shopstream_tests::{bin_dir, clickhouse_client, free_port, unique_name, EventTopics};
 
-/// How much longer and heavier the scenarios run: `SHOPSTREAM_SOAK=10`
-/// multiplies events, kills and faults by ten (see the README).
+/// How much longer and heavier the scenarios run: `RELIABILITY_SOAK=10`
+/// multiplies events, kills and faults by ten (see the README). Not under
+/// `SHOPSTREAM_`: the binaries refuse unknown variables there.
 pub fn soak() -> u32 {
-    std::env::var("SHOPSTREAM_SOAK")
+    std::env::var("RELIABILITY_SOAK")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|f| *f >= 1)
@@ -129,6 +130,14 @@ impl Service {
 
     pub fn running(&mut self) -> bool {
         self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// Whether the process has exited (and waits to be reaped).
+    pub fn exited(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
     }
 
     /// Whether /readyz answers 200.
@@ -386,6 +395,12 @@ impl System {
         let started = Instant::now();
         for service in services {
             while !service.ready().await {
+                assert!(
+                    !service.exited(),
+                    "{} exited before it was ready:\n{}",
+                    service.name,
+                    self.logs()
+                );
                 assert!(
                     started.elapsed() < Duration::from_secs(60),
                     "{} not ready within 60 s:\n{}",
