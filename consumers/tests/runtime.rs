@@ -681,23 +681,10 @@ async fn a_partition_paused_for_backpressure_always_resumes() {
     let worker = start(&setup, tight, recorder.clone());
     let metrics = worker.metrics.clone();
     // Every pause costs a refetch, so this is slow; a stall is no progress at all.
-    let (mut last, mut progressed) = (0, Instant::now());
-    loop {
-        let handled = recorder.seen.lock().expect("lock").len();
-        if handled >= events.len() {
-            break;
-        }
-        if handled > last {
-            (last, progressed) = (handled, Instant::now());
-        }
-        assert!(
-            progressed.elapsed() < Duration::from_secs(10),
-            "stalled at {handled} of {} records with {} partition(s) paused",
-            events.len(),
-            metrics.paused_partitions.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    handled_without_stalling(events.len(), Duration::from_secs(10), &metrics, || {
+        recorder.seen.lock().expect("lock").len()
+    })
+    .await;
     stop(worker).await;
 }
 
@@ -760,23 +747,35 @@ async fn a_partition_revoked_while_paused_for_backpressure_resumes_when_it_comes
     )
     .await;
     stop(b).await;
+    handled_without_stalling(events.len(), Duration::from_secs(60), &a.metrics, || {
+        recorder.seen.lock().expect("lock").len() + other.seen.lock().expect("lock").len()
+    })
+    .await;
+    stop(a).await;
+}
+
+/// Waits until `handled()` reaches `total`, failing when it stays put for
+/// `patience` (a stall, not slowness: every pause costs a refetch).
+async fn handled_without_stalling(
+    total: usize,
+    patience: Duration,
+    metrics: &Metrics,
+    handled: impl Fn() -> usize,
+) {
     let (mut last, mut progressed) = (0, Instant::now());
     loop {
-        let handled =
-            recorder.seen.lock().expect("lock").len() + other.seen.lock().expect("lock").len();
-        if handled >= events.len() {
-            break;
+        let now = handled();
+        if now >= total {
+            return;
         }
-        if handled > last {
-            (last, progressed) = (handled, Instant::now());
+        if now > last {
+            (last, progressed) = (now, Instant::now());
         }
         assert!(
-            progressed.elapsed() < Duration::from_secs(60),
-            "stalled at {handled} of {} records with {} partition(s) paused",
-            events.len(),
-            a.metrics.paused_partitions.load(Ordering::Relaxed)
+            progressed.elapsed() < patience,
+            "stalled at {now} of {total} records with {} partition(s) paused",
+            metrics.paused_partitions.load(Ordering::Relaxed)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop(a).await;
 }

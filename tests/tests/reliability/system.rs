@@ -49,7 +49,7 @@ impl Run {
                 rate,
                 mix: Mix::default(),
                 seed,
-                start_ms: Some(backbone_now_ms()),
+                start_ms: Some(consumers::forward::now_ms()),
                 poison_rate,
                 users: 2_000,
                 rooms: 50,
@@ -79,10 +79,6 @@ impl Run {
                 .take(self.count),
         )
     }
-}
-
-fn backbone_now_ms() -> i64 {
-    consumers::forward::now_ms()
 }
 
 /// A running binary, with its log in the system's directory. Killed if a
