@@ -30,6 +30,9 @@ use crate::routes::{Hop, Route, Routes};
 
 type PartitionKey = (Arc<str>, i32);
 
+/// How long abandoned batches get, all together, to notice and stop.
+const ABANDON_GRACE: Duration = Duration::from_secs(2);
+
 /// Why a partition is paused; it resumes when no reason is left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -140,14 +143,18 @@ impl Shared {
         for handle in &handles {
             handle.stop.cancel();
         }
-        let deadline = Instant::now() + Duration::from_millis(self.settings.drain_timeout_ms);
-        for handle in &handles {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if handle.finished.recv_timeout(left) == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-            {
-                handle.abandon.cancel();
-                let _ = handle.finished.recv_timeout(Duration::from_secs(5));
-            }
+        let drained_by = Instant::now() + Duration::from_millis(self.settings.drain_timeout_ms);
+        let unfinished = unfinished_by(drained_by, &handles.iter().collect::<Vec<_>>());
+        for handle in &unfinished {
+            handle.abandon.cancel();
+        }
+        // One grace for all of them: during a revoke the group waits for us.
+        let still_running = unfinished_by(Instant::now() + ABANDON_GRACE, &unfinished);
+        if !still_running.is_empty() {
+            tracing::warn!(
+                partitions = still_running.len(),
+                "Abandoned batches did not stop within {ABANDON_GRACE:?}; going on without them."
+            );
         }
     }
 
@@ -172,6 +179,21 @@ impl Shared {
             }
         }
     }
+}
+
+/// Waits for `handles`' tasks until `deadline`; returns those still running.
+fn unfinished_by<'a>(
+    deadline: Instant,
+    handles: &[&'a PartitionHandle],
+) -> Vec<&'a PartitionHandle> {
+    handles
+        .iter()
+        .filter(|handle| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            handle.finished.recv_timeout(left) == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        })
+        .copied()
+        .collect()
 }
 
 /// Hooks the rebalance: revoked partitions' work ends before their offsets are
@@ -216,11 +238,19 @@ impl ConsumerContext for WorkerContext {
 
     fn post_rebalance(
         &self,
-        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "Partitions assigned.");
+        }
+        // Asked rather than counted: with a cooperative assignor (settable
+        // through `kafka.client`) a revoke takes only some partitions.
+        if let Ok(assignment) = consumer.assignment() {
+            self.shared
+                .metrics
+                .assigned_partitions
+                .store(assignment.count(), Ordering::Relaxed);
         }
     }
 }

@@ -227,6 +227,40 @@ async fn stop(running: Running) {
     assert!(!running.ready.load(Ordering::SeqCst));
 }
 
+/// Waits until the group has given each of `workers` some of `partitions`
+/// and all of them are taken.
+async fn assigned_between(workers: &[&Running], partitions: usize) {
+    let assigned = || {
+        workers
+            .iter()
+            .map(|w| w.metrics.assigned_partitions.load(Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "the group to share the partitions",
+        Duration::from_secs(60),
+        || {
+            let now = assigned();
+            now.iter().all(|n| *n > 0) && now.iter().sum::<usize>() == partitions
+        },
+    )
+    .await;
+}
+
+/// Waits until `recorders` handled `n` records between them, then for the
+/// workers' next periodic commit.
+async fn handled_and_committed(recorders: &[Arc<Recorder>], n: usize) {
+    wait_until("every record handled", Duration::from_secs(60), || {
+        recorders
+            .iter()
+            .map(|r| r.seen.lock().expect("lock").len())
+            .sum::<usize>()
+            >= n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(4 * settings("").commit_interval_ms)).await;
+}
+
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
@@ -485,25 +519,28 @@ async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss() 
             })
         })
         .collect();
+    // Every rebalance happens with the group idle and its offsets committed:
+    // the mock cluster refuses OffsetCommit while a group is joining (a real
+    // broker takes it), so a revoke under load repeats the uncommitted tail
+    // there. Rebalances under load are the reliability suite's storm, which
+    // counts those repeats.
+    let partitions = 12; // 6 partitions of the topic and of its retry tier
     let a = start(&setup, settings(&group), recorders[0].clone());
+    assigned_between(&[&a], partitions).await;
     let mut events = publish(&setup, 400, 6, 0.0).await;
+    handled_and_committed(&recorders, events.len()).await;
     let b = start(&setup, settings(&group), recorders[1].clone());
+    assigned_between(&[&a, &b], partitions).await;
     events.extend(publish(&setup, 400, 7, 0.0).await);
+    handled_and_committed(&recorders, events.len()).await;
     let c = start(&setup, settings(&group), recorders[2].clone());
+    assigned_between(&[&a, &b, &c], partitions).await;
     events.extend(publish(&setup, 400, 8, 0.0).await);
+    handled_and_committed(&recorders, events.len()).await;
     stop(a).await;
+    assigned_between(&[&b, &c], partitions).await;
     events.extend(publish(&setup, 400, 9, 0.0).await);
-    let total = || {
-        recorders
-            .iter()
-            .map(|r| r.seen.lock().expect("lock").len())
-            .sum::<usize>()
-    };
-    wait_until("every record handled", Duration::from_secs(120), || {
-        total() >= events.len()
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    handled_and_committed(&recorders, events.len()).await;
     stop(b).await;
     stop(c).await;
     let mut all: Vec<Seen> = recorders
@@ -531,7 +568,7 @@ async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss() 
         .map(|r| (r.worker, r.seen.lock().expect("lock").len()))
         .collect();
     assert!(
-        per_worker.values().filter(|n| **n > 0).count() >= 2,
+        per_worker.values().all(|n| *n > 0),
         "the work was shared: {per_worker:?}"
     );
 }
