@@ -32,6 +32,31 @@ pub struct Config {
     pub worker: WorkerSettings,
     /// The windowed aggregation job (shopstream-analytics).
     pub analytics: AnalyticsSettings,
+    /// The read-model HTTP API and dashboard (shopstream-query).
+    pub query: QuerySettings,
+}
+
+/// shopstream-query: the read models over HTTP, and the dashboard.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuerySettings {
+    /// Address of the API, the dashboard and /healthz, /readyz, /metrics.
+    pub listen_address: String,
+    /// A ClickHouse query taking longer is cancelled and answered with 503.
+    pub query_timeout_ms: u64,
+    /// `Cache-Control: max-age` of successful answers; the dashboard
+    /// refreshes at this pace too.
+    pub cache_max_age_s: u32,
+}
+
+impl Default for QuerySettings {
+    fn default() -> Self {
+        Self {
+            listen_address: "127.0.0.1:8080".into(),
+            query_timeout_ms: 5_000,
+            cache_max_age_s: 5,
+        }
+    }
 }
 
 /// What the analytics job does with an event older than the watermark.
@@ -720,6 +745,28 @@ impl Config {
                 ),
             );
         }
+        let q = &self.query;
+        if q.listen_address.parse::<std::net::SocketAddr>().is_err() {
+            problem(
+                "query.listen_address",
+                format!(
+                    "must be host:port such as 0.0.0.0:8080, got {:?}",
+                    q.listen_address
+                ),
+            );
+        }
+        if !(100..=600_000).contains(&q.query_timeout_ms) {
+            problem(
+                "query.query_timeout_ms",
+                format!("must be from 100 to 600000, got {}", q.query_timeout_ms),
+            );
+        }
+        if q.cache_max_age_s > 86_400 {
+            problem(
+                "query.cache_max_age_s",
+                format!("must be at most 86400 (a day), got {}", q.cache_max_age_s),
+            );
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -882,6 +929,17 @@ mod tests {
             "shopstream.yaml:3: analytics.allowed_lateness_ms: must not be negative, got -1",
             "shopstream.yaml:4: analytics.flush_interval_ms: must be from 10 to 600000, got 0",
             "shopstream.yaml:5: analytics.metrics_address: must be host:port",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let (_dir, args) = with_file(
+            "query:\n  listen_address: everywhere\n  query_timeout_ms: 0\n  cache_max_age_s: 100000\n",
+        );
+        let err = error(&args, &[]);
+        for expected in [
+            "shopstream.yaml:2: query.listen_address: must be host:port such as 0.0.0.0:8080, got \"everywhere\"",
+            "shopstream.yaml:3: query.query_timeout_ms: must be from 100 to 600000, got 0",
+            "shopstream.yaml:4: query.cache_max_age_s: must be at most 86400 (a day), got 100000",
         ] {
             assert!(err.contains(expected), "{expected} in {err}");
         }

@@ -39,6 +39,36 @@ struct Measure {
     state_type: &'static str,
 }
 
+impl Model {
+    /// Measures then derived columns, each `expression AS name`.
+    fn values(&self) -> String {
+        let measures = self
+            .measures
+            .iter()
+            .map(|m| format!("{} AS {}", m.value(), m.column));
+        let derived = self.derived.iter().map(|(e, c)| format!("{e} AS {c}"));
+        measures.chain(derived).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Per measure, its state over the partials, `expr AS column`.
+    fn states(&self) -> Vec<String> {
+        self.measures
+            .iter()
+            .map(|m| format!("{} AS {}", m.state(), m.column))
+            .collect()
+    }
+
+    /// Measures merged from their state columns, then derived columns.
+    fn merged(&self) -> String {
+        let merges = self
+            .measures
+            .iter()
+            .map(|m| format!("{} AS {}", m.merge(), m.column));
+        let derived = self.derived.iter().map(|(e, c)| format!("{e} AS {c}"));
+        merges.chain(derived).collect::<Vec<_>>().join(", ")
+    }
+}
+
 impl Measure {
     fn value(&self) -> String {
         format!("{}{}({})", self.function, self.params, self.argument)
@@ -157,6 +187,54 @@ pub const MODEL_KEYS: [&str; 6] = ["orders", "funnel", "users", "chat", "search"
 /// The `model` of the row carrying a flush's source offset.
 pub const OFFSET_MODEL: &str = "_offset";
 
+/// How the query service reads a model with the views' own expressions:
+/// any grouping over any range, from the partials and the hourly rollup.
+#[derive(Debug, Clone)]
+pub struct ModelColumns {
+    /// (partials column, name) of the dimensions.
+    pub dims: &'static [(&'static str, &'static str)],
+    /// The hourly rollup table (unqualified): `hour`, the dimensions by
+    /// name, a state column per measure, in `measures` order.
+    pub hourly_table: String,
+    pub measures: Vec<MeasureSql>,
+    /// (expression over the measures, name), valid once every measure is
+    /// selected.
+    pub derived: &'static [(&'static str, &'static str)],
+}
+
+/// One measure's expressions, each without its alias.
+#[derive(Debug, Clone)]
+pub struct MeasureSql {
+    /// Its name in the views and its column in the rollup.
+    pub column: &'static str,
+    /// Over the partials.
+    pub value: String,
+    /// Its state over the partials, of the rollup column's type.
+    pub state: String,
+    /// Over the rollup's state column.
+    pub merge: String,
+}
+
+/// The columns of the model `key` (see [`MODEL_KEYS`]).
+pub fn model_columns(key: &str) -> Option<ModelColumns> {
+    let model = MODELS.iter().find(|m| m.key == key)?;
+    Some(ModelColumns {
+        dims: model.dims,
+        hourly_table: format!("{}_per_hour_state", model.name),
+        measures: model
+            .measures
+            .iter()
+            .map(|m| MeasureSql {
+                column: m.column,
+                value: m.value(),
+                state: m.state(),
+                merge: m.merge(),
+            })
+            .collect(),
+        derived: model.derived,
+    })
+}
+
 pub fn migrations(target: &Target) -> Vec<Migration> {
     let partials = target.table(PARTIALS_TABLE);
     let mut views = Vec::new();
@@ -172,18 +250,11 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             .iter()
             .map(|(_, c)| format!(", {c} String"))
             .collect();
-        let derived = model.derived.iter().map(|(e, c)| format!("{e} AS {c}"));
-        let values: Vec<String> = model
-            .measures
-            .iter()
-            .map(|m| format!("{} AS {}", m.value(), m.column))
-            .chain(derived.clone())
-            .collect();
         views.push(format!(
             "CREATE VIEW IF NOT EXISTS {}{} AS SELECT window_start{dims_select}, {} FROM {partials} WHERE model = '{}' GROUP BY window_start{dims_group}",
             target.table(&format!("{}_per_minute", model.name)),
             target.on_cluster(),
-            values.join(", "),
+            model.values(),
             model.key
         ));
         let state_table = format!("{}_per_hour_state", model.name);
@@ -198,11 +269,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             "AggregatingMergeTree()",
             &format!("(hour{dims_group})"),
         ));
-        let state_select: Vec<String> = model
-            .measures
-            .iter()
-            .map(|m| format!("{} AS {}", m.state(), m.column))
-            .collect();
+        let state_select = model.states();
         views.push(format!(
             "CREATE MATERIALIZED VIEW IF NOT EXISTS {}{} TO {} AS SELECT toStartOfHour(window_start) AS hour{dims_select}, {} FROM {partials} WHERE model = '{}' GROUP BY hour{dims_group}",
             target.table(&format!("{}_per_hour_mv", model.name)),
@@ -211,17 +278,11 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             state_select.join(", "),
             model.key
         ));
-        let merges: Vec<String> = model
-            .measures
-            .iter()
-            .map(|m| format!("{} AS {}", m.merge(), m.column))
-            .chain(derived)
-            .collect();
         views.push(format!(
             "CREATE VIEW IF NOT EXISTS {}{} AS SELECT hour{dims_group}, {} FROM {} GROUP BY hour{dims_group}",
             target.table(&format!("{}_per_hour", model.name)),
             target.on_cluster(),
-            merges.join(", "),
+            model.merged(),
             target.table(&state_table)
         ));
     }

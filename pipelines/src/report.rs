@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::ddl::PARTIALS_TABLE;
@@ -17,7 +18,8 @@ pub struct CategoryRevenue {
     pub unique_buyers: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clickhouse::Row)]
+/// Order events per lifecycle stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clickhouse::Row, JsonSchema)]
 pub struct Funnel {
     pub created: i64,
     pub paid: i64,
@@ -27,15 +29,17 @@ pub struct Funnel {
     pub refunded: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row, JsonSchema)]
 pub struct Room {
     pub room_id: String,
     pub messages: i64,
+    /// Distinct users who wrote in the room over the range.
     pub unique_chatters: u64,
+    /// Messages flagged by moderation.
     pub flagged: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row, JsonSchema)]
 pub struct TopQuery {
     pub query: String,
     pub searches: i64,

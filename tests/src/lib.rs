@@ -565,6 +565,7 @@ pub fn bin_dir() -> PathBuf {
         "shopstream-analytics",
         "shopstream-publish",
         "shopstream-check",
+        "shopstream-query",
     ] {
         assert!(
             dir.join(bin).exists(),

@@ -19,6 +19,7 @@ struct State {
     upstream: SocketAddr,
     cut: AtomicUsize,
     cuts_done: AtomicUsize,
+    requests: AtomicUsize,
     acknowledged: broadcast::Sender<String>,
 }
 
@@ -44,6 +45,7 @@ impl ClickHouseProxy {
             upstream,
             cut: AtomicUsize::new(0),
             cuts_done: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
             acknowledged,
         });
         let shared = state.clone();
@@ -79,6 +81,11 @@ impl ClickHouseProxy {
         self.state.cuts_done.load(Ordering::SeqCst)
     }
 
+    /// HTTP requests sent to ClickHouse so far.
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
     /// Announces each insert whose answer reached the client: the request
     /// line, which names the table.
     pub fn acknowledged_inserts(&self) -> broadcast::Receiver<String> {
@@ -99,6 +106,7 @@ async fn relay(client: TcpStream, server: TcpStream, state: Arc<State>) {
     let (mut server_read, mut server_write) = server.into_split();
     let requests: Arc<Mutex<VecDeque<String>>> = Arc::default();
     let seen = requests.clone();
+    let counted = state.clone();
     let upward = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -112,6 +120,7 @@ async fn relay(client: TcpStream, server: TcpStream, state: Arc<State>) {
                 seen.lock()
                     .expect("proxy lock")
                     .push_back(String::from_utf8_lossy(line).into_owned());
+                counted.requests.fetch_add(1, Ordering::SeqCst);
             }
             if server_write.write_all(chunk).await.is_err() {
                 break;

@@ -264,11 +264,13 @@ fn the_image_has_every_binary_and_its_settings_are_valid_configuration() {
         image.exposed,
         BTreeSet::from([
             port(&config.worker.metrics_address),
-            port(&config.analytics.metrics_address)
+            port(&config.analytics.metrics_address),
+            port(&config.query.listen_address)
         ])
     );
     assert!(config.worker.metrics_address.starts_with("0.0.0.0:"));
     assert!(config.analytics.metrics_address.starts_with("0.0.0.0:"));
+    assert!(config.query.listen_address.starts_with("0.0.0.0:"));
 }
 
 /// The binary a command or entrypoint runs.
@@ -325,7 +327,7 @@ fn the_compose_services_run_binaries_of_the_image_with_valid_configuration() {
     }
     assert_eq!(
         ours,
-        BTreeSet::from(["topics", "worker", "analytics", "publisher"].map(String::from))
+        BTreeSet::from(["topics", "worker", "analytics", "query", "publisher"].map(String::from))
     );
     assert_eq!(
         services["topics"]["command"],
@@ -378,6 +380,7 @@ fn the_kubernetes_workloads_match_their_configuration_and_the_catalog() {
     for (name, metrics_address) in [
         ("shopstream-worker", &config.worker.metrics_address),
         ("shopstream-analytics", &config.analytics.metrics_address),
+        ("shopstream-query", &config.query.listen_address),
     ] {
         let pod = &find("Deployment", name)["spec"]["template"]["spec"];
         let container = &pod["containers"][0];
@@ -434,6 +437,10 @@ fn the_kubernetes_workloads_match_their_configuration_and_the_catalog() {
             "shopstream-clickhouse"
         );
 
+        if name == "shopstream-query" {
+            // Stateless, not a consumer: no partition-bound autoscaler.
+            continue;
+        }
         let hpa = &find("HorizontalPodAutoscaler", name)["spec"];
         assert_eq!(hpa["scaleTargetRef"]["name"], name);
         assert_eq!(

@@ -1,0 +1,261 @@
+//! The `/api/v1` handlers and their answer types.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::response::Response;
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::http::json;
+use crate::params::{
+    self, Granularity, NoParams, RangeParams, RevenueParams, SeriesParams, TopParams, UsersParams,
+};
+use pipelines::report::{Funnel as FunnelCounts, Room, TopQuery};
+
+use crate::store::{RevenuePoint, SearchPoint, UsersPoint};
+use crate::App;
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Revenue {
+    /// The range served, epoch seconds, `[from, to)`.
+    pub from: u32,
+    pub to: u32,
+    pub granularity: Granularity,
+    /// By window, then category, then currency.
+    pub points: Vec<RevenuePoint>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Funnel {
+    pub from: u32,
+    pub to: u32,
+    /// Order events per lifecycle stage in the range.
+    pub counts: FunnelCounts,
+    pub conversion: Conversion,
+}
+
+/// Stage-to-stage rates from 0 to 1; null when the earlier stage is 0.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Conversion {
+    pub paid_of_created: Option<f64>,
+    pub shipped_of_paid: Option<f64>,
+    pub delivered_of_shipped: Option<f64>,
+    pub delivered_of_created: Option<f64>,
+    pub cancelled_of_created: Option<f64>,
+    pub refunded_of_delivered: Option<f64>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ActiveUsers {
+    pub from: u32,
+    pub to: u32,
+    pub granularity: Granularity,
+    pub points: Vec<UsersPoint>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BusiestRooms {
+    pub from: u32,
+    pub to: u32,
+    /// Most messages first.
+    pub rooms: Vec<Room>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TopSearches {
+    pub from: u32,
+    pub to: u32,
+    /// Most searched first.
+    pub queries: Vec<TopQuery>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Searches {
+    pub from: u32,
+    pub to: u32,
+    pub granularity: Granularity,
+    /// Over the whole range.
+    pub searches: i64,
+    pub zero_results: i64,
+    /// zero_results / searches; null without searches.
+    pub zero_result_rate: Option<f64>,
+    pub points: Vec<SearchPoint>,
+}
+
+fn rate(part: i64, whole: i64) -> Option<f64> {
+    (whole > 0).then(|| part as f64 / whole as f64)
+}
+
+pub async fn revenue(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let p: RevenueParams = params::parse(query.as_deref())?;
+    let range = SeriesParams {
+        from: p.from,
+        to: p.to,
+        granularity: p.granularity,
+    }
+    .range()?;
+    let category = params::filter("category", p.category)?;
+    let currency = params::filter("currency", p.currency)?;
+    let points = app
+        .store
+        .revenue(
+            range,
+            p.granularity,
+            p.group_by,
+            category.as_deref(),
+            currency.as_deref(),
+        )
+        .await?;
+    Ok(json(
+        &app,
+        &Revenue {
+            from: range.from,
+            to: range.to,
+            granularity: p.granularity,
+            points,
+        },
+    ))
+}
+
+pub async fn funnel(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let p: RangeParams = params::parse(query.as_deref())?;
+    let range = p.range()?;
+    let counts = app.store.funnel(range).await?;
+    let conversion = Conversion {
+        paid_of_created: rate(counts.paid, counts.created),
+        shipped_of_paid: rate(counts.shipped, counts.paid),
+        delivered_of_shipped: rate(counts.delivered, counts.shipped),
+        delivered_of_created: rate(counts.delivered, counts.created),
+        cancelled_of_created: rate(counts.cancelled, counts.created),
+        refunded_of_delivered: rate(counts.refunded, counts.delivered),
+    };
+    Ok(json(
+        &app,
+        &Funnel {
+            from: range.from,
+            to: range.to,
+            counts,
+            conversion,
+        },
+    ))
+}
+
+pub async fn order(
+    State(app): State<App>,
+    Path(order_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let NoParams {} = params::parse(query.as_deref())?;
+    if order_id.is_empty() || order_id.len() > params::MAX_ORDER_ID_LEN {
+        return Err(ApiError::bad_request(
+            Some("order_id"),
+            format!(
+                "order_id: 1 to {} bytes, got {}",
+                params::MAX_ORDER_ID_LEN,
+                order_id.len()
+            ),
+        ));
+    }
+    match app.store.order(&order_id).await? {
+        Some(status) => Ok(json(&app, &status)),
+        None => Err(ApiError::not_found(format!("no order {order_id:?}"))),
+    }
+}
+
+pub async fn active_users(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let p: UsersParams = params::parse(query.as_deref())?;
+    let range = SeriesParams {
+        from: p.from,
+        to: p.to,
+        granularity: p.granularity,
+    }
+    .range()?;
+    let country = params::filter("country", p.country)?;
+    let platform = params::filter("platform", p.platform)?;
+    let points = app
+        .store
+        .active_users(
+            range,
+            p.granularity,
+            country.as_deref(),
+            platform.as_deref(),
+        )
+        .await?;
+    Ok(json(
+        &app,
+        &ActiveUsers {
+            from: range.from,
+            to: range.to,
+            granularity: p.granularity,
+            points,
+        },
+    ))
+}
+
+pub async fn busiest_rooms(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let p: TopParams = params::parse(query.as_deref())?;
+    let range = p.range()?;
+    let limit = params::limit(p.limit)?;
+    let rooms = app.store.busiest_rooms(range, limit).await?;
+    Ok(json(
+        &app,
+        &BusiestRooms {
+            from: range.from,
+            to: range.to,
+            rooms,
+        },
+    ))
+}
+
+pub async fn top_searches(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let p: TopParams = params::parse(query.as_deref())?;
+    let range = p.range()?;
+    let limit = params::limit(p.limit)?;
+    let queries = app.store.top_queries(range, limit).await?;
+    Ok(json(
+        &app,
+        &TopSearches {
+            from: range.from,
+            to: range.to,
+            queries,
+        },
+    ))
+}
+
+pub async fn searches(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let p: SeriesParams = params::parse(query.as_deref())?;
+    let range = p.range()?;
+    let points = app.store.searches(range, p.granularity).await?;
+    let searches = points.iter().map(|p| p.searches).sum();
+    let zero_results = points.iter().map(|p| p.zero_results).sum();
+    Ok(json(
+        &app,
+        &Searches {
+            from: range.from,
+            to: range.to,
+            granularity: p.granularity,
+            searches,
+            zero_results,
+            zero_result_rate: rate(zero_results, searches),
+            points,
+        },
+    ))
+}

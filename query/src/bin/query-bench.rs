@@ -1,0 +1,295 @@
+//! query-bench: latency of every query endpoint over a day of per-minute
+//! read models, measured by wrk (Debian's `wrk` package) against the service
+//! running in this process on ClickHouse.
+//!
+//!   query-bench [--clickhouse-url URL] [--duration-s 10] [--connections 1,8] [--cache]
+//!
+//! By default every request queries ClickHouse (`cache_max_age_s: 0`);
+//! `--cache` measures the service as deployed, reusing answers for 5 s.
+
+#![allow(clippy::print_stdout)]
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context};
+use backbone::config::{ClickHouseSettings, Config, QuerySettings};
+use backbone::shutdown::Shutdown;
+use clap::Parser;
+use query::seed::Seed;
+
+#[derive(Debug, Parser)]
+#[command(name = "query-bench")]
+struct Args {
+    #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    clickhouse_url: String,
+    /// Dropped and recreated unless --keep-data.
+    #[arg(long, default_value = "shopstream_query_bench")]
+    database: String,
+    /// Reuse the data a previous run seeded.
+    #[arg(long)]
+    keep_data: bool,
+    #[arg(long, default_value_t = 1440)]
+    minutes: u32,
+    #[arg(long, default_value_t = 50)]
+    categories: usize,
+    #[arg(long, default_value_t = 200)]
+    rooms: usize,
+    /// Seconds of load per endpoint.
+    #[arg(long, default_value_t = 10)]
+    duration_s: u32,
+    /// Concurrent connections wrk keeps open; each scenario runs at each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8])]
+    connections: Vec<u32>,
+    /// Let the service reuse answers for 5 s (its default) instead of
+    /// querying ClickHouse for every request.
+    #[arg(long)]
+    cache: bool,
+    /// Only the scenarios whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+/// The latency figures wrk prints with --latency.
+#[derive(Debug)]
+struct Figures {
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    requests_per_s: f64,
+    failures: u64,
+}
+
+/// "1.23ms", "850.00us", "1.02s" in milliseconds.
+fn millis(text: &str) -> Option<f64> {
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
+    let value: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => value / 1000.0,
+        "ms" => value,
+        "s" => value * 1000.0,
+        "m" => value * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn parse_wrk(output: &str) -> Option<Figures> {
+    let percentile = |p: &str| {
+        output
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(p))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(millis)
+    };
+    let after = |label: &str| {
+        output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Some(Figures {
+        p50_ms: percentile("50%")?,
+        p90_ms: percentile("90%")?,
+        p99_ms: percentile("99%")?,
+        requests_per_s: after("Requests/sec:")?,
+        failures: after("Non-2xx or 3xx responses:").unwrap_or(0.0) as u64
+            + output
+                .lines()
+                .find(|l| l.contains("Socket errors"))
+                .map_or(0, |_| 1),
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    Command::new("wrk")
+        .arg("--version")
+        .output()
+        .context("wrk is needed: apt-get install wrk")?;
+    let clickhouse = ClickHouseSettings {
+        url: args.clickhouse_url.clone(),
+        database: args.database.clone(),
+        ..ClickHouseSettings::default()
+    };
+    // A day ending at the last whole hour.
+    let now = u32::try_from(consumers::forward::now_ms() / 1000)?;
+    let end = now - now % 3_600;
+    let seed = Seed {
+        start: end - args.minutes * 60,
+        minutes: args.minutes,
+        categories: args.categories,
+        rooms: args.rooms,
+        partitions: 2,
+        orders: 10_000,
+    };
+    if !args.keep_data {
+        let client = consumers::projection::client(&clickhouse, false);
+        client
+            .query(&format!("DROP DATABASE IF EXISTS `{}`", args.database))
+            .execute()
+            .await?;
+        eprintln!(
+            "Seeding {} minutes x {} categories x {} rooms into {} ...",
+            args.minutes, args.categories, args.rooms, args.database
+        );
+        let started = std::time::Instant::now();
+        let rows = seed
+            .write(&clickhouse, |minutes| {
+                if minutes % 240 == 0 {
+                    eprintln!("  {minutes} of {} minutes written", args.minutes);
+                }
+            })
+            .await?;
+        eprintln!(
+            "  {rows} partial rows in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let config = Config {
+        clickhouse,
+        query: QuerySettings {
+            listen_address: "127.0.0.1:0".into(),
+            cache_max_age_s: if args.cache { 5 } else { 0 },
+            ..QuerySettings::default()
+        },
+        ..Config::default()
+    };
+    let shutdown = Shutdown::new();
+    let (bound, address) = tokio::sync::oneshot::channel();
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            query::run(&config, shutdown, move |a| {
+                let _ = bound.send(a);
+            })
+            .await
+        })
+    };
+    let base = format!("http://{}", address.await?);
+    let (day_from, day_to) = (seed.start, end);
+    let hour_from = end - 3_600;
+    let scenarios = [
+        (
+            "revenue, last hour per minute, by category",
+            format!("/api/v1/revenue?from={hour_from}&to={end}"),
+        ),
+        (
+            "revenue, last hour per minute, all categories",
+            format!("/api/v1/revenue?from={hour_from}&to={end}&group_by=none"),
+        ),
+        (
+            "revenue, the day per hour, by category",
+            format!("/api/v1/revenue?from={day_from}&to={day_to}&granularity=hour"),
+        ),
+        (
+            "funnel, the day",
+            format!("/api/v1/funnel?from={day_from}&to={day_to}"),
+        ),
+        (
+            "order status by id",
+            "/api/v1/orders/order-004242".to_owned(),
+        ),
+        (
+            "active users, last hour per minute",
+            format!("/api/v1/active-users?from={hour_from}&to={end}"),
+        ),
+        (
+            "active users, the day per hour",
+            format!("/api/v1/active-users?from={day_from}&to={day_to}&granularity=hour"),
+        ),
+        (
+            "busiest rooms, the day, top 10",
+            format!("/api/v1/chat-rooms/busiest?from={day_from}&to={day_to}"),
+        ),
+        (
+            "top searches, the day, top 10",
+            format!("/api/v1/searches/top?from={day_from}&to={day_to}"),
+        ),
+        (
+            "searches and zero results, the day per minute",
+            format!("/api/v1/searches?from={day_from}&to={day_to}"),
+        ),
+    ];
+    println!(
+        "| endpoint | connections | p50 ms | p90 ms | p99 ms | requests/s | p99 <= 50 ms |\n| --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let mut all_met = true;
+    for (name, path) in scenarios {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|only| !name.contains(only.as_str()))
+        {
+            continue;
+        }
+        for connections in &args.connections {
+            let url = format!("{base}{path}");
+            let output = tokio::task::spawn_blocking({
+                let url = url.clone();
+                let (threads, connections, duration) =
+                    ((*connections).min(2), *connections, args.duration_s);
+                move || {
+                    Command::new("wrk")
+                        .args([
+                            &format!("-t{threads}"),
+                            &format!("-c{connections}"),
+                            &format!("-d{duration}s"),
+                            "--timeout",
+                            "10s",
+                            "--latency",
+                            &url,
+                        ])
+                        .output()
+                }
+            })
+            .await??;
+            let text = String::from_utf8_lossy(&output.stdout);
+            let Some(figures) = parse_wrk(&text) else {
+                bail!("cannot read wrk's output for {url}:\n{text}");
+            };
+            if figures.failures > 0 {
+                bail!("{url}: {} failed requests:\n{text}", figures.failures);
+            }
+            let met = figures.p99_ms <= 50.0;
+            all_met &= met;
+            println!(
+                "| {name} | {connections} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
+                figures.p50_ms,
+                figures.p90_ms,
+                figures.p99_ms,
+                figures.requests_per_s,
+                if met { "met" } else { "**missed**" }
+            );
+        }
+    }
+    shutdown.cancel();
+    server.await??;
+    Ok(all_met)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_latency_output() {
+        let output = "  Latency Distribution\n     50%    1.20ms\n     75%    2.00ms\n     90%  850.00us\n     99%    1.02s\n  1000 requests in 10.00s, 1.00MB read\nRequests/sec:    100.50\n";
+        let figures = parse_wrk(output).expect("parsed");
+        assert_eq!(figures.p50_ms, 1.2);
+        assert_eq!(figures.p90_ms, 0.85);
+        assert_eq!(figures.p99_ms, 1020.0);
+        assert_eq!(figures.requests_per_s, 100.5);
+        assert_eq!(figures.failures, 0);
+    }
+}

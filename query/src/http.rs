@@ -1,0 +1,312 @@
+//! What every answer shares: caching headers with an ETag (a repeated poll
+//! with `If-None-Match` gets a bodiless 304), answers reused while fresh,
+//! request metrics, the probes and the dashboard page.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::App;
+
+/// Upper bounds of the request latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 9] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// A JSON answer with `Cache-Control` and a strong ETag over its bytes.
+pub fn json<T: Serialize>(app: &App, body: &T) -> Response {
+    let bytes = match serde_json::to_vec(body) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
+        }
+    };
+    let etag = format!("\"{:016x}\"", fnv1a(&bytes));
+    let mut response = Response::new(Body::from(bytes));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, value);
+    }
+    if let Ok(value) =
+        HeaderValue::from_str(&format!("public, max-age={}", app.settings.cache_max_age_s))
+    {
+        headers.insert(header::CACHE_CONTROL, value);
+    }
+    response
+}
+
+/// Answers kept for `cache_max_age_s`, by request URI: what a client may
+/// reuse for that long, every client may, so a wall of dashboards costs
+/// ClickHouse one query per endpoint and period.
+#[derive(Debug, Default)]
+pub struct AnswerCache {
+    entries: Mutex<HashMap<String, (Instant, Response<Bytes>)>>,
+    /// One query per URI at a time: when an answer expires under load, the
+    /// requests for it wait for one query instead of all running their own.
+    queries: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Distinct URIs kept at once; past it the stale ones go, then all.
+const CACHE_ENTRIES: usize = 4_096;
+
+impl AnswerCache {
+    fn fresh(&self, key: &str, max_age: Duration) -> Option<Response> {
+        let entries = self.entries.lock().expect("cache lock");
+        let (_, answer) = entries.get(key).filter(|(at, _)| at.elapsed() < max_age)?;
+        let mut response = Response::new(Body::from(answer.body().clone()));
+        *response.headers_mut() = answer.headers().clone();
+        Some(response)
+    }
+
+    fn query_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.queries
+            .lock()
+            .expect("cache lock")
+            .entry(key.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets `key`'s lock once no request holds it.
+    fn release(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut queries = self.queries.lock().expect("cache lock");
+        drop(lock);
+        if queries.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            queries.remove(key);
+        }
+    }
+
+    fn keep(&self, key: String, answer: Response<Bytes>, max_age: Duration) {
+        let mut entries = self.entries.lock().expect("cache lock");
+        if entries.len() >= CACHE_ENTRIES {
+            entries.retain(|_, (at, _)| at.elapsed() < max_age);
+            if entries.len() >= CACHE_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (Instant::now(), answer));
+    }
+}
+
+/// Keeps `response` when it is a successful answer with an ETag.
+async fn keep_answer(app: &App, key: String, response: Response, max_age: Duration) -> Response {
+    if response.status() != StatusCode::OK || !response.headers().contains_key(header::ETAG) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => {
+            app.cache.keep(
+                key,
+                Response::from_parts(parts.clone(), bytes.clone()),
+                max_age,
+            );
+            Response::from_parts(parts, Body::from(bytes))
+        }
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    }
+}
+
+/// Serves a kept answer while it is fresh, keeps new successful ones, and
+/// turns an answer whose ETag the client already has into a bodiless 304.
+pub async fn reuse(State(app): State<App>, request: Request, next: Next) -> Response {
+    let max_age = Duration::from_secs(u64::from(app.settings.cache_max_age_s));
+    let key = request.uri().to_string();
+    let has: Vec<String> = request
+        .headers()
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim().trim_start_matches("W/").to_owned())
+        .collect();
+    let response = if max_age.is_zero() {
+        next.run(request).await
+    } else if let Some(kept) = app.cache.fresh(&key, max_age) {
+        kept
+    } else {
+        let lock = app.cache.query_lock(&key);
+        // Bounded: a hung ClickHouse must not queue requests behind each other.
+        let wait = Duration::from_millis(app.settings.query_timeout_ms);
+        let guard = tokio::time::timeout(wait, lock.lock()).await.ok();
+        let response = match app.cache.fresh(&key, max_age) {
+            Some(kept) => kept,
+            None => keep_answer(&app, key.clone(), next.run(request).await, max_age).await,
+        };
+        drop(guard);
+        app.cache.release(&key, lock);
+        response
+    };
+    let current = response
+        .headers()
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok());
+    match current {
+        Some(etag) if has.iter().any(|tag| tag == "*" || tag == etag) => {
+            let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
+            for name in [header::ETAG, header::CACHE_CONTROL] {
+                if let Some(value) = response.headers().get(&name) {
+                    not_modified.headers_mut().insert(name, value.clone());
+                }
+            }
+            not_modified
+        }
+        _ => response,
+    }
+}
+
+/// FNV-1a, 64 bits: stable across builds, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// One route's latency histogram: bucket counts, count, sum of seconds.
+type Latency = ([u64; LATENCY_BUCKETS.len()], u64, f64);
+
+/// Requests and their latency by route and status.
+#[derive(Debug, Default)]
+pub struct RequestMetrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    latency: Mutex<BTreeMap<String, Latency>>,
+}
+
+impl RequestMetrics {
+    fn observe(&self, route: &str, status: u16, seconds: f64) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .entry((route.to_owned(), status))
+            .or_default() += 1;
+        let mut latency = self.latency.lock().expect("metrics lock");
+        let entry = latency.entry(route.to_owned()).or_default();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                entry.0[i] += 1;
+            }
+        }
+        entry.1 += 1;
+        entry.2 += seconds;
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::from(
+            "# HELP shopstream_query_requests_total Requests answered, by route and status.\n# TYPE shopstream_query_requests_total counter\n",
+        );
+        for ((route, status), n) in self.requests.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "shopstream_query_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP shopstream_query_seconds Time to answer, by route.\n# TYPE shopstream_query_seconds histogram\n");
+        for (route, (buckets, count, sum)) in self.latency.lock().expect("metrics lock").iter() {
+            for (bound, n) in LATENCY_BUCKETS.iter().zip(buckets) {
+                let _ = writeln!(
+                    out,
+                    "shopstream_query_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "shopstream_query_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}\nshopstream_query_seconds_sum{{route=\"{route}\"}} {sum}\nshopstream_query_seconds_count{{route=\"{route}\"}} {count}"
+            );
+        }
+        out
+    }
+}
+
+/// Counts and times every request by its route template (never the raw
+/// path: order ids would make a label per order).
+pub async fn measure(State(app): State<App>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    app.metrics.observe(
+        &route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready when ClickHouse answers.
+pub async fn readyz(State(app): State<App>) -> Response {
+    match app.store.ping().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+pub async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The dashboard: one self-contained page (its script and styles inline,
+/// no fonts or libraries from elsewhere), so it works with no internet.
+pub async fn dashboard(State(app): State<App>) -> Response {
+    let page = include_str!("dashboard.html").replace(
+        "__REFRESH_S__",
+        &app.settings.cache_max_age_s.max(1).to_string(),
+    );
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        page,
+    )
+        .into_response()
+}
+
+/// Unknown paths answer in JSON too.
+pub async fn not_found(request: Request) -> Response {
+    crate::error::ApiError::not_found(format!(
+        "no such endpoint: {}; the API is described at /api/v1/openapi.json",
+        request.uri().path()
+    ))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_is_the_reference_function() {
+        // Test vectors from the FNV reference.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

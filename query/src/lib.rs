@@ -1,0 +1,117 @@
+//! shopstream-query: the read models over a versioned JSON API (`/api/v1`,
+//! described at `/api/v1/openapi.json`), a live dashboard at `/`, and the
+//! probes and metrics every shopstream service has.
+
+pub mod api;
+pub mod error;
+pub mod http;
+pub mod openapi;
+pub mod params;
+pub mod seed;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use backbone::config::{Config, QuerySettings};
+use backbone::shutdown::Shutdown;
+
+use crate::http::{AnswerCache, RequestMetrics};
+use crate::store::Store;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub store: Store,
+    pub settings: Arc<QuerySettings>,
+    pub metrics: Arc<RequestMetrics>,
+    pub cache: Arc<AnswerCache>,
+}
+
+/// The service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    Config(String),
+    #[error("listening on query.listen_address {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("serving HTTP: {0}")]
+    Serve(std::io::Error),
+}
+
+impl App {
+    pub fn new(config: &Config) -> Result<Self, QueryError> {
+        let timeout = Duration::from_millis(config.query.query_timeout_ms);
+        Ok(Self {
+            store: Store::new(&config.clickhouse, timeout).map_err(QueryError::Config)?,
+            settings: Arc::new(config.query.clone()),
+            metrics: Arc::new(RequestMetrics::default()),
+            cache: Arc::new(AnswerCache::default()),
+        })
+    }
+
+    /// Every route: the API from [`openapi::ENDPOINTS`], its document, the
+    /// dashboard and the probes.
+    pub fn router(self) -> Router {
+        let document = Arc::new(openapi::document());
+        let api = openapi::ENDPOINTS
+            .iter()
+            .fold(Router::new(), |router, endpoint| {
+                router.route(endpoint.path, (endpoint.handler)())
+            })
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                http::reuse,
+            ))
+            .route(
+                "/openapi.json",
+                get(move || {
+                    let document = document.clone();
+                    async move { axum::Json(document.as_ref().clone()) }
+                }),
+            );
+        Router::new()
+            .nest(openapi::PREFIX, api)
+            .route("/", get(http::dashboard))
+            .route("/healthz", get(http::healthz))
+            .route("/readyz", get(http::readyz))
+            .route("/metrics", get(http::metrics))
+            .fallback(http::not_found)
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                http::measure,
+            ))
+            .with_state(self)
+    }
+}
+
+/// Binds `query.listen_address` now (a bad or taken address fails at start,
+/// naming the setting) and serves until `shutdown`, then finishes the
+/// requests in flight. `bound` learns the address (useful with port 0).
+pub async fn run(
+    config: &Config,
+    shutdown: Shutdown,
+    bound: impl FnOnce(SocketAddr),
+) -> Result<(), QueryError> {
+    let app = App::new(config)?;
+    let address = &config.query.listen_address;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| QueryError::Listen {
+            address: address.clone(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(QueryError::Serve)?;
+    tracing::info!(address = %local, clickhouse = %config.clickhouse.url, "Serving the query API at /api/v1 and the dashboard at /.");
+    bound(local);
+    axum::serve(listener, app.router())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(QueryError::Serve)
+}

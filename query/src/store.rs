@@ -1,0 +1,510 @@
+//! The read models as the API serves them, read from ClickHouse.
+//!
+//! Reads use the views' own expressions (`pipelines::ddl::model_columns`)
+//! on the tables under the views, so the range goes into the WHERE before
+//! the GROUP BY where the sort keys serve it (ClickHouse 18.16 does not push
+//! a WHERE on a view into the view). Values reach SQL only through `bind`,
+//! which quotes them; identifiers and numbers come from this code or from
+//! the validated database name.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use backbone::config::ClickHouseSettings;
+use consumers::projection::ddl::Target;
+use pipelines::ddl::{model_columns, MeasureSql, PARTIALS_TABLE};
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use pipelines::report::{Funnel, Room, TopQuery};
+
+use crate::error::ApiError;
+use crate::params::{Granularity, RevenueGrouping, TimeRange};
+
+/// ClickHouse and how long it may take.
+#[derive(Clone)]
+pub struct Store {
+    client: clickhouse::Client,
+    target: Target,
+    url: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RevenuePoint {
+    /// Window start, epoch seconds.
+    pub window_start: u32,
+    /// Null when the point adds up every category (`group_by=none`).
+    pub category: Option<String>,
+    pub currency: String,
+    /// Orders created with an item in the category. With `group_by=none`
+    /// an order with items in two categories counts twice: the funnel's
+    /// `created` counts orders once.
+    pub orders: i64,
+    pub items: i64,
+    /// Revenue in minor units (cents) of `currency`.
+    pub revenue_minor: i64,
+    /// Distinct buyers over the window.
+    pub unique_buyers: u64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, JsonSchema, clickhouse::Row)]
+pub struct UsersPoint {
+    pub window_start: u32,
+    /// Distinct users seen in the window.
+    pub unique_users: u64,
+    pub sign_ups: i64,
+    /// Distinct sessions seen in the window.
+    pub sessions: u64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, JsonSchema, clickhouse::Row)]
+pub struct SearchPoint {
+    pub window_start: u32,
+    pub searches: i64,
+    /// Searches that found nothing.
+    pub zero_results: i64,
+    /// 95th percentile of search latency in the window.
+    pub p95_latency_ms: i32,
+    pub mean_latency_ms: f64,
+}
+
+/// One order's current state, from the order-status projection.
+#[derive(Debug, Serialize, JsonSchema, clickhouse::Row, serde::Deserialize)]
+pub struct OrderStatus {
+    pub order_id: String,
+    pub user_id: String,
+    /// created, paid, shipped, delivered, cancelled or refunded.
+    pub status: String,
+    pub currency: String,
+    pub total_minor: i64,
+    pub items_count: u32,
+    /// When the status last changed (event time), epoch milliseconds.
+    pub updated_at_ms: i64,
+}
+
+/// One read of a model: per minute from the partials; per hour or over the
+/// whole range from the hourly rollup for whole hours and the partials for
+/// the ragged edges, so any range is exact and a day reads 24 rows per key
+/// instead of 1,440 per partition.
+struct Read<'a> {
+    model: &'static str,
+    range: TimeRange,
+    /// None: one row per group over the whole range.
+    granularity: Option<Granularity>,
+    /// Dimensions (by name) to group by.
+    group: &'a [&'static str],
+    /// (dimension name, value) to keep.
+    filters: Vec<(&'static str, &'a str)>,
+    /// Keep only these values of a dimension.
+    within: Option<(&'static str, &'a [String])>,
+    /// Measures to compute (all, and the derived columns, when None): a
+    /// distinct count costs far more than a sum.
+    measures: Option<&'a [&'static str]>,
+}
+
+impl<'a> Read<'a> {
+    /// All of `model`'s measures, no grouping or filter.
+    fn new(model: &'static str, range: TimeRange, granularity: Option<Granularity>) -> Self {
+        Self {
+            model,
+            range,
+            granularity,
+            group: &[],
+            filters: Vec::new(),
+            within: None,
+            measures: None,
+        }
+    }
+
+    /// The SELECT (with `t` first when a series, then the grouped dimensions,
+    /// then the model's columns) and its values to bind, in order.
+    fn sql(&self, partials: &str, hourly: impl Fn(&str) -> String) -> (String, Vec<String>) {
+        let columns = model_columns(self.model)
+            .unwrap_or_else(|| panic!("no read model {:?} in pipelines::ddl", self.model));
+        let chosen: Vec<&MeasureSql> = columns
+            .measures
+            .iter()
+            .filter(|m| self.measures.is_none_or(|names| names.contains(&m.column)))
+            .collect();
+        let derived: &[(&str, &str)] = if self.measures.is_none() {
+            columns.derived
+        } else {
+            &[]
+        };
+        let list = |expression: fn(&MeasureSql) -> &str| {
+            chosen
+                .iter()
+                .map(|m| format!("{} AS {}", expression(m), m.column))
+                .chain(derived.iter().map(|(e, c)| format!("{e} AS {c}")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let column_of = |name: &str| {
+            columns
+                .dims
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(c, _)| *c)
+                .unwrap_or_else(|| panic!("{} has no dimension {name}", self.model))
+        };
+        let names: String = self.group.iter().map(|n| format!(", {n}")).collect();
+        let from_partials: String = self
+            .group
+            .iter()
+            .map(|n| format!(", {} AS {n}", column_of(n)))
+            .collect();
+        let marks = |n: usize| vec!["?"; n].join(", ");
+        let mut partial_filters: String = self
+            .filters
+            .iter()
+            .map(|(n, _)| format!(" AND {} = ?", column_of(n)))
+            .collect();
+        let mut hourly_filters: String = self
+            .filters
+            .iter()
+            .map(|(n, _)| format!(" AND {n} = ?"))
+            .collect();
+        let mut values: Vec<String> = self.filters.iter().map(|(_, v)| (*v).to_owned()).collect();
+        if let Some((name, within)) = self.within {
+            partial_filters.push_str(&format!(
+                " AND {} IN ({})",
+                column_of(name),
+                marks(within.len())
+            ));
+            hourly_filters.push_str(&format!(" AND {name} IN ({})", marks(within.len())));
+            values.extend(within.iter().cloned());
+        }
+        let (from, to) = (self.range.from, self.range.to);
+        let in_partials = |a: u32, b: u32| {
+            format!("window_start >= toDateTime({a}) AND window_start < toDateTime({b})")
+        };
+        if self.granularity == Some(Granularity::Minute) {
+            let sql = format!(
+                "SELECT toUInt32(window_start) AS t{from_partials}, {} FROM {partials} \
+                 WHERE model = '{}' AND {}{partial_filters} GROUP BY t{names}",
+                list(|m| &m.value),
+                self.model,
+                in_partials(from, to)
+            );
+            return (sql, values);
+        }
+        // Whole hours inside the range come from the rollup.
+        let (first_hour, last_hour) = (from.div_ceil(3_600) * 3_600, to / 3_600 * 3_600);
+        let mut parts = Vec::new();
+        let mut binds = Vec::new();
+        let mut edges = Vec::new();
+        if first_hour < last_hour {
+            parts.push(format!(
+                "SELECT hour AS h{names}, {} FROM {} \
+                 WHERE hour >= toDateTime({first_hour}) AND hour < toDateTime({last_hour}){hourly_filters}",
+                chosen.iter().map(|m| m.column).collect::<Vec<_>>().join(", "),
+                hourly(&columns.hourly_table)
+            ));
+            binds.extend(values.iter().cloned());
+            if from < first_hour {
+                edges.push(in_partials(from, first_hour));
+            }
+            if last_hour < to {
+                edges.push(in_partials(last_hour, to));
+            }
+        } else {
+            edges.push(in_partials(from, to));
+        }
+        if !edges.is_empty() {
+            parts.push(format!(
+                "SELECT toStartOfHour(window_start) AS h{from_partials}, {} FROM {partials} \
+                 WHERE model = '{}' AND (({})){partial_filters} GROUP BY h{names}",
+                chosen
+                    .iter()
+                    .map(|m| format!("{} AS {}", m.state, m.column))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.model,
+                edges.join(") OR (")
+            ));
+            binds.extend(values.iter().cloned());
+        }
+        let (time, group) = match self.granularity {
+            Some(_) => ("toUInt32(h) AS t, ", format!(" GROUP BY t{names}")),
+            None if self.group.is_empty() => ("", String::new()),
+            None => ("", format!(" GROUP BY {}", self.group.join(", "))),
+        };
+        let sql = format!(
+            "SELECT {time}{}{} FROM ({}){group}",
+            self.group
+                .iter()
+                .map(|n| format!("{n}, "))
+                .collect::<String>(),
+            list(|m| &m.merge),
+            parts.join(" UNION ALL ")
+        );
+        (sql, binds)
+    }
+}
+
+impl Store {
+    pub fn new(settings: &ClickHouseSettings, timeout: Duration) -> Result<Self, String> {
+        let target = Target::new(&settings.database, None)
+            .map_err(|e| format!("clickhouse.database: {e}"))?;
+        let client = consumers::projection::client(settings, false)
+            // ClickHouse stops the query itself too, not just our wait.
+            .with_setting("max_execution_time", timeout.as_secs().max(1).to_string());
+        Ok(Self {
+            client,
+            target,
+            url: settings.url.clone(),
+            timeout,
+        })
+    }
+
+    /// Runs `query` within the timeout, turning failures into 503s that say
+    /// what happened.
+    async fn run<T>(
+        &self,
+        what: &str,
+        query: impl std::future::Future<Output = clickhouse::error::Result<T>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(self.timeout, query).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(error)) => Err(self.failure(what, &error)),
+            Err(_) => Err(ApiError::unavailable(
+                "clickhouse_timeout",
+                format!(
+                    "ClickHouse at {} did not answer the {what} query within {} ms",
+                    self.url,
+                    self.timeout.as_millis()
+                ),
+            )),
+        }
+    }
+
+    fn failure(&self, what: &str, error: &clickhouse::error::Error) -> ApiError {
+        tracing::warn!(%error, what, "ClickHouse query failed.");
+        match error {
+            clickhouse::error::Error::Network(_) => ApiError::unavailable(
+                "clickhouse_unavailable",
+                format!("ClickHouse at {} is unreachable: {error}", self.url),
+            ),
+            clickhouse::error::Error::BadResponse(text) if text.contains("Code: 60") => {
+                ApiError::unavailable(
+                    "clickhouse_error",
+                    format!(
+                        "the read models are not in ClickHouse yet (start shopstream-analytics and shopstream-worker once to create them): {text}"
+                    ),
+                )
+            }
+            _ => ApiError::unavailable(
+                "clickhouse_error",
+                format!("ClickHouse could not answer the {what} query: {error}"),
+            ),
+        }
+    }
+
+    /// `read` wrapped as `SELECT {outer} FROM (read) {tail}`, values bound.
+    fn query(&self, read: &Read<'_>, outer: &str, tail: &str) -> clickhouse::query::Query {
+        let (inner, binds) = read.sql(&self.target.table(PARTIALS_TABLE), |table| {
+            self.target.table(table)
+        });
+        let sql = format!("SELECT {outer} FROM ({inner}) {tail}");
+        binds
+            .iter()
+            .fold(self.client.query(&sql), |query, value| query.bind(value))
+    }
+
+    /// Answers `SELECT 1`: whether ClickHouse is there.
+    pub async fn ping(&self) -> Result<(), ApiError> {
+        self.run("readiness", self.client.query("SELECT 1").fetch_one::<u8>())
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn revenue(
+        &self,
+        range: TimeRange,
+        granularity: Granularity,
+        grouping: RevenueGrouping,
+        category: Option<&str>,
+        currency: Option<&str>,
+    ) -> Result<Vec<RevenuePoint>, ApiError> {
+        let (group, category_column): (&[&str], &str) = match grouping {
+            RevenueGrouping::Category => (&["category", "currency"], "category"),
+            RevenueGrouping::None => (&["currency"], "'' AS category"),
+        };
+        let read = Read {
+            group,
+            filters: [("category", category), ("currency", currency)]
+                .into_iter()
+                .filter_map(|(n, v)| v.map(|v| (n, v)))
+                .collect(),
+            ..Read::new("orders", range, Some(granularity))
+        };
+        let query = self.query(
+            &read,
+            &format!("t, {category_column}, currency, orders, items, revenue_minor, unique_buyers"),
+            "ORDER BY t, category, currency",
+        );
+        let rows = self
+            .run(
+                "revenue",
+                query.fetch_all::<(u32, String, String, i64, i64, i64, u64)>(),
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    window_start,
+                    category,
+                    currency,
+                    orders,
+                    items,
+                    revenue_minor,
+                    unique_buyers,
+                )| {
+                    RevenuePoint {
+                        window_start,
+                        category: (grouping == RevenueGrouping::Category).then_some(category),
+                        currency,
+                        orders,
+                        items,
+                        revenue_minor,
+                        unique_buyers,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    pub async fn funnel(&self, range: TimeRange) -> Result<Funnel, ApiError> {
+        let read = Read::new("funnel", range, None);
+        let query = self.query(
+            &read,
+            "created, paid, shipped, delivered, cancelled, refunded",
+            "",
+        );
+        self.run("funnel", query.fetch_one::<Funnel>()).await
+    }
+
+    pub async fn active_users(
+        &self,
+        range: TimeRange,
+        granularity: Granularity,
+        country: Option<&str>,
+        platform: Option<&str>,
+    ) -> Result<Vec<UsersPoint>, ApiError> {
+        let read = Read {
+            filters: [("country", country), ("platform", platform)]
+                .into_iter()
+                .filter_map(|(n, v)| v.map(|v| (n, v)))
+                .collect(),
+            ..Read::new("users", range, Some(granularity))
+        };
+        let query = self.query(&read, "t, unique_users, sign_ups, sessions", "ORDER BY t");
+        self.run("active users", query.fetch_all::<UsersPoint>())
+            .await
+    }
+
+    /// In two reads: the top rooms by messages (sums only), then their
+    /// distinct chatters; over a day of 200 rooms the distinct counts of
+    /// every room cost more than ten times as much.
+    pub async fn busiest_rooms(&self, range: TimeRange, limit: u32) -> Result<Vec<Room>, ApiError> {
+        let sums = Read {
+            group: &["room_id"],
+            measures: Some(&["messages", "flagged"]),
+            ..Read::new("chat", range, None)
+        };
+        let query = self
+            .query(
+                &sums,
+                "room_id, messages, flagged",
+                "ORDER BY messages DESC, room_id LIMIT ?",
+            )
+            .bind(limit);
+        let top = self
+            .run("busiest rooms", query.fetch_all::<(String, i64, i64)>())
+            .await?;
+        if top.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = top.iter().map(|(id, _, _)| id.clone()).collect();
+        let distinct = Read {
+            group: &["room_id"],
+            within: Some(("room_id", &ids)),
+            measures: Some(&["unique_chatters"]),
+            ..Read::new("chat", range, None)
+        };
+        let query = self.query(&distinct, "room_id, unique_chatters", "");
+        let chatters: HashMap<String, u64> = self
+            .run(
+                "busiest rooms' chatters",
+                query.fetch_all::<(String, u64)>(),
+            )
+            .await?
+            .into_iter()
+            .collect();
+        Ok(top
+            .into_iter()
+            .map(|(room_id, messages, flagged)| Room {
+                unique_chatters: chatters.get(&room_id).copied().unwrap_or(0),
+                room_id,
+                messages,
+                flagged,
+            })
+            .collect())
+    }
+
+    pub async fn top_queries(
+        &self,
+        range: TimeRange,
+        limit: u32,
+    ) -> Result<Vec<TopQuery>, ApiError> {
+        let read = Read {
+            group: &["query"],
+            ..Read::new("queries", range, None)
+        };
+        let query = self
+            .query(
+                &read,
+                "query, searches",
+                "ORDER BY searches DESC, query LIMIT ?",
+            )
+            .bind(limit);
+        self.run("top searches", query.fetch_all::<TopQuery>())
+            .await
+    }
+
+    pub async fn searches(
+        &self,
+        range: TimeRange,
+        granularity: Granularity,
+    ) -> Result<Vec<SearchPoint>, ApiError> {
+        let read = Read::new("search", range, Some(granularity));
+        let query = self.query(
+            &read,
+            "t, searches, zero_results, toInt32(p95_latency_ms), toFloat64(mean_latency_ms)",
+            "ORDER BY t",
+        );
+        self.run("searches", query.fetch_all::<SearchPoint>()).await
+    }
+
+    pub async fn order(&self, order_id: &str) -> Result<Option<OrderStatus>, ApiError> {
+        let sql = format!(
+            "SELECT order_id, user_id, status, currency, total_minor, items_count, updated_at_ms \
+             FROM {} FINAL WHERE order_id = ? LIMIT 1",
+            self.target.table("order_status")
+        );
+        let query = self.client.query(&sql).bind(order_id);
+        self.run("order status", query.fetch_optional::<OrderStatus>())
+            .await
+    }
+}
