@@ -113,6 +113,10 @@ fn now_s() -> u32 {
         .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
+/// Latest time accepted: 2100-01-01, well inside ClickHouse's DateTime
+/// (which ends in 2106) with room for whole-hour arithmetic.
+const LATEST_S: u32 = 4_102_444_800;
+
 /// Epoch seconds, or an RFC 3339 time such as `2026-11-30T12:00:00Z`.
 fn instant(parameter: &str, text: &str) -> Result<u32, ApiError> {
     let bad = |why: &str| {
@@ -123,14 +127,20 @@ fn instant(parameter: &str, text: &str) -> Result<u32, ApiError> {
             ),
         )
     };
-    if let Ok(seconds) = text.parse::<i64>() {
-        return u32::try_from(seconds).map_err(|_| bad("is out of range (1970 to 2106)"));
-    }
-    let time = humantime::parse_rfc3339_weak(text).map_err(|_| bad("is not a time"))?;
-    let seconds = time
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| bad("is before 1970"))?;
-    u32::try_from(seconds.as_secs()).map_err(|_| bad("is out of range (1970 to 2106)"))
+    let seconds = match text.parse::<i64>() {
+        Ok(seconds) => seconds,
+        Err(_) => {
+            let time = humantime::parse_rfc3339_weak(text).map_err(|_| bad("is not a time"))?;
+            let since = time
+                .duration_since(UNIX_EPOCH)
+                .map_err(|_| bad("is out of range (1970 to 2100)"))?;
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        }
+    };
+    u32::try_from(seconds)
+        .ok()
+        .filter(|s| *s <= LATEST_S)
+        .ok_or_else(|| bad("is out of range (1970 to 2100)"))
 }
 
 /// A filter value: bound as a parameter, but bounded in length too.
@@ -305,6 +315,9 @@ mod tests {
         assert!(message(long).contains("at most 172800 s (2 days)"));
         let negative = TimeRange::parse(Some("-5"), None, MAX_RANGE_S).expect_err("negative");
         assert!(message(negative).contains("out of range"));
+        let late =
+            TimeRange::parse(None, Some("2106-01-01T00:00:00Z"), MAX_RANGE_S).expect_err("late");
+        assert!(message(late).contains("out of range (1970 to 2100)"));
     }
 
     #[test]

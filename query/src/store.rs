@@ -8,7 +8,8 @@
 //! the validated database name.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use backbone::config::ClickHouseSettings;
 use consumers::projection::ddl::Target;
@@ -28,6 +29,9 @@ pub struct Store {
     target: Target,
     url: String,
     timeout: Duration,
+    /// Seconds past a UTC hour at which the server's hours start, and when
+    /// it was asked (time zones change their offsets, rarely).
+    hour_offset: Arc<Mutex<Option<(Instant, u32)>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -92,6 +96,9 @@ pub struct OrderStatus {
     pub updated_at_ms: i64,
 }
 
+/// How long the server's hour offset is trusted.
+const HOUR_OFFSET_TTL: Duration = Duration::from_secs(600);
+
 /// One read of a model: per minute from the partials; per hour or over the
 /// whole range from the hourly rollup for whole hours and the partials for
 /// the ragged edges, so any range is exact and a day reads 24 rows per key
@@ -128,7 +135,12 @@ impl<'a> Read<'a> {
 
     /// The SELECT (with `t` first when a series, then the grouped dimensions,
     /// then the model's columns) and its values to bind, in order.
-    fn sql(&self, partials: &str, hourly: impl Fn(&str) -> String) -> (String, Vec<String>) {
+    fn sql(
+        &self,
+        partials: &str,
+        hourly: impl Fn(&str) -> String,
+        hour_offset: u32,
+    ) -> (String, Vec<String>) {
         let columns = model_columns(self.model)
             .unwrap_or_else(|| panic!("no read model {:?} in pipelines::ddl", self.model));
         let chosen: Vec<&MeasureSql> = columns
@@ -185,24 +197,33 @@ impl<'a> Read<'a> {
             values.extend(within.iter().cloned());
         }
         let (from, to) = (self.range.from, self.range.to);
-        let in_partials = |a: u32, b: u32| {
-            format!("window_start >= toDateTime({a}) AND window_start < toDateTime({b})")
-        };
         if self.granularity == Some(Granularity::Minute) {
             let sql = format!(
                 "SELECT toUInt32(window_start) AS t{from_partials}, {} FROM {partials} \
-                 WHERE model = '{}' AND {}{partial_filters} GROUP BY t{names}",
+                 WHERE model = '{}' AND window_start >= toDateTime({from}) \
+                 AND window_start < toDateTime({to}){partial_filters} GROUP BY t{names}",
                 list(|m| &m.value),
                 self.model,
-                in_partials(from, to)
             );
             return (sql, values);
         }
-        // Whole hours inside the range come from the rollup.
-        let (first_hour, last_hour) = (from.div_ceil(3_600) * 3_600, to / 3_600 * 3_600);
+        // Whole hours inside the range come from the rollup, the ragged ends
+        // from the partials; either part may be empty. The rollup's hours
+        // start where the server's time zone starts them (`toStartOfHour`),
+        // `hour_offset` seconds past a UTC hour (1,800 at UTC+5:30).
+        let (from, to, offset) = (u64::from(from), u64::from(to), u64::from(hour_offset));
+        let hour_of =
+            |t: u64| ((t + 3_600 - offset) / 3_600 * 3_600 + offset).saturating_sub(3_600);
+        let first_hour = if hour_of(from) == from {
+            from
+        } else {
+            hour_of(from) + 3_600
+        };
+        let last_hour = hour_of(to);
+        // Each part only when its range is not empty: an empty range still
+        // costs ClickHouse 18.16 a scan of the model's index.
         let mut parts = Vec::new();
-        let mut binds = Vec::new();
-        let mut edges = Vec::new();
+        let mut binds: Vec<String> = Vec::new();
         if first_hour < last_hour {
             parts.push(format!(
                 "SELECT hour AS h{names}, {} FROM {} \
@@ -211,26 +232,25 @@ impl<'a> Read<'a> {
                 hourly(&columns.hourly_table)
             ));
             binds.extend(values.iter().cloned());
-            if from < first_hour {
-                edges.push(in_partials(from, first_hour));
-            }
-            if last_hour < to {
-                edges.push(in_partials(last_hour, to));
-            }
-        } else {
-            edges.push(in_partials(from, to));
         }
+        let edges: Vec<String> = [(from, first_hour.min(to)), (last_hour.max(first_hour), to)]
+            .into_iter()
+            .filter(|(a, b)| a < b)
+            .map(|(a, b)| {
+                format!("(window_start >= toDateTime({a}) AND window_start < toDateTime({b}))")
+            })
+            .collect();
         if !edges.is_empty() {
             parts.push(format!(
                 "SELECT toStartOfHour(window_start) AS h{from_partials}, {} FROM {partials} \
-                 WHERE model = '{}' AND (({})){partial_filters} GROUP BY h{names}",
+                 WHERE model = '{}' AND ({}){partial_filters} GROUP BY h{names}",
                 chosen
                     .iter()
                     .map(|m| format!("{} AS {}", m.state, m.column))
                     .collect::<Vec<_>>()
                     .join(", "),
                 self.model,
-                edges.join(") OR (")
+                edges.join(" OR "),
             ));
             binds.extend(values.iter().cloned());
         }
@@ -264,6 +284,7 @@ impl Store {
             target,
             url: settings.url.clone(),
             timeout,
+            hour_offset: Arc::default(),
         })
     }
 
@@ -310,15 +331,45 @@ impl Store {
         }
     }
 
+    /// Where the server's hours start past a UTC hour, asked every 10
+    /// minutes.
+    async fn hour_offset(&self) -> Result<u32, ApiError> {
+        let known = *self.hour_offset.lock().expect("offset lock");
+        if let Some((_, offset)) = known.filter(|(at, _)| at.elapsed() < HOUR_OFFSET_TTL) {
+            return Ok(offset);
+        }
+        let offset = self
+            .run(
+                "time zone",
+                self.client
+                    .query("SELECT toUInt32(toUInt32(toStartOfHour(now())) % 3600)")
+                    .fetch_one::<u32>(),
+            )
+            .await?;
+        *self.hour_offset.lock().expect("offset lock") = Some((Instant::now(), offset));
+        Ok(offset)
+    }
+
     /// `read` wrapped as `SELECT {outer} FROM (read) {tail}`, values bound.
-    fn query(&self, read: &Read<'_>, outer: &str, tail: &str) -> clickhouse::query::Query {
-        let (inner, binds) = read.sql(&self.target.table(PARTIALS_TABLE), |table| {
-            self.target.table(table)
-        });
+    async fn query(
+        &self,
+        read: &Read<'_>,
+        outer: &str,
+        tail: &str,
+    ) -> Result<clickhouse::query::Query, ApiError> {
+        let hour_offset = match read.granularity {
+            Some(Granularity::Minute) => 0,
+            _ => self.hour_offset().await?,
+        };
+        let (inner, binds) = read.sql(
+            &self.target.table(PARTIALS_TABLE),
+            |table| self.target.table(table),
+            hour_offset,
+        );
         let sql = format!("SELECT {outer} FROM ({inner}) {tail}");
-        binds
+        Ok(binds
             .iter()
-            .fold(self.client.query(&sql), |query, value| query.bind(value))
+            .fold(self.client.query(&sql), |query, value| query.bind(value)))
     }
 
     /// Answers `SELECT 1`: whether ClickHouse is there.
@@ -348,11 +399,15 @@ impl Store {
                 .collect(),
             ..Read::new("orders", range, Some(granularity))
         };
-        let query = self.query(
-            &read,
-            &format!("t, {category_column}, currency, orders, items, revenue_minor, unique_buyers"),
-            "ORDER BY t, category, currency",
-        );
+        let query = self
+            .query(
+                &read,
+                &format!(
+                    "t, {category_column}, currency, orders, items, revenue_minor, unique_buyers"
+                ),
+                "ORDER BY t, category, currency",
+            )
+            .await?;
         let rows = self
             .run(
                 "revenue",
@@ -387,11 +442,13 @@ impl Store {
 
     pub async fn funnel(&self, range: TimeRange) -> Result<Funnel, ApiError> {
         let read = Read::new("funnel", range, None);
-        let query = self.query(
-            &read,
-            "created, paid, shipped, delivered, cancelled, refunded",
-            "",
-        );
+        let query = self
+            .query(
+                &read,
+                "created, paid, shipped, delivered, cancelled, refunded",
+                "",
+            )
+            .await?;
         self.run("funnel", query.fetch_one::<Funnel>()).await
     }
 
@@ -409,7 +466,9 @@ impl Store {
                 .collect(),
             ..Read::new("users", range, Some(granularity))
         };
-        let query = self.query(&read, "t, unique_users, sign_ups, sessions", "ORDER BY t");
+        let query = self
+            .query(&read, "t, unique_users, sign_ups, sessions", "ORDER BY t")
+            .await?;
         self.run("active users", query.fetch_all::<UsersPoint>())
             .await
     }
@@ -429,6 +488,7 @@ impl Store {
                 "room_id, messages, flagged",
                 "ORDER BY messages DESC, room_id LIMIT ?",
             )
+            .await?
             .bind(limit);
         let top = self
             .run("busiest rooms", query.fetch_all::<(String, i64, i64)>())
@@ -443,7 +503,9 @@ impl Store {
             measures: Some(&["unique_chatters"]),
             ..Read::new("chat", range, None)
         };
-        let query = self.query(&distinct, "room_id, unique_chatters", "");
+        let query = self
+            .query(&distinct, "room_id, unique_chatters", "")
+            .await?;
         let chatters: HashMap<String, u64> = self
             .run(
                 "busiest rooms' chatters",
@@ -478,6 +540,7 @@ impl Store {
                 "query, searches",
                 "ORDER BY searches DESC, query LIMIT ?",
             )
+            .await?
             .bind(limit);
         self.run("top searches", query.fetch_all::<TopQuery>())
             .await
@@ -489,11 +552,13 @@ impl Store {
         granularity: Granularity,
     ) -> Result<Vec<SearchPoint>, ApiError> {
         let read = Read::new("search", range, Some(granularity));
-        let query = self.query(
-            &read,
-            "t, searches, zero_results, toInt32(p95_latency_ms), toFloat64(mean_latency_ms)",
-            "ORDER BY t",
-        );
+        let query = self
+            .query(
+                &read,
+                "t, searches, zero_results, toInt32(p95_latency_ms), toFloat64(mean_latency_ms)",
+                "ORDER BY t",
+            )
+            .await?;
         self.run("searches", query.fetch_all::<SearchPoint>()).await
     }
 
@@ -506,5 +571,59 @@ impl Store {
         let query = self.client.query(&sql).bind(order_id);
         self.run("order status", query.fetch_optional::<OrderStatus>())
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_hours_are_the_servers_own_and_the_edges_the_rest() {
+        let day = 1_795_996_800; // 2026-11-30T00:00:00Z
+        let (from, to) = (day + 10 * 3_600 + 600, day + 13 * 3_600);
+        let read = Read::new("funnel", TimeRange { from, to }, None);
+        // A server at UTC+5:30 starts its hours at half past.
+        let (sql, _) = read.sql("p", str::to_owned, 1_800);
+        let (half_past_10, half_past_12) = (day + 10 * 3_600 + 1_800, day + 12 * 3_600 + 1_800);
+        assert!(
+            sql.contains(&format!(
+                "hour >= toDateTime({half_past_10}) AND hour < toDateTime({half_past_12})"
+            )),
+            "{sql}"
+        );
+        assert!(sql.contains(&format!("(window_start >= toDateTime({from}) AND window_start < toDateTime({half_past_10}))")), "{sql}");
+        assert!(
+            sql.contains(&format!(
+                "(window_start >= toDateTime({half_past_12}) AND window_start < toDateTime({to}))"
+            )),
+            "{sql}"
+        );
+        // At UTC the same range splits at 11:00 and 13:00.
+        let (sql, _) = read.sql("p", str::to_owned, 0);
+        assert!(
+            sql.contains(&format!(
+                "hour >= toDateTime({}) AND hour < toDateTime({to})",
+                day + 11 * 3_600
+            )),
+            "{sql}"
+        );
+        // Inside one hour: no whole hour, the whole range from the partials.
+        let inside = Read::new(
+            "funnel",
+            TimeRange {
+                from,
+                to: from + 600,
+            },
+            None,
+        );
+        let (sql, _) = inside.sql("p", str::to_owned, 0);
+        assert!(
+            sql.contains(&format!(
+                "(window_start >= toDateTime({from}) AND window_start < toDateTime({}))",
+                from + 600
+            )),
+            "{sql}"
+        );
     }
 }
