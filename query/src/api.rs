@@ -91,12 +91,7 @@ pub async fn revenue(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let p: RevenueParams = params::parse(query.as_deref())?;
-    let range = SeriesParams {
-        from: p.from,
-        to: p.to,
-        granularity: p.granularity,
-    }
-    .range()?;
+    let range = p.granularity.range(p.from.as_deref(), p.to.as_deref())?;
     let category = params::filter("category", p.category)?;
     let currency = params::filter("currency", p.currency)?;
     let points = app
@@ -173,12 +168,7 @@ pub async fn active_users(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let p: UsersParams = params::parse(query.as_deref())?;
-    let range = SeriesParams {
-        from: p.from,
-        to: p.to,
-        granularity: p.granularity,
-    }
-    .range()?;
+    let range = p.granularity.range(p.from.as_deref(), p.to.as_deref())?;
     let country = params::filter("country", p.country)?;
     let platform = params::filter("platform", p.platform)?;
     let points = app
@@ -205,9 +195,7 @@ pub async fn busiest_rooms(
     State(app): State<App>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let p: TopParams = params::parse(query.as_deref())?;
-    let range = p.range()?;
-    let limit = params::limit(p.limit)?;
+    let (range, limit) = params::parse::<TopParams>(query.as_deref())?.resolve()?;
     let rooms = app.store.busiest_rooms(range, limit).await?;
     Ok(json(
         &app,
@@ -223,9 +211,7 @@ pub async fn top_searches(
     State(app): State<App>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let p: TopParams = params::parse(query.as_deref())?;
-    let range = p.range()?;
-    let limit = params::limit(p.limit)?;
+    let (range, limit) = params::parse::<TopParams>(query.as_deref())?.resolve()?;
     let queries = app.store.top_queries(range, limit).await?;
     Ok(json(
         &app,

@@ -12,6 +12,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
+use backbone::config::QuerySettings;
 use serde::Serialize;
 
 use crate::App;
@@ -272,22 +274,32 @@ pub async fn metrics(State(app): State<App>) -> Response {
 
 /// The dashboard: one self-contained page (its script and styles inline,
 /// no fonts or libraries from elsewhere), so it works with no internet.
-pub async fn dashboard(State(app): State<App>) -> Response {
-    let page = include_str!("dashboard.html").replace(
+pub fn dashboard_page(settings: &QuerySettings) -> String {
+    include_str!("dashboard.html").replace(
         "__REFRESH_S__",
-        &app.settings.cache_max_age_s.max(1).to_string(),
-    );
-    (
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        ],
-        page,
+        &settings.cache_max_age_s.max(1).to_string(),
     )
-        .into_response()
+}
+
+/// A `GET` answering the same bytes every time, made once.
+pub fn fixed(
+    content_type: &'static str,
+    cache_control: Option<&'static str>,
+    body: impl Into<Bytes>,
+) -> MethodRouter<App> {
+    let body: Bytes = body.into();
+    get(move || {
+        let body = body.clone();
+        async move {
+            let mut response = Response::new(Body::from(body));
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            if let Some(value) = cache_control {
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
+            }
+            response
+        }
+    })
 }
 
 /// Unknown paths answer in JSON too.

@@ -59,7 +59,7 @@ impl App {
     /// Every route: the API from [`openapi::ENDPOINTS`], its document, the
     /// dashboard and the probes.
     pub fn router(self) -> Router {
-        let document = Arc::new(openapi::document());
+        let document = serde_json::to_vec(&openapi::document()).unwrap_or_default();
         let api = openapi::ENDPOINTS
             .iter()
             .fold(Router::new(), |router, endpoint| {
@@ -71,14 +71,18 @@ impl App {
             ))
             .route(
                 "/openapi.json",
-                get(move || {
-                    let document = document.clone();
-                    async move { axum::Json(document.as_ref().clone()) }
-                }),
+                http::fixed("application/json", None, document),
             );
         Router::new()
             .nest(openapi::PREFIX, api)
-            .route("/", get(http::dashboard))
+            .route(
+                "/",
+                http::fixed(
+                    "text/html; charset=utf-8",
+                    Some("no-cache"),
+                    http::dashboard_page(&self.settings),
+                ),
+            )
             .route("/healthz", get(http::healthz))
             .route("/readyz", get(http::readyz))
             .route("/metrics", get(http::metrics))

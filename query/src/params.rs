@@ -60,11 +60,14 @@ impl Granularity {
         }
     }
 
-    fn max_range_s(self) -> u32 {
-        match self {
+    /// `from` and `to` as given, checked against this granularity's longest
+    /// range.
+    pub fn range(self, from: Option<&str>, to: Option<&str>) -> Result<TimeRange, ApiError> {
+        let max_s = match self {
             Self::Minute => MAX_MINUTE_RANGE_S,
             Self::Hour => MAX_RANGE_S,
-        }
+        };
+        TimeRange::parse(from, to, max_s)
     }
 }
 
@@ -187,11 +190,8 @@ pub struct SeriesParams {
 
 impl SeriesParams {
     pub fn range(&self) -> Result<TimeRange, ApiError> {
-        TimeRange::parse(
-            self.from.as_deref(),
-            self.to.as_deref(),
-            self.granularity.max_range_s(),
-        )
+        self.granularity
+            .range(self.from.as_deref(), self.to.as_deref())
     }
 }
 
@@ -271,8 +271,10 @@ pub struct TopParams {
 }
 
 impl TopParams {
-    pub fn range(&self) -> Result<TimeRange, ApiError> {
-        TimeRange::parse(self.from.as_deref(), self.to.as_deref(), MAX_RANGE_S)
+    /// The range and the limit.
+    pub fn resolve(&self) -> Result<(TimeRange, u32), ApiError> {
+        let range = TimeRange::parse(self.from.as_deref(), self.to.as_deref(), MAX_RANGE_S)?;
+        Ok((range, limit(self.limit)?))
     }
 }
 
