@@ -15,3 +15,20 @@ wait_for() {
   for _ in $(seq $((limit * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
   echo "$what did not come up within ${limit}s" >&2; return 1
 }
+# interruptible COMMAND...: runs COMMAND and waits for it, in a way that lets
+# the caller's INT/TERM trap fire at once. Bash defers a trap while a
+# foreground child runs, and runs it afterwards only if the child died of the
+# signal; a child that handles ctrl-c and exits 0 (shopstream-publish drains)
+# would let the script carry on. A background child is waited on instead:
+# `wait` returns as soon as a trapped signal arrives. Without job control the
+# child ignores SIGINT, so the trap's cleanup must stop it: its pid is in
+# $interruptible_pid while it runs.
+interruptible_pid=
+interruptible() {
+  "$@" &
+  interruptible_pid=$!
+  local code=0
+  wait "$interruptible_pid" || code=$?
+  interruptible_pid=
+  return "$code"
+}

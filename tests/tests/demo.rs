@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -112,12 +112,88 @@ async fn the_demo_runs_every_process_prints_the_report_and_stops_them() {
     assert_eq!(processes_under(tmp.path()), Vec::<String>::new());
 }
 
-#[test]
-fn ctrl_c_stops_every_process_the_demo_started() {
-    let tmp = tempfile::tempdir().unwrap();
-    // Its own ClickHouse too, so ctrl-c has a server to stop.
-    let mut child = demo(tmp.path())
-        .env("DEMO_DURATION", "10m")
+/// Where ctrl-c lands in the demo, and how the test holds the demo there so
+/// the signal cannot arrive a phase too early or too late.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// `shopstream-topics serve` is starting (held by its wrapper).
+    Provisioning,
+    /// The worker is starting and not ready (held by its wrapper).
+    StartUp,
+    /// `shopstream-publish` runs for ten minutes.
+    Publishing,
+    /// The worker holds every record in a batch that lingers for ten
+    /// minutes, so the demo waits for it.
+    Waiting,
+    /// `shopstream-analytics report` is running (held by its wrapper).
+    Report,
+}
+
+/// A copy of the binaries' directory where `binary`, when its arguments
+/// contain `argument`, touches `marker` and then waits to be stopped instead
+/// of running: the demo stays in the phase that runs it.
+fn holding_bin_dir(tmp: &Path, binary: &str, argument: &str, marker: &Path) -> PathBuf {
+    let dir = tmp.join("bin");
+    std::fs::create_dir_all(&dir).expect("test setup");
+    for entry in std::fs::read_dir(bin_dir()).expect("test setup").flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if !path.is_file() || name == binary {
+            continue;
+        }
+        std::os::unix::fs::symlink(&path, dir.join(&name)).expect("test setup");
+    }
+    let real = bin_dir().join(binary);
+    std::fs::write(
+        dir.join(binary),
+        format!(
+            "#!/usr/bin/env bash\n[[ \" $* \" == *\" {argument} \"* ]] || exec {real} \"$@\"\ntouch {marker}\nwhile :; do sleep 0.2; done\n",
+            real = real.display(),
+            marker = marker.display()
+        ),
+    )
+    .expect("test setup");
+    std::fs::set_permissions(
+        dir.join(binary),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("test setup");
+    dir
+}
+
+/// Runs the demo until it is in `phase`, presses ctrl-c (SIGINT to its
+/// whole process group, as a terminal does) and checks that it stops at
+/// once, exit 130, with nothing it started left running.
+async fn ctrl_c_stops_everything_while(phase: Phase) {
+    let tmp = tempfile::tempdir().expect("test setup");
+    let marker = tmp.path().join("in-phase");
+    let mut command = demo(tmp.path());
+    command.env("DEMO_DURATION", "10m");
+    let held = |binary, argument| holding_bin_dir(tmp.path(), binary, argument, &marker);
+    match phase {
+        // Its own ClickHouse too, so ctrl-c has a server to stop.
+        Phase::Provisioning => {
+            command.env("DEMO_BIN_DIR", held("shopstream-topics", "serve"));
+        }
+        Phase::StartUp => {
+            command.env("DEMO_BIN_DIR", held("shopstream-worker", "--config"));
+        }
+        Phase::Publishing => {}
+        Phase::Waiting => {
+            command
+                .env("DEMO_DURATION", "3s")
+                .env("SHOPSTREAM_WORKER__BATCH_LINGER_MS", "600000");
+        }
+        Phase::Report => {
+            command
+                .env("DEMO_DURATION", "3s")
+                .env("DEMO_BIN_DIR", held("shopstream-analytics", "report"));
+        }
+    }
+    if !matches!(phase, Phase::Provisioning) {
+        command.env("CLICKHOUSE_URL", clickhouse().await.url());
+    }
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -126,26 +202,34 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     let log = Arc::new(Mutex::new(String::new()));
     let reader = {
         let log = log.clone();
-        let stderr = child.stderr.take().unwrap();
+        let stderr = child.stderr.take().expect("test setup");
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = log.lock().unwrap();
+                let mut log = log.lock().expect("test setup");
                 log.push_str(&line);
                 log.push('\n');
             }
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !log.lock().unwrap().contains("Published ") {
+    let in_phase = || match phase {
+        Phase::Publishing => log.lock().expect("test setup").contains("Published "),
+        Phase::Waiting => log
+            .lock()
+            .expect("test setup")
+            .contains("Waiting for the worker"),
+        _ => marker.exists(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !in_phase() {
         assert!(
             Instant::now() < deadline,
-            "the demo did not start publishing within 120 s:\n{}",
-            log.lock().unwrap()
+            "the demo did not reach {phase:?} within 180 s:\n{}",
+            log.lock().expect("test setup")
         );
         assert!(
-            child.try_wait().unwrap().is_none(),
-            "the demo exited early:\n{}",
-            log.lock().unwrap()
+            child.try_wait().expect("test setup").is_none(),
+            "the demo exited before {phase:?}:\n{}",
+            log.lock().expect("test setup")
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -154,29 +238,61 @@ fn ctrl_c_stops_every_process_the_demo_started() {
         "the demo's processes are running"
     );
 
-    // What a terminal does on ctrl-c: SIGINT to the whole foreground group.
     let group = format!("-{}", child.id());
     assert!(Command::new("kill")
         .args(["-INT", "--", &group])
         .status()
-        .unwrap()
+        .expect("test setup")
         .success());
     let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().expect("test setup") {
             break status;
         }
         assert!(
             Instant::now() < deadline,
-            "the demo did not stop within 90 s"
+            "the demo did not stop within 90 s of ctrl-c in {phase:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    reader.join().unwrap();
-    let log = log.lock().unwrap().clone();
-    assert_eq!(status.code(), Some(130), "{log}");
+    reader.join().expect("test setup");
+    let log = log.lock().expect("test setup").clone();
+    assert_eq!(status.code(), Some(130), "ctrl-c in {phase:?}:\n{log}");
     assert!(log.contains("Interrupted; stopping everything."), "{log}");
+    let next_step = match phase {
+        Phase::Report => "Projections (",
+        _ => "Analytics report",
+    };
+    assert!(
+        !log.contains(next_step),
+        "went on to {next_step:?} after ctrl-c in {phase:?}:\n{log}"
+    );
     assert_eq!(processes_under(tmp.path()), Vec::<String>::new(), "{log}");
+}
+
+#[tokio::test]
+async fn ctrl_c_while_provisioning_stops_every_process_the_demo_started() {
+    ctrl_c_stops_everything_while(Phase::Provisioning).await;
+}
+
+#[tokio::test]
+async fn ctrl_c_while_starting_up_stops_every_process_the_demo_started() {
+    ctrl_c_stops_everything_while(Phase::StartUp).await;
+}
+
+#[tokio::test]
+async fn ctrl_c_while_publishing_stops_every_process_the_demo_started() {
+    ctrl_c_stops_everything_while(Phase::Publishing).await;
+}
+
+#[tokio::test]
+async fn ctrl_c_while_waiting_for_the_consumers_stops_every_process_the_demo_started() {
+    ctrl_c_stops_everything_while(Phase::Waiting).await;
+}
+
+#[tokio::test]
+async fn ctrl_c_during_the_report_stops_every_process_the_demo_started() {
+    ctrl_c_stops_everything_while(Phase::Report).await;
 }
 
 #[test]
