@@ -2,6 +2,7 @@
 //! retry tiers, dead-letter, commit, rebalance, drain) and the handlers it runs.
 
 pub mod builtin;
+pub mod continuity;
 pub mod dlq;
 pub mod fetched;
 pub mod forward;

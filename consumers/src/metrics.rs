@@ -13,6 +13,9 @@ const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 pub struct Metrics {
     pub consumed: AtomicU64,
     pub handled: AtomicU64,
+    /// Fetches found missing records before the one they returned (each
+    /// fetched again from the expected offset).
+    pub fetch_gaps: AtomicU64,
     pub paused_partitions: AtomicUsize,
     /// Partitions the group gave this worker, as of the last rebalance.
     pub assigned_partitions: AtomicUsize,
@@ -104,6 +107,11 @@ impl Metrics {
             "shopstream_records_handled_total",
             "Records the handler marked done.",
             self.handled.load(Ordering::Relaxed),
+        );
+        counter(
+            "shopstream_fetch_gaps_total",
+            "Fetches that skipped records, fetched again from the expected offset.",
+            self.fetch_gaps.load(Ordering::Relaxed),
         );
         counter(
             "shopstream_batches_total",

@@ -22,6 +22,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::continuity::Continuity;
 use crate::fetched::Fetched;
 use crate::forward::{now_ms, Failure, Forwarder};
 use crate::handler::{Handler, Outcome, Record};
@@ -77,6 +78,8 @@ struct PartitionHandle {
 struct Shared {
     settings: WorkerSettings,
     partitions: Mutex<HashMap<PartitionKey, PartitionHandle>>,
+    /// Per assigned partition, the offset the next fetched record must have.
+    expected: Mutex<HashMap<PartitionKey, Continuity>>,
     pauses: Mutex<HashMap<PartitionKey, u8>>,
     metrics: Arc<Metrics>,
     /// Set once the consumer exists, so callbacks can pause and resume.
@@ -181,6 +184,51 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Each newly assigned partition must start at its committed offset
+    /// (anywhere, when it has none: `auto.offset.reset` decides).
+    fn expect_committed<C: Consumer<WorkerContext>>(&self, consumer: &C, tpl: &TopicPartitionList) {
+        let committed = consumer
+            .committed_offsets(tpl.clone(), COMMITTED_TIMEOUT)
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "Committed offsets unknown; each assigned partition's first record is taken as its start.");
+                TopicPartitionList::new()
+            });
+        let mut expected = self.expected.lock().expect("expected lock");
+        for e in tpl.elements() {
+            let start = committed
+                .find_partition(e.topic(), e.partition())
+                .and_then(|c| match c.offset() {
+                    Offset::Offset(at) => Some(at),
+                    _ => None,
+                });
+            expected.insert(
+                (Arc::from(e.topic()), e.partition()),
+                Continuity::starting_at(start),
+            );
+        }
+    }
+
+    /// Whether the fetched record at `offset` is the next one of `key`;
+    /// seeks back when records are missing before it.
+    fn admit(&self, key: &PartitionKey, offset: i64) -> bool {
+        let mut expected = self.expected.lock().expect("expected lock");
+        let continuity = match expected.get_mut(key) {
+            Some(continuity) => continuity,
+            None => expected.entry(key.clone()).or_default(),
+        };
+        continuity.admit(
+            self.consumer().as_deref(),
+            (&key.0, key.1, offset),
+            &self.metrics.fetch_gaps,
+        )
+    }
+}
+
+/// How long an assignment waits for the committed offsets it checks the
+/// first records against.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Waits for `handles`' tasks until `deadline`; returns those still running.
 fn unfinished_by<'a>(
     deadline: Instant,
@@ -230,6 +278,11 @@ impl ConsumerContext for WorkerContext {
             );
             self.shared.stop_partitions(&keys);
             self.shared.forget_pauses(&keys);
+            let mut expected = self.shared.expected.lock().expect("expected lock");
+            for key in &keys {
+                expected.remove(key);
+            }
+            drop(expected);
             if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::debug!(%error, "Nothing to commit on revoke.");
             }
@@ -243,6 +296,7 @@ impl ConsumerContext for WorkerContext {
     ) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "Partitions assigned.");
+            self.shared.expect_committed(consumer, tpl);
         }
         // Asked rather than counted: with a cooperative assignor (settable
         // through `kafka.client`) a revoke takes only some partitions.
@@ -275,6 +329,7 @@ pub async fn run<H: Handler>(
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         partitions: Mutex::new(HashMap::new()),
+        expected: Mutex::new(HashMap::new()),
         pauses: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
         consumer: std::sync::OnceLock::new(),
@@ -495,6 +550,9 @@ impl<H: Handler> Job<H> {
             return;
         };
         let key: PartitionKey = (topic.clone(), message.partition());
+        if !self.shared.admit(&key, message.offset()) {
+            return;
+        }
         let fetched = Fetched::from_message(message, key.0.clone());
         self.shared.metrics.consumed.fetch_add(1, Ordering::Relaxed);
         let settings = &self.shared.settings;
@@ -511,8 +569,14 @@ impl<H: Handler> Job<H> {
             records >= settings.max_in_flight_records || bytes >= settings.max_in_flight_bytes;
         if handle.records.send(fetched).is_err() {
             // The task has ended (abandoned); the record is refetched later
-            // from the last stored offset.
+            // from the last stored offset, and must then be taken again.
             partitions.remove(&key);
+            drop(partitions);
+            self.shared
+                .expected
+                .lock()
+                .expect("expected lock")
+                .remove(&key);
             return;
         }
         if !full {

@@ -70,7 +70,7 @@ fn worker_process(setup: &EventTopics, db: &TestDatabase, group: &str) -> Child 
     Command::new(BIN)
         .args([
             "--brokers",
-            &setup.cluster.bootstrap_servers(),
+            setup.bootstrap_servers(),
             "--handler",
             "events-store",
             "--handler",
@@ -303,7 +303,7 @@ async fn start_in_process(
     let settings = worker_settings(group);
     let connection = KafkaConnection::connect(
         &KafkaSettings {
-            bootstrap_servers: setup.cluster.bootstrap_servers(),
+            bootstrap_servers: setup.bootstrap_servers().to_owned(),
             ..KafkaSettings::default()
         },
         &setup.catalog,
@@ -396,7 +396,7 @@ fn dlq_run(setup: &EventTopics, args: &[&str]) -> (bool, String, String) {
     let output = Command::new(BIN)
         .args(["dlq"])
         .args(args)
-        .args(["--brokers", &setup.cluster.bootstrap_servers(), "--set"])
+        .args(["--brokers", setup.bootstrap_servers(), "--set"])
         .arg(format!("catalog.path={}", setup.catalog_path().display()))
         .env("RUST_LOG", "warn")
         .output()

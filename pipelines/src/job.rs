@@ -22,6 +22,7 @@ use backbone::events::EventType;
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
 use backbone::shutdown::Shutdown;
+use consumers::continuity::Continuity;
 use consumers::fetched::Fetched;
 use consumers::forward::{now_ms, Failure, Forwarder};
 use consumers::projection::rows::{datetime, Malformed};
@@ -45,6 +46,8 @@ pub struct JobMetrics {
     /// Microseconds spent in acknowledged inserts.
     pub insert_micros: AtomicU64,
     pub insert_retries: AtomicU64,
+    /// Fetches that skipped records, fetched again from the expected offset.
+    pub fetch_gaps: AtomicU64,
 }
 
 impl JobMetrics {
@@ -91,6 +94,11 @@ impl JobMetrics {
                 "ClickHouse inserts retried.",
                 &self.insert_retries,
             ),
+            (
+                "shopstream_analytics_fetch_gaps_total",
+                "Fetches that skipped records, fetched again from the expected offset.",
+                &self.fetch_gaps,
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
@@ -107,6 +115,8 @@ struct PartitionState {
     watermark: Watermark,
     /// Last offset taken into `partial` (or forwarded), if any since the flush.
     last_offset: Option<i64>,
+    /// The offset the next record must have: right after the stored one.
+    continuity: Continuity,
 }
 
 type Key = (String, i32);
@@ -147,9 +157,8 @@ impl ConsumerContext for JobContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 for key in keys {
-                    let offset = stored
-                        .get(&key)
-                        .map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+                    let start = stored.get(&key).map(|o| o + 1);
+                    let offset = start.map_or(Offset::Beginning, Offset::Offset);
                     let _ = tpl.set_partition_offset(&key.0, key.1, offset);
                     partitions.entry(key.0).or_default().insert(
                         key.1,
@@ -157,6 +166,7 @@ impl ConsumerContext for JobContext {
                             partial: Partial::default(),
                             watermark: Watermark::new(self.shared.lateness_ms),
                             last_offset: None,
+                            continuity: Continuity::starting_at(start),
                         },
                     );
                 }
@@ -303,6 +313,9 @@ pub fn run(
                     let Some(&(event_type, dlq)) = routes.get(message.topic()) else {
                         continue;
                     };
+                    if !admit(&shared, &consumer, &message, &metrics) {
+                        continue;
+                    }
                     take(
                         &shared,
                         &message,
@@ -337,6 +350,30 @@ pub fn run(
     // If ClickHouse is away, what is held is counted again by the next run.
     let _ = flush_all(&shared, &consumer, &metrics, timeout);
     Ok(())
+}
+
+/// Whether `message` is the next record of its partition (seeking back when
+/// records are missing before it); records of partitions not assigned are
+/// left to `take`, which ignores them.
+fn admit(
+    shared: &Shared,
+    consumer: &BaseConsumer<JobContext>,
+    message: &BorrowedMessage<'_>,
+    metrics: &JobMetrics,
+) -> bool {
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    let mut partitions = shared.partitions.lock().expect("partitions lock");
+    let Some(state) = partitions
+        .get_mut(topic)
+        .and_then(|t| t.get_mut(&partition))
+    else {
+        return true;
+    };
+    state.continuity.admit(
+        Some(consumer),
+        (topic, partition, offset),
+        &metrics.fetch_gaps,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -21,10 +21,7 @@ const MINUTE: i64 = 60_000;
 /// The event topics with a DLQ each, and the late-events topic.
 fn setup() -> EventTopics {
     let setup = EventTopics::new("");
-    setup
-        .cluster
-        .create_topic("late-events", 1, 1)
-        .expect("late topic");
+    setup.create_topic("late-events", 1);
     setup
 }
 
@@ -44,7 +41,7 @@ async fn publish(setup: &EventTopics, events: &[AnyEvent]) {
 fn start_job(setup: &EventTopics, db: &TestDatabase, extra: &[&str]) -> Job {
     let metrics_port = free_port().expect("port");
     let child = Command::new(BIN)
-        .args(["--brokers", &setup.cluster.bootstrap_servers(), "--set"])
+        .args(["--brokers", setup.bootstrap_servers(), "--set"])
         .arg(format!("catalog.path={}", setup.catalog_path().display()))
         .args([
             "--set",
@@ -292,7 +289,7 @@ async fn late_and_out_of_order_events_land_in_their_windows_or_the_late_topic() 
         "the straggler left out"
     );
     let late = shopstream_tests::consume(
-        &setup.cluster.bootstrap_servers(),
+        setup.bootstrap_servers(),
         &["late-events"],
         1,
         Duration::from_secs(30),

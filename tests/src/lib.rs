@@ -373,10 +373,12 @@ impl LocalServer {
 /// The four event topics (3 partitions each, every topic's DLQ, plus what
 /// `topic_extra` adds to each catalog entry, such as retry tiers) in a
 /// catalog file, on a mock cluster of their own that other processes reach
-/// over loopback.
+/// over loopback, or on a real broker.
 pub struct EventTopics {
     pub dir: tempfile::TempDir,
-    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    /// The mock cluster holding the topics; `None` on a real broker.
+    mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    bootstrap_servers: String,
     pub catalog: Catalog,
     pub connection: KafkaConnection,
 }
@@ -385,8 +387,28 @@ impl std::fmt::Debug for EventTopics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventTopics")
             .field("catalog", &self.catalog_path())
-            .field("bootstrap_servers", &self.cluster.bootstrap_servers())
+            .field("bootstrap_servers", &self.bootstrap_servers)
             .finish()
+    }
+}
+
+/// Which broker a test's topics live on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// A mock cluster of the test's own.
+    Mock,
+    /// The real broker in `KAFKA_BOOTSTRAP_SERVERS` (tansu in scripts/test).
+    Real,
+}
+
+impl Broker {
+    /// The real broker's bootstrap servers; a test that must run on one
+    /// fails without it rather than pass on the mock cluster alone.
+    pub fn real_bootstrap_servers() -> String {
+        std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .expect("KAFKA_BOOTSTRAP_SERVERS names a real broker (scripts/test starts tansu)")
     }
 }
 
@@ -399,6 +421,33 @@ impl EventTopics {
     /// a broker can go down and leaders can move.
     pub fn with_brokers(brokers: i32, topic_extra: &str) -> Self {
         let cluster = mock_cluster(brokers);
+        let (dir, catalog) = Self::catalog(topic_extra);
+        for topic in catalog.desired_topics() {
+            cluster
+                .create_topic(&topic.name, topic.partitions, brokers)
+                .expect("topic");
+        }
+        Self::connect(dir, catalog, cluster.bootstrap_servers(), Some(cluster))
+    }
+
+    /// On `broker`: a mock cluster of their own, or the real broker (topics
+    /// created through its admin API).
+    pub fn on(broker: Broker, topic_extra: &str) -> Self {
+        match broker {
+            Broker::Mock => Self::new(topic_extra),
+            Broker::Real => {
+                let (dir, catalog) = Self::catalog(topic_extra);
+                let topics = Self::connect(dir, catalog, Broker::real_bootstrap_servers(), None);
+                for topic in topics.catalog.desired_topics() {
+                    topics.create_topic(&topic.name, topic.partitions);
+                }
+                topics
+            }
+        }
+    }
+
+    /// The catalog file, with fresh topic names.
+    fn catalog(topic_extra: &str) -> (tempfile::TempDir, Catalog) {
         let dir = tempfile::tempdir().expect("tempdir");
         let schemas = repo_root().join("schemas");
         let mut text = String::from("defaults: {partitions: 3, replication_factor: 1}\ntopics:\n");
@@ -417,14 +466,18 @@ impl EventTopics {
         let path = dir.path().join("topics.yaml");
         std::fs::write(&path, text).expect("catalog");
         let catalog = Catalog::load(&path, None).expect("catalog loads");
-        for topic in catalog.desired_topics() {
-            cluster
-                .create_topic(&topic.name, topic.partitions, brokers)
-                .expect("topic");
-        }
+        (dir, catalog)
+    }
+
+    fn connect(
+        dir: tempfile::TempDir,
+        catalog: Catalog,
+        bootstrap_servers: String,
+        mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    ) -> Self {
         let connection = KafkaConnection::connect(
             &KafkaSettings {
-                bootstrap_servers: cluster.bootstrap_servers(),
+                bootstrap_servers: bootstrap_servers.clone(),
                 ..KafkaSettings::default()
             },
             &catalog,
@@ -432,9 +485,44 @@ impl EventTopics {
         .expect("connects");
         Self {
             dir,
-            cluster,
+            mock,
+            bootstrap_servers,
             catalog,
             connection,
+        }
+    }
+
+    /// The mock cluster, for fault injection; the topics must be on one.
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        self.mock
+            .as_ref()
+            .expect("fault injection needs the topics on a mock cluster")
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// Creates `name` beside the event topics (an existing one is kept).
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        if let Some(cluster) = &self.mock {
+            cluster.create_topic(name, partitions, 1).expect("topic");
+            return;
+        }
+        let admin: AdminClient<DefaultClientContext> = self
+            .connection
+            .client_config()
+            .create()
+            .expect("admin client");
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = futures::executor::block_on(admin.create_topics([&topic], &options))
+            .expect("CreateTopics answered");
+        for result in results {
+            match result {
+                Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => panic!("creating topic {topic}: {code}"),
+            }
         }
     }
 

@@ -19,7 +19,7 @@ async fn broker_faults_lose_and_double_nothing() {
     let expected = run.expected();
     let (mut worker, mut analytics) = system.consumers().await;
     let mut publisher = system.publish(&run);
-    let cluster = &system.topics.cluster;
+    let cluster = system.topics.cluster();
     let pause = || tokio::time::sleep(Duration::from_millis(1_500));
     let mut injected = 0usize;
     let topics: Vec<(String, i32)> = system

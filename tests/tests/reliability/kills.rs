@@ -161,7 +161,7 @@ async fn sigterm_with_every_broker_down_still_exits_within_the_drain_timeout() {
         .converge(&run.expected(), &system.checks(), Duration::from_secs(60))
         .await;
     assert!(report.passed(), "{report}");
-    system.topics.cluster.broker_down(1).expect("broker down");
+    system.topics.cluster().broker_down(1).expect("broker down");
     tokio::time::sleep(Duration::from_secs(2)).await;
     for service in [&mut worker, &mut analytics] {
         let started = std::time::Instant::now();

@@ -12,6 +12,7 @@ mod system;
 
 mod broker_faults;
 mod clickhouse_faults;
+mod delivery;
 mod happy;
 mod hostile;
 mod kills;

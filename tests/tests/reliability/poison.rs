@@ -91,7 +91,7 @@ async fn a_dead_letter_that_cannot_be_written_holds_its_partition_commit_back() 
     let (partition, offset) = position_of(&system, &topic, poison_id);
 
     // Every write to Kafka fails from now on: the DLQ cannot be written.
-    system.topics.cluster.request_errors(
+    system.topics.cluster().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 10_000],
     );
@@ -119,7 +119,7 @@ async fn a_dead_letter_that_cannot_be_written_holds_its_partition_commit_back() 
 
     system
         .topics
-        .cluster
+        .cluster()
         .clear_request_errors(RDKafkaApiKey::Produce);
     let expected = checker::Expected::new(generated);
     let mut checks = system.checks();

@@ -136,6 +136,17 @@ impl Service {
         })
     }
 
+    /// The sum of `name`'s samples on /metrics (0 when it has none).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = backbone::procfs::http_get(self.metrics_port, "/metrics")
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Whether /readyz answers 200.
     pub async fn ready(&self) -> bool {
         backbone::procfs::http_get(self.metrics_port, "/readyz")
@@ -195,14 +206,11 @@ impl System {
         service_url: &str,
         settings: &[(&str, &str)],
     ) -> Self {
-        topics
-            .cluster
-            .create_topic("late-events", 1, 1)
-            .expect("late topic");
+        topics.create_topic("late-events", 1);
         let database = unique_name("reliability").replace('-', "_");
         let worker_group = unique_name("worker");
         let analytics_group = unique_name("analytics");
-        let bootstrap = topics.cluster.bootstrap_servers();
+        let bootstrap = topics.bootstrap_servers().to_owned();
         let catalog = topics.catalog_path().display().to_string();
         let sections: [(&str, Vec<String>); 6] = [
             ("telemetry", vec!["log_filter: warn".into()]),

@@ -1,0 +1,168 @@
+//! No record skipped, whatever the broker: each partition's next expected
+//! offset is known, and a fetched record that is not it is refused and the
+//! partition fetched again from the expected offset.
+//!
+//! librdkafka trusts the broker's answer and its own bookkeeping across
+//! pause, resume, seek and reassignment; a broker that answers a fetch with
+//! a record missing (seen on tansu 0.6.0 at the worker's backpressure
+//! resume) would otherwise lose that record silently: the next record's
+//! offset is stored and committed past it. A real gap (compaction,
+//! transaction markers, records deleted by retention) shows the same first
+//! offset again when fetched again, and is then accepted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::Offset;
+
+/// How long a seek back may take to be applied by librdkafka.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What to do with a fetched record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The record expected: take it.
+    Take,
+    /// Below the expected offset: already taken (or before the assigned
+    /// start). Skip it.
+    Repeat,
+    /// Records are missing before this one: skip it, seek the partition to
+    /// `from` and fetch again.
+    Refetch { from: i64 },
+    /// The gap was there on the second fetch too: a real one. Take it.
+    TakeAfterGap { expected: i64 },
+}
+
+/// One partition's expected next offset.
+#[derive(Debug, Clone, Default)]
+pub struct Continuity {
+    /// `None` until the start of the assignment is known or a record seen.
+    next: Option<i64>,
+    /// The offset that came first instead of `next` at the last refetch.
+    gap_to: Option<i64>,
+}
+
+impl Continuity {
+    /// Expects the partition to start at `offset` (the committed or stored
+    /// position of an assignment), or anywhere when that is unknown.
+    pub fn starting_at(offset: Option<i64>) -> Self {
+        Self {
+            next: offset,
+            gap_to: None,
+        }
+    }
+
+    /// The offset the next record must have, when known.
+    pub fn next(&self) -> Option<i64> {
+        self.next
+    }
+
+    /// Judges the record at `offset`; a record taken moves the expectation on.
+    pub fn check(&mut self, offset: i64) -> Verdict {
+        let Some(next) = self.next else {
+            self.next = Some(offset + 1);
+            return Verdict::Take;
+        };
+        if offset < next {
+            return Verdict::Repeat;
+        }
+        let verdict = if offset == next {
+            Verdict::Take
+        } else if self.gap_to == Some(offset) {
+            Verdict::TakeAfterGap { expected: next }
+        } else {
+            self.gap_to = Some(offset);
+            return Verdict::Refetch { from: next };
+        };
+        self.next = Some(offset + 1);
+        self.gap_to = None;
+        verdict
+    }
+
+    /// Whether to take the record at `offset` of `topic`/`partition`. On a
+    /// gap it seeks the partition back to the expected offset (librdkafka
+    /// discards what it fetched before the seek) and counts it in `gaps`.
+    /// The seek waits for librdkafka (not the broker) to apply it; if that
+    /// fails, the records after the gap keep being refused and each tries
+    /// the seek again: the partition stalls rather than skip a record.
+    pub fn admit<X: ConsumerContext, C: Consumer<X>>(
+        &mut self,
+        consumer: Option<&C>,
+        (topic, partition, offset): (&str, i32, i64),
+        gaps: &AtomicU64,
+    ) -> bool {
+        match self.check(offset) {
+            Verdict::Take => true,
+            Verdict::Repeat => {
+                tracing::debug!(
+                    topic,
+                    partition,
+                    offset,
+                    expected = self.next,
+                    "Record fetched again; skipped."
+                );
+                false
+            }
+            Verdict::Refetch { from } => {
+                gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic, partition, expected = from, received = offset, "Records missing from the fetch; fetching the partition again from the expected offset.");
+                if let Some(consumer) = consumer {
+                    if let Err(error) =
+                        consumer.seek(topic, partition, Offset::Offset(from), SEEK_TIMEOUT)
+                    {
+                        tracing::error!(topic, partition, %error, "Seeking back to the expected offset failed; the records after the gap are refused until a seek succeeds.");
+                    }
+                }
+                false
+            }
+            Verdict::TakeAfterGap { expected } => {
+                tracing::warn!(topic, partition, expected, received = offset, "The same records are missing on a second fetch (compaction, transaction markers or retention): going on.");
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Continuity, Verdict};
+
+    #[test]
+    fn consecutive_records_are_taken_and_repeats_skipped() {
+        let mut c = Continuity::starting_at(Some(10));
+        assert_eq!(c.check(10), Verdict::Take);
+        assert_eq!(c.check(11), Verdict::Take);
+        assert_eq!(c.check(11), Verdict::Repeat);
+        assert_eq!(c.check(3), Verdict::Repeat);
+        assert_eq!(c.next(), Some(12));
+    }
+
+    #[test]
+    fn an_unknown_start_takes_the_first_record() {
+        let mut c = Continuity::starting_at(None);
+        assert_eq!(c.check(500), Verdict::Take);
+        assert_eq!(c.check(502), Verdict::Refetch { from: 501 });
+    }
+
+    #[test]
+    fn a_missing_record_is_fetched_again_and_found() {
+        let mut c = Continuity::starting_at(Some(1000));
+        assert_eq!(c.check(1001), Verdict::Refetch { from: 1000 });
+        // Records of the answer that had the gap may still arrive.
+        assert_eq!(c.check(1002), Verdict::Refetch { from: 1000 });
+        assert_eq!(c.check(1000), Verdict::Take);
+        assert_eq!(c.check(1001), Verdict::Take);
+        // A later gap is judged afresh.
+        assert_eq!(c.check(1003), Verdict::Refetch { from: 1002 });
+    }
+
+    #[test]
+    fn a_gap_seen_twice_is_real_and_taken() {
+        let mut c = Continuity::starting_at(Some(7));
+        assert_eq!(c.check(9), Verdict::Refetch { from: 7 });
+        assert_eq!(c.check(9), Verdict::TakeAfterGap { expected: 7 });
+        assert_eq!(c.next(), Some(10));
+        assert_eq!(c.check(10), Verdict::Take);
+    }
+}
