@@ -161,6 +161,35 @@ impl Shared {
         }
     }
 
+    /// Resumes again, in librdkafka, every assigned partition that has no
+    /// reason to be paused. librdkafka applies a pause later, on its own
+    /// thread, but drops a resume at once when the partition is not paused
+    /// yet (`rd_kafka_toppar_op_pause_resume`): a partition paused and
+    /// resumed in quick succession (tight in-flight bounds) stays paused with
+    /// nothing left to resume it. A resume of a partition that is not paused
+    /// costs nothing there (no version bump, no refetch), so this runs
+    /// periodically; the lock keeps it from racing a pause of ours.
+    fn reassert_resumes(&self) {
+        let Some(consumer) = self.consumer() else {
+            return;
+        };
+        let pauses = self.pauses.lock().expect("pauses lock");
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let mut resume = TopicPartitionList::new();
+        for e in assignment.elements() {
+            if !pauses.contains_key(&(Arc::from(e.topic()), e.partition())) {
+                resume.add_partition(e.topic(), e.partition());
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(error) = consumer.resume(&resume) {
+                tracing::debug!(%error, "Resuming unpaused partitions again failed.");
+            }
+        }
+    }
+
     /// Forgets why `keys` were paused and resumes them in librdkafka, which
     /// keeps an application's pause on a partition across revoke and
     /// reassignment: a partition revoked while paused for backpressure would
@@ -391,6 +420,7 @@ pub async fn run<H: Handler>(
         metrics.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(reassert_resumes(Arc::downgrade(&shared), shutdown.clone()));
 
     loop {
         tokio::select! {
@@ -492,6 +522,24 @@ fn futures_now<F: std::future::Future>(future: F) -> Option<F::Output> {
     match future.as_mut().poll(&mut context) {
         std::task::Poll::Ready(output) => Some(output),
         std::task::Poll::Pending => None,
+    }
+}
+
+/// How often partitions without a pause reason are resumed again (see
+/// `Shared::reassert_resumes`): the longest a lost resume stalls one.
+const REASSERT_RESUMES_EVERY: Duration = Duration::from_millis(500);
+
+async fn reassert_resumes(shared: std::sync::Weak<Shared>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REASSERT_RESUMES_EVERY) => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        // librdkafka calls take locks of its own: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || shared.reassert_resumes()).await;
     }
 }
 
