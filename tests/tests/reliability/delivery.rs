@@ -74,3 +74,75 @@ async fn every_record_arrives(broker: Broker, settings: &[(&str, &str)]) {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// A consumer group of two workers on the real broker (its group protocol,
+/// not the mock's) shares the partitions while the publisher sends, beside
+/// two analytics replicas; then one worker leaves (SIGTERM) and the other
+/// takes its partitions. Every read model and the events store end exact.
+/// Joins and SIGKILLs of members are not run here: on tansu 0.6.0 a member
+/// joining under load left the whole group revoked and never reassigned in
+/// 2 of 5 runs (see the README's compatibility table); the mock cluster's
+/// rebalance storm and kill scenarios cover them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_shares_partitions_and_survives_a_member_leaving_on_a_real_broker() {
+    let url = clickhouse().await.url();
+    let system = System::on(
+        EventTopics::on(Broker::Real, &partitions()),
+        url,
+        url,
+        &[("telemetry", "log_filter: info")],
+    )
+    .await;
+    let run = Run::new(28, 20_000 * soak() as usize, 1_000.0, 0.01);
+    let expected = run.expected();
+    let mut workers = vec![system.worker(), system.worker()];
+    let mut replicas = vec![system.analytics(), system.analytics()];
+    let all: Vec<&crate::Service> = workers.iter().chain(replicas.iter()).collect();
+    system.ready(&all).await;
+    // Both workers hold partitions: the broker's group protocol shares them.
+    let started = std::time::Instant::now();
+    loop {
+        let mut assigned = Vec::new();
+        for worker in &workers {
+            assigned.push(worker.metric("shopstream_assigned_partitions").await);
+        }
+        if assigned.iter().all(|n| *n > 0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the group did not share the partitions within 60 s: {assigned:?}\n{}",
+            system.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut publisher = system.publish(&run);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        publisher.running(),
+        "the publisher finished before the leave: raise the count"
+    );
+    system.stop(&mut [&mut workers.remove(0)]);
+    assert!(publisher
+        .wait(Duration::from_secs(120))
+        .expect("the publisher finishes")
+        .success());
+    let started = std::time::Instant::now();
+    let report = system
+        .converge(&expected, &system.checks(), Duration::from_secs(240))
+        .await;
+    let members: Vec<&crate::Service> = workers.iter().chain(replicas.iter()).collect();
+    assert!(
+        report.passed(),
+        "{report}\n{}{}",
+        system.progress(&members).await,
+        system.logs()
+    );
+    let mut members: Vec<&mut crate::Service> =
+        workers.iter_mut().chain(replicas.iter_mut()).collect();
+    system.stop(&mut members);
+    println!(
+        "group on the real broker: exact {:.1} s after the publisher finished: {report}",
+        started.elapsed().as_secs_f64()
+    );
+}

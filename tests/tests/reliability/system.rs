@@ -427,7 +427,10 @@ impl System {
             out.push_str(&format!("--- {} /metrics\n", service.name));
             for line in text.lines().filter(|l| {
                 !l.starts_with('#')
-                    && (l.contains("paused") || (l.contains("_lag{") && !l.ends_with(" 0")))
+                    && (l.contains("paused")
+                        || l.contains("assigned")
+                        || l.contains("fetch_gaps")
+                        || (l.contains("_lag{") && !l.ends_with(" 0")))
             }) {
                 out.push_str(line);
                 out.push('\n');
