@@ -96,7 +96,7 @@ async fn a_group_shares_partitions_and_survives_a_member_leaving_on_a_real_broke
     let run = Run::new(28, 20_000 * soak() as usize, 1_000.0, 0.01);
     let expected = run.expected();
     let mut workers = vec![system.worker(), system.worker()];
-    let mut replicas = vec![system.analytics(), system.analytics()];
+    let mut replicas = [system.analytics(), system.analytics()];
     let all: Vec<&crate::Service> = workers.iter().chain(replicas.iter()).collect();
     system.ready(&all).await;
     // Both workers hold partitions: the broker's group protocol shares them.
