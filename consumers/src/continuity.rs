@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
 use rdkafka::Offset;
 
 /// How long a seek back may take to be applied by librdkafka.
@@ -81,16 +82,16 @@ impl Continuity {
     }
 
     /// Whether to take the record at `offset` of `topic`/`partition`. On a
-    /// gap it seeks the partition back to the expected offset (librdkafka
-    /// discards what it fetched before the seek) and counts it in `gaps`.
-    /// The seek waits for librdkafka (not the broker) to apply it; if that
-    /// fails, the records after the gap keep being refused and each tries
-    /// the seek again: the partition stalls rather than skip a record.
-    pub fn admit<X: ConsumerContext, C: Consumer<X>>(
+    /// gap it counts it in `gaps` and calls `seek_back` with the expected
+    /// offset (see [`seek_back`]), so librdkafka drops what it fetched
+    /// after the gap and fetches again. If the seek fails, the records
+    /// after the gap keep being refused and each tries again: the
+    /// partition stalls rather than skip a record.
+    pub fn admit(
         &mut self,
-        consumer: Option<&C>,
         (topic, partition, offset): (&str, i32, i64),
         gaps: &AtomicU64,
+        seek_back: impl FnOnce(i64) -> KafkaResult<()>,
     ) -> bool {
         match self.check(offset) {
             Verdict::Take => true,
@@ -107,12 +108,8 @@ impl Continuity {
             Verdict::Refetch { from } => {
                 gaps.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic, partition, expected = from, received = offset, "Records missing from the fetch; fetching the partition again from the expected offset.");
-                if let Some(consumer) = consumer {
-                    if let Err(error) =
-                        consumer.seek(topic, partition, Offset::Offset(from), SEEK_TIMEOUT)
-                    {
-                        tracing::error!(topic, partition, %error, "Seeking back to the expected offset failed; the records after the gap are refused until a seek succeeds.");
-                    }
+                if let Err(error) = seek_back(from) {
+                    tracing::error!(topic, partition, %error, "Seeking back to the expected offset failed; the records after the gap are refused until a seek succeeds.");
                 }
                 false
             }
@@ -122,6 +119,17 @@ impl Continuity {
             }
         }
     }
+}
+
+/// Seeks `topic`/`partition` of `consumer` to `offset`, waiting (at most a
+/// second) for librdkafka, not the broker, to apply it.
+pub fn seek_back<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> KafkaResult<()> {
+    consumer.seek(topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
 }
 
 #[cfg(test)]

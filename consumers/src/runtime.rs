@@ -22,7 +22,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::continuity::Continuity;
+use crate::continuity::{self, Continuity};
 use crate::fetched::Fetched;
 use crate::forward::{now_ms, Failure, Forwarder};
 use crate::handler::{Handler, Outcome, Record};
@@ -246,11 +246,11 @@ impl Shared {
             Some(continuity) => continuity,
             None => expected.entry(key.clone()).or_default(),
         };
-        continuity.admit(
-            self.consumer().as_deref(),
-            (&key.0, key.1, offset),
-            &self.metrics.fetch_gaps,
-        )
+        continuity.admit((&key.0, key.1, offset), &self.metrics.fetch_gaps, |from| {
+            self.consumer().map_or(Ok(()), |consumer| {
+                continuity::seek_back(&*consumer, &key.0, key.1, from)
+            })
+        })
     }
 }
 

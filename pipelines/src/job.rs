@@ -22,7 +22,7 @@ use backbone::events::EventType;
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
 use backbone::shutdown::Shutdown;
-use consumers::continuity::Continuity;
+use consumers::continuity::{self, Continuity};
 use consumers::fetched::Fetched;
 use consumers::forward::{now_ms, Failure, Forwarder};
 use consumers::projection::rows::{datetime, Malformed};
@@ -369,11 +369,11 @@ fn admit(
     else {
         return true;
     };
-    state.continuity.admit(
-        Some(consumer),
-        (topic, partition, offset),
-        &metrics.fetch_gaps,
-    )
+    state
+        .continuity
+        .admit((topic, partition, offset), &metrics.fetch_gaps, |from| {
+            continuity::seek_back(consumer, topic, partition, from)
+        })
 }
 
 #[allow(clippy::too_many_arguments)]
