@@ -87,11 +87,16 @@ pub fn dead_letter_topic(catalog: &Catalog, topic: &str) -> String {
         .map_or_else(|| topic.to_owned(), |d| d.topic.clone())
 }
 
+/// How long `read_all` waits for records past the high watermarks the
+/// broker reported, once it has read up to them.
+const BEYOND_THE_END: Duration = Duration::from_millis(300);
+
 /// Every record in `topic` up to its end as of now, in partition order.
 pub fn read_all(connection: &KafkaConnection, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
     let consumer: BaseConsumer = connection
         .client_config()
         .set("group.id", "shopstream-dlq-reader")
+        .set("fetch.wait.max.ms", "100")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .create()
@@ -109,14 +114,16 @@ pub fn read_all(connection: &KafkaConnection, topic: &str) -> anyhow::Result<Vec
     if partitions.is_empty() {
         bail!("topic {topic} does not exist on the cluster");
     }
+    // Every partition is read, even one that looks empty: a broker may
+    // report its high watermark low (tansu 0.6.0: by 1-2 records).
     let mut ends = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for partition in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
         if high > low {
             ends.insert(partition, high);
-            assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
         }
+        assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
     }
     consumer.assign(&assignment)?;
     let mut out = Vec::new();
@@ -137,6 +144,14 @@ pub fn read_all(connection: &KafkaConnection, topic: &str) -> anyhow::Result<Vec
                 ends.keys().collect::<Vec<_>>()
             ),
             None => {}
+        }
+    }
+    // What the fetches brought beyond the reported ends (a low high
+    // watermark) is already here or a moment away.
+    while let Some(result) = consumer.poll(BEYOND_THE_END) {
+        match result {
+            Ok(message) => out.push(message.detach()),
+            Err(error) => bail!("reading {topic}: {error}"),
         }
     }
     out.sort_by_key(|m| (m.partition(), m.offset()));
