@@ -211,9 +211,7 @@ impl Shared {
             }
         }
     }
-}
 
-impl Shared {
     /// Each newly assigned partition must start at its committed offset
     /// (anywhere, when it has none: `auto.offset.reset` decides).
     fn expect_committed<C: Consumer<WorkerContext>>(&self, consumer: &C, tpl: &TopicPartitionList) {
@@ -235,6 +233,15 @@ impl Shared {
                 (Arc::from(e.topic()), e.partition()),
                 Continuity::starting_at(start),
             );
+        }
+    }
+
+    /// Forgets where `keys` were expected to go on: their next records are
+    /// judged from their next assignment (or taken as their start).
+    fn forget_expected(&self, keys: &[PartitionKey]) {
+        let mut expected = self.expected.lock().expect("expected lock");
+        for key in keys {
+            expected.remove(key);
         }
     }
 
@@ -307,11 +314,7 @@ impl ConsumerContext for WorkerContext {
             );
             self.shared.stop_partitions(&keys);
             self.shared.forget_pauses(&keys);
-            let mut expected = self.shared.expected.lock().expect("expected lock");
-            for key in &keys {
-                expected.remove(key);
-            }
-            drop(expected);
+            self.shared.forget_expected(&keys);
             if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::debug!(%error, "Nothing to commit on revoke.");
             }
@@ -620,11 +623,7 @@ impl<H: Handler> Job<H> {
             // from the last stored offset, and must then be taken again.
             partitions.remove(&key);
             drop(partitions);
-            self.shared
-                .expected
-                .lock()
-                .expect("expected lock")
-                .remove(&key);
+            self.shared.forget_expected(std::slice::from_ref(&key));
             return;
         }
         if !full {

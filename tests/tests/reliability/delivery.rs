@@ -100,22 +100,7 @@ async fn a_group_shares_partitions_and_survives_a_member_leaving_on_a_real_broke
     let all: Vec<&crate::Service> = workers.iter().chain(replicas.iter()).collect();
     system.ready(&all).await;
     // Both workers hold partitions: the broker's group protocol shares them.
-    let started = std::time::Instant::now();
-    loop {
-        let mut assigned = Vec::new();
-        for worker in &workers {
-            assigned.push(worker.metric("shopstream_assigned_partitions").await);
-        }
-        if assigned.iter().all(|n| *n > 0) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the group did not share the partitions within 60 s: {assigned:?}\n{}",
-            system.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    system.sharing(&workers.iter().collect::<Vec<_>>()).await;
     let mut publisher = system.publish(&run);
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(

@@ -416,6 +416,26 @@ impl System {
         }
     }
 
+    /// Waits until every one of `workers` holds partitions of the group.
+    pub async fn sharing(&self, workers: &[&Service]) {
+        let started = Instant::now();
+        loop {
+            let mut assigned = Vec::new();
+            for worker in workers {
+                assigned.push(worker.metric("shopstream_assigned_partitions").await);
+            }
+            if assigned.iter().all(|n| *n > 0) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the group did not share the partitions within 60 s: {assigned:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// What `services` report on /metrics about lag and pauses, for a
     /// failing assertion.
     pub async fn progress(&self, services: &[&Service]) -> String {
