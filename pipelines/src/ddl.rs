@@ -7,8 +7,12 @@
 //! the stored offset, so nothing is counted twice or missed.
 //!
 //! The read models are views that add the partials up (sums, and distinct
-//! counts and percentiles over the arrays they carry); hourly rollups are
-//! materialized views into AggregatingMergeTree tables, read through views.
+//! counts and percentiles over the arrays they carry), per window and per
+//! hour (`toStartOfHour`, the server's own hours). Nothing else is written:
+//! a table fed from the insert (migration 1's hourly rollups, materialized
+//! views into AggregatingMergeTree tables) gets its own part, which a
+//! ClickHouse crash mid-insert can keep without the partials or lose with
+//! them kept, and its hours came out short. Migration 2 drops them.
 
 use consumers::projection::ddl::{Migration, Target};
 
@@ -40,6 +44,19 @@ struct Measure {
 }
 
 impl Model {
+    /// `, partials column AS name` per dimension.
+    fn dims_select(&self) -> String {
+        self.dims
+            .iter()
+            .map(|(e, c)| format!(", {e} AS {c}"))
+            .collect()
+    }
+
+    /// `, name` per dimension.
+    fn dims_group(&self) -> String {
+        self.dims.iter().map(|(_, c)| format!(", {c}")).collect()
+    }
+
     /// Measures then derived columns, each `expression AS name`.
     fn values(&self) -> String {
         let measures = self
@@ -193,9 +210,6 @@ pub const OFFSET_MODEL: &str = "_offset";
 pub struct ModelColumns {
     /// (partials column, name) of the dimensions.
     pub dims: &'static [(&'static str, &'static str)],
-    /// The hourly rollup table (unqualified): `hour`, the dimensions by
-    /// name, a state column per measure, in `measures` order.
-    pub hourly_table: String,
     pub measures: Vec<MeasureSql>,
     /// (expression over the measures, name), valid once every measure is
     /// selected.
@@ -209,10 +223,6 @@ pub struct MeasureSql {
     pub column: &'static str,
     /// Over the partials.
     pub value: String,
-    /// Its state over the partials, of the rollup column's type.
-    pub state: String,
-    /// Over the rollup's state column.
-    pub merge: String,
 }
 
 /// The columns of the model `key` (see [`MODEL_KEYS`]).
@@ -220,15 +230,12 @@ pub fn model_columns(key: &str) -> Option<ModelColumns> {
     let model = MODELS.iter().find(|m| m.key == key)?;
     Some(ModelColumns {
         dims: model.dims,
-        hourly_table: format!("{}_per_hour_state", model.name),
         measures: model
             .measures
             .iter()
             .map(|m| MeasureSql {
                 column: m.column,
                 value: m.value(),
-                state: m.state(),
-                merge: m.merge(),
             })
             .collect(),
         derived: model.derived,
@@ -239,12 +246,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
     let partials = target.table(PARTIALS_TABLE);
     let mut views = Vec::new();
     for model in &MODELS {
-        let dims_select: String = model
-            .dims
-            .iter()
-            .map(|(e, c)| format!(", {e} AS {c}"))
-            .collect();
-        let dims_group: String = model.dims.iter().map(|(_, c)| format!(", {c}")).collect();
+        let (dims_select, dims_group) = (model.dims_select(), model.dims_group());
         let dims_columns: String = model
             .dims
             .iter()
@@ -302,11 +304,49 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
         "(model, window_start, dim1, dim2)",
     )];
     first.extend(views);
-    vec![Migration {
-        version: 1,
-        name: "partials, read models and hourly rollups",
-        statements: first,
-    }]
+    vec![
+        Migration {
+            version: 1,
+            name: "partials, read models and hourly rollups",
+            statements: first,
+        },
+        Migration {
+            version: 2,
+            name: "hourly views over the partials, no materialized views",
+            statements: hourly_views_over_the_partials(target),
+        },
+    ]
+}
+
+/// Migration 2: the materialized views and their rollup tables (possibly
+/// short after a crash) dropped, the hourly views read the partials. Every
+/// statement can run again, so a migration cut short is simply repeated.
+fn hourly_views_over_the_partials(target: &Target) -> Vec<String> {
+    let partials = target.table(PARTIALS_TABLE);
+    let drop = |table: String| {
+        format!(
+            "DROP TABLE IF EXISTS {}{}",
+            target.table(&table),
+            target.on_cluster()
+        )
+    };
+    let mut statements = Vec::new();
+    for model in &MODELS {
+        let view = format!("{}_per_hour", model.name);
+        statements.push(drop(format!("{view}_mv")));
+        statements.push(drop(view.clone()));
+        statements.push(format!(
+            "CREATE VIEW IF NOT EXISTS {}{} AS SELECT toStartOfHour(window_start) AS hour{}, {} FROM {partials} WHERE model = '{}' GROUP BY hour{}",
+            target.table(&view),
+            target.on_cluster(),
+            model.dims_select(),
+            model.values(),
+            model.key,
+            model.dims_group(),
+        ));
+        statements.push(drop(format!("{view}_state")));
+    }
+    statements
 }
 
 #[cfg(test)]
@@ -340,5 +380,26 @@ mod tests {
         for key in MODEL_KEYS {
             assert!(MODELS.iter().any(|m| m.key == key));
         }
+    }
+
+    #[test]
+    fn migration_2_reads_hours_from_the_partials_and_drops_the_rollups() {
+        let target = Target::new("shop", Some("prod")).unwrap();
+        let all = migrations(&target);
+        assert_eq!(all.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
+        let statements = &all[1].statements;
+        // Per model: its materialized view dropped, its hourly view dropped
+        // and created again, its rollup table dropped.
+        assert_eq!(statements.len(), 4 * MODELS.len());
+        assert_eq!(
+            statements[..4],
+            [
+                "DROP TABLE IF EXISTS `shop`.`orders_per_hour_mv` ON CLUSTER `prod`",
+                "DROP TABLE IF EXISTS `shop`.`orders_per_hour` ON CLUSTER `prod`",
+                "CREATE VIEW IF NOT EXISTS `shop`.`orders_per_hour` ON CLUSTER `prod` AS SELECT toStartOfHour(window_start) AS hour, dim1 AS category, dim2 AS currency, sum(c1) AS orders, sum(c2) AS items, sum(c3) AS revenue_minor, uniqExactArray(set1) AS unique_buyers FROM `shop`.`analytics_partials` WHERE model = 'orders' GROUP BY hour, category, currency",
+                "DROP TABLE IF EXISTS `shop`.`orders_per_hour_state` ON CLUSTER `prod`",
+            ]
+        );
+        assert!(!statements.iter().any(|s| s.contains("MATERIALIZED")));
     }
 }

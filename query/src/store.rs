@@ -8,12 +8,12 @@
 //! the validated database name.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use backbone::config::ClickHouseSettings;
 use consumers::projection::ddl::Target;
-use pipelines::ddl::{model_columns, MeasureSql, PARTIALS_TABLE};
+use pipelines::ddl::{model_columns, PARTIALS_TABLE};
 use schemars::JsonSchema;
 use serde::Serialize;
 
@@ -29,9 +29,6 @@ pub struct Store {
     target: Target,
     url: String,
     timeout: Duration,
-    /// Seconds past a UTC hour at which the server's hours start, and when
-    /// it was asked (time zones change their offsets, rarely).
-    hour_offset: Arc<Mutex<Option<(Instant, u32)>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -96,13 +93,9 @@ pub struct OrderStatus {
     pub updated_at_ms: i64,
 }
 
-/// How long the server's hour offset is trusted.
-const HOUR_OFFSET_TTL: Duration = Duration::from_secs(600);
-
-/// One read of a model: per minute from the partials; per hour or over the
-/// whole range from the hourly rollup for whole hours and the partials for
-/// the ragged edges, so any range is exact and a day reads 24 rows per key
-/// instead of 1,440 per partition.
+/// One read of a model from the partials, per minute, per hour (the
+/// server's own hours, as `toStartOfHour` starts them) or over the whole
+/// range: exact whatever crashed (see `pipelines::ddl`).
 struct Read<'a> {
     model: &'static str,
     range: TimeRange,
@@ -135,32 +128,9 @@ impl<'a> Read<'a> {
 
     /// The SELECT (with `t` first when a series, then the grouped dimensions,
     /// then the model's columns) and its values to bind, in order.
-    fn sql(
-        &self,
-        partials: &str,
-        hourly: impl Fn(&str) -> String,
-        hour_offset: u32,
-    ) -> (String, Vec<String>) {
+    fn sql(&self, partials: &str) -> (String, Vec<String>) {
         let columns = model_columns(self.model)
             .unwrap_or_else(|| panic!("no read model {:?} in pipelines::ddl", self.model));
-        let chosen: Vec<&MeasureSql> = columns
-            .measures
-            .iter()
-            .filter(|m| self.measures.is_none_or(|names| names.contains(&m.column)))
-            .collect();
-        let derived: &[(&str, &str)] = if self.measures.is_none() {
-            columns.derived
-        } else {
-            &[]
-        };
-        let list = |expression: fn(&MeasureSql) -> &str| {
-            chosen
-                .iter()
-                .map(|m| format!("{} AS {}", expression(m), m.column))
-                .chain(derived.iter().map(|(e, c)| format!("{e} AS {c}")))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         let column_of = |name: &str| {
             columns
                 .dims
@@ -169,106 +139,63 @@ impl<'a> Read<'a> {
                 .map(|(c, _)| *c)
                 .unwrap_or_else(|| panic!("{} has no dimension {name}", self.model))
         };
-        let names: String = self.group.iter().map(|n| format!(", {n}")).collect();
-        let from_partials: String = self
-            .group
-            .iter()
-            .map(|n| format!(", {} AS {n}", column_of(n)))
+        let derived: &[(&str, &str)] = if self.measures.is_none() {
+            columns.derived
+        } else {
+            &[]
+        };
+        let time = self.granularity.map(|g| format!("{} AS t", g.bucket()));
+        let selected: Vec<String> = time
+            .into_iter()
+            .chain(
+                self.group
+                    .iter()
+                    .map(|n| format!("{} AS {n}", column_of(n))),
+            )
+            .chain(
+                columns
+                    .measures
+                    .iter()
+                    .filter(|m| self.measures.is_none_or(|names| names.contains(&m.column)))
+                    .map(|m| format!("{} AS {}", m.value, m.column)),
+            )
+            .chain(derived.iter().map(|(e, c)| format!("{e} AS {c}")))
             .collect();
+        let grouped: Vec<&str> = self
+            .granularity
+            .map(|_| "t")
+            .into_iter()
+            .chain(self.group.iter().copied())
+            .collect();
+        let group = if grouped.is_empty() {
+            String::new()
+        } else {
+            format!(" GROUP BY {}", grouped.join(", "))
+        };
         let marks = |n: usize| vec!["?"; n].join(", ");
-        let mut partial_filters: String = self
+        let mut filters: String = self
             .filters
             .iter()
             .map(|(n, _)| format!(" AND {} = ?", column_of(n)))
             .collect();
-        let mut hourly_filters: String = self
-            .filters
-            .iter()
-            .map(|(n, _)| format!(" AND {n} = ?"))
-            .collect();
         let mut values: Vec<String> = self.filters.iter().map(|(_, v)| (*v).to_owned()).collect();
         if let Some((name, within)) = self.within {
-            partial_filters.push_str(&format!(
+            filters.push_str(&format!(
                 " AND {} IN ({})",
                 column_of(name),
                 marks(within.len())
             ));
-            hourly_filters.push_str(&format!(" AND {name} IN ({})", marks(within.len())));
             values.extend(within.iter().cloned());
         }
-        let (from, to) = (self.range.from, self.range.to);
-        if self.granularity == Some(Granularity::Minute) {
-            let sql = format!(
-                "SELECT toUInt32(window_start) AS t{from_partials}, {} FROM {partials} \
-                 WHERE model = '{}' AND window_start >= toDateTime({from}) \
-                 AND window_start < toDateTime({to}){partial_filters} GROUP BY t{names}",
-                list(|m| &m.value),
-                self.model,
-            );
-            return (sql, values);
-        }
-        // Whole hours inside the range come from the rollup, the ragged ends
-        // from the partials; either part may be empty. The rollup's hours
-        // start where the server's time zone starts them (`toStartOfHour`),
-        // `hour_offset` seconds past a UTC hour (1,800 at UTC+5:30).
-        let (from, to, offset) = (u64::from(from), u64::from(to), u64::from(hour_offset));
-        let hour_of =
-            |t: u64| ((t + 3_600 - offset) / 3_600 * 3_600 + offset).saturating_sub(3_600);
-        let first_hour = if hour_of(from) == from {
-            from
-        } else {
-            hour_of(from) + 3_600
-        };
-        let last_hour = hour_of(to);
-        // Each part only when its range is not empty: an empty range still
-        // costs ClickHouse 18.16 a scan of the model's index.
-        let mut parts = Vec::new();
-        let mut binds: Vec<String> = Vec::new();
-        if first_hour < last_hour {
-            parts.push(format!(
-                "SELECT hour AS h{names}, {} FROM {} \
-                 WHERE hour >= toDateTime({first_hour}) AND hour < toDateTime({last_hour}){hourly_filters}",
-                chosen.iter().map(|m| m.column).collect::<Vec<_>>().join(", "),
-                hourly(&columns.hourly_table)
-            ));
-            binds.extend(values.iter().cloned());
-        }
-        let edges: Vec<String> = [(from, first_hour.min(to)), (last_hour.max(first_hour), to)]
-            .into_iter()
-            .filter(|(a, b)| a < b)
-            .map(|(a, b)| {
-                format!("(window_start >= toDateTime({a}) AND window_start < toDateTime({b}))")
-            })
-            .collect();
-        if !edges.is_empty() {
-            parts.push(format!(
-                "SELECT toStartOfHour(window_start) AS h{from_partials}, {} FROM {partials} \
-                 WHERE model = '{}' AND ({}){partial_filters} GROUP BY h{names}",
-                chosen
-                    .iter()
-                    .map(|m| format!("{} AS {}", m.state, m.column))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                self.model,
-                edges.join(" OR "),
-            ));
-            binds.extend(values.iter().cloned());
-        }
-        let (time, group) = match self.granularity {
-            Some(_) => ("toUInt32(h) AS t, ", format!(" GROUP BY t{names}")),
-            None if self.group.is_empty() => ("", String::new()),
-            None => ("", format!(" GROUP BY {}", self.group.join(", "))),
-        };
         let sql = format!(
-            "SELECT {time}{}{} FROM ({}){group}",
-            self.group
-                .iter()
-                .map(|n| format!("{n}, "))
-                .collect::<String>(),
-            list(|m| &m.merge),
-            parts.join(" UNION ALL ")
+            "SELECT {} FROM {partials} WHERE model = '{}' \
+             AND window_start >= toDateTime({}) AND window_start < toDateTime({}){filters}{group}",
+            selected.join(", "),
+            self.model,
+            self.range.from,
+            self.range.to,
         );
-        (sql, binds)
+        (sql, values)
     }
 }
 
@@ -284,7 +211,6 @@ impl Store {
             target,
             url: settings.url.clone(),
             timeout,
-            hour_offset: Arc::default(),
         })
     }
 
@@ -331,25 +257,6 @@ impl Store {
         }
     }
 
-    /// Where the server's hours start past a UTC hour, asked every 10
-    /// minutes.
-    async fn hour_offset(&self) -> Result<u32, ApiError> {
-        let known = *self.hour_offset.lock().expect("offset lock");
-        if let Some((_, offset)) = known.filter(|(at, _)| at.elapsed() < HOUR_OFFSET_TTL) {
-            return Ok(offset);
-        }
-        let offset = self
-            .run(
-                "time zone",
-                self.client
-                    .query("SELECT toUInt32(toUInt32(toStartOfHour(now())) % 3600)")
-                    .fetch_one::<u32>(),
-            )
-            .await?;
-        *self.hour_offset.lock().expect("offset lock") = Some((Instant::now(), offset));
-        Ok(offset)
-    }
-
     /// `read` wrapped as `SELECT {outer} FROM (read) {tail}`, values bound.
     async fn query(
         &self,
@@ -357,15 +264,7 @@ impl Store {
         outer: &str,
         tail: &str,
     ) -> Result<clickhouse::query::Query, ApiError> {
-        let hour_offset = match read.granularity {
-            Some(Granularity::Minute) => 0,
-            _ => self.hour_offset().await?,
-        };
-        let (inner, binds) = read.sql(
-            &self.target.table(PARTIALS_TABLE),
-            |table| self.target.table(table),
-            hour_offset,
-        );
+        let (inner, binds) = read.sql(&self.target.table(PARTIALS_TABLE));
         let sql = format!("SELECT {outer} FROM ({inner}) {tail}");
         Ok(binds
             .iter()
@@ -579,51 +478,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn whole_hours_are_the_servers_own_and_the_edges_the_rest() {
-        let day = 1_795_996_800; // 2026-11-30T00:00:00Z
-        let (from, to) = (day + 10 * 3_600 + 600, day + 13 * 3_600);
-        let read = Read::new("funnel", TimeRange { from, to }, None);
-        // A server at UTC+5:30 starts its hours at half past.
-        let (sql, _) = read.sql("p", str::to_owned, 1_800);
-        let (half_past_10, half_past_12) = (day + 10 * 3_600 + 1_800, day + 12 * 3_600 + 1_800);
-        assert!(
-            sql.contains(&format!(
-                "hour >= toDateTime({half_past_10}) AND hour < toDateTime({half_past_12})"
-            )),
-            "{sql}"
-        );
-        assert!(sql.contains(&format!("(window_start >= toDateTime({from}) AND window_start < toDateTime({half_past_10}))")), "{sql}");
-        assert!(
-            sql.contains(&format!(
-                "(window_start >= toDateTime({half_past_12}) AND window_start < toDateTime({to}))"
-            )),
-            "{sql}"
-        );
-        // At UTC the same range splits at 11:00 and 13:00.
-        let (sql, _) = read.sql("p", str::to_owned, 0);
-        assert!(
-            sql.contains(&format!(
-                "hour >= toDateTime({}) AND hour < toDateTime({to})",
-                day + 11 * 3_600
-            )),
-            "{sql}"
-        );
-        // Inside one hour: no whole hour, the whole range from the partials.
-        let inside = Read::new(
-            "funnel",
-            TimeRange {
-                from,
-                to: from + 600,
-            },
-            None,
-        );
-        let (sql, _) = inside.sql("p", str::to_owned, 0);
-        assert!(
-            sql.contains(&format!(
-                "(window_start >= toDateTime({from}) AND window_start < toDateTime({}))",
-                from + 600
-            )),
-            "{sql}"
-        );
+    fn a_read_filters_the_range_before_grouping_its_buckets() {
+        let range = TimeRange {
+            from: 1_795_996_800,
+            to: 1_795_996_800 + 3 * 3_600,
+        };
+        let range_sql =
+            "window_start >= toDateTime(1795996800) AND window_start < toDateTime(1796007600)";
+        let (sql, values) = Read::new("funnel", range, Some(Granularity::Hour)).sql("p");
+        assert_eq!(sql, format!("SELECT toUInt32(toStartOfHour(window_start)) AS t, sum(c1) AS created, sum(c2) AS paid, sum(c3) AS shipped, sum(c4) AS delivered, sum(c5) AS cancelled, sum(c6) AS refunded FROM p WHERE model = 'funnel' AND {range_sql} GROUP BY t"));
+        assert!(values.is_empty());
+        let rooms = ["r-1".to_owned(), "r-2".to_owned()];
+        let read = Read {
+            group: &["room_id"],
+            within: Some(("room_id", &rooms)),
+            measures: Some(&["messages"]),
+            ..Read::new("chat", range, None)
+        };
+        let (sql, values) = read.sql("p");
+        assert_eq!(sql, format!("SELECT dim1 AS room_id, sum(c1) AS messages FROM p WHERE model = 'chat' AND {range_sql} AND dim1 IN (?, ?) GROUP BY room_id"));
+        assert_eq!(values, rooms);
     }
 }

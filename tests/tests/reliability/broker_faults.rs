@@ -89,7 +89,7 @@ async fn broker_faults_lose_and_double_nothing() {
     assert!(publisher.running(), "the faults happened under load");
     assert!(
         publisher
-            .wait(Duration::from_secs(180))
+            .wait(run.publisher_limit())
             .expect("finishes")
             .success(),
         "{}",

@@ -109,7 +109,7 @@ async fn a_group_shares_partitions_and_survives_a_member_leaving_on_a_real_broke
     );
     system.stop(&mut [&mut workers.remove(0)]);
     assert!(publisher
-        .wait(Duration::from_secs(120))
+        .wait(run.publisher_limit())
         .expect("the publisher finishes")
         .success());
     let started = std::time::Instant::now();

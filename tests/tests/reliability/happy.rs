@@ -22,7 +22,7 @@ async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_
     let (mut worker, mut analytics) = system.consumers().await;
     let mut publisher = system.publish(&run);
     let status = publisher
-        .wait(Duration::from_secs(120))
+        .wait(run.publisher_limit())
         .expect("the publisher finishes");
     assert!(status.success(), "{}", system.logs());
 

@@ -41,6 +41,12 @@ pub struct Run {
 }
 
 impl Run {
+    /// How long its publisher may take: the sending time at its rate, plus
+    /// three minutes for the brokers or ClickHouse being away.
+    pub fn publisher_limit(&self) -> Duration {
+        Duration::from_secs_f64(self.count as f64 / self.traffic.rate + 180.0)
+    }
+
     /// `count` events at `rate` per second from `seed`, `poison_rate` of
     /// them malformed, starting now.
     pub fn new(seed: u64, count: usize, rate: f64, poison_rate: f64) -> Self {
@@ -349,8 +355,8 @@ impl System {
     pub fn publish_all(&self, run: &Run) {
         let status = self
             .publish(run)
-            .wait(Duration::from_secs(120))
-            .expect("the publisher finishes within 120 s");
+            .wait(run.publisher_limit())
+            .expect("the publisher finishes");
         assert!(
             status.success(),
             "the publisher failed: {status}\n{}",
