@@ -19,6 +19,9 @@ pub struct Metrics {
     pub paused_partitions: AtomicUsize,
     /// Partitions the group gave this worker, as of the last rebalance.
     pub assigned_partitions: AtomicUsize,
+    /// Partitions taken away by rebalances: with the cooperative protocol
+    /// only those moving to another member, with eager every one each time.
+    pub revoked_partitions: AtomicU64,
     batches: AtomicU64,
     batch_records: AtomicU64,
     latency_counts: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -163,6 +166,7 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP shopstream_paused_partitions Partitions paused now.\n# TYPE shopstream_paused_partitions gauge\nshopstream_paused_partitions {}", self.paused_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_assigned_partitions Partitions the group assigned to this worker.\n# TYPE shopstream_assigned_partitions gauge\nshopstream_assigned_partitions {}", self.assigned_partitions.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP shopstream_revoked_partitions_total Partitions taken from this worker by rebalances.\n# TYPE shopstream_revoked_partitions_total counter\nshopstream_revoked_partitions_total {}", self.revoked_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_consumer_lag Records behind the high watermark.\n# TYPE shopstream_consumer_lag gauge");
         for ((topic, partition), lag) in self.lag.lock().expect("metrics lock").iter() {
             let _ = writeln!(
@@ -189,6 +193,10 @@ mod tests {
         metrics.assigned_partitions.store(4, Ordering::Relaxed);
         let text = metrics.render();
         assert!(text.contains("shopstream_assigned_partitions 4"));
+        metrics.revoked_partitions.store(3, Ordering::Relaxed);
+        assert!(metrics
+            .render()
+            .contains("shopstream_revoked_partitions_total 3"));
         assert!(text.contains("shopstream_records_consumed_total 3"));
         assert!(text.contains("shopstream_handler_seconds_bucket{le=\"0.005\"} 0"));
         assert!(text.contains("shopstream_handler_seconds_bucket{le=\"0.01\"} 1"));

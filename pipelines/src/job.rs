@@ -26,7 +26,7 @@ use consumers::continuity::{self, Continuity};
 use consumers::fetched::Fetched;
 use consumers::forward::{now_ms, Failure, Forwarder};
 use consumers::projection::rows::{datetime, Malformed};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -175,7 +175,13 @@ impl ConsumerContext for JobContext {
                     partitions = tpl.count(),
                     "Partitions assigned; resuming after the offsets stored in ClickHouse."
                 );
-                if let Err(error) = consumer.assign(tpl) {
+                // Cooperative: the partitions are added to those kept, not
+                // put in their place (eager when `kafka.client` says `range`).
+                let assigned = match consumer.rebalance_protocol() {
+                    RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
+                    _ => consumer.assign(tpl),
+                };
+                if let Err(error) = assigned {
                     tracing::error!(%error, "Assigning partitions failed.");
                 }
             }
@@ -193,7 +199,11 @@ impl ConsumerContext for JobContext {
                     partitions = tpl.count(),
                     "Partitions revoked; their unflushed partials are left to the next owner."
                 );
-                if let Err(error) = consumer.unassign() {
+                let unassigned = match consumer.rebalance_protocol() {
+                    RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
+                    _ => consumer.unassign(),
+                };
+                if let Err(error) = unassigned {
                     tracing::error!(%error, "Unassigning partitions failed.");
                 }
             }
@@ -256,14 +266,17 @@ pub fn run(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
     // Unless the user's client properties say otherwise: quick failover,
-    // bounded prefetch, and fetches that return within 100 ms (librdkafka
+    // bounded prefetch, fetches that return within 100 ms (librdkafka
     // waits up to 500 ms by default, half the freshness budget on a broker
-    // that holds fetches).
+    // that holds fetches), and cooperative rebalancing: a replica joining
+    // or leaving moves only the partitions changing hands, and the others'
+    // partials are kept.
     for (key, value) in [
         ("session.timeout.ms", "10000"),
         ("heartbeat.interval.ms", "1000"),
         ("queued.max.messages.kbytes", "16384"),
         ("fetch.wait.max.ms", "100"),
+        ("partition.assignment.strategy", "cooperative-sticky"),
     ] {
         if config.get(key).is_none() {
             config.set(key, value);

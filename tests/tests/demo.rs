@@ -193,6 +193,7 @@ async fn ctrl_c_stops_everything_while(phase: Phase) {
     if !matches!(phase, Phase::Provisioning) {
         command.env("CLICKHOUSE_URL", clickhouse().await.url());
     }
+    with_default_sigint(&mut command);
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -329,5 +330,19 @@ fn bad_demo_settings_are_refused_before_anything_starts() {
         );
         assert!(stderr.contains(message), "{variable}={value}: {stderr}");
         assert!(!stderr.contains("==>"), "nothing started: {stderr}");
+    }
+}
+
+/// A test run started in the background of a non-interactive shell inherits
+/// SIGINT ignored, and bash cannot trap a signal ignored at its start: the
+/// demo gets SIGINT's default action, as from a terminal.
+#[allow(unsafe_code)]
+fn with_default_sigint(command: &mut Command) {
+    // SAFETY: `signal` is async-signal-safe, as `pre_exec` requires.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
     }
 }

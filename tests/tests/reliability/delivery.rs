@@ -185,3 +185,77 @@ async fn a_whole_topic_is_read_to_its_real_end_on_both_brokers() {
         );
     }
 }
+
+/// Cooperative rebalancing is the default on both brokers: a worker and an
+/// analytics replica joining a running pair under load take partitions
+/// without the first worker giving up those it keeps; the eager protocol
+/// (`range`) is still selectable and revokes everything. Each run exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_joining_move_only_the_partitions_that_change_hands_on_both_brokers() {
+    let url = clickhouse().await.url();
+    for broker in [Broker::Mock, Broker::Real] {
+        for strategy in [None, Some("range")] {
+            let client = strategy
+                .map(|s| format!("client: {{partition.assignment.strategy: {s}}}"))
+                .unwrap_or_default();
+            let settings: Vec<(&str, &str)> = strategy
+                .map(|_| ("kafka", client.as_str()))
+                .into_iter()
+                .collect();
+            let system =
+                System::on(EventTopics::on(broker, &partitions()), url, url, &settings).await;
+            let run = Run::new(31, 10_000, 1_000.0, 0.01);
+            let expected = run.expected();
+            let (first, analytics) = system.consumers().await;
+            // Everything assigned to the first worker, and settled.
+            let mut held = 0;
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = first.metric("shopstream_assigned_partitions").await;
+                if now > 0 && now == held {
+                    break;
+                }
+                held = now;
+            }
+            let mut publisher = system.publish(&run);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let (second, replica) = (system.worker(), system.analytics());
+            system.ready(&[&second, &replica]).await;
+            system.sharing(&[&first, &second]).await;
+            let revoked = first.metric("shopstream_revoked_partitions_total").await;
+            let protocol = strategy.unwrap_or("the default");
+            match strategy {
+                None => assert!(
+                    revoked > 0 && revoked < held,
+                    "{broker:?}, {protocol}: the first worker gave up {revoked} of its {held} partitions, not just those moving"
+                ),
+                Some(_) => assert!(
+                    revoked >= held,
+                    "{broker:?}, {protocol}: eager revokes all {held} partitions, not {revoked}"
+                ),
+            }
+            assert!(publisher
+                .wait(run.publisher_limit())
+                .expect("the publisher finishes")
+                .success());
+            // An eager rebalance can refuse a revoke's commit: a dead letter
+            // may then be written twice (counted).
+            let report = system
+                .converge(
+                    &expected,
+                    &system.checks_counting_dead_letter_repeats(),
+                    Duration::from_secs(180),
+                )
+                .await;
+            let mut members = [first, second, analytics, replica];
+            assert!(
+                report.passed(),
+                "{broker:?}, {protocol}: {report}\n{}{}",
+                system.progress(&members.iter().collect::<Vec<_>>()).await,
+                system.logs()
+            );
+            system.stop(&mut members.iter_mut().collect::<Vec<_>>());
+            println!("{broker:?}, {protocol}: the first worker gave up {revoked} of {held} partitions; {report}");
+        }
+    }
+}

@@ -84,7 +84,9 @@ async fn sigkill_cycles_under_load_leave_an_exact_end_state() {
     );
     let (report, _) = converge_after_kills(&system, &mut publisher, &run, &expected, seed).await;
     system.stop(&mut [&mut worker, &mut analytics]);
-    let report_after_stop = system.check(&expected, &dead_letters_repeat(&system)).await;
+    let report_after_stop = system
+        .check(&expected, &system.checks_counting_dead_letter_repeats())
+        .await;
     assert!(
         report_after_stop.passed(),
         "after SIGTERM: {report_after_stop}"
@@ -168,15 +170,6 @@ async fn sigterm_with_every_broker_down_still_exits_within_the_drain_timeout() {
     }
 }
 
-/// The checks after kills: a kill between a dead letter's write and the
-/// commit repeats it (dead letters are at least once, see the README,
-/// Reliability), so repeats are counted, not findings.
-fn dead_letters_repeat(system: &System) -> checker::Checks {
-    let mut checks = system.checks();
-    checks.dead_letters_at_least_once = true;
-    checks
-}
-
 /// Waits for the publisher, then until everything is exact (180 s at most
 /// after the publisher's end); the report and how long that took.
 async fn converge_after_kills(
@@ -194,7 +187,7 @@ async fn converge_after_kills(
     let report = system
         .converge(
             expected,
-            &dead_letters_repeat(system),
+            &system.checks_counting_dead_letter_repeats(),
             Duration::from_secs(180),
         )
         .await;
@@ -274,7 +267,9 @@ async fn worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact() {
     let (report, converged) =
         converge_after_kills(&system, &mut publisher, &run, &expected, seed).await;
     system.stop(&mut [&mut worker, &mut analytics]);
-    let report_after_stop = system.check(&expected, &dead_letters_repeat(&system)).await;
+    let report_after_stop = system
+        .check(&expected, &system.checks_counting_dead_letter_repeats())
+        .await;
     assert!(
         report_after_stop.passed(),
         "after SIGTERM: {report_after_stop}"

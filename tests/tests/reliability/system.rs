@@ -514,6 +514,17 @@ impl System {
         }
     }
 
+    /// The checks where a dead letter may be written twice (dead letters
+    /// are at least once, see the README, Reliability): a kill between its
+    /// write and the commit, or a commit refused in an eager rebalance,
+    /// repeats it. Repeats are counted, not findings.
+    pub fn checks_counting_dead_letter_repeats(&self) -> Checks {
+        Checks {
+            dead_letters_at_least_once: true,
+            ..self.checks()
+        }
+    }
+
     /// Checks the end state once.
     pub async fn check(&self, expected: &Expected, checks: &Checks) -> Report {
         let observed = Observed::read(
