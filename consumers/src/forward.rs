@@ -51,6 +51,9 @@ pub fn now_ms() -> i64 {
 impl Forwarder {
     pub fn new(config: &ClientConfig, group: &str) -> Result<Self, rdkafka::error::KafkaError> {
         let mut config = config.clone();
+        // A consumer's static membership means nothing to a producer
+        // (librdkafka warns about it at start).
+        config.remove("group.instance.id");
         config
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")

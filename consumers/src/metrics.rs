@@ -22,6 +22,9 @@ pub struct Metrics {
     /// Partitions taken away by rebalances: with the cooperative protocol
     /// only those moving to another member, with eager every one each time.
     pub revoked_partitions: AtomicU64,
+    /// Assignments the group gave this worker (one per rebalance it took
+    /// part in): a static member restarted in time causes none.
+    pub rebalances: AtomicU64,
     batches: AtomicU64,
     batch_records: AtomicU64,
     latency_counts: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -167,6 +170,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP shopstream_paused_partitions Partitions paused now.\n# TYPE shopstream_paused_partitions gauge\nshopstream_paused_partitions {}", self.paused_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_assigned_partitions Partitions the group assigned to this worker.\n# TYPE shopstream_assigned_partitions gauge\nshopstream_assigned_partitions {}", self.assigned_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_revoked_partitions_total Partitions taken from this worker by rebalances.\n# TYPE shopstream_revoked_partitions_total counter\nshopstream_revoked_partitions_total {}", self.revoked_partitions.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP shopstream_rebalances_total Rebalances that gave this worker an assignment.\n# TYPE shopstream_rebalances_total counter\nshopstream_rebalances_total {}", self.rebalances.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_consumer_lag Records behind the high watermark.\n# TYPE shopstream_consumer_lag gauge");
         for ((topic, partition), lag) in self.lag.lock().expect("metrics lock").iter() {
             let _ = writeln!(
@@ -194,9 +198,10 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("shopstream_assigned_partitions 4"));
         metrics.revoked_partitions.store(3, Ordering::Relaxed);
-        assert!(metrics
-            .render()
-            .contains("shopstream_revoked_partitions_total 3"));
+        metrics.rebalances.store(2, Ordering::Relaxed);
+        let again = metrics.render();
+        assert!(again.contains("shopstream_revoked_partitions_total 3"));
+        assert!(again.contains("shopstream_rebalances_total 2"));
         assert!(text.contains("shopstream_records_consumed_total 3"));
         assert!(text.contains("shopstream_handler_seconds_bucket{le=\"0.005\"} 0"));
         assert!(text.contains("shopstream_handler_seconds_bucket{le=\"0.01\"} 1"));

@@ -332,6 +332,10 @@ impl ConsumerContext for WorkerContext {
     ) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "Partitions assigned.");
+            self.shared
+                .metrics
+                .rebalances
+                .fetch_add(1, Ordering::Relaxed);
             self.shared.expect_committed(consumer, tpl);
         }
         // Asked rather than counted: with a cooperative assignor (settable

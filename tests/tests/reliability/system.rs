@@ -335,6 +335,17 @@ impl System {
         self.spawn("shopstream-worker", &[])
     }
 
+    /// A worker that is a static member of its group (`group.instance.id`).
+    pub fn static_worker(&self, instance: &str) -> Service {
+        self.spawn(
+            "shopstream-worker",
+            &[
+                "--set".into(),
+                format!("kafka.client.group.instance.id={instance}"),
+            ],
+        )
+    }
+
     pub fn analytics(&self) -> Service {
         self.spawn("shopstream-analytics", &[])
     }
