@@ -128,6 +128,8 @@ type PartitionStates = HashMap<String, HashMap<i32, PartitionState>>;
 struct Shared {
     partitions: Mutex<PartitionStates>,
     client: clickhouse::Client,
+    /// How long a ClickHouse request may take.
+    timeout: Duration,
     runtime: tokio::runtime::Handle,
     lateness_ms: i64,
     shutdown: Shutdown,
@@ -218,11 +220,10 @@ impl JobContext {
     fn stored_offsets(&self) -> HashMap<Key, i64> {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self
-                .shared
-                .runtime
-                .block_on(store::stored_offsets(&self.shared.client))
-            {
+            match self.shared.runtime.block_on(store::stored_offsets(
+                &self.shared.client,
+                self.shared.timeout,
+            )) {
                 Ok(offsets) => return offsets,
                 Err(error) => {
                     tracing::warn!(%error, retry_in = ?delay, "Reading the stored offsets from ClickHouse failed; retrying.");
@@ -256,6 +257,7 @@ pub fn run(
     let shared = Arc::new(Shared {
         partitions: Mutex::new(HashMap::new()),
         client: consumers::projection::client(clickhouse, true),
+        timeout: Duration::from_millis(clickhouse.timeout_ms),
         runtime: runtime.clone(),
         lateness_ms: settings.allowed_lateness_ms,
         shutdown: shutdown.clone(),
@@ -610,7 +612,7 @@ fn store_batch(
         delay = (delay * 2).min(Duration::from_secs(5));
         if let Ok(stored) = shared
             .runtime
-            .block_on(store::stored_offsets(&shared.client))
+            .block_on(store::stored_offsets(&shared.client, timeout))
         {
             if offsets
                 .iter()

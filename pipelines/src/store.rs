@@ -136,16 +136,21 @@ pub async fn insert(
     insert.end().await
 }
 
-/// The last offset stored per (topic, partition).
+/// The last offset stored per (topic, partition), or `TimedOut` after
+/// `timeout`: a server just restarted can take a connection and not answer,
+/// and the job must not wait on it for good.
 pub async fn stored_offsets(
     client: &clickhouse::Client,
+    timeout: std::time::Duration,
 ) -> Result<std::collections::HashMap<(String, i32), i64>, clickhouse::error::Error> {
-    let found: Vec<(String, i32, i64)> = client
+    let query = client
         .query(&format!(
             "SELECT source_topic, source_partition, max(last_offset) FROM `{PARTIALS_TABLE}` WHERE model = ? GROUP BY source_topic, source_partition"
         ))
         .bind(OFFSET_MODEL)
-        .fetch_all()
-        .await?;
+        .fetch_all::<(String, i32, i64)>();
+    let found = tokio::time::timeout(timeout, query)
+        .await
+        .map_err(|_| clickhouse::error::Error::TimedOut)??;
     Ok(found.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
 }

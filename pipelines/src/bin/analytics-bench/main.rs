@@ -243,7 +243,7 @@ impl Traffic<'_> {
 }
 
 pub(crate) async fn stored(client: &clickhouse::Client) -> HashMap<(String, i32), i64> {
-    pipelines::store::stored_offsets(client)
+    pipelines::store::stored_offsets(client, std::time::Duration::from_secs(30))
         .await
         .unwrap_or_default()
 }
