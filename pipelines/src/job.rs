@@ -316,7 +316,6 @@ pub fn run(
     let windows = Windows::new(settings.window_ms);
     let decoder = Decoder::default();
     let flush_every = Duration::from_millis(settings.flush_interval_ms);
-    let timeout = Duration::from_millis(clickhouse.timeout_ms);
     let mut next_flush = Instant::now() + flush_every;
     ready.store(true, Ordering::SeqCst);
     tracing::info!(group = %settings.group_id, topics = ?topics, "Analytics job subscribed.");
@@ -349,7 +348,7 @@ pub fn run(
             }
         }
         if Instant::now() >= next_flush {
-            if let Err(abandoned) = flush_all(&shared, &consumer, &metrics, timeout) {
+            if let Err(abandoned) = flush_all(&shared, &consumer, &metrics) {
                 if shutdown.is_cancelled() {
                     break;
                 }
@@ -363,7 +362,7 @@ pub fn run(
     ready.store(false, Ordering::SeqCst);
     tracing::info!("Stopping: flushing the partials held.");
     // If ClickHouse is away, what is held is counted again by the next run.
-    let _ = flush_all(&shared, &consumer, &metrics, timeout);
+    let _ = flush_all(&shared, &consumer, &metrics);
     Ok(())
 }
 
@@ -496,7 +495,6 @@ fn flush_all(
     shared: &Shared,
     consumer: &BaseConsumer<JobContext>,
     metrics: &JobMetrics,
-    timeout: Duration,
 ) -> Result<(), Abandoned> {
     let work: Vec<(Key, Partial, i64)> = {
         let mut partitions = shared.partitions.lock().expect("partitions lock");
@@ -546,7 +544,7 @@ fn flush_all(
                 .iter()
                 .map(|((topic, partition), last)| store::offset_row(topic, *partition, *last, now)),
         );
-        store_batch(shared, &rows, &offsets, metrics, timeout)?;
+        store_batch(shared, &rows, &offsets, metrics)?;
         metrics
             .flushes
             .fetch_add(offsets.len() as u64, Ordering::Relaxed);
@@ -582,26 +580,26 @@ fn store_batch(
     rows: &[store::PartialRow],
     offsets: &[(Key, i64)],
     metrics: &JobMetrics,
-    timeout: Duration,
 ) -> Result<(), Abandoned> {
     let mut delay = Duration::from_millis(100);
     let failing_since = Instant::now();
     loop {
         let attempt = Instant::now();
-        let error = match shared
-            .runtime
-            .block_on(store::insert(&shared.client, rows, timeout))
-        {
-            Ok(()) => {
-                metrics.inserts.fetch_add(1, Ordering::Relaxed);
-                metrics.insert_micros.fetch_add(
-                    u64::try_from(attempt.elapsed().as_micros()).unwrap_or(u64::MAX),
-                    Ordering::Relaxed,
-                );
-                return Ok(());
-            }
-            Err(error) => error,
-        };
+        let error =
+            match shared
+                .runtime
+                .block_on(store::insert(&shared.client, rows, shared.timeout))
+            {
+                Ok(()) => {
+                    metrics.inserts.fetch_add(1, Ordering::Relaxed);
+                    metrics.insert_micros.fetch_add(
+                        u64::try_from(attempt.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
         if shared.shutdown.is_cancelled() || failing_since.elapsed() > MAX_OUTAGE {
             tracing::error!(%error, "Giving up on ClickHouse; the unstored events are counted again after the stored offsets by the next run.");
             return Err(Abandoned);
@@ -612,7 +610,7 @@ fn store_batch(
         delay = (delay * 2).min(Duration::from_secs(5));
         if let Ok(stored) = shared
             .runtime
-            .block_on(store::stored_offsets(&shared.client, timeout))
+            .block_on(store::stored_offsets(&shared.client, shared.timeout))
         {
             if offsets
                 .iter()

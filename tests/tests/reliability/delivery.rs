@@ -271,34 +271,32 @@ async fn members_joining_move_only_the_partitions_that_change_hands_on_both_brok
 async fn a_static_member_restarted_in_time_causes_no_rebalance_on_a_real_broker() {
     let url = clickhouse().await.url();
     let broker = Broker::Real;
-    {
-        for instance in [Some(("a", "b")), None] {
-            let system = System::on(EventTopics::on(broker, &partitions()), url, url, &[]).await;
-            let start = |name: fn((&'static str, &'static str)) -> &'static str| match instance {
-                Some(ids) => system.static_worker(name(ids)),
-                None => system.worker(),
-            };
-            let (mut first, second) = (start(|(a, _)| a), start(|(_, b)| b));
-            system.ready(&[&first, &second]).await;
-            system.sharing(&[&first, &second]).await;
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let held = first.metric("shopstream_assigned_partitions").await;
-            let rebalances = second.metric("shopstream_rebalances_total").await;
-            system.stop(&mut [&mut first]);
-            let mut first = start(|(a, _)| a);
-            system.ready(&[&first]).await;
-            system.sharing(&[&first, &second]).await;
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let seen = second.metric("shopstream_rebalances_total").await - rebalances;
-            let back = first.metric("shopstream_assigned_partitions").await;
-            let still = seen == 0 && back == held;
-            assert!(
+    for instance in [Some(("a", "b")), None] {
+        let system = System::on(EventTopics::on(broker, &partitions()), url, url, &[]).await;
+        let start = |name: fn((&'static str, &'static str)) -> &'static str| match instance {
+            Some(ids) => system.static_worker(name(ids)),
+            None => system.worker(),
+        };
+        let (mut first, second) = (start(|(a, _)| a), start(|(_, b)| b));
+        system.ready(&[&first, &second]).await;
+        system.sharing(&[&first, &second]).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let held = first.metric("shopstream_assigned_partitions").await;
+        let rebalances = second.metric("shopstream_rebalances_total").await;
+        system.stop(&mut [&mut first]);
+        let mut first = start(|(a, _)| a);
+        system.ready(&[&first]).await;
+        system.sharing(&[&first, &second]).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let seen = second.metric("shopstream_rebalances_total").await - rebalances;
+        let back = first.metric("shopstream_assigned_partitions").await;
+        let still = seen == 0 && back == held;
+        assert!(
                 still == instance.is_some(),
                 "{broker:?}, instance ids {instance:?}: the other member went through {seen} rebalances, the restarted one holds {back} of its {held}\n{}",
                 system.logs()
             );
-            system.stop(&mut [&mut first, &mut { second }]);
-            println!("{broker:?}, instance ids {instance:?}: the other member went through {seen} rebalances, the restarted one holds {back} of {held}");
-        }
+        system.stop(&mut [&mut first, &mut { second }]);
+        println!("{broker:?}, instance ids {instance:?}: the other member went through {seen} rebalances, the restarted one holds {back} of {held}");
     }
 }

@@ -82,15 +82,15 @@ async fn sigkill_cycles_under_load_leave_an_exact_end_state() {
         under_load >= 5,
         "only {under_load} kills landed while the publisher was sending: raise the count"
     );
-    let (report, _) = converge_after_kills(&system, &mut publisher, &run, &expected, seed).await;
-    system.stop(&mut [&mut worker, &mut analytics]);
-    let report_after_stop = system
-        .check(&expected, &system.checks_counting_dead_letter_repeats())
-        .await;
-    assert!(
-        report_after_stop.passed(),
-        "after SIGTERM: {report_after_stop}"
-    );
+    let (report, _) = converge_then_stop(
+        &system,
+        &mut publisher,
+        &run,
+        &expected,
+        seed,
+        &mut [&mut worker, &mut analytics],
+    )
+    .await;
     println!(
         "{cycles} SIGKILLs ({under_load} under load, {after_ack} right after an acknowledged insert), kill seed {seed}: {report}"
     );
@@ -171,13 +171,15 @@ async fn sigterm_with_every_broker_down_still_exits_within_the_drain_timeout() {
 }
 
 /// Waits for the publisher, then until everything is exact (180 s at most
-/// after the publisher's end); the report and how long that took.
-async fn converge_after_kills(
+/// after the publisher's end), then SIGTERMs `consumers` and checks again;
+/// the report and how long it took to be exact.
+async fn converge_then_stop(
     system: &System,
     publisher: &mut Service,
     run: &Run,
     expected: &checker::Expected,
     seed: u64,
+    consumers: &mut [&mut Service],
 ) -> (checker::Report, Duration) {
     let status = publisher
         .wait(run.publisher_limit())
@@ -196,7 +198,13 @@ async fn converge_after_kills(
         "kill seed {seed}: {report}\n{}",
         system.logs()
     );
-    (report, published.elapsed())
+    let converged = published.elapsed();
+    system.stop(consumers);
+    let after_stop = system
+        .check(expected, &system.checks_counting_dead_letter_repeats())
+        .await;
+    assert!(after_stop.passed(), "after SIGTERM: {after_stop}");
+    (report, converged)
 }
 
 /// What a cycle of the mixed soak kills.
@@ -264,16 +272,15 @@ async fn worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact() {
         "only {under_load} of {} kills landed while the publisher was sending: raise the events",
         victims.len()
     );
-    let (report, converged) =
-        converge_after_kills(&system, &mut publisher, &run, &expected, seed).await;
-    system.stop(&mut [&mut worker, &mut analytics]);
-    let report_after_stop = system
-        .check(&expected, &system.checks_counting_dead_letter_repeats())
-        .await;
-    assert!(
-        report_after_stop.passed(),
-        "after SIGTERM: {report_after_stop}"
-    );
+    let (report, converged) = converge_then_stop(
+        &system,
+        &mut publisher,
+        &run,
+        &expected,
+        seed,
+        &mut [&mut worker, &mut analytics],
+    )
+    .await;
     println!(
         "SIGKILLs: worker {}, analytics {}, ClickHouse {} ({under_load} under load), kill seed {seed}; exact {:.1} s after the publisher's end; {report}",
         kills(Victim::Worker),
