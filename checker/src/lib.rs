@@ -45,8 +45,8 @@ pub struct Checks {
     pub dead_letter_groups: Vec<String>,
     /// A raw-table duplicate (one hidden by `FINAL`) is a finding too.
     pub exact_raw: bool,
-    /// A dead letter written twice (a crash between the DLQ write and the
-    /// commit) is counted, not a finding: the DLQ is at-least-once.
+    /// A dead letter written twice is counted, not a finding: for DLQs
+    /// written before the forwarding ledger made them exactly once.
     pub dead_letters_at_least_once: bool,
 }
 

@@ -43,8 +43,8 @@ struct Args {
     /// Raw-table duplicates (hidden from queries by FINAL) are findings too.
     #[arg(long)]
     exact_raw: bool,
-    /// Dead letters written twice (a crash between the DLQ write and the
-    /// commit) are counted, not findings.
+    /// Dead letters written twice are counted, not findings (DLQs written
+    /// by releases before the forwarding ledger).
     #[arg(long)]
     dead_letters_at_least_once: bool,
     #[arg(long, value_enum, default_value_t = Output::Text)]

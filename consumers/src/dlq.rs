@@ -14,10 +14,8 @@ use backbone::codec::{DecodeHint, Decoder};
 use backbone::events::{AnyEvent, EventType};
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 
 use crate::forward::now_ms;
 
@@ -87,75 +85,9 @@ pub fn dead_letter_topic(catalog: &Catalog, topic: &str) -> String {
         .map_or_else(|| topic.to_owned(), |d| d.topic.clone())
 }
 
-/// How long `read_all` waits for records past the high watermarks the
-/// broker reported, once it has read up to them.
-const BEYOND_THE_END: Duration = Duration::from_millis(300);
-
 /// Every record in `topic` up to its end as of now, in partition order.
 pub fn read_all(connection: &KafkaConnection, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
-    let consumer: BaseConsumer = connection
-        .client_config()
-        .set("group.id", "shopstream-dlq-reader")
-        .set("fetch.wait.max.ms", "100")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .create()
-        .context("creating the Kafka consumer")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading metadata of {topic}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        bail!("topic {topic} does not exist on the cluster");
-    }
-    // Every partition is read, even one that looks empty: a broker may
-    // report its high watermark low (tansu 0.6.0: by 1-2 records).
-    let mut ends = BTreeMap::new();
-    let mut assignment = TopicPartitionList::new();
-    for partition in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
-        if high > low {
-            ends.insert(partition, high);
-        }
-        assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
-    }
-    consumer.assign(&assignment)?;
-    let mut out = Vec::new();
-    let mut idle = std::time::Instant::now();
-    while !ends.is_empty() {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                idle = std::time::Instant::now();
-                let (partition, offset) = (message.partition(), message.offset());
-                if ends.get(&partition).is_some_and(|&end| offset + 1 >= end) {
-                    ends.remove(&partition);
-                }
-                out.push(message.detach());
-            }
-            Some(Err(error)) => bail!("reading {topic}: {error}"),
-            None if idle.elapsed() > timeout => bail!(
-                "reading {topic}: no records for {timeout:?} although partitions {:?} are not at their end",
-                ends.keys().collect::<Vec<_>>()
-            ),
-            None => {}
-        }
-    }
-    // What the fetches brought beyond the reported ends (a low high
-    // watermark) is already here or a moment away.
-    while let Some(result) = consumer.poll(BEYOND_THE_END) {
-        match result {
-            Ok(message) => out.push(message.detach()),
-            Err(error) => bail!("reading {topic}: {error}"),
-        }
-    }
-    out.sort_by_key(|m| (m.partition(), m.offset()));
-    Ok(out)
+    crate::readback::read_since(&connection.client_config(), topic, None)
 }
 
 /// `dlq list`: counts by error class and original topic.

@@ -2,13 +2,23 @@
 //! key and payload, original headers, plus the failure headers. The write is
 //! retried until the broker acknowledges it; only then may the caller store
 //! the record's offset.
+//!
+//! Exactly once: a crash (or a new owner) between a forward and the commit
+//! of its source offset redoes the records since that commit. Each
+//! assignment of a partition keeps a [`Ledger`]: before its first forward
+//! to a topic it reads back what its group wrote there since the
+//! partition's first record was written, and a record found there is not
+//! written again. No Kafka transaction is needed, so it holds on any broker
+//! (the mock cluster does not commit a transaction's offsets, and tansu
+//! 0.6.0 shows aborted records to `read_committed` readers).
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backbone::headers;
 use backbone::shutdown::Shutdown;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 use crate::fetched::Fetched;
@@ -30,7 +40,41 @@ pub struct Abandoned;
 
 pub struct Forwarder {
     producer: FutureProducer,
+    config: ClientConfig,
     group: String,
+}
+
+/// How long a forward may take before librdkafka fails it.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How far before a partition's first record a [`Ledger`] reads back: the
+/// clock skew allowed between the hosts that wrote the record and the
+/// forward.
+const CLOCK_SKEW_MS: i64 = 5 * 60 * 1_000;
+
+/// Where a forwarded record first came from: topic, partition, offset.
+type OriginKey = (String, i32, i64);
+
+/// What a partition's group had already forwarded when the partition was
+/// assigned, per destination topic, read back on the first forward there.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Destination topics are read from here on: the first record's
+    /// timestamp less the clock skew (everything when unknown).
+    since_ms: Option<i64>,
+    written: HashMap<String, HashSet<OriginKey>>,
+}
+
+impl Ledger {
+    /// For a partition whose first record since its assignment was
+    /// written at `first_timestamp_ms`: anything it had forwarded before
+    /// was written after that.
+    pub fn since(first_timestamp_ms: Option<i64>) -> Self {
+        Self {
+            since_ms: first_timestamp_ms.map(|t| t.min(now_ms()) - CLOCK_SKEW_MS),
+            written: HashMap::new(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -59,16 +103,105 @@ impl Forwarder {
             .set("linger.ms", "5")
             // A delivery that does not complete is failed and retried (with a
             // warning) rather than awaited for librdkafka's default 5 minutes.
-            .set("message.timeout.ms", "15000");
+            .set(
+                "message.timeout.ms",
+                DELIVERY_TIMEOUT.as_millis().to_string(),
+            );
         Ok(Self {
             producer: config.create()?,
+            config,
             group: group.to_owned(),
         })
     }
 
-    /// Writes `record` to `topic` with the failure headers; waits for the
+    /// Writes `record` to `topic` with the failure headers, unless `ledger`
+    /// shows this group wrote it there already; waits for the
     /// acknowledgement, retrying with backoff until `stop` fires.
     pub async fn forward(
+        &self,
+        topic: &str,
+        record: &Fetched,
+        failure: &Failure,
+        tier: Option<usize>,
+        ledger: &mut Ledger,
+        stop: &Shutdown,
+    ) -> Result<(), Abandoned> {
+        let origin = &record.origin;
+        let key: OriginKey = (origin.topic.to_string(), origin.partition, origin.offset);
+        if !ledger.written.contains_key(topic) {
+            let written = self.written_to(topic, ledger.since_ms, stop).await?;
+            ledger.written.insert(topic.to_owned(), written);
+        }
+        if ledger.written.get(topic).is_some_and(|w| w.contains(&key)) {
+            tracing::info!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Already forwarded before a restart or rebalance; not written again.");
+            return Ok(());
+        }
+        self.send(topic, record, failure, tier, stop).await?;
+        if let Some(written) = ledger.written.get_mut(topic) {
+            written.insert(key);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for every forward handed to Kafka, including
+    /// those whose caller gave up waiting.
+    pub fn flush_in_flight(&self, timeout: Duration) {
+        if let Err(error) = self.producer.flush(timeout) {
+            tracing::warn!(%error, "Forwards still unacknowledged after {timeout:?}; one may land after the next owner read its ledger and be written twice.");
+        }
+    }
+
+    /// The origins of the records this group wrote to `topic` since
+    /// `since_ms`, read until Kafka answers or `stop` fires.
+    async fn written_to(
+        &self,
+        topic: &str,
+        since_ms: Option<i64>,
+        stop: &Shutdown,
+    ) -> Result<HashSet<OriginKey>, Abandoned> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let (config, owned_topic) = (self.config.clone(), topic.to_owned());
+            let read = tokio::task::spawn_blocking(move || {
+                crate::readback::read_since(&config, &owned_topic, since_ms)
+            });
+            let read = tokio::select! {
+                read = read => read,
+                _ = stop.cancelled() => return Err(Abandoned),
+            };
+            match read {
+                Ok(Ok(records)) => {
+                    return Ok(records
+                        .iter()
+                        .filter(|m| header(m, headers::CONSUMER_GROUP) == Some(self.group.as_str()))
+                        .filter_map(|m| {
+                            let number = |name| header(m, name)?.parse::<i64>().ok();
+                            Some((
+                                header(m, headers::ORIGINAL_TOPIC)?.to_owned(),
+                                number(headers::ORIGINAL_PARTITION)? as i32,
+                                number(headers::ORIGINAL_OFFSET)?,
+                            ))
+                        })
+                        .collect())
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(topic, error = format!("{error:#}"), retry_in = ?delay, "Reading back what was forwarded failed; retrying.");
+                }
+                Err(error) => {
+                    tracing::warn!(topic, %error, retry_in = ?delay, "Reading back what was forwarded failed; retrying.");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return Err(Abandoned),
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Writes `record` to `topic` with the failure headers and waits for
+    /// the acknowledgement, retrying with backoff until `stop` fires.
+    async fn send(
         &self,
         topic: &str,
         record: &Fetched,
@@ -137,6 +270,15 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// A header of a fetched record as text.
+fn header<'a>(message: &'a OwnedMessage, key: &str) -> Option<&'a str> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
 fn truncate(text: &str, max: usize) -> String {

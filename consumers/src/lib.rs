@@ -9,6 +9,7 @@ pub mod forward;
 pub mod handler;
 pub mod metrics;
 pub mod projection;
+pub mod readback;
 pub mod routes;
 pub mod runtime;
 pub mod worker;

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::continuity::{self, Continuity};
 use crate::fetched::Fetched;
-use crate::forward::{now_ms, Failure, Forwarder};
+use crate::forward::{now_ms, Failure, Forwarder, Ledger};
 use crate::handler::{Handler, Outcome, Record};
 use crate::metrics::Metrics;
 use crate::routes::{Hop, Route, Routes};
@@ -82,6 +82,7 @@ struct Shared {
     expected: Mutex<HashMap<PartitionKey, Continuity>>,
     pauses: Mutex<HashMap<PartitionKey, u8>>,
     metrics: Arc<Metrics>,
+    forwarder: Arc<Forwarder>,
     /// Set once the consumer exists, so callbacks can pause and resume.
     consumer: std::sync::OnceLock<std::sync::Weak<StreamConsumer<WorkerContext>>>,
 }
@@ -137,8 +138,9 @@ impl Shared {
     }
 
     /// Stops the tasks of `keys`, waits for them to finish their batch within
-    /// the drain timeout, then abandons what is left.
-    fn stop_partitions(&self, keys: &[PartitionKey]) {
+    /// the drain timeout, then abandons what is left, and gives the forwards
+    /// they abandoned up to `land_within` to reach their topics.
+    fn stop_partitions(&self, keys: &[PartitionKey], land_within: Duration) {
         let handles: Vec<PartitionHandle> = {
             let mut partitions = self.partitions.lock().expect("partitions lock");
             keys.iter().filter_map(|k| partitions.remove(k)).collect()
@@ -158,6 +160,11 @@ impl Shared {
                 partitions = still_running.len(),
                 "Abandoned batches did not stop within {ABANDON_GRACE:?}; going on without them."
             );
+        }
+        // An abandoned forward may still be on its way: it must be in its
+        // topic before the partitions' next owner reads its ledger there.
+        if !unfinished.is_empty() {
+            self.forwarder.flush_in_flight(land_within);
         }
     }
 
@@ -316,7 +323,9 @@ impl ConsumerContext for WorkerContext {
                 .metrics
                 .revoked_partitions
                 .fetch_add(keys.len() as u64, Ordering::Relaxed);
-            self.shared.stop_partitions(&keys);
+            // The next owner reads its ledgers once this returns.
+            self.shared
+                .stop_partitions(&keys, crate::forward::DELIVERY_TIMEOUT);
             self.shared.forget_pauses(&keys);
             self.shared.forget_expected(&keys);
             if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
@@ -366,12 +375,17 @@ pub async fn run<H: Handler>(
     {
         return Err(WorkerError::CurrentThreadRuntime);
     }
+    let forwarder = Arc::new(
+        Forwarder::new(&connection.client_config(), &settings.group_id)
+            .map_err(WorkerError::Consumer)?,
+    );
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         partitions: Mutex::new(HashMap::new()),
         expected: Mutex::new(HashMap::new()),
         pauses: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
+        forwarder: forwarder.clone(),
         consumer: std::sync::OnceLock::new(),
     });
     let mut config = connection.client_config();
@@ -418,10 +432,6 @@ pub async fn run<H: Handler>(
         })?;
     tracing::info!(group = %settings.group_id, topics = ?topics, handler = handler.name(), "Worker subscribed.");
 
-    let forwarder = Arc::new(
-        Forwarder::new(&connection.client_config(), &settings.group_id)
-            .map_err(WorkerError::Consumer)?,
-    );
     let job = Arc::new(Job {
         handler,
         routes,
@@ -484,7 +494,7 @@ pub async fn run<H: Handler>(
         .collect();
     let drained_by = Instant::now() + Duration::from_millis(settings.drain_timeout_ms);
     let drain = shared.clone();
-    tokio::task::spawn_blocking(move || drain.stop_partitions(&keys))
+    tokio::task::spawn_blocking(move || drain.stop_partitions(&keys, ABANDON_GRACE))
         .await
         .unwrap_or_else(|e| tracing::error!(error = %e, "Drain task failed."));
     commit_and_close_before(consumer, drained_by).await;
@@ -679,6 +689,7 @@ impl<H: Handler> Job<H> {
             abandon: handle.abandon.clone(),
             queued_records: handle.queued_records.clone(),
             queued_bytes: handle.queued_bytes.clone(),
+            ledger: None,
         };
         tokio::spawn(async move {
             task.run().await;
@@ -706,6 +717,9 @@ struct PartitionTask<H> {
     abandon: Shutdown,
     queued_records: Arc<AtomicUsize>,
     queued_bytes: Arc<AtomicUsize>,
+    /// What the group had forwarded from this partition before this task,
+    /// from its first batch on.
+    ledger: Option<Ledger>,
 }
 
 impl<H: Handler> PartitionTask<H> {
@@ -820,6 +834,9 @@ impl<H: Handler> PartitionTask<H> {
         let settings = &shared.settings;
         let metrics = &shared.metrics;
         metrics.observe_batch(batch.len());
+        if self.ledger.is_none() {
+            self.ledger = Some(Ledger::since(batch.first().and_then(|r| r.timestamp_ms)));
+        }
         // Undecodable records never reach the handler.
         let mut records: Vec<Record> = Vec::with_capacity(batch.len());
         // Per record: its index in `batch` and its attempts before this delivery.
@@ -950,7 +967,7 @@ impl<H: Handler> PartitionTask<H> {
     /// Moves a record on: fatal errors straight to the DLQ, exhausted retries
     /// to the next tier (or the DLQ after the last one). Waits for the ack.
     async fn give_up(
-        &self,
+        &mut self,
         record: &Fetched,
         failure: &Failure,
         fatal: bool,
@@ -964,18 +981,19 @@ impl<H: Handler> PartitionTask<H> {
             self.route.next_hop()
         };
         let metrics = &self.job.shared.metrics;
+        let ledger = self.ledger.get_or_insert_with(Ledger::default);
         match hop {
             Hop::Tier(tier, topic) => {
                 self.job
                     .forwarder
-                    .forward(&topic, record, failure, Some(tier), &self.abandon)
+                    .forward(&topic, record, failure, Some(tier), ledger, &self.abandon)
                     .await?;
                 metrics.tiered(tier);
             }
             Hop::DeadLetter(topic) => {
                 self.job
                     .forwarder
-                    .forward(&topic, record, failure, None, &self.abandon)
+                    .forward(&topic, record, failure, None, ledger, &self.abandon)
                     .await?;
                 metrics.dead_lettered(&failure.class);
                 tracing::warn!(topic = &*record.topic, partition = record.partition, offset = record.offset, class = %failure.class, error = %failure.message, "Record dead-lettered.");

@@ -816,3 +816,88 @@ async fn handled_without_stalling(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A forward its group already wrote (a restarted worker, or a new owner,
+/// redoing the records since the last commit) is not written again; a new
+/// record is, and so is another group's forward of the same record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_its_group_already_wrote_is_not_written_again() {
+    use consumers::fetched::{Fetched, Origin};
+    use consumers::forward::{now_ms, Failure, Forwarder, Ledger};
+    let cluster = mock_cluster(1);
+    cluster.create_topic("orders.dlq", 2, 1).expect("topic");
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", cluster.bootstrap_servers());
+    let record = |offset: i64| Fetched {
+        topic: "orders".into(),
+        partition: 1,
+        offset,
+        key: Some(b"order-1".to_vec()),
+        payload: Some(b"not avro".to_vec()),
+        headers: Default::default(),
+        timestamp_ms: Some(now_ms()),
+        origin: Origin {
+            topic: "orders".into(),
+            partition: 1,
+            offset,
+            timestamp_ms: Some(now_ms()),
+            attempts: 0,
+            first_failure_at: None,
+        },
+    };
+    let failure = Failure {
+        class: "malformed".into(),
+        message: "bad bytes".into(),
+        attempts: 1,
+    };
+    let stop = Shutdown::new();
+    let forward = |group: &'static str, offsets: Vec<i64>| {
+        let (config, stop, failure) = (config.clone(), stop.clone(), failure.clone());
+        async move {
+            let forwarder = Forwarder::new(&config, group).expect("forwarder");
+            let mut ledger = Ledger::since(record(offsets[0]).timestamp_ms);
+            for offset in offsets {
+                forwarder
+                    .forward(
+                        "orders.dlq",
+                        &record(offset),
+                        &failure,
+                        None,
+                        &mut ledger,
+                        &stop,
+                    )
+                    .await
+                    .expect("forwarded");
+            }
+        }
+    };
+    forward("workers", vec![42]).await;
+    // Restarted: the same record again, then the next one.
+    forward("workers", vec![42, 43]).await;
+    forward("auditors", vec![42]).await;
+    let written = tokio::task::spawn_blocking(move || {
+        consumers::readback::read_since(&config, "orders.dlq", None).expect("read")
+    })
+    .await
+    .expect("read task");
+    let mut seen: Vec<(String, String)> = written
+        .iter()
+        .map(|m| {
+            (
+                header(m, headers::CONSUMER_GROUP)
+                    .unwrap_or_default()
+                    .to_owned(),
+                header(m, headers::ORIGINAL_OFFSET)
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let expected: Vec<(String, String)> =
+        [("auditors", "42"), ("workers", "42"), ("workers", "43")]
+            .iter()
+            .map(|(g, o)| (g.to_string(), o.to_string()))
+            .collect();
+    assert_eq!(seen, expected);
+}

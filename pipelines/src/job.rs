@@ -24,7 +24,7 @@ use backbone::kafka::KafkaConnection;
 use backbone::shutdown::Shutdown;
 use consumers::continuity::{self, Continuity};
 use consumers::fetched::Fetched;
-use consumers::forward::{now_ms, Failure, Forwarder};
+use consumers::forward::{now_ms, Failure, Forwarder, Ledger};
 use consumers::projection::rows::{datetime, Malformed};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -48,6 +48,8 @@ pub struct JobMetrics {
     pub insert_retries: AtomicU64,
     /// Fetches that skipped records, fetched again from the expected offset.
     pub fetch_gaps: AtomicU64,
+    /// Partitions the group assigned to this replica (a gauge).
+    pub assigned_partitions: AtomicU64,
 }
 
 impl JobMetrics {
@@ -105,6 +107,10 @@ impl JobMetrics {
                 value.load(Ordering::Relaxed)
             ));
         }
+        out.push_str(&format!(
+            "# HELP shopstream_analytics_assigned_partitions Partitions the group assigned to this replica.\n# TYPE shopstream_analytics_assigned_partitions gauge\nshopstream_analytics_assigned_partitions {}\n",
+            self.assigned_partitions.load(Ordering::Relaxed)
+        ));
         out
     }
 }
@@ -117,6 +123,9 @@ struct PartitionState {
     last_offset: Option<i64>,
     /// The offset the next record must have: right after the stored one.
     continuity: Continuity,
+    /// What the group had forwarded from this partition before this
+    /// assignment, from its first record on.
+    ledger: Option<Ledger>,
 }
 
 type Key = (String, i32);
@@ -133,6 +142,7 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     lateness_ms: i64,
     shutdown: Shutdown,
+    metrics: Arc<JobMetrics>,
 }
 
 /// Resumes assigned partitions where ClickHouse says they stopped.
@@ -169,9 +179,11 @@ impl ConsumerContext for JobContext {
                             watermark: Watermark::new(self.shared.lateness_ms),
                             last_offset: None,
                             continuity: Continuity::starting_at(start),
+                            ledger: None,
                         },
                     );
                 }
+                self.count_assigned(&partitions);
                 drop(partitions);
                 tracing::info!(
                     partitions = tpl.count(),
@@ -196,6 +208,7 @@ impl ConsumerContext for JobContext {
                         topic.remove(&element.partition());
                     }
                 }
+                self.count_assigned(&partitions);
                 drop(partitions);
                 tracing::info!(
                     partitions = tpl.count(),
@@ -215,6 +228,14 @@ impl ConsumerContext for JobContext {
 }
 
 impl JobContext {
+    fn count_assigned(&self, partitions: &PartitionStates) {
+        let assigned = partitions.values().map(|p| p.len() as u64).sum();
+        self.shared
+            .metrics
+            .assigned_partitions
+            .store(assigned, Ordering::Relaxed);
+    }
+
     /// Waits (with backoff) until ClickHouse answers: starting a partition
     /// anywhere but after its stored offset would count events twice.
     fn stored_offsets(&self) -> HashMap<Key, i64> {
@@ -261,6 +282,7 @@ pub fn run(
         runtime: runtime.clone(),
         lateness_ms: settings.allowed_lateness_ms,
         shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
     });
     let mut config = connection.client_config();
     config
@@ -405,6 +427,7 @@ fn take(
     forward_stop: &Shutdown,
 ) {
     let (topic, partition) = (message.topic(), message.partition());
+    let timestamp_ms = message.timestamp().to_millis();
     let content_type = message
         .headers()
         .and_then(|h| {
@@ -437,6 +460,9 @@ fn take(
             else {
                 return;
             };
+            state
+                .ledger
+                .get_or_insert_with(|| Ledger::since(timestamp_ms));
             let late = state.watermark.observe(event.occurred_at()) == Arrival::Late;
             if late {
                 metrics.late.fetch_add(1, Ordering::Relaxed);
@@ -467,24 +493,45 @@ fn take(
     };
     // Acknowledged before the offset can be flushed; the lock is not held
     // meanwhile, so a flush is never kept waiting on Kafka.
+    let Some(mut ledger) = shared
+        .partitions
+        .lock()
+        .expect("partitions lock")
+        .get_mut(topic)
+        .and_then(|t| t.get_mut(&partition))
+        .map(|state| {
+            state
+                .ledger
+                .take()
+                .unwrap_or_else(|| Ledger::since(timestamp_ms))
+        })
+    else {
+        return;
+    };
     let fetched = Fetched::from_message(message, Arc::from(topic));
     let failure = Failure {
         class,
         message: reason,
         attempts: 1,
     };
-    if runtime
-        .block_on(forwarder.forward(to, &fetched, &failure, None, forward_stop))
-        .is_err()
-    {
-        return;
-    }
-    counter.fetch_add(1, Ordering::Relaxed);
+    let forwarded = runtime.block_on(forwarder.forward(
+        to,
+        &fetched,
+        &failure,
+        None,
+        &mut ledger,
+        forward_stop,
+    ));
     let mut partitions = shared.partitions.lock().expect("partitions lock");
-    if let Some(state) = partitions
+    let Some(state) = partitions
         .get_mut(topic)
         .and_then(|t| t.get_mut(&partition))
-    {
+    else {
+        return;
+    };
+    state.ledger.get_or_insert(ledger);
+    if forwarded.is_ok() {
+        counter.fetch_add(1, Ordering::Relaxed);
         state.last_offset = Some(message.offset());
     }
 }

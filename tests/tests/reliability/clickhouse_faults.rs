@@ -6,13 +6,18 @@
 use std::time::{Duration, Instant};
 
 use shopstream_tests::proxy::ClickHouseProxy;
-use shopstream_tests::{clickhouse_client, StoppableClickHouse};
+use shopstream_tests::{clickhouse_client, Broker, StoppableClickHouse};
 
 use crate::{soak, Run, System};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing() {
-    outages(Stop::Graceful).await;
+async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing_on_the_mock_cluster() {
+    outages(Broker::Mock, Stop::Graceful).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing_on_a_real_broker() {
+    outages(Broker::Real, Stop::Graceful).await;
 }
 
 /// The same with ClickHouse SIGKILLed mid-insert. The hourly read models
@@ -20,8 +25,13 @@ async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing() {
 /// materialized views, each its own part: a crash kept the partials and lost
 /// their hours, so this test was ignored).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_crashes_lose_and_double_nothing() {
-    outages(Stop::Crash).await;
+async fn clickhouse_crashes_lose_and_double_nothing_on_the_mock_cluster() {
+    outages(Broker::Mock, Stop::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clickhouse_crashes_lose_and_double_nothing_on_a_real_broker() {
+    outages(Broker::Real, Stop::Crash).await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,12 +42,12 @@ enum Stop {
     Crash,
 }
 
-async fn outages(how: Stop) {
+async fn outages(broker: Broker, how: Stop) {
     let dir = tempfile::tempdir().expect("dir");
     let mut server = StoppableClickHouse::start(dir.path());
     server.ready().await;
     let proxy = ClickHouseProxy::start(&server.url()).await.expect("proxy");
-    let system = System::new(&server.url(), &proxy.url(), &[]).await;
+    let system = System::new(broker, &server.url(), &proxy.url(), &[]).await;
     // 90 s of sending per soak factor, a partition below the mock cluster's 5 MiB.
     let run = Run::new(74, 63_000 * soak() as usize, 700.0, 0.01);
     let expected = run.expected();
@@ -137,5 +147,5 @@ async fn outages(how: Stop) {
     system.stop(&mut [&mut worker, &mut analytics]);
     let report = system.check(&expected, &checks).await;
     assert!(report.passed(), "after SIGTERM: {report}");
-    println!("{}; {report}", faults.join("; "));
+    println!("{broker:?}: {}; {report}", faults.join("; "));
 }

@@ -8,14 +8,25 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use shopstream_tests::{bin_dir, clickhouse};
+use shopstream_tests::{bin_dir, clickhouse, Broker};
 
 use crate::{soak, Run, System};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_double() {
+async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_double_on_the_mock_cluster(
+) {
+    run_at_rate(Broker::Mock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_double_on_a_real_broker(
+) {
+    run_at_rate(Broker::Real).await;
+}
+
+async fn run_at_rate(broker: Broker) {
     let url = clickhouse().await.url();
-    let system = System::new(url, url, &[]).await;
+    let system = System::new(broker, url, url, &[]).await;
     let run = Run::new(71, 6_000 * soak() as usize, 2_000.0, 0.01);
     let expected = run.expected();
     assert!(expected.poisoned.len() >= 30, "1% of the run is poison");

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use shopstream_tests::clickhouse;
 use shopstream_tests::proxy::ClickHouseProxy;
+use shopstream_tests::{clickhouse, Broker};
 
 use crate::{soak, Run, Service, System};
 
@@ -31,10 +31,19 @@ async fn next_insert(acks: &mut tokio::sync::broadcast::Receiver<String>, worker
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_cycles_under_load_leave_an_exact_end_state() {
+async fn sigkill_cycles_under_load_leave_an_exact_end_state_on_the_mock_cluster() {
+    sigkill_cycles(Broker::Mock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_cycles_under_load_leave_an_exact_end_state_on_a_real_broker() {
+    sigkill_cycles(Broker::Real).await;
+}
+
+async fn sigkill_cycles(broker: Broker) {
     let server = clickhouse().await.url();
     let proxy = ClickHouseProxy::start(server).await.expect("proxy");
-    let system = System::new(server, &proxy.url(), &[]).await;
+    let system = System::new(broker, server, &proxy.url(), &[]).await;
     let cycles = 8 * soak();
     let run = Run::new(72, 40_000 * soak() as usize, 1_000.0, 0.01);
     let expected = run.expected();
@@ -92,14 +101,24 @@ async fn sigkill_cycles_under_load_leave_an_exact_end_state() {
     )
     .await;
     println!(
-        "{cycles} SIGKILLs ({under_load} under load, {after_ack} right after an acknowledged insert), kill seed {seed}: {report}"
+        "{broker:?}: {cycles} SIGKILLs ({under_load} under load, {after_ack} right after an acknowledged insert), kill seed {seed}: {report}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables() {
+async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables_on_the_mock_cluster()
+{
+    sigterm_and_restart(Broker::Mock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables_on_a_real_broker() {
+    sigterm_and_restart(Broker::Real).await;
+}
+
+async fn sigterm_and_restart(broker: Broker) {
     let url = clickhouse().await.url();
-    let system = System::new(url, url, &[]).await;
+    let system = System::new(broker, url, url, &[]).await;
     let cycles = 4 * soak();
     let run = Run::new(73, 15_000 * soak() as usize, 1_000.0, 0.01);
     let expected = run.expected();
@@ -112,6 +131,11 @@ async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables()
         } else {
             &mut analytics
         };
+        if broker == Broker::Real {
+            // tansu 0.6.0 never completes a join that a member left in the
+            // middle of (README, compatibility): leave only once assigned.
+            system.sharing(&[target]).await;
+        }
         let status = target.terminate(Duration::from_secs(30));
         assert!(
             status.success(),
@@ -137,13 +161,19 @@ async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables()
     assert!(report.passed(), "{report}\n{}", system.logs());
     assert_eq!(report.raw_duplicates, 0);
     system.stop(&mut [&mut worker, &mut analytics]);
-    println!("{cycles} SIGTERM restarts: {report}");
+    println!("{broker:?}: {cycles} SIGTERM restarts: {report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_with_every_broker_down_still_exits_within_the_drain_timeout() {
     let url = clickhouse().await.url();
-    let system = System::new(url, url, &[("worker", "drain_timeout_ms: 3000")]).await;
+    let system = System::new(
+        Broker::Mock,
+        url,
+        url,
+        &[("worker", "drain_timeout_ms: 3000")],
+    )
+    .await;
     let run = Run::new(79, 3_000, 3_000.0, 0.0);
     let (mut worker, mut analytics) = system.consumers().await;
     system.publish_all(&run);
@@ -187,11 +217,7 @@ async fn converge_then_stop(
     assert!(status.success(), "{}", system.logs());
     let published = std::time::Instant::now();
     let report = system
-        .converge(
-            expected,
-            &system.checks_counting_dead_letter_repeats(),
-            Duration::from_secs(180),
-        )
+        .converge(expected, &system.checks(), Duration::from_secs(180))
         .await;
     assert!(
         report.passed(),
@@ -200,9 +226,7 @@ async fn converge_then_stop(
     );
     let converged = published.elapsed();
     system.stop(consumers);
-    let after_stop = system
-        .check(expected, &system.checks_counting_dead_letter_repeats())
-        .await;
+    let after_stop = system.check(expected, &system.checks()).await;
     assert!(after_stop.passed(), "after SIGTERM: {after_stop}");
     (report, converged)
 }
@@ -222,12 +246,21 @@ enum Victim {
 /// published. It must converge within 180 s of the publisher's end; the time
 /// it took is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact() {
+async fn worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact_on_the_mock_cluster() {
+    mixed_kills(Broker::Mock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact_on_a_real_broker() {
+    mixed_kills(Broker::Real).await;
+}
+
+async fn mixed_kills(broker: Broker) {
     let dir = tempfile::tempdir().expect("dir");
     let mut server = shopstream_tests::StoppableClickHouse::start(dir.path());
     server.ready().await;
     let proxy = ClickHouseProxy::start(&server.url()).await.expect("proxy");
-    let system = System::new(&server.url(), &proxy.url(), &[]).await;
+    let system = System::new(broker, &server.url(), &proxy.url(), &[]).await;
     let run = Run::new(77, 40_000 * soak() as usize, 1_000.0, 0.01);
     let expected = run.expected();
     let seed: u64 = rand::rng().random();
@@ -282,7 +315,7 @@ async fn worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact() {
     )
     .await;
     println!(
-        "SIGKILLs: worker {}, analytics {}, ClickHouse {} ({under_load} under load), kill seed {seed}; exact {:.1} s after the publisher's end; {report}",
+        "{broker:?}: SIGKILLs: worker {}, analytics {}, ClickHouse {} ({under_load} under load), kill seed {seed}; exact {:.1} s after the publisher's end; {report}",
         kills(Victim::Worker),
         kills(Victim::Analytics),
         kills(Victim::ClickHouse),

@@ -18,7 +18,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
-use shopstream_tests::{clickhouse, EventTopics};
+use shopstream_tests::{clickhouse, Broker, EventTopics};
 use uuid::Uuid;
 
 use crate::{Run, System};
@@ -166,10 +166,20 @@ fn crafted<'a>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn malformed_records_of_every_kind_are_dead_lettered_once_and_an_oversized_event_is_handled()
-{
+async fn malformed_records_of_every_kind_are_dead_lettered_once_and_an_oversized_event_is_handled_on_the_mock_cluster(
+) {
+    malformed_records(Broker::Mock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_records_of_every_kind_are_dead_lettered_once_and_an_oversized_event_is_handled_on_a_real_broker(
+) {
+    malformed_records(Broker::Real).await;
+}
+
+async fn malformed_records(broker: Broker) {
     let url = clickhouse().await.url();
-    let system = System::new(url, url, &[]).await;
+    let system = System::new(broker, url, url, &[]).await;
     let run = Run::new(78, 2_000, 2_000.0, 0.01);
     let mut expected = run.expected();
     let (mut worker, mut analytics) = system.consumers().await;

@@ -12,7 +12,7 @@ use backbone::events::EventType;
 use checker::{Checks, Expected, Observed, Report};
 use producers::cli::Traffic;
 use producers::generator::Mix;
-use shopstream_tests::{bin_dir, clickhouse_client, free_port, unique_name, EventTopics};
+use shopstream_tests::{bin_dir, clickhouse_client, free_port, unique_name, Broker, EventTopics};
 
 /// How much longer and heavier the scenarios run: `RELIABILITY_SOAK=10`
 /// multiplies events, kills and faults by ten (see the README). Not under
@@ -153,6 +153,15 @@ impl Service {
             .sum()
     }
 
+    /// The gauge of the partitions this process holds.
+    fn assigned_metric(&self) -> &'static str {
+        if self.name.starts_with("shopstream-analytics") {
+            "shopstream_analytics_assigned_partitions"
+        } else {
+            "shopstream_assigned_partitions"
+        }
+    }
+
     /// Whether /readyz answers 200.
     pub async fn ready(&self) -> bool {
         backbone::procfs::http_get(self.metrics_port, "/readyz")
@@ -191,13 +200,18 @@ impl std::fmt::Debug for System {
 }
 
 impl System {
-    /// A fresh database on `server_url`; the services reach ClickHouse at
+    /// A fresh database on `server_url` and fresh topics on `broker`; the services reach ClickHouse at
     /// `service_url` (the same, or a proxy in front of it). `settings` are
     /// extra YAML lines under each section, such as
     /// `("worker", "max_in_flight_records: 2")`.
-    pub async fn new(server_url: &str, service_url: &str, settings: &[(&str, &str)]) -> Self {
+    pub async fn new(
+        broker: Broker,
+        server_url: &str,
+        service_url: &str,
+        settings: &[(&str, &str)],
+    ) -> Self {
         Self::on(
-            EventTopics::new(&partitions()),
+            EventTopics::on(broker, &partitions()),
             server_url,
             service_url,
             settings,
@@ -433,13 +447,14 @@ impl System {
         }
     }
 
-    /// Waits until every one of `workers` holds partitions of the group.
-    pub async fn sharing(&self, workers: &[&Service]) {
+    /// Waits until every one of `members` (workers or analytics replicas)
+    /// holds partitions of its group.
+    pub async fn sharing(&self, members: &[&Service]) {
         let started = Instant::now();
         loop {
             let mut assigned = Vec::new();
-            for worker in workers {
-                assigned.push(worker.metric("shopstream_assigned_partitions").await);
+            for member in members {
+                assigned.push(member.metric(member.assigned_metric()).await);
             }
             if assigned.iter().all(|n| *n > 0) {
                 return;
@@ -522,17 +537,6 @@ impl System {
             dead_letter_groups: vec![self.worker_group.clone(), self.analytics_group.clone()],
             exact_raw: false,
             dead_letters_at_least_once: false,
-        }
-    }
-
-    /// The checks where a dead letter may be written twice (dead letters
-    /// are at least once, see the README, Reliability): a kill between its
-    /// write and the commit, or a commit refused in an eager rebalance,
-    /// repeats it. Repeats are counted, not findings.
-    pub fn checks_counting_dead_letter_repeats(&self) -> Checks {
-        Checks {
-            dead_letters_at_least_once: true,
-            ..self.checks()
         }
     }
 

@@ -1,0 +1,158 @@
+//! Reading a topic back to its real end: the dead-letter tools and the
+//! checker read whole DLQs, and a forward first reads what its group already
+//! wrote to the destination since a partition was assigned.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// How long a read waits for records past the high watermarks the broker
+/// reported, once it has read up to them.
+const BEYOND_THE_END: Duration = Duration::from_millis(300);
+
+/// Every record in `topic` up to its end as of now, in partition order:
+/// all of them, or (with `since_ms`) those from the first one stamped at or
+/// after `since_ms` in each partition on.
+pub fn read_since(
+    config: &ClientConfig,
+    topic: &str,
+    since_ms: Option<i64>,
+) -> anyhow::Result<Vec<OwnedMessage>> {
+    let mut config = config.clone();
+    // A static member id means nothing to this reader (it joins no group).
+    config.remove("group.instance.id");
+    let consumer: BaseConsumer = config
+        .set("group.id", "shopstream-readback")
+        .set("fetch.wait.max.ms", "100")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .context("creating the Kafka consumer")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        bail!("topic {topic} does not exist on the cluster");
+    }
+    // Every partition is read, even one that looks empty: a broker may
+    // report its high watermark low (tansu 0.6.0: by 1-2 records), and a
+    // fetch from there still returns what lies beyond.
+    let mut bounds = BTreeMap::new();
+    for &partition in &partitions {
+        bounds.insert(
+            partition,
+            consumer.fetch_watermarks(topic, partition, timeout)?,
+        );
+    }
+    let Some(since_ms) = since_ms else {
+        let whole = bounds
+            .iter()
+            .map(|(&p, &(low, high))| (p, (low, high)))
+            .collect();
+        return read_ranges(&consumer, topic, &whole, true);
+    };
+    // Backwards from the end in growing windows until each partition shows
+    // a record stamped before `since_ms` (or its start): neither broker here
+    // answers ListOffsets by time usefully (the mock cluster says "end" for
+    // every time, tansu 0.6.0 offset 0 for a time past the end).
+    let mut out = Vec::new();
+    let mut window = 64;
+    let mut ranges: BTreeMap<i32, (i64, i64)> = bounds
+        .iter()
+        .map(|(&p, &(low, high))| (p, ((high - window).max(low), high)))
+        .collect();
+    let mut last = true;
+    while !ranges.is_empty() {
+        let read = read_ranges(&consumer, topic, &ranges, last)?;
+        last = false;
+        window *= 4;
+        let mut next = BTreeMap::new();
+        for (&partition, &(start, _)) in &ranges {
+            let earliest = read
+                .iter()
+                .filter(|m| m.partition() == partition)
+                .filter_map(|m| m.timestamp().to_millis())
+                .min();
+            let low = bounds.get(&partition).map_or(0, |b| b.0);
+            if start > low && earliest.is_none_or(|t| t >= since_ms) {
+                next.insert(partition, ((start - window).max(low), start));
+            }
+        }
+        out.extend(read);
+        ranges = next;
+    }
+    out.sort_by_key(|m| (m.partition(), m.offset()));
+    Ok(out)
+}
+
+/// The records of each partition from its range's start to its end
+/// (exclusive); with `to_the_end`, also whatever lies beyond the reported
+/// end, which is then the partition's high watermark.
+fn read_ranges(
+    consumer: &BaseConsumer,
+    topic: &str,
+    ranges: &BTreeMap<i32, (i64, i64)>,
+    to_the_end: bool,
+) -> anyhow::Result<Vec<OwnedMessage>> {
+    let timeout = Duration::from_secs(10);
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for (&partition, &(start, end)) in ranges {
+        if end > start {
+            ends.insert(partition, end);
+        }
+        assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    }
+    consumer.assign(&assignment)?;
+    let wanted = |m: &OwnedMessage| {
+        ranges
+            .get(&m.partition())
+            .is_some_and(|&(start, end)| m.offset() >= start && (to_the_end || m.offset() < end))
+    };
+    let mut out = Vec::new();
+    let mut idle = std::time::Instant::now();
+    while !ends.is_empty() {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                idle = std::time::Instant::now();
+                let (partition, offset) = (message.partition(), message.offset());
+                if ends.get(&partition).is_some_and(|&end| offset + 1 >= end) {
+                    ends.remove(&partition);
+                }
+                let message = message.detach();
+                if wanted(&message) {
+                    out.push(message);
+                }
+            }
+            Some(Err(error)) => bail!("reading {topic}: {error}"),
+            None if idle.elapsed() > timeout => bail!(
+                "reading {topic}: no records for {timeout:?} although partitions {:?} are not at their end",
+                ends.keys().collect::<Vec<_>>()
+            ),
+            None => {}
+        }
+    }
+    if to_the_end {
+        // What the fetches brought beyond the reported ends (a low high
+        // watermark) is already here or a moment away.
+        while let Some(result) = consumer.poll(BEYOND_THE_END) {
+            match result {
+                Ok(message) => out.push(message.detach()),
+                Err(error) => bail!("reading {topic}: {error}"),
+            }
+        }
+    }
+    out.sort_by_key(|m| (m.partition(), m.offset()));
+    Ok(out)
+}
