@@ -18,6 +18,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::forward::now_ms;
+use crate::readback::header;
 
 /// Which records of the DLQ a command looks at.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -66,15 +67,6 @@ impl Filter {
             .is_none_or(|since| message.timestamp().to_millis().is_some_and(|t| t >= since));
         class_ok && time_ok
     }
-}
-
-fn header(message: &OwnedMessage, key: &str) -> Option<String> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// The DLQ `topic` names, or the DLQ of the catalog topic it names.

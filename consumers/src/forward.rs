@@ -17,11 +17,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backbone::headers;
 use backbone::shutdown::Shutdown;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 use crate::fetched::Fetched;
+use crate::readback::header;
 
 /// Why a record is being moved on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +58,7 @@ type OriginKey = (String, i32, i64);
 
 /// What a partition's group had already forwarded when the partition was
 /// assigned, per destination topic, read back on the first forward there.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Ledger {
     /// Destination topics are read from here on: the first record's
     /// timestamp less the clock skew (everything when unknown).
@@ -173,11 +174,13 @@ impl Forwarder {
                 Ok(Ok(records)) => {
                     return Ok(records
                         .iter()
-                        .filter(|m| header(m, headers::CONSUMER_GROUP) == Some(self.group.as_str()))
+                        .filter(|m| {
+                            header(m, headers::CONSUMER_GROUP).as_deref() == Some(&self.group)
+                        })
                         .filter_map(|m| {
                             let number = |name| header(m, name)?.parse::<i64>().ok();
                             Some((
-                                header(m, headers::ORIGINAL_TOPIC)?.to_owned(),
+                                header(m, headers::ORIGINAL_TOPIC)?,
                                 number(headers::ORIGINAL_PARTITION)? as i32,
                                 number(headers::ORIGINAL_OFFSET)?,
                             ))
@@ -270,15 +273,6 @@ impl Forwarder {
             }
         }
     }
-}
-
-/// A header of a fetched record as text.
-fn header<'a>(message: &'a OwnedMessage, key: &str) -> Option<&'a str> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
 fn truncate(text: &str, max: usize) -> String {

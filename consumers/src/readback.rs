@@ -7,8 +7,18 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// A header of a record read back, as text.
+pub fn header(message: &OwnedMessage, key: &str) -> Option<String> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
 
 /// How long a read waits for records past the high watermarks the broker
 /// reported, once it has read up to them.
@@ -56,11 +66,7 @@ pub fn read_since(
         );
     }
     let Some(since_ms) = since_ms else {
-        let whole = bounds
-            .iter()
-            .map(|(&p, &(low, high))| (p, (low, high)))
-            .collect();
-        return read_ranges(&consumer, topic, &whole, true);
+        return read_ranges(&consumer, topic, &bounds, true);
     };
     // Backwards from the end in growing windows until each partition shows
     // a record stamped before `since_ms` (or its start): neither broker here
@@ -72,10 +78,12 @@ pub fn read_since(
         .iter()
         .map(|(&p, &(low, high))| (p, ((high - window).max(low), high)))
         .collect();
-    let mut last = true;
+    // Only the first window reaches the end; each later one ends where the
+    // one before began.
+    let mut at_the_end = true;
     while !ranges.is_empty() {
-        let read = read_ranges(&consumer, topic, &ranges, last)?;
-        last = false;
+        let read = read_ranges(&consumer, topic, &ranges, at_the_end)?;
+        at_the_end = false;
         window *= 4;
         let mut next = BTreeMap::new();
         for (&partition, &(start, _)) in &ranges {

@@ -633,7 +633,7 @@ impl<H: Handler> Job<H> {
         let mut partitions = self.shared.partitions.lock().expect("partitions lock");
         let handle = partitions
             .entry(key.clone())
-            .or_insert_with(|| self.spawn(key.clone(), route.clone()));
+            .or_insert_with(|| self.spawn(key.clone(), route.clone(), fetched.timestamp_ms));
         let records = handle.queued_records.fetch_add(1, Ordering::Relaxed) + 1;
         let bytes = handle
             .queued_bytes
@@ -668,7 +668,13 @@ impl<H: Handler> Job<H> {
         }
     }
 
-    fn spawn(self: &Arc<Self>, key: PartitionKey, route: Route) -> PartitionHandle {
+    /// A task for `key`, whose first record was written at `first_timestamp_ms`.
+    fn spawn(
+        self: &Arc<Self>,
+        key: PartitionKey,
+        route: Route,
+        first_timestamp_ms: Option<i64>,
+    ) -> PartitionHandle {
         let (records, inbox) = mpsc::unbounded_channel();
         let (done, finished) = std::sync::mpsc::channel();
         let handle = PartitionHandle {
@@ -689,7 +695,7 @@ impl<H: Handler> Job<H> {
             abandon: handle.abandon.clone(),
             queued_records: handle.queued_records.clone(),
             queued_bytes: handle.queued_bytes.clone(),
-            ledger: None,
+            ledger: Ledger::since(first_timestamp_ms),
         };
         tokio::spawn(async move {
             task.run().await;
@@ -717,9 +723,8 @@ struct PartitionTask<H> {
     abandon: Shutdown,
     queued_records: Arc<AtomicUsize>,
     queued_bytes: Arc<AtomicUsize>,
-    /// What the group had forwarded from this partition before this task,
-    /// from its first batch on.
-    ledger: Option<Ledger>,
+    /// What the group had forwarded from this partition before this task.
+    ledger: Ledger,
 }
 
 impl<H: Handler> PartitionTask<H> {
@@ -834,9 +839,6 @@ impl<H: Handler> PartitionTask<H> {
         let settings = &shared.settings;
         let metrics = &shared.metrics;
         metrics.observe_batch(batch.len());
-        if self.ledger.is_none() {
-            self.ledger = Some(Ledger::since(batch.first().and_then(|r| r.timestamp_ms)));
-        }
         // Undecodable records never reach the handler.
         let mut records: Vec<Record> = Vec::with_capacity(batch.len());
         // Per record: its index in `batch` and its attempts before this delivery.
@@ -981,7 +983,7 @@ impl<H: Handler> PartitionTask<H> {
             self.route.next_hop()
         };
         let metrics = &self.job.shared.metrics;
-        let ledger = self.ledger.get_or_insert_with(Ledger::default);
+        let ledger = &mut self.ledger;
         match hop {
             Hop::Tier(tier, topic) => {
                 self.job

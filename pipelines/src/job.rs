@@ -282,7 +282,7 @@ pub fn run(
         runtime: runtime.clone(),
         lateness_ms: settings.allowed_lateness_ms,
         shutdown: shutdown.clone(),
-        metrics: metrics.clone(),
+        metrics,
     });
     let mut config = connection.client_config();
     config
@@ -349,7 +349,7 @@ pub fn run(
                     let Some(&(event_type, dlq)) = routes.get(message.topic()) else {
                         continue;
                     };
-                    if !admit(&shared, &consumer, &message, &metrics) {
+                    if !admit(&shared, &consumer, &message) {
                         continue;
                     }
                     take(
@@ -361,7 +361,6 @@ pub fn run(
                         windows,
                         settings,
                         &forwarder,
-                        &metrics,
                         &runtime,
                         &forward_stop,
                     );
@@ -370,7 +369,7 @@ pub fn run(
             }
         }
         if Instant::now() >= next_flush {
-            if let Err(abandoned) = flush_all(&shared, &consumer, &metrics) {
+            if let Err(abandoned) = flush_all(&shared, &consumer) {
                 if shutdown.is_cancelled() {
                     break;
                 }
@@ -384,7 +383,7 @@ pub fn run(
     ready.store(false, Ordering::SeqCst);
     tracing::info!("Stopping: flushing the partials held.");
     // If ClickHouse is away, what is held is counted again by the next run.
-    let _ = flush_all(&shared, &consumer, &metrics);
+    let _ = flush_all(&shared, &consumer);
     Ok(())
 }
 
@@ -395,7 +394,6 @@ fn admit(
     shared: &Shared,
     consumer: &BaseConsumer<JobContext>,
     message: &BorrowedMessage<'_>,
-    metrics: &JobMetrics,
 ) -> bool {
     let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
     let mut partitions = shared.partitions.lock().expect("partitions lock");
@@ -405,11 +403,11 @@ fn admit(
     else {
         return true;
     };
-    state
-        .continuity
-        .admit((topic, partition, offset), &metrics.fetch_gaps, |from| {
-            continuity::seek_back(consumer, topic, partition, from)
-        })
+    state.continuity.admit(
+        (topic, partition, offset),
+        &shared.metrics.fetch_gaps,
+        |from| continuity::seek_back(consumer, topic, partition, from),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -422,11 +420,11 @@ fn take(
     windows: Windows,
     settings: &AnalyticsSettings,
     forwarder: &Forwarder,
-    metrics: &JobMetrics,
     runtime: &tokio::runtime::Handle,
     forward_stop: &Shutdown,
 ) {
     let (topic, partition) = (message.topic(), message.partition());
+    let metrics = &shared.metrics;
     let timestamp_ms = message.timestamp().to_millis();
     let content_type = message
         .headers()
@@ -538,11 +536,7 @@ fn take(
 
 /// Stores every partition's partials with its offset, retrying until
 /// ClickHouse takes them; then commits to Kafka.
-fn flush_all(
-    shared: &Shared,
-    consumer: &BaseConsumer<JobContext>,
-    metrics: &JobMetrics,
-) -> Result<(), Abandoned> {
+fn flush_all(shared: &Shared, consumer: &BaseConsumer<JobContext>) -> Result<(), Abandoned> {
     let work: Vec<(Key, Partial, i64)> = {
         let mut partitions = shared.partitions.lock().expect("partitions lock");
         partitions
@@ -591,8 +585,9 @@ fn flush_all(
                 .iter()
                 .map(|((topic, partition), last)| store::offset_row(topic, *partition, *last, now)),
         );
-        store_batch(shared, &rows, &offsets, metrics)?;
-        metrics
+        store_batch(shared, &rows, &offsets)?;
+        shared
+            .metrics
             .flushes
             .fetch_add(offsets.len() as u64, Ordering::Relaxed);
         for ((topic, partition), last_offset) in offsets {
@@ -626,8 +621,8 @@ fn store_batch(
     shared: &Shared,
     rows: &[store::PartialRow],
     offsets: &[(Key, i64)],
-    metrics: &JobMetrics,
 ) -> Result<(), Abandoned> {
+    let metrics = &shared.metrics;
     let mut delay = Duration::from_millis(100);
     let failing_since = Instant::now();
     loop {

@@ -10,29 +10,19 @@ use shopstream_tests::{clickhouse_client, Broker, StoppableClickHouse};
 
 use crate::{soak, Run, System};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing_on_the_mock_cluster() {
-    outages(Broker::Mock, Stop::Graceful).await;
-}
+on_both_brokers!(
+    clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing:
+        |broker| outages(broker, Stop::Graceful)
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_outages_errors_and_cut_answers_lose_and_double_nothing_on_a_real_broker() {
-    outages(Broker::Real, Stop::Graceful).await;
-}
-
-/// The same with ClickHouse SIGKILLed mid-insert. The hourly read models
-/// are views over the partials (until migration 2 they were rollups fed by
-/// materialized views, each its own part: a crash kept the partials and lost
-/// their hours, so this test was ignored).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_crashes_lose_and_double_nothing_on_the_mock_cluster() {
-    outages(Broker::Mock, Stop::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_crashes_lose_and_double_nothing_on_a_real_broker() {
-    outages(Broker::Real, Stop::Crash).await;
-}
+on_both_brokers!(
+    /// The same with ClickHouse SIGKILLed mid-insert. The hourly read models
+    /// are views over the partials (until migration 2 they were rollups fed by
+    /// materialized views, each its own part: a crash kept the partials and lost
+    /// their hours, so this test was ignored).
+    clickhouse_crashes_lose_and_double_nothing:
+        |broker| outages(broker, Stop::Crash)
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {

@@ -19,25 +19,15 @@ const TIGHT: [(&str, &str); 2] = [
     ("worker", "batch_max_records: 200"),
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_record_arrives_through_backpressure_on_the_mock_cluster() {
-    every_record_arrives(Broker::Mock, &[]).await;
-}
+on_both_brokers!(
+    every_record_arrives_through_backpressure:
+        |broker| every_record_arrives(broker, &[])
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_record_arrives_through_tight_backpressure_on_the_mock_cluster() {
-    every_record_arrives(Broker::Mock, &TIGHT).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_record_arrives_through_backpressure_on_a_real_broker() {
-    every_record_arrives(Broker::Real, &[]).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_record_arrives_through_tight_backpressure_on_a_real_broker() {
-    every_record_arrives(Broker::Real, &TIGHT).await;
-}
+on_both_brokers!(
+    every_record_arrives_through_tight_backpressure:
+        |broker| every_record_arrives(broker, &TIGHT)
+);
 
 async fn every_record_arrives(broker: Broker, settings: &[(&str, &str)]) {
     let url = clickhouse().await.url();

@@ -12,17 +12,10 @@ use shopstream_tests::{bin_dir, clickhouse, Broker};
 
 use crate::{soak, Run, System};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_double_on_the_mock_cluster(
-) {
-    run_at_rate(Broker::Mock).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_double_on_a_real_broker(
-) {
-    run_at_rate(Broker::Real).await;
-}
+on_both_brokers!(
+    a_run_at_rate_with_poison_is_exact_and_the_checker_catches_a_drop_or_a_double:
+        |broker| run_at_rate(broker)
+);
 
 async fn run_at_rate(broker: Broker) {
     let url = clickhouse().await.url();

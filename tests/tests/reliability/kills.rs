@@ -30,15 +30,10 @@ async fn next_insert(acks: &mut tokio::sync::broadcast::Receiver<String>, worker
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_cycles_under_load_leave_an_exact_end_state_on_the_mock_cluster() {
-    sigkill_cycles(Broker::Mock).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_cycles_under_load_leave_an_exact_end_state_on_a_real_broker() {
-    sigkill_cycles(Broker::Real).await;
-}
+on_both_brokers!(
+    sigkill_cycles_under_load_leave_an_exact_end_state:
+        |broker| sigkill_cycles(broker)
+);
 
 async fn sigkill_cycles(broker: Broker) {
     let server = clickhouse().await.url();
@@ -105,16 +100,10 @@ async fn sigkill_cycles(broker: Broker) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables_on_the_mock_cluster()
-{
-    sigterm_and_restart(Broker::Mock).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables_on_a_real_broker() {
-    sigterm_and_restart(Broker::Real).await;
-}
+on_both_brokers!(
+    sigterm_and_restart_under_load_leaves_no_duplicate_even_in_raw_tables:
+        |broker| sigterm_and_restart(broker)
+);
 
 async fn sigterm_and_restart(broker: Broker) {
     let url = clickhouse().await.url();
@@ -239,21 +228,16 @@ enum Victim {
     ClickHouse,
 }
 
-/// Issue 20's soak: the worker, the analytics job and ClickHouse each
-/// SIGKILLed at random moments under load with 1% poison (3 of each per
-/// soak factor: `RELIABILITY_SOAK=4` is 12 of each), then every read model,
-/// the events store, the statuses and the DLQs compared with what was
-/// published. It must converge within 180 s of the publisher's end; the time
-/// it took is printed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact_on_the_mock_cluster() {
-    mixed_kills(Broker::Mock).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact_on_a_real_broker() {
-    mixed_kills(Broker::Real).await;
-}
+on_both_brokers!(
+    /// Issue 20's soak: the worker, the analytics job and ClickHouse each
+    /// SIGKILLed at random moments under load with 1% poison (3 of each per
+    /// soak factor: `RELIABILITY_SOAK=4` is 12 of each), then every read model,
+    /// the events store, the statuses and the DLQs compared with what was
+    /// published. It must converge within 180 s of the publisher's end; the time
+    /// it took is printed.
+    worker_analytics_and_clickhouse_sigkilled_at_random_converge_exact:
+        |broker| mixed_kills(broker)
+);
 
 async fn mixed_kills(broker: Broker) {
     let dir = tempfile::tempdir().expect("dir");

@@ -165,17 +165,10 @@ fn crafted<'a>(
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn malformed_records_of_every_kind_are_dead_lettered_once_and_an_oversized_event_is_handled_on_the_mock_cluster(
-) {
-    malformed_records(Broker::Mock).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn malformed_records_of_every_kind_are_dead_lettered_once_and_an_oversized_event_is_handled_on_a_real_broker(
-) {
-    malformed_records(Broker::Real).await;
-}
+on_both_brokers!(
+    malformed_records_of_every_kind_are_dead_lettered_once_and_an_oversized_event_is_handled:
+        |broker| malformed_records(broker)
+);
 
 async fn malformed_records(broker: Broker) {
     let url = clickhouse().await.url();
