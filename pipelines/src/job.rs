@@ -5,7 +5,9 @@
 //! assignment each partition resumes right after the offset stored with its
 //! last insert, so a crash at any moment neither loses nor double-counts.
 //! Undecodable events go to the topic's DLQ (acknowledged before their offset
-//! is flushed); Kafka commits follow the inserts and are only a convenience.
+//! is flushed). Each flush first commits its offsets to Kafka: the group's
+//! fence against a replaced replica writing (`Lease`); Kafka's offsets are
+//! otherwise unused.
 //!
 //! The loop runs on a thread of its own with a blocking consumer, so the
 //! rebalance callback can wait for ClickHouse before partitions start.
@@ -48,6 +50,9 @@ pub struct JobMetrics {
     pub insert_retries: AtomicU64,
     /// Fetches that skipped records, fetched again from the expected offset.
     pub fetch_gaps: AtomicU64,
+    /// Flushes held back because the group coordinator refused this
+    /// replica's commit (see `Lease`).
+    pub fenced_flushes: AtomicU64,
     /// Partitions the group assigned to this replica (a gauge).
     pub assigned_partitions: AtomicU64,
 }
@@ -101,6 +106,11 @@ impl JobMetrics {
                 "Fetches that skipped records, fetched again from the expected offset.",
                 &self.fetch_gaps,
             ),
+            (
+                "shopstream_analytics_fenced_flushes_total",
+                "Flushes not written because the group no longer recognised this replica's generation.",
+                &self.fenced_flushes,
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
@@ -128,7 +138,25 @@ struct PartitionState {
     ledger: Option<Ledger>,
 }
 
+impl PartitionState {
+    /// Nothing counted yet; the next record must be `start` (the offset
+    /// after the stored one), or anything when nothing is stored.
+    fn starting_at(start: Option<i64>, lateness_ms: i64) -> Self {
+        Self {
+            partial: Partial::default(),
+            watermark: Watermark::new(lateness_ms),
+            last_offset: None,
+            continuity: Continuity::starting_at(start),
+            ledger: None,
+        }
+    }
+}
+
 type Key = (String, i32);
+
+/// Shared with the thread of a commit that may outlive its wait
+/// (`Lease::renew`) and the one that leaves the group (`leave_within`).
+type JobConsumer = Arc<BaseConsumer<JobContext>>;
 
 /// Assigned partitions by topic, then partition: a record finds its state
 /// from its borrowed topic name, without allocating.
@@ -174,13 +202,7 @@ impl ConsumerContext for JobContext {
                     let _ = tpl.set_partition_offset(&key.0, key.1, offset);
                     partitions.entry(key.0).or_default().insert(
                         key.1,
-                        PartitionState {
-                            partial: Partial::default(),
-                            watermark: Watermark::new(self.shared.lateness_ms),
-                            last_offset: None,
-                            continuity: Continuity::starting_at(start),
-                            ledger: None,
-                        },
+                        PartitionState::starting_at(start, self.shared.lateness_ms),
                     );
                 }
                 self.count_assigned(&partitions);
@@ -306,9 +328,9 @@ pub fn run(
             config.set(key, value);
         }
     }
-    let consumer: BaseConsumer<JobContext> = config.create_with_context(JobContext {
+    let consumer: JobConsumer = Arc::new(config.create_with_context(JobContext {
         shared: shared.clone(),
-    })?;
+    })?);
     let topics: Vec<&str> = catalog.topics.iter().map(|t| t.name.as_str()).collect();
     consumer.subscribe(&topics)?;
     let forwarder = Forwarder::new(&connection.client_config(), &settings.group_id)?;
@@ -338,6 +360,7 @@ pub fn run(
     let windows = Windows::new(settings.window_ms);
     let decoder = Decoder::default();
     let flush_every = Duration::from_millis(settings.flush_interval_ms);
+    let mut lease = Lease::new(&config);
     let mut next_flush = Instant::now() + flush_every;
     ready.store(true, Ordering::SeqCst);
     tracing::info!(group = %settings.group_id, topics = ?topics, "Analytics job subscribed.");
@@ -369,7 +392,7 @@ pub fn run(
             }
         }
         if Instant::now() >= next_flush {
-            if let Err(abandoned) = flush_all(&shared, &consumer) {
+            if let Err(abandoned) = flush_all(&shared, &consumer, &mut lease) {
                 if shutdown.is_cancelled() {
                     break;
                 }
@@ -383,8 +406,33 @@ pub fn run(
     ready.store(false, Ordering::SeqCst);
     tracing::info!("Stopping: flushing the partials held.");
     // If ClickHouse is away, what is held is counted again by the next run.
-    let _ = flush_all(&shared, &consumer);
+    let _ = flush_all(&shared, &consumer, &mut lease);
+    leave_within(consumer, CLOSE_GRACE);
     Ok(())
+}
+
+/// How long leaving the group may take at shutdown.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Closes the consumer (leaving the group) on a thread of its own, waiting
+/// at most `grace`: librdkafka's close waited without end in a rebalance
+/// storm after the group refused a commit. Exiting without it loses
+/// nothing: ClickHouse holds the position, and the group drops a member
+/// that did not leave after its session timeout.
+fn leave_within(consumer: JobConsumer, grace: Duration) {
+    let (left, done) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("group-leave".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = left.send(());
+        });
+    if spawned.is_err() || done.recv_timeout(grace).is_err() {
+        tracing::warn!(
+            ?grace,
+            "Kafka did not confirm leaving the group in time; exiting without it (the group drops this replica after its session timeout)."
+        );
+    }
 }
 
 /// Whether `message` is the next record of its partition (seeking back when
@@ -535,8 +583,25 @@ fn take(
 }
 
 /// Stores every partition's partials with its offset, retrying until
-/// ClickHouse takes them; then commits to Kafka.
-fn flush_all(shared: &Shared, consumer: &BaseConsumer<JobContext>) -> Result<(), Abandoned> {
+/// ClickHouse takes them, while the group still recognises this replica as
+/// their owner (`Lease`).
+fn flush_all(shared: &Shared, consumer: &JobConsumer, lease: &mut Lease) -> Result<(), Abandoned> {
+    let mut reach = TopicPartitionList::new();
+    for (topic, states) in shared.partitions.lock().expect("partitions lock").iter() {
+        for (partition, state) in states {
+            if let Some(last) = state.last_offset {
+                let _ = reach.add_partition_offset(topic, *partition, Offset::Offset(last + 1));
+            }
+        }
+    }
+    if reach.count() == 0 {
+        return Ok(());
+    }
+    // Refused: held, and flushed next time for the partitions the rebalance
+    // that follows leaves here.
+    if !lease.renew(consumer, &reach, &shared.metrics) {
+        return Ok(());
+    }
     let work: Vec<(Key, Partial, i64)> = {
         let mut partitions = shared.partitions.lock().expect("partitions lock");
         partitions
@@ -553,9 +618,6 @@ fn flush_all(shared: &Shared, consumer: &BaseConsumer<JobContext>) -> Result<(),
             })
             .collect()
     };
-    if work.is_empty() {
-        return Ok(());
-    }
     let now = u32::try_from(now_ms() / 1000).unwrap_or_default();
     // Every partition's partials merged and stored with their offsets in as
     // few inserts as possible (one under normal load): an insert is one
@@ -574,10 +636,10 @@ fn flush_all(shared: &Shared, consumer: &BaseConsumer<JobContext>) -> Result<(),
         current.rows += rows + 1;
         current.offsets.push(((topic, partition), last_offset));
     }
-    let mut commit = TopicPartitionList::new();
-    for Batch {
+    let mut batches = batches.into_iter();
+    while let Some(Batch {
         partial, offsets, ..
-    } in batches
+    }) = batches.next()
     {
         let mut rows = store::rows(partial, now);
         rows.extend(
@@ -585,19 +647,133 @@ fn flush_all(shared: &Shared, consumer: &BaseConsumer<JobContext>) -> Result<(),
                 .iter()
                 .map(|((topic, partition), last)| store::offset_row(topic, *partition, *last, now)),
         );
-        store_batch(shared, &rows, &offsets)?;
+        match store_batch(shared, consumer, lease, &rows, &offsets) {
+            Ok(()) => {}
+            Err(Unstored::Fenced) => {
+                let unstored = offsets
+                    .into_iter()
+                    .chain(batches.flat_map(|b| b.offsets))
+                    .map(|(key, _)| key);
+                rewind(shared, consumer, unstored.collect());
+                return Ok(());
+            }
+            Err(Unstored::Abandoned) => return Err(Abandoned),
+        }
         shared
             .metrics
             .flushes
             .fetch_add(offsets.len() as u64, Ordering::Relaxed);
-        for ((topic, partition), last_offset) in offsets {
-            let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(last_offset + 1));
-        }
-    }
-    if let Err(error) = consumer.commit(&commit, CommitMode::Async) {
-        tracing::debug!(%error, "Kafka commit failed (a convenience: ClickHouse holds the position).");
     }
     Ok(())
+}
+
+/// How long a commit the group coordinator accepted keeps this replica's
+/// right to write its partitions' partials to ClickHouse.
+///
+/// The coordinator takes a commit only from a member of the group's current
+/// generation. A replica frozen or cut off from Kafka for longer than
+/// `session.timeout.ms` has been replaced, and its partitions' next owner
+/// resumes after the offsets stored in ClickHouse: anything the old one
+/// wrote after that would be counted twice. So a flush first commits the
+/// offsets it reaches (synchronously; ClickHouse, not Kafka, still holds the
+/// position), and its inserts must end within
+/// `(session.timeout.ms - heartbeat.interval.ms) / 2` of that commit: a
+/// member that heartbeats cannot be replaced sooner. An insert that would end
+/// later is aborted and the commit asked for again. Not covered: a replica
+/// frozen for a whole session in the instant between that check and
+/// ClickHouse taking the insert's last bytes.
+struct Lease {
+    length: Duration,
+    until: Option<Instant>,
+}
+
+impl Lease {
+    fn new(config: &rdkafka::ClientConfig) -> Self {
+        let ms = |key: &str, default: u64| {
+            config
+                .get(key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(default)
+        };
+        let (session, heartbeat) = (
+            ms("session.timeout.ms", 45_000),
+            ms("heartbeat.interval.ms", 3_000),
+        );
+        Self {
+            length: Duration::from_millis(session.saturating_sub(heartbeat) / 2),
+            until: None,
+        }
+    }
+
+    /// When the right to write ends, if it has not.
+    fn deadline(&self) -> Option<Instant> {
+        self.until.filter(|until| Instant::now() < *until)
+    }
+
+    /// Commits `reach` to Kafka; whether the coordinator took it within
+    /// `COMMIT_WAIT`. The commit runs on a thread of its own: librdkafka
+    /// holds a commit while the group looks for its coordinator (8 s seen
+    /// in a rebalance storm), and the job must not stop polling that long.
+    /// A commit answered later counts as refused here.
+    fn renew(
+        &mut self,
+        consumer: &JobConsumer,
+        reach: &TopicPartitionList,
+        metrics: &JobMetrics,
+    ) -> bool {
+        let asked = Instant::now();
+        let (answer, answered) = std::sync::mpsc::channel();
+        let (committing, reach) = (consumer.clone(), reach.clone());
+        let spawned = std::thread::Builder::new()
+            .name("fence-commit".into())
+            .spawn(move || {
+                let _ = answer.send(committing.commit(&reach, CommitMode::Sync));
+            });
+        let refused = match spawned.map(|_| answered.recv_timeout(COMMIT_WAIT)) {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(error))) => Some(error.to_string()),
+            Ok(Err(_)) => Some(format!("no answer within {COMMIT_WAIT:?}")),
+            Err(error) => Some(format!("cannot start the commit: {error}")),
+        };
+        match refused {
+            None => {
+                self.until = Some(asked + self.length);
+                true
+            }
+            Some(error) => {
+                self.until = None;
+                metrics.fenced_flushes.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "The group did not take this replica's commit (replaced, or a rebalance under way): its partials are not written; the partitions it keeps count again from the offsets stored in ClickHouse.");
+                false
+            }
+        }
+    }
+}
+
+/// How long a flush waits for Kafka to take its commit (`Lease::renew`).
+const COMMIT_WAIT: Duration = Duration::from_secs(2);
+
+/// Puts `keys` back after the offsets stored in ClickHouse and drops what
+/// was counted since: an insert this replica could no longer prove its right
+/// to make is counted again, here if the partitions stay, else by their next
+/// owner (the rebalance that follows removes them).
+fn rewind(shared: &Shared, consumer: &BaseConsumer<JobContext>, keys: Vec<Key>) {
+    if shared.shutdown.is_cancelled() {
+        return;
+    }
+    let stored = consumer.context().stored_offsets();
+    let mut partitions = shared.partitions.lock().expect("partitions lock");
+    for key in keys {
+        let Some(state) = partitions.get_mut(&key.0).and_then(|t| t.get_mut(&key.1)) else {
+            continue;
+        };
+        let start = stored.get(&key).map(|o| o + 1);
+        *state = PartitionState::starting_at(start, shared.lateness_ms);
+        let offset = start.map_or(Offset::Beginning, Offset::Offset);
+        if let Err(error) = consumer.seek(&key.0, key.1, offset, Duration::from_secs(1)) {
+            tracing::debug!(topic = %key.0, partition = key.1, %error, "Seeking back not applied (partition no longer assigned).");
+        }
+    }
 }
 
 /// One insert's merged partials, and the partitions and last offsets they
@@ -614,37 +790,60 @@ struct Batch {
 /// (1,048,576), so an insert is never split into several parts.
 const MAX_INSERT_ROWS: usize = 500_000;
 
-/// One insert, retried until it lands. After a failure the stored offsets
-/// tell whether it landed anyway (an answer lost on the wire): the insert is
-/// atomic, so either all its partitions' offsets are there or none.
+/// Why a flush's insert was not made.
+enum Unstored {
+    /// The group refused this replica's commit: not its to write now.
+    Fenced,
+    /// ClickHouse refused it for too long, or the job is stopping.
+    Abandoned,
+}
+
+/// One insert, retried until it lands, each attempt within the lease.
+/// After a failure the stored offsets tell whether it landed anyway (an
+/// answer lost on the wire): the insert is atomic, so either all its
+/// partitions' offsets are there or none.
 fn store_batch(
     shared: &Shared,
+    consumer: &JobConsumer,
+    lease: &mut Lease,
     rows: &[store::PartialRow],
     offsets: &[(Key, i64)],
-) -> Result<(), Abandoned> {
+) -> Result<(), Unstored> {
     let metrics = &shared.metrics;
+    let mut reach = TopicPartitionList::new();
+    for ((topic, partition), last) in offsets {
+        let _ = reach.add_partition_offset(topic, *partition, Offset::Offset(last + 1));
+    }
     let mut delay = Duration::from_millis(100);
     let failing_since = Instant::now();
     loop {
+        let deadline = match lease.deadline() {
+            Some(deadline) => deadline,
+            None if lease.renew(consumer, &reach, metrics) => {
+                lease.deadline().ok_or(Unstored::Fenced)?
+            }
+            None => return Err(Unstored::Fenced),
+        };
         let attempt = Instant::now();
-        let error =
-            match shared
-                .runtime
-                .block_on(store::insert(&shared.client, rows, shared.timeout))
-            {
-                Ok(()) => {
-                    metrics.inserts.fetch_add(1, Ordering::Relaxed);
-                    metrics.insert_micros.fetch_add(
-                        u64::try_from(attempt.elapsed().as_micros()).unwrap_or(u64::MAX),
-                        Ordering::Relaxed,
-                    );
-                    return Ok(());
-                }
-                Err(error) => error,
-            };
+        let error = match shared.runtime.block_on(store::insert_before(
+            &shared.client,
+            rows,
+            shared.timeout,
+            Some(deadline),
+        )) {
+            Ok(()) => {
+                metrics.inserts.fetch_add(1, Ordering::Relaxed);
+                metrics.insert_micros.fetch_add(
+                    u64::try_from(attempt.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                return Ok(());
+            }
+            Err(error) => error,
+        };
         if shared.shutdown.is_cancelled() || failing_since.elapsed() > MAX_OUTAGE {
             tracing::error!(%error, "Giving up on ClickHouse; the unstored events are counted again after the stored offsets by the next run.");
-            return Err(Abandoned);
+            return Err(Unstored::Abandoned);
         }
         metrics.insert_retries.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%error, partitions = offsets.len(), retry_in = ?delay, "Storing partials failed; retrying.");
@@ -674,3 +873,21 @@ const MAX_OUTAGE: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("ClickHouse refused inserts for longer than 120 s; exiting so that a restart resumes after the offsets stored in ClickHouse")]
 pub struct Abandoned;
+
+#[cfg(test)]
+mod tests {
+    use super::Lease;
+    use std::time::Duration;
+
+    #[test]
+    fn a_lease_lasts_half_a_session_less_one_heartbeat() {
+        let mut config = rdkafka::ClientConfig::new();
+        assert_eq!(Lease::new(&config).length, Duration::from_millis(21_000));
+        config
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+        let lease = Lease::new(&config);
+        assert_eq!(lease.length, Duration::from_millis(4_500));
+        assert_eq!(lease.deadline(), None, "no right to write before a commit");
+    }
+}

@@ -126,12 +126,27 @@ pub async fn insert(
     rows: &[PartialRow],
     timeout: std::time::Duration,
 ) -> Result<(), clickhouse::error::Error> {
+    insert_before(client, rows, timeout, None).await
+}
+
+/// Like [`insert`], but aborted unfinished (so ClickHouse stores nothing)
+/// when `deadline` has passed by the time every row is sent: the analytics
+/// job's right to write ends then (`job::Lease`). Reported as `TimedOut`.
+pub async fn insert_before(
+    client: &clickhouse::Client,
+    rows: &[PartialRow],
+    timeout: std::time::Duration,
+    deadline: Option<std::time::Instant>,
+) -> Result<(), clickhouse::error::Error> {
     let mut insert = client
         .insert::<PartialRow>(PARTIALS_TABLE)
         .await?
         .with_timeouts(Some(timeout), Some(timeout));
     for row in rows {
         insert.write(row).await?;
+    }
+    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+        return Err(clickhouse::error::Error::TimedOut);
     }
     insert.end().await
 }

@@ -3,11 +3,13 @@
 //! kill a process right after the acknowledgement and before its commit),
 //! and can cut the next inserts' responses after ClickHouse stored the rows:
 //! the client sees the connection close with no answer, like a network that
-//! failed on the way back. Every byte that passes is ClickHouse's own.
+//! failed on the way back, or refuse every request for a while (ClickHouse
+//! unreachable for this client only). Every byte that passes is
+//! ClickHouse's own.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +22,7 @@ struct State {
     cut: AtomicUsize,
     cuts_done: AtomicUsize,
     requests: AtomicUsize,
+    refusing: AtomicBool,
     acknowledged: broadcast::Sender<String>,
 }
 
@@ -46,12 +49,16 @@ impl ClickHouseProxy {
             cut: AtomicUsize::new(0),
             cuts_done: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
+            refusing: AtomicBool::new(false),
             acknowledged,
         });
         let shared = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let state = shared.clone();
+                if state.refusing.load(Ordering::SeqCst) {
+                    continue;
+                }
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(state.upstream).await {
                         relay(client, server, state).await;
@@ -74,6 +81,12 @@ impl ClickHouseProxy {
     /// Cuts the responses of the next `n` inserts after they were stored.
     pub fn cut_next_inserts(&self, n: usize) {
         self.state.cut.store(n, Ordering::SeqCst);
+    }
+
+    /// While `on`, every request fails: new connections are closed at once,
+    /// and a kept-alive one when its next request arrives.
+    pub fn refuse(&self, on: bool) {
+        self.state.refusing.store(on, Ordering::SeqCst);
     }
 
     /// Insert responses cut so far.
@@ -115,6 +128,9 @@ async fn relay(client: TcpStream, server: TcpStream, state: Arc<State>) {
                 Ok(n) => n,
             };
             let chunk = &buf[..n];
+            if counted.refusing.load(Ordering::SeqCst) {
+                break;
+            }
             if chunk.starts_with(b"POST ") || chunk.starts_with(b"GET ") {
                 let line = chunk.split(|b| *b == b'\r').next().unwrap_or_default();
                 seen.lock()

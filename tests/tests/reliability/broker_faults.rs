@@ -131,7 +131,7 @@ async fn a_rebalance_storm_with_tight_in_flight_bounds_loses_and_doubles_nothing
 async fn storm(settings: &[(&str, &str)]) {
     let url = clickhouse().await.url();
     let system = System::new(Broker::Mock, url, url, settings).await;
-    let run = Run::new(76, 12_000 * soak() as usize, 300.0, 0.01);
+    let run = Run::new(76, 12_000 * soak() as usize, 240.0, 0.01);
     let expected = run.expected();
     let mut workers: Vec<Service> = (0..2).map(|_| system.worker()).collect();
     let mut replicas: Vec<Service> = (0..2).map(|_| system.analytics()).collect();

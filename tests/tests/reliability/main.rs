@@ -37,6 +37,7 @@ mod system;
 mod broker_faults;
 mod clickhouse_faults;
 mod delivery;
+mod fencing;
 mod happy;
 mod hostile;
 mod kills;

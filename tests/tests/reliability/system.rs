@@ -109,12 +109,27 @@ impl Service {
 
     /// SIGTERM, then the exit status within `limit`.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        self.terminate_within(limit)
+            .unwrap_or_else(|| panic!("{} did not exit within {limit:?} of SIGTERM", self.name))
+    }
+
+    /// SIGTERM, then the exit status, if it exits within `limit`.
+    pub fn terminate_within(&mut self, limit: Duration) -> Option<ExitStatus> {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("kill runs");
         self.wait(limit)
-            .unwrap_or_else(|| panic!("{} did not exit within {limit:?} of SIGTERM", self.name))
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT: a process frozen whole, heartbeats
+    /// included, as a long pause or a VM suspended would leave it.
+    pub fn freeze(&self, on: bool) {
+        let signal = if on { "-STOP" } else { "-CONT" };
+        Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
     }
 
     pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
@@ -154,7 +169,7 @@ impl Service {
     }
 
     /// The gauge of the partitions this process holds.
-    fn assigned_metric(&self) -> &'static str {
+    pub fn assigned_metric(&self) -> &'static str {
         if self.name.starts_with("shopstream-analytics") {
             "shopstream_analytics_assigned_partitions"
         } else {
@@ -364,6 +379,16 @@ impl System {
         self.spawn("shopstream-analytics", &[])
     }
 
+    /// An analytics replica with `settings` (`section.key=value`) over the
+    /// configuration file's.
+    pub fn analytics_with(&self, settings: &[&str]) -> Service {
+        let args: Vec<String> = settings
+            .iter()
+            .flat_map(|s| ["--set".to_owned(), (*s).to_owned()])
+            .collect();
+        self.spawn("shopstream-analytics", &args)
+    }
+
     /// `shopstream-publish` for `run`, in the background.
     pub fn publish(&self, run: &Run) -> Service {
         self.spawn("shopstream-publish", &run.flags())
@@ -392,7 +417,15 @@ impl System {
     /// SIGTERMs each service; each must drain and exit 0 within 60 s.
     pub fn stop(&self, services: &mut [&mut Service]) {
         for service in services {
-            let status = service.terminate(Duration::from_secs(60));
+            let status = service
+                .terminate_within(Duration::from_secs(60))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{} did not exit within 60 s of SIGTERM\n{}",
+                        service.name,
+                        self.logs()
+                    )
+                });
             assert!(
                 status.success(),
                 "{} exited {status}\n{}",
