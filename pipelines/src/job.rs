@@ -108,7 +108,7 @@ impl JobMetrics {
             ),
             (
                 "shopstream_analytics_fenced_flushes_total",
-                "Flushes not written because the group no longer recognised this replica's generation.",
+                "Flushes held because Kafka did not take this replica's commit (another generation, a rebalance, or no answer within 2 s).",
                 &self.fenced_flushes,
             ),
         ] {

@@ -499,13 +499,7 @@ async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
     assert_eq!(per_hour.hourly_sums(), hourly(first));
     assert!(per_hour.funnel.len() >= 3, "{:?}", per_hour.funnel.keys());
     assert_eq!(actual(&db, "per_minute").await, expected(first));
-    let left: Vec<String> = db
-        .client
-        .query("SELECT name FROM system.tables WHERE database = ? AND (name LIKE '%_per_hour_mv' OR name LIKE '%_per_hour_state')")
-        .bind(&db.name)
-        .fetch_all()
-        .await
-        .expect("tables");
+    let left = rollups_left(&db).await;
     assert!(left.is_empty(), "rollups left: {left:?}");
 
     // A migration cut short is run again whole: nothing changes.
@@ -516,4 +510,57 @@ async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
     store(second).await;
     assert_eq!(actual(&db, "per_hour").await.hourly_sums(), hourly(&events));
     assert_eq!(actual(&db, "per_minute").await, expected(&events));
+}
+
+/// Replicas started together on a fresh database migrate it at once: each
+/// one starts, and nothing of migration 1's rollups is left behind (one
+/// replica could recreate, or fail on, what another's migration 2 had just
+/// dropped: "Table ...orders_per_hour_state doesn't exist" in a CI run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_migrating_a_fresh_database_together_all_start_and_leave_no_rollup() {
+    use consumers::projection::migrate_when_reachable;
+    use pipelines::ddl::{migrations, MIGRATIONS_TABLE};
+
+    for _ in 0..10 {
+        let db = clickhouse().await.database().await.expect("database");
+        let settings = backbone::config::ClickHouseSettings {
+            url: db.url.clone(),
+            database: db.name.clone(),
+            ..backbone::config::ClickHouseSettings::default()
+        };
+        let shutdown = backbone::shutdown::Shutdown::new();
+        // Started a moment apart, so one is still in migration 1 while
+        // another runs migration 2.
+        let replicas: Vec<_> = (0..6u64)
+            .map(|n| {
+                let (settings, shutdown) = (settings.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(n * 15)).await;
+                    migrate_when_reachable(&settings, MIGRATIONS_TABLE, migrations, &shutdown).await
+                })
+            })
+            .collect();
+        for replica in replicas {
+            replica
+                .await
+                .expect("joined")
+                .expect("every replica migrates");
+        }
+        let left = rollups_left(&db).await;
+        assert!(left.is_empty(), "rollups left: {left:?}");
+        assert_eq!(
+            actual(&db, "per_hour").await,
+            actual(&db, "per_minute").await
+        );
+    }
+}
+
+/// The tables of migration 1's hourly rollups still in `db`.
+async fn rollups_left(db: &TestDatabase) -> Vec<String> {
+    db.client
+        .query("SELECT name FROM system.tables WHERE database = ? AND (name LIKE '%_per_hour_mv' OR name LIKE '%_per_hour_state')")
+        .bind(&db.name)
+        .fetch_all()
+        .await
+        .expect("tables")
 }

@@ -46,38 +46,66 @@ pub async fn migrate(
     table: &str,
     migrations: fn(&ddl::Target) -> Vec<ddl::Migration>,
 ) -> Result<Vec<u32>, clickhouse::error::Error> {
+    apply(settings, table, migrations, None)
+        .await
+        .map_err(|(_, error)| error)
+}
+
+/// [`migrate`], running again every migration from version `rerun_from` on,
+/// recorded or not. Replicas starting together on a fresh database run the
+/// same migrations at once: one can recreate what another's later migration
+/// just dropped (or fail because it was dropped), so a process that runs
+/// any migration runs every later one too, and one whose statement failed
+/// runs again from that migration (every statement is idempotent). On
+/// error, the version it was applying.
+async fn apply(
+    settings: &ClickHouseSettings,
+    table: &str,
+    migrations: fn(&ddl::Target) -> Vec<ddl::Migration>,
+    rerun_from: Option<u32>,
+) -> Result<Vec<u32>, (Option<u32>, clickhouse::error::Error)> {
     let target = ddl::Target::new(&settings.database, settings.cluster.as_deref())
-        .map_err(clickhouse::error::Error::Custom)?;
+        .map_err(|e| (None, clickhouse::error::Error::Custom(e)))?;
     let client = client(settings, false);
-    client.query(&target.create_database()).execute().await?;
-    client
-        .query(&target.create_migrations_table(table))
-        .execute()
-        .await?;
-    let applied: Vec<u32> = client
-        .query(&format!(
-            "SELECT DISTINCT version FROM {}",
-            target.table(table)
-        ))
-        .fetch_all()
-        .await?;
-    let mut done = Vec::new();
-    for migration in migrations(&target) {
-        if applied.contains(&migration.version) {
-            continue;
-        }
-        for statement in &migration.statements {
-            client.query(statement).execute().await?;
-        }
+    let setup = async {
+        client.query(&target.create_database()).execute().await?;
         client
-            .query(&format!(
-                "INSERT INTO {} (version, name, applied_at) SELECT ?, ?, now()",
-                target.table(table)
-            ))
-            .bind(migration.version)
-            .bind(migration.name)
+            .query(&target.create_migrations_table(table))
             .execute()
             .await?;
+        client
+            .query(&format!(
+                "SELECT DISTINCT version FROM {}",
+                target.table(table)
+            ))
+            .fetch_all::<u32>()
+            .await
+    };
+    let applied = setup.await.map_err(|e| (None, e))?;
+    let mut done = Vec::new();
+    let mut running = false;
+    for migration in migrations(&target) {
+        running |= !applied.contains(&migration.version)
+            || rerun_from.is_some_and(|from| migration.version >= from);
+        if !running {
+            continue;
+        }
+        let failed = |e| (Some(migration.version), e);
+        for statement in &migration.statements {
+            client.query(statement).execute().await.map_err(failed)?;
+        }
+        if !applied.contains(&migration.version) {
+            client
+                .query(&format!(
+                    "INSERT INTO {} (version, name, applied_at) SELECT ?, ?, now()",
+                    target.table(table)
+                ))
+                .bind(migration.version)
+                .bind(migration.name)
+                .execute()
+                .await
+                .map_err(failed)?;
+        }
         tracing::info!(
             version = migration.version,
             name = migration.name,
@@ -88,6 +116,10 @@ pub async fn migrate(
     Ok(done)
 }
 
+/// How often a migration that ClickHouse refused is run again before the
+/// process gives up: enough for replicas racing on a fresh database.
+const MIGRATION_ATTEMPTS: u32 = 5;
+
 /// [`migrate`], waiting with backoff while ClickHouse is unreachable, until
 /// `shutdown`.
 pub async fn migrate_when_reachable(
@@ -97,15 +129,22 @@ pub async fn migrate_when_reachable(
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(200);
+    let (mut rerun_from, mut refused) = (None, 0);
     loop {
-        match migrate(settings, table, migrations).await {
+        match apply(settings, table, migrations, rerun_from).await {
             Ok(_) => return Ok(()),
-            Err(
+            Err((
+                _,
                 error @ (clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut),
-            ) => {
+            )) => {
                 tracing::warn!(url = %settings.url, %error, retry_in = ?delay, "ClickHouse unreachable; retrying the migrations.");
             }
-            Err(error) => anyhow::bail!(
+            Err((Some(version), error)) if refused + 1 < MIGRATION_ATTEMPTS => {
+                refused += 1;
+                rerun_from = Some(rerun_from.map_or(version, |from: u32| from.min(version)));
+                tracing::warn!(%error, version, retry_in = ?delay, "A migration failed (another replica may be migrating too); running it and every later one again.");
+            }
+            Err((_, error)) => anyhow::bail!(
                 "applying the ClickHouse migrations to {} database {}: {error}",
                 settings.url,
                 settings.database
