@@ -586,20 +586,20 @@ fn take(
 /// ClickHouse takes them, while the group still recognises this replica as
 /// their owner (`Lease`).
 fn flush_all(shared: &Shared, consumer: &JobConsumer, lease: &mut Lease) -> Result<(), Abandoned> {
-    let mut reach = TopicPartitionList::new();
-    for (topic, states) in shared.partitions.lock().expect("partitions lock").iter() {
-        for (partition, state) in states {
-            if let Some(last) = state.last_offset {
-                let _ = reach.add_partition_offset(topic, *partition, Offset::Offset(last + 1));
-            }
-        }
-    }
+    let reach = {
+        let partitions = shared.partitions.lock().expect("partitions lock");
+        reaching(partitions.iter().flat_map(|(topic, states)| {
+            states.iter().filter_map(|(partition, state)| {
+                Some((topic.as_str(), *partition, state.last_offset?))
+            })
+        }))
+    };
     if reach.count() == 0 {
         return Ok(());
     }
     // Refused: held, and flushed next time for the partitions the rebalance
     // that follows leaves here.
-    if !lease.renew(consumer, &reach, &shared.metrics) {
+    if lease.renew(consumer, &reach, &shared.metrics).is_none() {
         return Ok(());
     }
     let work: Vec<(Key, Partial, i64)> = {
@@ -710,7 +710,7 @@ impl Lease {
         self.until.filter(|until| Instant::now() < *until)
     }
 
-    /// Commits `reach` to Kafka; whether the coordinator took it within
+    /// Commits `reach` to Kafka; the new deadline if the coordinator took it within
     /// `COMMIT_WAIT`. The commit runs on a thread of its own: librdkafka
     /// holds a commit while the group looks for its coordinator (8 s seen
     /// in a rebalance storm), and the job must not stop polling that long.
@@ -720,7 +720,7 @@ impl Lease {
         consumer: &JobConsumer,
         reach: &TopicPartitionList,
         metrics: &JobMetrics,
-    ) -> bool {
+    ) -> Option<Instant> {
         let asked = Instant::now();
         let (answer, answered) = std::sync::mpsc::channel();
         let (committing, reach) = (consumer.clone(), reach.clone());
@@ -738,16 +738,26 @@ impl Lease {
         match refused {
             None => {
                 self.until = Some(asked + self.length);
-                true
+                self.until
             }
             Some(error) => {
                 self.until = None;
                 metrics.fenced_flushes.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "The group did not take this replica's commit (replaced, or a rebalance under way): its partials are not written; the partitions it keeps count again from the offsets stored in ClickHouse.");
-                false
+                None
             }
         }
     }
+}
+
+/// The offsets to commit for partitions whose last offset taken is given:
+/// the next one each.
+fn reaching<'a>(last_offsets: impl Iterator<Item = (&'a str, i32, i64)>) -> TopicPartitionList {
+    let mut reach = TopicPartitionList::new();
+    for (topic, partition, last) in last_offsets {
+        let _ = reach.add_partition_offset(topic, partition, Offset::Offset(last + 1));
+    }
+    reach
 }
 
 /// How long a flush waits for Kafka to take its commit (`Lease::renew`).
@@ -810,20 +820,18 @@ fn store_batch(
     offsets: &[(Key, i64)],
 ) -> Result<(), Unstored> {
     let metrics = &shared.metrics;
-    let mut reach = TopicPartitionList::new();
-    for ((topic, partition), last) in offsets {
-        let _ = reach.add_partition_offset(topic, *partition, Offset::Offset(last + 1));
-    }
+    let reach = reaching(
+        offsets
+            .iter()
+            .map(|((topic, partition), last)| (topic.as_str(), *partition, *last)),
+    );
     let mut delay = Duration::from_millis(100);
     let failing_since = Instant::now();
     loop {
-        let deadline = match lease.deadline() {
-            Some(deadline) => deadline,
-            None if lease.renew(consumer, &reach, metrics) => {
-                lease.deadline().ok_or(Unstored::Fenced)?
-            }
-            None => return Err(Unstored::Fenced),
-        };
+        let deadline = lease
+            .deadline()
+            .or_else(|| lease.renew(consumer, &reach, metrics))
+            .ok_or(Unstored::Fenced)?;
         let attempt = Instant::now();
         let error = match shared.runtime.block_on(store::insert_before(
             &shared.client,
