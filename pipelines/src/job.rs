@@ -328,6 +328,7 @@ pub fn run(
             config.set(key, value);
         }
     }
+    let mut lease = Lease::new(&config).map_err(anyhow::Error::msg)?;
     let consumer: JobConsumer = Arc::new(config.create_with_context(JobContext {
         shared: shared.clone(),
     })?);
@@ -360,7 +361,6 @@ pub fn run(
     let windows = Windows::new(settings.window_ms);
     let decoder = Decoder::default();
     let flush_every = Duration::from_millis(settings.flush_interval_ms);
-    let mut lease = Lease::new(&config);
     let mut next_flush = Instant::now() + flush_every;
     ready.store(true, Ordering::SeqCst);
     tracing::info!(group = %settings.group_id, topics = ?topics, "Analytics job subscribed.");
@@ -688,7 +688,9 @@ struct Lease {
 }
 
 impl Lease {
-    fn new(config: &rdkafka::ClientConfig) -> Self {
+    /// Refused when `heartbeat.interval.ms` is not below
+    /// `session.timeout.ms`: no insert could ever be made in time.
+    fn new(config: &rdkafka::ClientConfig) -> Result<Self, String> {
         let ms = |key: &str, default: u64| {
             config
                 .get(key)
@@ -699,10 +701,15 @@ impl Lease {
             ms("session.timeout.ms", 45_000),
             ms("heartbeat.interval.ms", 3_000),
         );
-        Self {
-            length: Duration::from_millis(session.saturating_sub(heartbeat) / 2),
-            until: None,
+        if heartbeat >= session {
+            return Err(format!(
+                "kafka.client.heartbeat.interval.ms ({heartbeat}) must be below kafka.client.session.timeout.ms ({session}): the analytics job writes only within half their difference of a commit the group took"
+            ));
         }
+        Ok(Self {
+            length: Duration::from_millis((session - heartbeat) / 2),
+            until: None,
+        })
     }
 
     /// When the right to write ends, if it has not.
@@ -890,12 +897,28 @@ mod tests {
     #[test]
     fn a_lease_lasts_half_a_session_less_one_heartbeat() {
         let mut config = rdkafka::ClientConfig::new();
-        assert_eq!(Lease::new(&config).length, Duration::from_millis(21_000));
+        assert_eq!(
+            Lease::new(&config).expect("defaults").length,
+            Duration::from_millis(21_000)
+        );
         config
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");
-        let lease = Lease::new(&config);
+        let lease = Lease::new(&config).expect("a lease");
         assert_eq!(lease.length, Duration::from_millis(4_500));
         assert_eq!(lease.deadline(), None, "no right to write before a commit");
+    }
+
+    #[test]
+    fn a_heartbeat_not_below_the_session_is_refused_by_name() {
+        let mut config = rdkafka::ClientConfig::new();
+        config
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "6000");
+        let error = Lease::new(&config).err().expect("refused");
+        assert!(
+            error.starts_with("kafka.client.heartbeat.interval.ms (6000) must be below kafka.client.session.timeout.ms (6000)"),
+            "{error}"
+        );
     }
 }
