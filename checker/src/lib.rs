@@ -155,6 +155,10 @@ pub struct Observed {
     pub dead_letters: Vec<DeadLetter>,
     /// (topic, partition, offset) -> the record, for every dead letter's origin.
     pub originals: BTreeMap<(String, i32, i64), Original>,
+    /// (topic, partition) -> the first offset the broker still keeps, for
+    /// each partition holding an origin that was not found: an origin below
+    /// it was deleted by retention, not changed.
+    pub log_starts: BTreeMap<(String, i32), i64>,
 }
 
 fn header_map(message: &OwnedMessage) -> BTreeMap<String, String> {
@@ -275,6 +279,16 @@ impl Observed {
                             },
                         );
                     }
+                }
+                let unfound: BTreeSet<i32> = positions
+                    .iter()
+                    .filter(|&&(p, o)| !out.originals.contains_key(&(topic.clone(), p, o)))
+                    .map(|&(p, _)| p)
+                    .collect();
+                for (partition, start) in
+                    consumers::readback::log_starts(&connection.client_config(), &topic, &unfound)?
+                {
+                    out.log_starts.insert((topic.clone(), partition), start);
                 }
             }
         }
@@ -405,6 +419,9 @@ pub struct Report {
     pub dead_letters: usize,
     /// Dead letters written more than once, when that is allowed.
     pub dead_letter_duplicates: usize,
+    /// Dead letters whose original retention had deleted from its topic:
+    /// counted and checked, but not compared with it.
+    pub dead_letters_past_retention: usize,
     pub findings: Vec<Finding>,
 }
 
@@ -428,6 +445,13 @@ impl fmt::Display for Report {
             self.dead_letters,
             self.dead_letter_duplicates
         )?;
+        if self.dead_letters_past_retention > 0 {
+            writeln!(
+                f,
+                "{} dead letters not compared with their originals: retention had deleted them from the source topic.",
+                self.dead_letters_past_retention
+            )?;
+        }
         let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
         for finding in &self.findings {
             *kinds.entry(finding.kind()).or_default() += 1;
@@ -679,6 +703,11 @@ fn check_dead_letters(
                 .unwrap_or(-1),
         );
         let Some(original) = observed.originals.get(&origin) else {
+            let log_start = observed.log_starts.get(&(origin.0.clone(), origin.1));
+            if log_start.is_some_and(|&start| origin.2 < start) {
+                report.dead_letters_past_retention += 1;
+                continue;
+            }
             findings.push(Finding::DeadLetterChanged {
                 at,
                 what: format!(
@@ -816,5 +845,60 @@ mod tests {
             ..checks()
         };
         assert!(!check(&expected, &observed, &exact).passed());
+    }
+
+    /// A dead letter whose original is gone from its topic is a finding,
+    /// unless the partition's log now starts past it (retention deleted it).
+    #[test]
+    fn a_dead_letter_whose_original_retention_deleted_is_counted_not_flagged() {
+        let poisoned = Uuid::new_v4();
+        let expected = Expected {
+            good: Vec::new(),
+            poisoned: BTreeSet::from([poisoned]),
+        };
+        let mut headers: BTreeMap<String, String> = DEAD_LETTER_HEADERS
+            .iter()
+            .map(|h| ((*h).to_owned(), "x".to_owned()))
+            .collect();
+        headers.insert(headers::CONSUMER_GROUP.into(), "g".into());
+        headers.insert(headers::ORIGINAL_TOPIC.into(), "orders".into());
+        headers.insert(headers::ORIGINAL_PARTITION.into(), "2".into());
+        headers.insert(headers::ORIGINAL_OFFSET.into(), "5".into());
+        headers.insert(
+            headers::TRACEPARENT.into(),
+            format!("00-{}-0000000000000001-01", poisoned.simple()),
+        );
+        let mut observed = Observed {
+            dead_letters: vec![DeadLetter {
+                topic: "orders.dlq".into(),
+                partition: 0,
+                offset: 0,
+                key: None,
+                payload: None,
+                headers,
+            }],
+            ..Observed::default()
+        };
+        let checks = Checks {
+            events: false,
+            order_status: false,
+            dead_letter_groups: vec!["g".into()],
+            ..checks()
+        };
+        for (log_start, past_retention, kinds) in [
+            (None, 0, vec!["dead_letter_changed"]),
+            (Some(5), 0, vec!["dead_letter_changed"]),
+            (Some(6), 1, vec![]),
+        ] {
+            observed.log_starts.clear();
+            observed
+                .log_starts
+                .extend(log_start.map(|s| (("orders".to_owned(), 2), s)));
+            let report = check(&expected, &observed, &checks);
+            let found: Vec<&str> = report.findings.iter().map(Finding::kind).collect();
+            assert_eq!(found, kinds, "log start {log_start:?}: {report}");
+            assert_eq!(report.dead_letters, 1);
+            assert_eq!(report.dead_letters_past_retention, past_retention);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! checker read whole DLQs, and a forward first reads what its group already
 //! wrote to the destination since a partition was assigned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -32,16 +32,7 @@ pub fn read_since(
     topic: &str,
     since_ms: Option<i64>,
 ) -> anyhow::Result<Vec<OwnedMessage>> {
-    let mut config = config.clone();
-    // A static member id means nothing to this reader (it joins no group).
-    config.remove("group.instance.id");
-    let consumer: BaseConsumer = config
-        .set("group.id", "shopstream-readback")
-        .set("fetch.wait.max.ms", "100")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .create()
-        .context("creating the Kafka consumer")?;
+    let consumer = reader(config)?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -102,6 +93,42 @@ pub fn read_since(
     }
     out.sort_by_key(|m| (m.partition(), m.offset()));
     Ok(out)
+}
+
+/// The first offset the broker still keeps in each of `partitions` of
+/// `topic` (its low watermark): what lies below was deleted by retention.
+pub fn log_starts(
+    config: &ClientConfig,
+    topic: &str,
+    partitions: &BTreeSet<i32>,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    if partitions.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let consumer = reader(config)?;
+    partitions
+        .iter()
+        .map(|&partition| {
+            let (low, _) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .with_context(|| format!("reading the watermarks of {topic}[{partition}]"))?;
+            Ok((partition, low))
+        })
+        .collect()
+}
+
+/// A consumer that joins no group and commits nothing.
+fn reader(config: &ClientConfig) -> anyhow::Result<BaseConsumer> {
+    let mut config = config.clone();
+    // A static member id means nothing to this reader (it joins no group).
+    config.remove("group.instance.id");
+    config
+        .set("group.id", "shopstream-readback")
+        .set("fetch.wait.max.ms", "100")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .context("creating the Kafka consumer")
 }
 
 /// The records of each partition from its range's start to its end
