@@ -128,9 +128,9 @@ pub struct WorkerSettings {
     pub retry_max_elapsed_ms: u64,
     /// Partitions handled at the same time, at most.
     pub concurrency: usize,
-    /// Records fetched and not yet done, per partition, before it pauses.
+    /// Records taken and not yet done, per partition, before it is held back.
     pub max_in_flight_records: usize,
-    /// Payload bytes fetched and not yet done, per partition, before it pauses.
+    /// Payload bytes taken and not yet done, per partition, before it is held back.
     pub max_in_flight_bytes: usize,
     /// How long SIGTERM waits for in-flight batches before abandoning them
     /// (uncommitted, so they are redelivered).

@@ -16,7 +16,13 @@ pub struct Metrics {
     /// Fetches found missing records before the one they returned (each
     /// fetched again from the expected offset).
     pub fetch_gaps: AtomicU64,
+    /// Partitions paused in librdkafka (retry backoff, a retry tier's
+    /// record not due, draining; backpressure for a partition read from the
+    /// consumer's queue).
     pub paused_partitions: AtomicUsize,
+    /// Partitions whose in-flight bound is full now: their reader waits,
+    /// and their records wait in librdkafka's queue for the partition.
+    pub full_partitions: AtomicUsize,
     /// Partitions the group gave this worker, as of the last rebalance.
     pub assigned_partitions: AtomicUsize,
     /// Partitions taken away by rebalances: with the cooperative protocol
@@ -168,6 +174,7 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# HELP shopstream_paused_partitions Partitions paused now.\n# TYPE shopstream_paused_partitions gauge\nshopstream_paused_partitions {}", self.paused_partitions.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP shopstream_full_partitions Partitions whose in-flight bound is full now (backpressure: their records wait in librdkafka).\n# TYPE shopstream_full_partitions gauge\nshopstream_full_partitions {}", self.full_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_assigned_partitions Partitions the group assigned to this worker.\n# TYPE shopstream_assigned_partitions gauge\nshopstream_assigned_partitions {}", self.assigned_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_revoked_partitions_total Partitions taken from this worker by rebalances.\n# TYPE shopstream_revoked_partitions_total counter\nshopstream_revoked_partitions_total {}", self.revoked_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_rebalances_total Rebalances that gave this worker an assignment.\n# TYPE shopstream_rebalances_total counter\nshopstream_rebalances_total {}", self.rebalances.load(Ordering::Relaxed));

@@ -1,6 +1,9 @@
-//! The consumer-group runtime. One poll loop fetches and hands each record to
-//! a task per partition, which batches, runs the handler, retries in place
-//! with backoff (pausing only its partition), moves what still fails to the
+//! The consumer-group runtime. Each assigned partition's own fetch queue is
+//! read by a reader that hands its records to the partition's task while the
+//! partition is below its in-flight bounds (the poll loop serves the
+//! rebalance callbacks and whatever reaches the shared queue). The task
+//! batches, runs the handler, retries in place with backoff (pausing only
+//! its partition), moves what still fails to the
 //! retry tiers and then the DLQ, and stores the batch's offset only when every
 //! record in it is done or forwarded. Librdkafka commits stored offsets
 //! periodically; on revoke and on shutdown we commit ourselves after the
@@ -17,10 +20,11 @@ use backbone::headers;
 use backbone::kafka::KafkaConnection;
 use backbone::shutdown::Shutdown;
 use backon::{BackoffBuilder, ExponentialBuilder};
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::continuity::{self, Continuity};
 use crate::fetched::Fetched;
@@ -30,6 +34,14 @@ use crate::metrics::Metrics;
 use crate::routes::{Hop, Route, Routes};
 
 type PartitionKey = (Arc<str>, i32);
+
+/// A partition's own fetch queue, split from the consumer's at assignment.
+/// Its reader takes records only while the partition has room, so
+/// backpressure leaves what librdkafka prefetched in place (bounded per
+/// partition by `queued.max.messages.kbytes`), where a pause purges it and
+/// fetches it again: 5x the no-op worker's throughput on the mock cluster
+/// (BENCHMARKS.md, issue 29).
+type PartitionQueue = StreamPartitionQueue<WorkerContext>;
 
 /// How long abandoned batches get, all together, to notice and stop.
 const ABANDON_GRACE: Duration = Duration::from_secs(2);
@@ -72,6 +84,34 @@ struct PartitionHandle {
     finished: std::sync::mpsc::Receiver<()>,
     queued_records: Arc<AtomicUsize>,
     queued_bytes: Arc<AtomicUsize>,
+    /// Told whenever the task has drained to half its bounds, or ended.
+    room: Arc<Notify>,
+}
+
+/// What a partition's reader waits on while the partition is full.
+struct Room {
+    records: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
+    told: Arc<Notify>,
+}
+
+impl Room {
+    /// Returns once the partition has drained to half its bounds (or its
+    /// task has ended), or at `stop`.
+    async fn wait(&self, settings: &WorkerSettings, metrics: &Metrics, stop: &Shutdown) {
+        metrics.full_partitions.fetch_add(1, Ordering::Relaxed);
+        while !drained(
+            settings,
+            self.records.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        ) {
+            tokio::select! {
+                _ = self.told.notified() => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        metrics.full_partitions.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// State shared by the poll loop, the rebalance callback and partition tasks.
@@ -81,6 +121,11 @@ struct Shared {
     /// Per assigned partition, the offset the next fetched record must have.
     expected: Mutex<HashMap<PartitionKey, Continuity>>,
     pauses: Mutex<HashMap<PartitionKey, u8>>,
+    /// Partition queues split at assignment, each with its reader's stop,
+    /// for the poll loop to start a reader on.
+    split_queues: mpsc::UnboundedSender<(PartitionKey, PartitionQueue, Shutdown)>,
+    /// The stop of each partition's reader.
+    readers: Mutex<HashMap<PartitionKey, Shutdown>>,
     metrics: Arc<Metrics>,
     forwarder: Arc<Forwarder>,
     /// Set once the consumer exists, so callbacks can pause and resume.
@@ -219,6 +264,44 @@ impl Shared {
         }
     }
 
+    /// Gives each newly assigned partition a queue of its own, read by a
+    /// reader the poll loop starts. Every assignment splits again: an
+    /// `assign` may join the partitions' queues back to the consumer's, and
+    /// once split, a partition's records go to no other queue.
+    fn split_queues(&self, tpl: &TopicPartitionList) {
+        let Some(consumer) = self.consumer() else {
+            return;
+        };
+        let mut readers = self.readers.lock().expect("readers lock");
+        for e in tpl.elements() {
+            let key: PartitionKey = (Arc::from(e.topic()), e.partition());
+            let Some(queue) = consumer.split_partition_queue(e.topic(), e.partition()) else {
+                tracing::warn!(topic = e.topic(), partition = e.partition(), "No queue of its own for this partition: its records come through the consumer's queue, paused for backpressure.");
+                continue;
+            };
+            let stop = Shutdown::new();
+            if let Some(previous) = readers.insert(key.clone(), stop.clone()) {
+                previous.cancel();
+            }
+            let _ = self.split_queues.send((key, queue, stop));
+        }
+    }
+
+    /// Stops the readers of `keys` (all, with `None`).
+    fn stop_readers(&self, keys: Option<&[PartitionKey]>) {
+        let mut readers = self.readers.lock().expect("readers lock");
+        match keys {
+            Some(keys) => {
+                for key in keys {
+                    if let Some(stop) = readers.remove(key) {
+                        stop.cancel();
+                    }
+                }
+            }
+            None => readers.drain().for_each(|(_, stop)| stop.cancel()),
+        }
+    }
+
     /// Each newly assigned partition must start at its committed offset
     /// (anywhere, when it has none: `auto.offset.reset` decides).
     fn expect_committed<C: Consumer<WorkerContext>>(&self, consumer: &C, tpl: &TopicPartitionList) {
@@ -323,6 +406,7 @@ impl ConsumerContext for WorkerContext {
                 .metrics
                 .revoked_partitions
                 .fetch_add(keys.len() as u64, Ordering::Relaxed);
+            self.shared.stop_readers(Some(&keys));
             // The next owner reads its ledgers once this returns.
             self.shared
                 .stop_partitions(&keys, crate::forward::DELIVERY_TIMEOUT);
@@ -346,6 +430,7 @@ impl ConsumerContext for WorkerContext {
                 .rebalances
                 .fetch_add(1, Ordering::Relaxed);
             self.shared.expect_committed(consumer, tpl);
+            self.shared.split_queues(tpl);
         }
         // Asked rather than counted: with a cooperative assignor (settable
         // through `kafka.client`) a revoke takes only some partitions.
@@ -379,11 +464,14 @@ pub async fn run<H: Handler>(
         Forwarder::new(&connection.client_config(), &settings.group_id)
             .map_err(WorkerError::Consumer)?,
     );
+    let (split_queues, mut queues_split) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         partitions: Mutex::new(HashMap::new()),
         expected: Mutex::new(HashMap::new()),
         pauses: Mutex::new(HashMap::new()),
+        split_queues,
+        readers: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
         forwarder: forwarder.clone(),
         consumer: std::sync::OnceLock::new(),
@@ -398,9 +486,9 @@ pub async fn run<H: Handler>(
         )
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");
-    // Quick failure detection, an 8 MiB prefetch buffer that keeps RSS
-    // under 100 MB (librdkafka's default allows 64 MiB; 16 MiB measured a
-    // 115 MB peak), and cooperative rebalancing: a member joining or leaving
+    // Quick failure detection, a 1 MiB prefetch per partition (each has a
+    // queue of its own; librdkafka's default allows 64 MiB), and
+    // cooperative rebalancing: a member joining or leaving
     // moves only the partitions that change hands, and the batches of the
     // others go on (the revoke handles just the partitions it names). Each
     // unless the operator chose otherwise (`kafka.client`; `range` or
@@ -408,7 +496,7 @@ pub async fn run<H: Handler>(
     for (key, value) in [
         ("session.timeout.ms", "10000"),
         ("heartbeat.interval.ms", "1000"),
-        ("queued.max.messages.kbytes", "8192"),
+        ("queued.max.messages.kbytes", "1024"),
         ("partition.assignment.strategy", "cooperative-sticky"),
     ] {
         if config.get(key).is_none() {
@@ -448,18 +536,28 @@ pub async fn run<H: Handler>(
     ));
     tokio::spawn(reassert_resumes(Arc::downgrade(&shared), shutdown.clone()));
 
+    // Records reach the consumer's own queue only for partitions not split
+    // (yet): the poll loop dispatches those, pausing for backpressure, and
+    // serves the rebalance callbacks.
+    let mut readers = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            Some((key, queue, stop)) = queues_split.recv() => {
+                readers.spawn(job.clone().read(key, queue, stop));
+            }
+            Some(_) = readers.join_next(), if !readers.is_empty() => {}
             message = consumer.recv() => match message {
                 Ok(message) => {
-                    job.dispatch(&message);
+                    job.dispatch(&message, Fetching::Shared);
                     drop(message);
                     // Take what is already fetched without waiting again.
                     for _ in 0..1024 {
                         match futures_now(consumer.recv()) {
-                            Some(Ok(message)) => job.dispatch(&message),
+                            Some(Ok(message)) => {
+                                job.dispatch(&message, Fetching::Shared);
+                            }
                             _ => break,
                         }
                     }
@@ -485,6 +583,10 @@ pub async fn run<H: Handler>(
             );
         }
     }
+    // The readers hold the consumer: they end before it is closed.
+    shared.stop_readers(None);
+    while readers.join_next().await.is_some() {}
+    drop(queues_split);
     let keys: Vec<PartitionKey> = shared
         .partitions
         .lock()
@@ -618,14 +720,46 @@ struct Job<H> {
 }
 
 impl<H: Handler> Job<H> {
-    /// Hands a fetched record to its partition's task, starting one if needed.
-    fn dispatch(self: &Arc<Self>, message: &rdkafka::message::BorrowedMessage<'_>) {
-        let Some((topic, route)) = self.routes.get_key_value(message.topic()) else {
-            return;
-        };
+    /// Reads a partition's own queue until `stop`, taking records only while
+    /// the partition has room.
+    async fn read(self: Arc<Self>, key: PartitionKey, queue: PartitionQueue, stop: Shutdown) {
+        tracing::debug!(
+            topic = &*key.0,
+            partition = key.1,
+            "Reading the partition's own queue."
+        );
+        loop {
+            let room = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                message = queue.recv() => match message {
+                    Ok(message) => self.dispatch(&message, Fetching::Own),
+                    Err(error) => {
+                        tracing::warn!(topic = &*key.0, partition = key.1, %error, "Partition queue error; librdkafka keeps retrying.");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        None
+                    }
+                },
+            };
+            if let Some(room) = room {
+                room.wait(&self.shared.settings, &self.shared.metrics, &stop)
+                    .await;
+            }
+        }
+    }
+
+    /// Hands a fetched record to its partition's task, starting one if
+    /// needed. When that fills the partition: from the consumer's queue it
+    /// pauses the partition; from its own queue it returns what to wait on.
+    fn dispatch(
+        self: &Arc<Self>,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        fetching: Fetching,
+    ) -> Option<Room> {
+        let (topic, route) = self.routes.get_key_value(message.topic())?;
         let key: PartitionKey = (topic.clone(), message.partition());
         if !self.shared.admit(&key, message.offset()) {
-            return;
+            return None;
         }
         let fetched = Fetched::from_message(message, key.0.clone());
         self.shared.metrics.consumed.fetch_add(1, Ordering::Relaxed);
@@ -647,10 +781,17 @@ impl<H: Handler> Job<H> {
             partitions.remove(&key);
             drop(partitions);
             self.shared.forget_expected(std::slice::from_ref(&key));
-            return;
+            return None;
         }
         if !full {
-            return;
+            return None;
+        }
+        if fetching == Fetching::Own {
+            return Some(Room {
+                records: handle.queued_records.clone(),
+                bytes: handle.queued_bytes.clone(),
+                told: handle.room.clone(),
+            });
         }
         let queued = (handle.queued_records.clone(), handle.queued_bytes.clone());
         drop(partitions);
@@ -666,6 +807,7 @@ impl<H: Handler> Job<H> {
             self.shared
                 .set_pause(&key, PauseReason::Backpressure, false);
         }
+        None
     }
 
     /// A task for `key`, whose first record was written at `first_timestamp_ms`.
@@ -684,6 +826,7 @@ impl<H: Handler> Job<H> {
             finished,
             queued_records: Arc::new(AtomicUsize::new(0)),
             queued_bytes: Arc::new(AtomicUsize::new(0)),
+            room: Arc::new(Notify::new()),
         };
         let task = PartitionTask {
             job: self.clone(),
@@ -695,14 +838,33 @@ impl<H: Handler> Job<H> {
             abandon: handle.abandon.clone(),
             queued_records: handle.queued_records.clone(),
             queued_bytes: handle.queued_bytes.clone(),
+            room: handle.room.clone(),
             ledger: Ledger::since(first_timestamp_ms),
         };
         tokio::spawn(async move {
+            let (records, bytes, room) = (
+                task.queued_records.clone(),
+                task.queued_bytes.clone(),
+                task.room.clone(),
+            );
             task.run().await;
+            // A reader waiting for room takes its next record, which finds
+            // the task gone and starts another.
+            records.store(0, Ordering::Relaxed);
+            bytes.store(0, Ordering::Relaxed);
+            room.notify_one();
             drop(done);
         });
         handle
     }
+}
+
+/// Where a record was fetched from: the consumer's queue, or its
+/// partition's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetching {
+    Shared,
+    Own,
 }
 
 /// Few enough records and bytes in flight for a partition paused by
@@ -723,6 +885,7 @@ struct PartitionTask<H> {
     abandon: Shutdown,
     queued_records: Arc<AtomicUsize>,
     queued_bytes: Arc<AtomicUsize>,
+    room: Arc<Notify>,
     /// What the group had forwarded from this partition before this task.
     ledger: Ledger,
 }
@@ -740,6 +903,7 @@ impl<H: Handler> PartitionTask<H> {
                 self.job
                     .shared
                     .set_pause(&self.key, PauseReason::Backpressure, false);
+                self.room.notify_one();
             }
             if outcome.is_err() {
                 tracing::info!(

@@ -678,7 +678,7 @@ async fn nothing_is_lost_under_request_errors_and_a_broker_going_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_handler_pauses_its_partitions_instead_of_buffering_without_bound() {
+async fn a_slow_handler_holds_its_partitions_back_instead_of_buffering_without_bound() {
     let cluster = mock_cluster(1);
     let setup = setup(&cluster, 2);
     let events = publish(&setup, 600, 13, 0.0).await;
@@ -691,22 +691,22 @@ async fn a_slow_handler_pauses_its_partitions_instead_of_buffering_without_bound
     tight.batch_max_records = 10;
     let worker = start(&setup, tight, recorder.clone());
     let metrics = worker.metrics.clone();
-    let mut paused_seen = 0;
+    let mut full_seen = 0;
     wait_until("every record handled", Duration::from_secs(120), || {
-        paused_seen = paused_seen.max(metrics.paused_partitions.load(Ordering::Relaxed));
+        full_seen = full_seen.max(metrics.full_partitions.load(Ordering::Relaxed));
         recorder.seen.lock().expect("lock").len() >= events.len()
     })
     .await;
     stop(worker).await;
-    assert!(paused_seen >= 1, "the in-flight bound paused a partition");
+    assert!(full_seen >= 1, "the in-flight bound held a partition back");
     assert_eq!(recorder.seen.lock().expect("lock").len(), events.len());
 }
 
-/// A partition pauses when its in-flight bound fills and resumes when its
-/// task drains. With a fast handler the task may drain before the pause is
-/// applied; the partition must not stay paused with nothing in flight.
+/// A partition is held back when its in-flight bound fills and goes on when
+/// its task drains. With a fast handler the task may drain before its reader
+/// starts waiting; the partition must not stay held with nothing in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_partition_paused_for_backpressure_always_resumes() {
+async fn a_partition_held_back_by_backpressure_always_goes_on() {
     let cluster = mock_cluster(1);
     let setup = setup(&cluster, 4);
     let events = publish(&setup, 2000, 17, 0.0).await;
@@ -717,7 +717,8 @@ async fn a_partition_paused_for_backpressure_always_resumes() {
     tight.batch_linger_ms = 0;
     let worker = start(&setup, tight, recorder.clone());
     let metrics = worker.metrics.clone();
-    // Every pause costs a refetch, so this is slow; a stall is no progress at all.
+    // Slow by design (a fetch round trip every two records); a stall is no
+    // progress at all.
     handled_without_stalling(events.len(), Duration::from_secs(10), &metrics, || {
         recorder.seen.lock().expect("lock").len()
     })
@@ -751,7 +752,7 @@ fn order(event: &AnyEvent) -> Option<&OrderEvent> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_partition_revoked_while_paused_for_backpressure_resumes_when_it_comes_back() {
+async fn a_partition_revoked_while_held_back_by_backpressure_resumes_when_it_comes_back() {
     let cluster = mock_cluster(1);
     let setup = setup(&cluster, 2);
     let group = unique_name("g");
@@ -765,13 +766,13 @@ async fn a_partition_revoked_while_paused_for_backpressure_resumes_when_it_comes
     tight.batch_max_records = 2;
     let a = start(&setup, tight.clone(), recorder.clone());
     wait_until(
-        "the first worker is paused for backpressure",
+        "the first worker is held back by backpressure",
         Duration::from_secs(30),
-        || a.metrics.paused_partitions.load(Ordering::Relaxed) > 0,
+        || a.metrics.full_partitions.load(Ordering::Relaxed) > 0,
     )
     .await;
     // A second member joins and leaves: the first one's partitions are
-    // revoked while paused and come back to it.
+    // revoked while held back and come back to it.
     let other = Arc::new(Recorder {
         delay: Duration::from_millis(200),
         ..Recorder::default()
@@ -792,7 +793,7 @@ async fn a_partition_revoked_while_paused_for_backpressure_resumes_when_it_comes
 }
 
 /// Waits until `handled()` reaches `total`, failing when it stays put for
-/// `patience` (a stall, not slowness: every pause costs a refetch).
+/// `patience` (a stall, not slowness).
 async fn handled_without_stalling(
     total: usize,
     patience: Duration,
@@ -810,8 +811,9 @@ async fn handled_without_stalling(
         }
         assert!(
             progressed.elapsed() < patience,
-            "stalled at {now} of {total} records with {} partition(s) paused",
-            metrics.paused_partitions.load(Ordering::Relaxed)
+            "stalled at {now} of {total} records with {} partition(s) paused, {} full",
+            metrics.paused_partitions.load(Ordering::Relaxed),
+            metrics.full_partitions.load(Ordering::Relaxed)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

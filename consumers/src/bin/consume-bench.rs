@@ -93,13 +93,22 @@ async fn measure_worker(
     let pid = child.0.id();
     let spawned = Instant::now();
     let (mut peak_rss, mut first_seen, mut last_rss) = (0u64, None, 0u64);
+    // The last moment seen with nothing handled yet (and the CPU spent by
+    // then): the start when the first sample that sees work already sees
+    // most of it (a fast worker between two samples).
+    let mut idle = (spawned, 0.0);
     let done = loop {
         let consumed = backbone::procfs::metric(port, "shopstream_records_handled_total")
             .await
             .unwrap_or(0.0) as usize;
         last_rss = backbone::procfs::status_kib(pid, "VmRSS:").unwrap_or(last_rss);
         peak_rss = peak_rss.max(last_rss);
-        if consumed > 0 && first_seen.is_none() {
+        if consumed == 0 {
+            idle = (
+                Instant::now(),
+                backbone::procfs::cpu_seconds(pid).unwrap_or(0.0),
+            );
+        } else if first_seen.is_none() {
             first_seen = Some((
                 Instant::now(),
                 consumed,
@@ -116,11 +125,13 @@ async fn measure_worker(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // Counted from the first handled record, unless the worker was done
-    // before it was first seen working (tiny runs): then from its start.
+    // Counted from the first sample that saw work, unless that one saw more
+    // than half of it done: then from the last sample that saw none (which
+    // understates the rate, never overstates it). Counting from the spawn
+    // instead added the group join (~3 s) to fast runs.
     let (t0, c0, cpu0) = match first_seen {
         Some(seen @ (_, count, _)) if count <= args.events / 2 => seen,
-        _ => (spawned, 0, 0.0),
+        _ => (idle.0, 0, idle.1),
     };
     let cpu_seconds = backbone::procfs::cpu_seconds(pid).unwrap_or(cpu0) - cpu0;
     let rate = (args.events - c0) as f64 / done.duration_since(t0).as_secs_f64().max(1e-6);

@@ -2,10 +2,12 @@
 //! partitions of thousands of records, already in Kafka when the consumers
 //! start (the first fetch takes whole partitions), through one worker and
 //! one analytics job, with the default in-flight bounds and with bounds
-//! below one batch, so every partition pauses and resumes for backpressure
-//! many times. The events store, the order statuses, the read models and the
+//! below one batch, so every partition is held back by backpressure many
+//! times. The events store, the order statuses, the read models and the
 //! dead letters must end exact. Issue 29: on tansu the worker lost the
-//! records around each backpressure pause while the mock cluster hid it.
+//! records around each backpressure pause while the mock cluster hid it
+//! (the worker no longer pauses for backpressure: its partitions' own
+//! queues keep what librdkafka fetched).
 
 use std::time::Duration;
 
