@@ -264,12 +264,12 @@ impl Observed {
                     out.dead_letters.push(letter);
                 }
             }
-            for (topic, positions) in wanted {
+            for (topic, mut positions) in wanted {
                 if catalog.topic(&topic).is_none() {
                     continue;
                 }
                 for m in consumers::dlq::read_all(connection, &topic)? {
-                    if positions.contains(&(m.partition(), m.offset())) {
+                    if positions.remove(&(m.partition(), m.offset())) {
                         out.originals.insert(
                             (topic.clone(), m.partition(), m.offset()),
                             Original {
@@ -280,11 +280,8 @@ impl Observed {
                         );
                     }
                 }
-                let unfound: BTreeSet<i32> = positions
-                    .iter()
-                    .filter(|&&(p, o)| !out.originals.contains_key(&(topic.clone(), p, o)))
-                    .map(|&(p, _)| p)
-                    .collect();
+                // What is left was not found.
+                let unfound: BTreeSet<i32> = positions.iter().map(|&(p, _)| p).collect();
                 for (partition, start) in
                     consumers::readback::log_starts(&connection.client_config(), &topic, &unfound)?
                 {

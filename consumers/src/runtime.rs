@@ -82,31 +82,60 @@ struct PartitionHandle {
     abandon: Shutdown,
     /// Disconnects when the task has exited.
     finished: std::sync::mpsc::Receiver<()>,
-    queued_records: Arc<AtomicUsize>,
-    queued_bytes: Arc<AtomicUsize>,
-    /// Told whenever the task has drained to half its bounds, or ended.
-    room: Arc<Notify>,
+    in_flight: Arc<InFlight>,
 }
 
-/// What a partition's reader waits on while the partition is full.
-struct Room {
-    records: Arc<AtomicUsize>,
-    bytes: Arc<AtomicUsize>,
-    told: Arc<Notify>,
+/// A partition's records taken and not yet done, against its bounds.
+#[derive(Debug, Default)]
+struct InFlight {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Told whenever the task has drained to half the bounds, or ended.
+    room: Notify,
 }
 
-impl Room {
+impl InFlight {
+    /// Counts a record taken; true when it fills the partition.
+    fn take(&self, settings: &WorkerSettings, bytes: usize) -> bool {
+        let records = self.records.fetch_add(1, Ordering::Relaxed) + 1;
+        let bytes = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        records >= settings.max_in_flight_records || bytes >= settings.max_in_flight_bytes
+    }
+
+    /// Counts a batch done; true (and a waiting reader told) when the
+    /// partition has drained to half its bounds.
+    fn done(&self, settings: &WorkerSettings, records: usize, bytes: usize) -> bool {
+        self.records.fetch_sub(records, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let drained = self.drained(settings);
+        if drained {
+            self.room.notify_one();
+        }
+        drained
+    }
+
+    /// Few enough records and bytes in flight for a partition held back to
+    /// go on: half its bounds.
+    fn drained(&self, settings: &WorkerSettings) -> bool {
+        self.records.load(Ordering::Relaxed) < settings.max_in_flight_records / 2
+            && self.bytes.load(Ordering::Relaxed) < settings.max_in_flight_bytes / 2
+    }
+
+    /// The task has ended: a reader waiting for room takes its next record,
+    /// which finds the task gone and starts another.
+    fn clear(&self) {
+        self.records.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
+        self.room.notify_one();
+    }
+
     /// Returns once the partition has drained to half its bounds (or its
     /// task has ended), or at `stop`.
-    async fn wait(&self, settings: &WorkerSettings, metrics: &Metrics, stop: &Shutdown) {
+    async fn room(&self, settings: &WorkerSettings, metrics: &Metrics, stop: &Shutdown) {
         metrics.full_partitions.fetch_add(1, Ordering::Relaxed);
-        while !drained(
-            settings,
-            self.records.load(Ordering::Relaxed),
-            self.bytes.load(Ordering::Relaxed),
-        ) {
+        while !self.drained(settings) {
             tokio::select! {
-                _ = self.told.notified() => {}
+                _ = self.room.notified() => {}
                 _ = stop.cancelled() => break,
             }
         }
@@ -729,7 +758,7 @@ impl<H: Handler> Job<H> {
             "Reading the partition's own queue."
         );
         loop {
-            let room = tokio::select! {
+            let full = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
                 message = queue.recv() => match message {
@@ -741,8 +770,9 @@ impl<H: Handler> Job<H> {
                     }
                 },
             };
-            if let Some(room) = room {
-                room.wait(&self.shared.settings, &self.shared.metrics, &stop)
+            if let Some(in_flight) = full {
+                in_flight
+                    .room(&self.shared.settings, &self.shared.metrics, &stop)
                     .await;
             }
         }
@@ -755,7 +785,7 @@ impl<H: Handler> Job<H> {
         self: &Arc<Self>,
         message: &rdkafka::message::BorrowedMessage<'_>,
         fetching: Fetching,
-    ) -> Option<Room> {
+    ) -> Option<Arc<InFlight>> {
         let (topic, route) = self.routes.get_key_value(message.topic())?;
         let key: PartitionKey = (topic.clone(), message.partition());
         if !self.shared.admit(&key, message.offset()) {
@@ -768,13 +798,7 @@ impl<H: Handler> Job<H> {
         let handle = partitions
             .entry(key.clone())
             .or_insert_with(|| self.spawn(key.clone(), route.clone(), fetched.timestamp_ms));
-        let records = handle.queued_records.fetch_add(1, Ordering::Relaxed) + 1;
-        let bytes = handle
-            .queued_bytes
-            .fetch_add(fetched.bytes(), Ordering::Relaxed)
-            + fetched.bytes();
-        let full =
-            records >= settings.max_in_flight_records || bytes >= settings.max_in_flight_bytes;
+        let full = handle.in_flight.take(settings, fetched.bytes());
         if handle.records.send(fetched).is_err() {
             // The task has ended (abandoned); the record is refetched later
             // from the last stored offset, and must then be taken again.
@@ -786,24 +810,16 @@ impl<H: Handler> Job<H> {
         if !full {
             return None;
         }
+        let in_flight = handle.in_flight.clone();
         if fetching == Fetching::Own {
-            return Some(Room {
-                records: handle.queued_records.clone(),
-                bytes: handle.queued_bytes.clone(),
-                told: handle.room.clone(),
-            });
+            return Some(in_flight);
         }
-        let queued = (handle.queued_records.clone(), handle.queued_bytes.clone());
         drop(partitions);
         self.shared.set_pause(&key, PauseReason::Backpressure, true);
         // The task may have drained everything (and found nothing paused to
         // resume) before the pause above: look again, or nothing would ever
         // resume the partition.
-        if drained(
-            settings,
-            queued.0.load(Ordering::Relaxed),
-            queued.1.load(Ordering::Relaxed),
-        ) {
+        if in_flight.drained(settings) {
             self.shared
                 .set_pause(&key, PauseReason::Backpressure, false);
         }
@@ -824,9 +840,7 @@ impl<H: Handler> Job<H> {
             stop: Shutdown::new(),
             abandon: Shutdown::new(),
             finished,
-            queued_records: Arc::new(AtomicUsize::new(0)),
-            queued_bytes: Arc::new(AtomicUsize::new(0)),
-            room: Arc::new(Notify::new()),
+            in_flight: Arc::default(),
         };
         let task = PartitionTask {
             job: self.clone(),
@@ -836,23 +850,13 @@ impl<H: Handler> Job<H> {
             held: VecDeque::new(),
             stop: handle.stop.clone(),
             abandon: handle.abandon.clone(),
-            queued_records: handle.queued_records.clone(),
-            queued_bytes: handle.queued_bytes.clone(),
-            room: handle.room.clone(),
+            in_flight: handle.in_flight.clone(),
             ledger: Ledger::since(first_timestamp_ms),
         };
+        let in_flight = handle.in_flight.clone();
         tokio::spawn(async move {
-            let (records, bytes, room) = (
-                task.queued_records.clone(),
-                task.queued_bytes.clone(),
-                task.room.clone(),
-            );
             task.run().await;
-            // A reader waiting for room takes its next record, which finds
-            // the task gone and starts another.
-            records.store(0, Ordering::Relaxed);
-            bytes.store(0, Ordering::Relaxed);
-            room.notify_one();
+            in_flight.clear();
             drop(done);
         });
         handle
@@ -867,12 +871,6 @@ enum Fetching {
     Own,
 }
 
-/// Few enough records and bytes in flight for a partition paused by
-/// backpressure to resume: half its bounds.
-fn drained(settings: &WorkerSettings, records: usize, bytes: usize) -> bool {
-    records < settings.max_in_flight_records / 2 && bytes < settings.max_in_flight_bytes / 2
-}
-
 struct PartitionTask<H> {
     job: Arc<Job<H>>,
     key: PartitionKey,
@@ -883,9 +881,7 @@ struct PartitionTask<H> {
     held: VecDeque<Fetched>,
     stop: Shutdown,
     abandon: Shutdown,
-    queued_records: Arc<AtomicUsize>,
-    queued_bytes: Arc<AtomicUsize>,
-    room: Arc<Notify>,
+    in_flight: Arc<InFlight>,
     /// What the group had forwarded from this partition before this task.
     ledger: Ledger,
 }
@@ -897,13 +893,10 @@ impl<H: Handler> PartitionTask<H> {
             let last = batch.last().map(|r| r.offset);
             let (count, bytes) = (batch.len(), batch.iter().map(Fetched::bytes).sum::<usize>());
             let outcome = self.process(batch).await;
-            let left = self.queued_records.fetch_sub(count, Ordering::Relaxed) - count;
-            let left_bytes = self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed) - bytes;
-            if drained(&settings, left, left_bytes) {
+            if self.in_flight.done(&settings, count, bytes) {
                 self.job
                     .shared
                     .set_pause(&self.key, PauseReason::Backpressure, false);
-                self.room.notify_one();
             }
             if outcome.is_err() {
                 tracing::info!(
