@@ -23,6 +23,8 @@ pub struct Metrics {
     /// Partitions whose in-flight bound is full now: their reader waits,
     /// and their records wait in librdkafka's queue for the partition.
     pub full_partitions: AtomicUsize,
+    /// Times a partition filled its in-flight bound and was held back.
+    pub partitions_held_back: AtomicU64,
     /// Partitions the group gave this worker, as of the last rebalance.
     pub assigned_partitions: AtomicUsize,
     /// Partitions taken away by rebalances: with the cooperative protocol
@@ -175,6 +177,7 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP shopstream_paused_partitions Partitions paused now.\n# TYPE shopstream_paused_partitions gauge\nshopstream_paused_partitions {}", self.paused_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_full_partitions Partitions whose in-flight bound is full now (backpressure: their records wait in librdkafka).\n# TYPE shopstream_full_partitions gauge\nshopstream_full_partitions {}", self.full_partitions.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP shopstream_partitions_held_back_total Times a partition filled its in-flight bound and its reader waited for room.\n# TYPE shopstream_partitions_held_back_total counter\nshopstream_partitions_held_back_total {}", self.partitions_held_back.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_assigned_partitions Partitions the group assigned to this worker.\n# TYPE shopstream_assigned_partitions gauge\nshopstream_assigned_partitions {}", self.assigned_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_revoked_partitions_total Partitions taken from this worker by rebalances.\n# TYPE shopstream_revoked_partitions_total counter\nshopstream_revoked_partitions_total {}", self.revoked_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_rebalances_total Rebalances that gave this worker an assignment.\n# TYPE shopstream_rebalances_total counter\nshopstream_rebalances_total {}", self.rebalances.load(Ordering::Relaxed));

@@ -133,6 +133,7 @@ impl InFlight {
     /// task has ended), or at `stop`.
     async fn room(&self, settings: &WorkerSettings, metrics: &Metrics, stop: &Shutdown) {
         metrics.full_partitions.fetch_add(1, Ordering::Relaxed);
+        metrics.partitions_held_back.fetch_add(1, Ordering::Relaxed);
         while !self.drained(settings) {
             tokio::select! {
                 _ = self.room.notified() => {}

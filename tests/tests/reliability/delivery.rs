@@ -54,6 +54,11 @@ async fn every_record_arrives(broker: Broker, settings: &[(&str, &str)]) {
         system.progress(&[&worker, &analytics]).await,
         system.logs()
     );
+    let held_back = worker.metric("shopstream_partitions_held_back_total").await;
+    assert!(
+        held_back > 0,
+        "{broker:?} {settings:?}: the worker's in-flight bound never held a partition back"
+    );
     let gaps = [
         worker.metric("shopstream_fetch_gaps_total").await,
         analytics
@@ -62,7 +67,7 @@ async fn every_record_arrives(broker: Broker, settings: &[(&str, &str)]) {
     ];
     system.stop(&mut [&mut worker, &mut analytics]);
     println!(
-        "{broker:?} {settings:?}: exact {:.1} s after the consumers started; fetch gaps refetched (worker, analytics): {gaps:?}; {report}",
+        "{broker:?} {settings:?}: exact {:.1} s after the consumers started; partitions held back by the in-flight bound {held_back} times; fetch gaps refetched (worker, analytics): {gaps:?}; {report}",
         started.elapsed().as_secs_f64()
     );
 }
