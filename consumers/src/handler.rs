@@ -3,7 +3,10 @@
 //! to the dead-letter queue.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use tokio::sync::watch;
 
 use backbone::events::AnyEvent;
 
@@ -46,6 +49,46 @@ impl Outcome {
             class: class.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// How many partition tasks hold records now (batching them, waiting for a
+/// handler slot, in the handler or retrying). A handler that gathers
+/// several partitions' batches into one write (the ClickHouse sink) knows
+/// no more batches can arrive than this; it is told whenever a task lets go.
+#[derive(Debug)]
+pub struct BusyPartitions {
+    count: AtomicUsize,
+    fell: watch::Sender<()>,
+}
+
+impl Default for BusyPartitions {
+    fn default() -> Self {
+        Self {
+            count: AtomicUsize::new(0),
+            fell: watch::Sender::new(()),
+        }
+    }
+}
+
+impl BusyPartitions {
+    pub fn get(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Changes after each fall of the count (none is missed: a change since
+    /// the last look is seen at once).
+    pub fn falls(&self) -> watch::Receiver<()> {
+        self.fell.subscribe()
+    }
+
+    pub(crate) fn enter(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn leave(&self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        self.fell.send_replace(());
     }
 }
 

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::handler::BusyPartitions;
+
 /// Upper bounds of the handler latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
@@ -23,6 +25,7 @@ pub struct Metrics {
     /// Partitions whose in-flight bound is full now: their reader waits,
     /// and their records wait in librdkafka's queue for the partition.
     pub full_partitions: AtomicUsize,
+    pub busy_partitions: BusyPartitions,
     /// Times a partition filled its in-flight bound and was held back.
     pub partitions_held_back: AtomicU64,
     /// Partitions the group gave this worker, as of the last rebalance.
@@ -177,6 +180,7 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP shopstream_paused_partitions Partitions paused now.\n# TYPE shopstream_paused_partitions gauge\nshopstream_paused_partitions {}", self.paused_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_full_partitions Partitions whose in-flight bound is full now (backpressure: their records wait in librdkafka).\n# TYPE shopstream_full_partitions gauge\nshopstream_full_partitions {}", self.full_partitions.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP shopstream_busy_partitions Partition tasks holding records now (batching, waiting for a handler slot, handling or retrying).\n# TYPE shopstream_busy_partitions gauge\nshopstream_busy_partitions {}", self.busy_partitions.get());
         let _ = writeln!(out, "# HELP shopstream_partitions_held_back_total Times a partition filled its in-flight bound and its reader waited for room.\n# TYPE shopstream_partitions_held_back_total counter\nshopstream_partitions_held_back_total {}", self.partitions_held_back.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_assigned_partitions Partitions the group assigned to this worker.\n# TYPE shopstream_assigned_partitions gauge\nshopstream_assigned_partitions {}", self.assigned_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_revoked_partitions_total Partitions taken from this worker by rebalances.\n# TYPE shopstream_revoked_partitions_total counter\nshopstream_revoked_partitions_total {}", self.revoked_partitions.load(Ordering::Relaxed));

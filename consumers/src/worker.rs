@@ -131,6 +131,7 @@ pub async fn run(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
                 &config.clickhouse,
                 &projections,
                 config.worker.concurrency,
+                metrics.clone(),
                 &shutdown,
             )
             .await?,

@@ -316,6 +316,7 @@ async fn start_in_process(
             &clickhouse,
             &[Projection::EventsStore, Projection::OrderStatus],
             settings.concurrency,
+            m.clone(),
             &s,
         )
         .await?;
@@ -389,6 +390,49 @@ async fn clickhouse_stopped_then_started_loses_nothing() {
         0,
         "an outage is not the data's fault"
     );
+    worker.stop().await;
+}
+
+/// The insert period is a ceiling, not a delay: when every partition that
+/// holds records waits on the insert (here 12 partitions, fewer than the
+/// runtime's 16 slots), nothing more can arrive and the rows go at once.
+/// With a ten-minute period only that rule can store them in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_end_of_a_burst_is_stored_at_once_not_after_the_insert_period() {
+    let setup = setup();
+    let db = clickhouse().await.database().await.expect("database");
+    let settings = ClickHouseSettings {
+        insert_period_ms: 600_000,
+        ..clickhouse_settings(&db.url, &db.name)
+    };
+    let worker = start_in_process(&setup, settings, &unique_name("burst")).await;
+    let mut published = Vec::new();
+    for seed in [61, 62] {
+        let burst = generate(seed, 300);
+        publish(&setup, &burst).await;
+        published.extend(burst);
+        wait_for_counts(
+            &db.client,
+            &expected_counts(&published),
+            Duration::from_secs(60),
+        )
+        .await;
+        // Every partition task has handed its records over and waits for
+        // more: none is counted busy, or the next burst would wait.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let busy = worker.metrics.busy_partitions.get();
+            if busy == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{busy} partition tasks counted busy with nothing to do"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(counts(&db.client).await, expected_counts(&published));
     worker.stop().await;
 }
 
@@ -590,6 +634,7 @@ async fn a_replayed_batch_adds_no_rows() {
         &clickhouse_settings(&db.url, &db.name),
         &[Projection::EventsStore, Projection::OrderStatus],
         1,
+        Arc::default(),
         &Shutdown::new(),
     )
     .await

@@ -316,11 +316,13 @@ pub fn run(
     // waits up to 500 ms by default, half the freshness budget on a broker
     // that holds fetches), and cooperative rebalancing: a replica joining
     // or leaving moves only the partitions changing hands, and the others'
-    // partials are kept.
+    // partials are kept. A prefetch that filled while the job flushed
+    // postpones the partition's next fetch by 10 ms, not librdkafka's 1 s.
     for (key, value) in [
         ("session.timeout.ms", "10000"),
         ("heartbeat.interval.ms", "1000"),
         ("queued.max.messages.kbytes", "16384"),
+        ("fetch.queue.backoff.ms", "10"),
         ("fetch.wait.max.ms", "100"),
         ("partition.assignment.strategy", "cooperative-sticky"),
     ] {

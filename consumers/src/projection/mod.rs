@@ -7,6 +7,7 @@ pub mod ddl;
 pub mod rows;
 pub mod sink;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backbone::config::ClickHouseSettings;
@@ -15,6 +16,7 @@ use backbone::shutdown::Shutdown;
 
 use crate::forward::now_ms;
 use crate::handler::{Handler, Outcome, Record};
+use crate::metrics::Metrics;
 use rows::{ChatRow, EventRow, OrderRow, OrderStatusRow, Position, SearchRow, UserRow};
 use sink::{Limits, Pacer, RowResults, Table};
 
@@ -191,12 +193,14 @@ impl std::fmt::Debug for Projections {
 const ROW_BYTES: usize = 256;
 
 impl Projections {
-    /// Migrates (see [`migrate_when_reachable`]) and starts a writer per table. `concurrency` is the
-    /// runtime's: when that many batches wait, the tables flush at once.
+    /// Migrates (see [`migrate_when_reachable`]) and starts a writer per table.
+    /// `concurrency` is the runtime's and `metrics` its live counts: when as
+    /// many batches wait as could arrive, the tables flush at once.
     pub async fn start(
         settings: &ClickHouseSettings,
         which: &[Projection],
         concurrency: usize,
+        metrics: Arc<Metrics>,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
         migrate_when_reachable(settings, ddl::MIGRATIONS_TABLE, ddl::migrations, shutdown).await?;
@@ -207,7 +211,7 @@ impl Projections {
             max_bytes: settings.insert_max_bytes,
             timeout: Duration::from_millis(settings.timeout_ms),
         };
-        let pacer = Pacer::new(concurrency);
+        let pacer = Pacer::new(concurrency, metrics);
         let events = which
             .contains(&Projection::EventsStore)
             .then(|| EventTables {

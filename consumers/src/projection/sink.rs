@@ -1,7 +1,8 @@
 //! Batched, idempotent inserts into one ClickHouse table, shared by every
 //! partition task. Handlers submit a batch's rows and wait; a table's rows go
 //! out in one INSERT when the insert period ends, a size limit is reached or
-//! every permitted partition task is waiting (nothing else can arrive). A
+//! every partition task that holds records (up to the runtime's concurrency)
+//! is waiting: nothing else can arrive. A
 //! batch's offsets are stored only after that INSERT is acknowledged.
 //!
 //! Idempotence: event rows carry their Kafka position. Before each attempt
@@ -17,10 +18,11 @@ use std::time::Duration;
 
 use clickhouse::{Client, RowOwned, RowWrite};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::rows::{Malformed, Position};
+use crate::metrics::Metrics;
 
 /// How inserts are paced.
 #[derive(Debug, Clone, Copy)]
@@ -31,26 +33,32 @@ pub struct Limits {
     pub timeout: Duration,
 }
 
-/// Counts the partition tasks waiting on any table, so that when all the
-/// runtime allows are waiting the tables flush at once.
+/// Counts the partition tasks waiting on any table, so that when every one
+/// that could still bring rows is waiting the tables flush at once: as many
+/// as the runtime lets run, or fewer when fewer partitions hold records
+/// (the end of a burst, a quiet topic), rather than waiting out the period.
 #[derive(Debug)]
 pub struct Pacer {
     waiting: AtomicUsize,
     concurrency: usize,
-    flush_now: Notify,
+    metrics: Arc<Metrics>,
+    /// Changes whenever a submission starts waiting.
+    grew: watch::Sender<()>,
 }
 
 impl Pacer {
-    pub fn new(concurrency: usize) -> Arc<Self> {
+    pub fn new(concurrency: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             waiting: AtomicUsize::new(0),
             concurrency,
-            flush_now: Notify::new(),
+            metrics,
+            grew: watch::Sender::new(()),
         })
     }
 
     fn all_waiting(&self) -> bool {
-        self.waiting.load(Ordering::SeqCst) >= self.concurrency
+        let busy = self.metrics.busy_partitions.get();
+        self.waiting.load(Ordering::SeqCst) >= self.concurrency.min(busy).max(1)
     }
 }
 
@@ -148,9 +156,7 @@ impl<T: RowOwned + RowWrite + Serialize + Send + Sync + 'static> Table<T> {
             _waiting: Waiting(self.pacer.clone()),
         };
         self.queue.send(submission).map_err(|_| Stopped)?;
-        if self.pacer.all_waiting() {
-            self.pacer.flush_now.notify_waiters();
-        }
+        self.pacer.grew.send_replace(());
         answer.await.map_err(|_| Stopped)
     }
 }
@@ -171,6 +177,10 @@ impl Writer {
         let mut pending: Vec<Submission<T>> = Vec::new();
         let (mut rows, mut bytes) = (0, 0);
         let mut since: Option<Instant> = None;
+        let (mut grew, mut fell) = (
+            self.pacer.grew.subscribe(),
+            self.pacer.metrics.busy_partitions.falls(),
+        );
         loop {
             let due = since.map(|t| t + self.limits.period);
             let flush = tokio::select! {
@@ -190,7 +200,10 @@ impl Writer {
                     }
                 },
                 () = sleep_until(due), if due.is_some() => true,
-                () = self.pacer.flush_now.notified(), if !pending.is_empty() => true,
+                // Another table's submission, or a partition letting go,
+                // may leave nothing more to wait for.
+                Ok(()) = grew.changed(), if !pending.is_empty() => self.pacer.all_waiting(),
+                Ok(()) = fell.changed(), if !pending.is_empty() => self.pacer.all_waiting(),
             };
             if flush {
                 self.flush(std::mem::take(&mut pending)).await;

@@ -216,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
             "events/s",
             our_rate,
             Some(("bare rdkafka producer with the headers", headed_rate)),
-            None,
+            Some(Goal::RatioAtLeast(0.9)),
         )?;
         theirs.push(bare_rate);
         with_headers.push(headed_rate);

@@ -475,7 +475,13 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let hwm = procfs::status_kib(pid, "VmHWM:").unwrap_or(peak_rss) as f64 / 1024.0;
     let steady = procfs::status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
-    resources.record("shopstream-analytics peak RSS", "MB", hwm, None, None)?;
+    resources.record(
+        "shopstream-analytics peak RSS",
+        "MB",
+        hwm,
+        None,
+        Some(Goal::AtMost(100.0)),
+    )?;
     resources.record(
         "shopstream-analytics RSS after the run",
         "MB",
