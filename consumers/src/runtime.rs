@@ -949,6 +949,11 @@ impl<H: Handler> PartitionTask<H> {
         let settings = self.job.shared.settings.clone();
         let job = self.job.clone();
         if self.held.is_empty() {
+            // Stopping: what is queued and not yet batched stays unhandled
+            // (and uncommitted), as when the task waits below.
+            if self.stop.is_cancelled() {
+                return None;
+            }
             let first = match self.inbox.try_recv() {
                 Ok(record) => record,
                 Err(_) => {
