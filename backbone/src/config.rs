@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
+pub use crate::telemetry::{LogFormat, TelemetrySettings};
 use crate::yaml::{deserialize_value, Problem, Problems, YamlDocument};
 
 /// Prefix of environment overrides; `__` separates nesting levels, as in
@@ -166,6 +167,9 @@ impl Default for WorkerSettings {
     }
 }
 
+/// The bootstrap value that selects librdkafka's embedded mock cluster.
+pub const EMBEDDED: &str = "embedded://";
+
 /// How to reach Kafka.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -185,7 +189,7 @@ pub struct KafkaSettings {
 impl Default for KafkaSettings {
     fn default() -> Self {
         Self {
-            bootstrap_servers: crate::kafka::EMBEDDED.to_owned(),
+            bootstrap_servers: EMBEDDED.to_owned(),
             request_timeout_ms: 10_000,
             client: ClientProperties::default(),
         }
@@ -253,35 +257,6 @@ impl Default for CatalogSettings {
             profile: None,
         }
     }
-}
-
-/// Logging.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetrySettings {
-    pub log_format: LogFormat,
-    /// A tracing filter such as `info` or `info,rdkafka=debug`; `RUST_LOG`
-    /// wins when set.
-    pub log_filter: String,
-}
-
-impl Default for TelemetrySettings {
-    fn default() -> Self {
-        Self {
-            log_format: LogFormat::Pretty,
-            log_filter: "info".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Pretty,
-    /// One JSON object per line, for log shippers.
-    Json,
 }
 
 /// A value never shown in logs or debug output.

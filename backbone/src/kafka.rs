@@ -11,8 +11,7 @@ use rdkafka::ClientConfig;
 use crate::catalog::Catalog;
 use crate::config::KafkaSettings;
 
-/// The bootstrap value that selects the embedded mock cluster.
-pub const EMBEDDED: &str = "embedded://";
+pub use crate::config::EMBEDDED;
 
 /// librdkafka's mock cluster on a thread of its own (its handle is not
 /// `Send`), alive until dropped. It has no admin API, keeps at most about

@@ -3,7 +3,6 @@
 //! shutdown. Nothing here is specific to one binary.
 
 pub mod admin;
-pub mod bench;
 pub mod catalog;
 pub mod codec;
 pub mod config;
@@ -11,7 +10,6 @@ pub mod events;
 pub mod headers;
 pub mod kafka;
 pub mod ops;
-pub mod procfs;
 pub mod provision;
 pub mod schema;
 pub mod shutdown;

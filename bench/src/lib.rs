@@ -5,6 +5,9 @@
 //! Ratios are taken per run, then summarised: a noisy machine slows both
 //! sides of a run alike, so it cannot flatter or hurt the ratio much.
 
+pub mod procfs;
+pub mod scrape;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 

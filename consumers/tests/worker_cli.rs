@@ -15,7 +15,7 @@ use shopstream_tests::{free_port, kafka, repo_root, unique_name};
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-worker");
 
 async fn get(port: u16, path: &str) -> Option<String> {
-    backbone::procfs::http_get(port, path).await
+    bench::scrape::http_get(port, path).await
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {

@@ -74,7 +74,7 @@ struct Job {
 
 impl Job {
     async fn metric(&self, name: &str) -> f64 {
-        backbone::procfs::metric(self.metrics_port, name)
+        bench::scrape::metric(self.metrics_port, name)
             .await
             .unwrap_or_else(|| panic!("{name} in /metrics"))
     }

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use backbone::bench::{read, render, summarise};
+use bench::{read, render, summarise};
 use clap::Parser;
 
 #[derive(Debug, Parser)]

@@ -3,7 +3,7 @@
 //! broker and records; plus the worker's peak and steady RSS and CPU per
 //! million events. Rounds alternate.
 //!
-//!   cargo build --release -p consumers
+//!   cargo build --release -p consumers -p bench
 //!   target/release/consume-bench [--events N] [--rounds R] [--clickhouse URL]
 //!
 //! With BENCH_JSON set, the figures are appended there (see bench-report).
@@ -13,11 +13,11 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backbone::bench::{Goal, Recorder};
 use backbone::catalog::Catalog;
 use backbone::config::KafkaSettings;
 use backbone::events::AnyEvent;
 use backbone::kafka::KafkaConnection;
+use bench::{Goal, Recorder};
 use clap::Parser;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
@@ -98,21 +98,21 @@ async fn measure_worker(
     // most of it (a fast worker between two samples).
     let mut idle = (spawned, 0.0);
     let done = loop {
-        let consumed = backbone::procfs::metric(port, "shopstream_records_handled_total")
+        let consumed = bench::scrape::metric(port, "shopstream_records_handled_total")
             .await
             .unwrap_or(0.0) as usize;
-        last_rss = backbone::procfs::status_kib(pid, "VmRSS:").unwrap_or(last_rss);
+        last_rss = bench::procfs::status_kib(pid, "VmRSS:").unwrap_or(last_rss);
         peak_rss = peak_rss.max(last_rss);
         if consumed == 0 {
             idle = (
                 Instant::now(),
-                backbone::procfs::cpu_seconds(pid).unwrap_or(0.0),
+                bench::procfs::cpu_seconds(pid).unwrap_or(0.0),
             );
         } else if first_seen.is_none() {
             first_seen = Some((
                 Instant::now(),
                 consumed,
-                backbone::procfs::cpu_seconds(pid).unwrap_or(0.0),
+                bench::procfs::cpu_seconds(pid).unwrap_or(0.0),
             ));
         }
         if consumed >= args.events {
@@ -133,9 +133,9 @@ async fn measure_worker(
         Some(seen @ (_, count, _)) if count <= args.events / 2 => seen,
         _ => (idle.0, 0, idle.1),
     };
-    let cpu_seconds = backbone::procfs::cpu_seconds(pid).unwrap_or(cpu0) - cpu0;
+    let cpu_seconds = bench::procfs::cpu_seconds(pid).unwrap_or(cpu0) - cpu0;
     let rate = (args.events - c0) as f64 / done.duration_since(t0).as_secs_f64().max(1e-6);
-    let hwm = backbone::procfs::status_kib(pid, "VmHWM:").unwrap_or(peak_rss);
+    let hwm = bench::procfs::status_kib(pid, "VmHWM:").unwrap_or(peak_rss);
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()?;

@@ -9,7 +9,7 @@
 //! Then the shopstream-publish binary (generator included) sends the same
 //! number of events as a separate process, for its CPU and memory.
 //!
-//!   cargo run --release -p producers --bin publish-bench -- [--brokers B] [--events N] [--rounds R] [--format json]
+//!   cargo run --release -p bench --bin publish-bench -- [--brokers B] [--events N] [--rounds R] [--format json]
 //!
 //! With BENCH_JSON set, the figures are appended there (see bench-report).
 
@@ -17,13 +17,13 @@
 
 use std::time::{Duration, Instant};
 
-use backbone::bench::{Goal, Recorder};
 use backbone::catalog::Catalog;
 use backbone::codec::{encode, Encoding};
 use backbone::config::KafkaSettings;
 use backbone::events::AnyEvent;
 use backbone::kafka::KafkaConnection;
 use backbone::schema::SchemaRegistry;
+use bench::{Goal, Recorder};
 use clap::Parser;
 use futures::stream::{FuturesUnordered, StreamExt};
 use producers::generator::{Generator, GeneratorConfig};
@@ -262,8 +262,7 @@ async fn publish_binary(args: &Args, brokers: &str, recorder: &mut Recorder) -> 
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()?;
-    let usage =
-        tokio::task::spawn_blocking(move || backbone::procfs::measure(&mut child)).await??;
+    let usage = tokio::task::spawn_blocking(move || bench::procfs::measure(&mut child)).await??;
     anyhow::ensure!(usage.success, "shopstream-publish failed");
     let rate = args.events as f64 / usage.wall_seconds;
     let cpu_per_million = usage.cpu_seconds / args.events as f64 * 1e6;

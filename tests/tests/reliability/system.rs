@@ -159,7 +159,7 @@ impl Service {
 
     /// The sum of `name`'s samples on /metrics (0 when it has none).
     pub async fn metric(&self, name: &str) -> u64 {
-        let text = backbone::procfs::http_get(self.metrics_port, "/metrics")
+        let text = bench::scrape::http_get(self.metrics_port, "/metrics")
             .await
             .unwrap_or_default();
         text.lines()
@@ -179,7 +179,7 @@ impl Service {
 
     /// Whether /readyz answers 200.
     pub async fn ready(&self) -> bool {
-        backbone::procfs::http_get(self.metrics_port, "/readyz")
+        bench::scrape::http_get(self.metrics_port, "/readyz")
             .await
             .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
     }
@@ -506,7 +506,7 @@ impl System {
     pub async fn progress(&self, services: &[&Service]) -> String {
         let mut out = String::new();
         for service in services {
-            let text = backbone::procfs::http_get(service.metrics_port, "/metrics")
+            let text = bench::scrape::http_get(service.metrics_port, "/metrics")
                 .await
                 .unwrap_or_default();
             out.push_str(&format!("--- {} /metrics\n", service.name));

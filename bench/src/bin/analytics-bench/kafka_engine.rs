@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use backbone::bench::{Goal, Recorder};
 use backbone::catalog::Catalog;
 use backbone::codec::Encoding;
 use backbone::events::AnyEvent;
 use backbone::kafka::{EmbeddedTopic, KafkaConnection};
-use backbone::procfs;
+use bench::{procfs, scrape};
+use bench::{Goal, Recorder};
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 
@@ -167,7 +167,7 @@ pub async fn compare(args: &Args, connection: &KafkaConnection) -> anyhow::Resul
         "the job counted no event",
         Duration::from_secs(120),
         || async {
-            procfs::metric(port, "shopstream_analytics_events_total")
+            scrape::metric(port, "shopstream_analytics_events_total")
                 .await
                 .is_some_and(|n| n > 0.0)
         },

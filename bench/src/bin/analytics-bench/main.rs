@@ -1,7 +1,7 @@
 //! shopstream-analytics throughput per core and freshness, in one run on the
 //! embedded broker (hosted here) and a ClickHouse server:
 //!
-//!   cargo build --release -p pipelines
+//!   cargo build --release -p pipelines -p bench
 //!   target/release/analytics-bench --clickhouse http://127.0.0.1:8123
 //!
 //! 1. Throughput: N generated events already in Kafka; the job (a separate
@@ -33,11 +33,11 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backbone::bench::{Goal, Recorder};
 use backbone::catalog::Catalog;
 use backbone::config::KafkaSettings;
 use backbone::kafka::KafkaConnection;
-use backbone::procfs;
+use bench::{procfs, scrape};
+use bench::{Goal, Recorder};
 use clap::Parser;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
@@ -307,7 +307,7 @@ async fn main() -> anyhow::Result<()> {
     let mut peak_rss = 0u64;
     let started = Instant::now();
     let (t0, cpu0, events0) = loop {
-        let events = procfs::metric(port, "shopstream_analytics_events_total")
+        let events = scrape::metric(port, "shopstream_analytics_events_total")
             .await
             .unwrap_or(0.0);
         if events > 0.0 {
@@ -338,7 +338,7 @@ async fn main() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let events = procfs::metric(port, "shopstream_analytics_events_total")
+    let events = scrape::metric(port, "shopstream_analytics_events_total")
         .await
         .unwrap_or(0.0)
         - events0;
@@ -386,10 +386,10 @@ async fn main() -> anyhow::Result<()> {
         client: &client,
     };
     let at_rate = traffic.freshness(args.rate, args.seconds).await?;
-    let inserts = procfs::metric(port, "shopstream_analytics_inserts_total")
+    let inserts = scrape::metric(port, "shopstream_analytics_inserts_total")
         .await
         .unwrap_or(0.0);
-    let insert_micros = procfs::metric(port, "shopstream_analytics_insert_microseconds_total")
+    let insert_micros = scrape::metric(port, "shopstream_analytics_insert_microseconds_total")
         .await
         .unwrap_or(0.0);
     println!(
