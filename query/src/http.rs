@@ -2,7 +2,7 @@
 //! with `If-None-Match` gets a bodiless 304), answers reused while fresh,
 //! request metrics, the probes and the dashboard page.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,80 +49,64 @@ pub fn json<T: Serialize>(app: &App, body: &T) -> Response {
 
 /// Answers kept for `cache_max_age_s`, by request URI: what a client may
 /// reuse for that long, every client may, so a wall of dashboards costs
-/// ClickHouse one query per endpoint and period.
-#[derive(Debug, Default)]
+/// ClickHouse one query per endpoint and period. moka's `try_get_with`
+/// runs one query per URI when an answer is missing or expired, and the
+/// requests arriving meanwhile wait for it instead of running their own.
+#[derive(Debug, Clone)]
 pub struct AnswerCache {
-    entries: Mutex<HashMap<String, (Instant, Response<Bytes>)>>,
-    /// One query per URI at a time: when an answer expires under load, the
-    /// requests for it wait for one query instead of all running their own.
-    queries: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// `None` when `cache_max_age_s` is 0: nothing is reused.
+    answers: Option<moka::future::Cache<String, Answer>>,
 }
 
-/// Distinct URIs kept at once; past it the stale ones go, then all.
-const CACHE_ENTRIES: usize = 4_096;
+/// Distinct URIs kept at once; past it the least used go first.
+const CACHE_ENTRIES: u64 = 4_096;
 
-impl AnswerCache {
-    fn fresh(&self, key: &str, max_age: Duration) -> Option<Response> {
-        let entries = self.entries.lock().expect("cache lock");
-        let (_, answer) = entries.get(key).filter(|(at, _)| at.elapsed() < max_age)?;
-        let mut response = Response::new(Body::from(answer.body().clone()));
-        *response.headers_mut() = answer.headers().clone();
-        Some(response)
-    }
+/// A whole answer, shareable: the one a query produced, handed to every
+/// request that waited for it (kept when it is a successful answer with an
+/// ETag, shared but not kept when not).
+#[derive(Debug, Clone)]
+struct Answer(Arc<(axum::http::response::Parts, Bytes)>);
 
-    fn query_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.queries
-            .lock()
-            .expect("cache lock")
-            .entry(key.to_owned())
-            .or_default()
-            .clone()
-    }
-
-    /// Forgets `key`'s lock once no request holds it.
-    fn release(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut queries = self.queries.lock().expect("cache lock");
-        drop(lock);
-        if queries.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
-            queries.remove(key);
-        }
-    }
-
-    fn keep(&self, key: String, answer: Response<Bytes>, max_age: Duration) {
-        let mut entries = self.entries.lock().expect("cache lock");
-        if entries.len() >= CACHE_ENTRIES {
-            entries.retain(|_, (at, _)| at.elapsed() < max_age);
-            if entries.len() >= CACHE_ENTRIES {
-                entries.clear();
+impl Answer {
+    async fn read(response: Response) -> Self {
+        let (parts, body) = response.into_parts();
+        match axum::body::to_bytes(body, usize::MAX).await {
+            Ok(bytes) => Self(Arc::new((parts, bytes))),
+            Err(error) => {
+                let (parts, _) = (StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+                    .into_response()
+                    .into_parts();
+                Self(Arc::new((parts, Bytes::from(error.to_string()))))
             }
         }
-        entries.insert(key, (Instant::now(), answer));
+    }
+
+    fn keepable(&self) -> bool {
+        self.0 .0.status == StatusCode::OK && self.0 .0.headers.contains_key(header::ETAG)
+    }
+
+    fn response(&self) -> Response {
+        let (parts, bytes) = &*self.0;
+        Response::from_parts(parts.clone(), Body::from(bytes.clone()))
     }
 }
 
-/// Keeps `response` when it is a successful answer with an ETag.
-async fn keep_answer(app: &App, key: String, response: Response, max_age: Duration) -> Response {
-    if response.status() != StatusCode::OK || !response.headers().contains_key(header::ETAG) {
-        return response;
-    }
-    let (parts, body) = response.into_parts();
-    match axum::body::to_bytes(body, usize::MAX).await {
-        Ok(bytes) => {
-            app.cache.keep(
-                key,
-                Response::from_parts(parts.clone(), bytes.clone()),
-                max_age,
-            );
-            Response::from_parts(parts, Body::from(bytes))
+impl AnswerCache {
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            answers: (!max_age.is_zero()).then(|| {
+                moka::future::Cache::builder()
+                    .max_capacity(CACHE_ENTRIES)
+                    .time_to_live(max_age)
+                    .build()
+            }),
         }
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
     }
 }
 
 /// Serves a kept answer while it is fresh, keeps new successful ones, and
 /// turns an answer whose ETag the client already has into a bodiless 304.
 pub async fn reuse(State(app): State<App>, request: Request, next: Next) -> Response {
-    let max_age = Duration::from_secs(u64::from(app.settings.cache_max_age_s));
     let key = request.uri().to_string();
     let has: Vec<String> = request
         .headers()
@@ -132,22 +116,26 @@ pub async fn reuse(State(app): State<App>, request: Request, next: Next) -> Resp
         .flat_map(|v| v.split(','))
         .map(|tag| tag.trim().trim_start_matches("W/").to_owned())
         .collect();
-    let response = if max_age.is_zero() {
-        next.run(request).await
-    } else if let Some(kept) = app.cache.fresh(&key, max_age) {
-        kept
-    } else {
-        let lock = app.cache.query_lock(&key);
-        // Bounded: a hung ClickHouse must not queue requests behind each other.
-        let wait = Duration::from_millis(app.settings.query_timeout_ms);
-        let guard = tokio::time::timeout(wait, lock.lock()).await.ok();
-        let response = match app.cache.fresh(&key, max_age) {
-            Some(kept) => kept,
-            None => keep_answer(&app, key.clone(), next.run(request).await, max_age).await,
-        };
-        drop(guard);
-        app.cache.release(&key, lock);
-        response
+    let response = match &app.cache.answers {
+        None => next.run(request).await,
+        Some(answers) => {
+            // An answer that is not kept reaches the requests that waited
+            // for it as the error, and the next request queries again.
+            let answer = answers
+                .try_get_with(key, async move {
+                    let answer = Answer::read(next.run(request).await).await;
+                    if answer.keepable() {
+                        Ok(answer)
+                    } else {
+                        Err(answer)
+                    }
+                })
+                .await;
+            match answer {
+                Ok(kept) => kept.response(),
+                Err(unkept) => unkept.response(),
+            }
+        }
     };
     let current = response
         .headers()

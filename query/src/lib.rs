@@ -52,7 +52,9 @@ impl App {
             store: Store::new(&config.clickhouse, timeout).map_err(QueryError::Config)?,
             settings: Arc::new(config.query.clone()),
             metrics: Arc::new(RequestMetrics::default()),
-            cache: Arc::new(AnswerCache::default()),
+            cache: Arc::new(AnswerCache::new(Duration::from_secs(u64::from(
+                config.query.cache_max_age_s,
+            )))),
         })
     }
 
