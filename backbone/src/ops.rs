@@ -1,13 +1,18 @@
-//! `/healthz`, `/readyz` and `/metrics` for the long-running binaries: a
-//! deliberately small HTTP/1.1 responder (GET only, one response per
-//! connection) so probes and Prometheus need no framework.
+//! `/healthz`, `/readyz` and `/metrics` for the long-running binaries,
+//! served by axum (the query API's stack) with a request timeout and
+//! request tracing from tower-http.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::http::{header, StatusCode};
+use axum::routing::get;
+use axum::Router;
 use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
 
 use crate::shutdown::Shutdown;
 
@@ -21,6 +26,38 @@ pub struct ServeError {
     setting: String,
     address: String,
     source: std::io::Error,
+}
+
+/// The probes and the metrics: readiness as `ready` says, metrics as
+/// `metrics` renders them.
+pub fn router(ready: Arc<AtomicBool>, metrics: MetricsText) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    metrics(),
+                )
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /healthz, /readyz or /metrics\n") })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(5),
+        ))
+        .layer(TraceLayer::new_for_http())
 }
 
 /// Binds `address`, the value of the config field `setting`, now (so a bad
@@ -41,50 +78,13 @@ pub async fn serve(
     let listener = TcpListener::bind(address).await.map_err(fail)?;
     let bound = listener.local_addr().map_err(fail)?;
     tracing::info!(address = %bound, "Serving /healthz, /readyz and /metrics.");
+    let app = router(ready, metrics);
     tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(_) => continue,
-                },
-            };
-            let (ready, metrics) = (ready.clone(), metrics.clone());
-            tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let read = tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut request),
-                )
-                .await;
-                let Ok(Ok(n)) = read else { return };
-                let line = String::from_utf8_lossy(&request[..n]);
-                let path = line.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body, kind) = match path {
-                    "/healthz" => ("200 OK", "ok\n".to_owned(), "text/plain"),
-                    "/readyz" if ready.load(Ordering::SeqCst) => {
-                        ("200 OK", "ready\n".to_owned(), "text/plain")
-                    }
-                    "/readyz" => (
-                        "503 Service Unavailable",
-                        "not ready\n".to_owned(),
-                        "text/plain",
-                    ),
-                    "/metrics" => ("200 OK", metrics(), "text/plain; version=0.0.4"),
-                    _ => (
-                        "404 Not Found",
-                        "try /healthz, /readyz or /metrics\n".to_owned(),
-                        "text/plain",
-                    ),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::warn!(%error, "The probes server stopped.");
         }
     });
     Ok(bound)
@@ -95,9 +95,12 @@ mod tests {
     use super::*;
 
     async fn get(address: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
         stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+            )
             .await
             .unwrap();
         let mut response = String::new();

@@ -10,7 +10,9 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
         .await
         .ok()?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .ok()?;
     let mut text = String::new();
