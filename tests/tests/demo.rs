@@ -100,6 +100,12 @@ async fn the_demo_runs_every_process_prints_the_report_and_stops_them() {
         created,
         "every order created has its status row\n{stdout}"
     );
+    // shopstream-check recomputed the run and found every read model exact.
+    assert!(
+        stdout.contains(&format!("Checked {sent} events")) && stdout.contains("\n0 findings."),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Verdict: exact."), "{stdout}");
     for step in [
         "Kafka: the embedded broker",
         "Applied 16 of 16 change(s).",
