@@ -476,6 +476,43 @@ fn the_kubernetes_workloads_match_their_configuration_and_the_catalog() {
         Some(i64::from(partitions))
     );
 
+    // KEDA's kafka scaler watches the worker's own group on the configured
+    // brokers, beside the same CPU and memory targets as the HPA.
+    let keda = &find("ScaledObject", "shopstream-worker")["spec"];
+    assert_eq!(keda["scaleTargetRef"]["name"], "shopstream-worker");
+    assert_eq!(
+        keda["maxReplicaCount"].as_i64(),
+        Some(i64::from(partitions))
+    );
+    let triggers = keda["triggers"].as_sequence().unwrap();
+    let kafka = triggers.iter().find(|t| t["type"] == "kafka").unwrap();
+    assert_eq!(
+        kafka["metadata"]["consumerGroup"].as_str(),
+        Some(config.worker.group_id.as_str())
+    );
+    assert_eq!(
+        kafka["metadata"]["bootstrapServers"].as_str(),
+        Some(config.kafka.bootstrap_servers.as_str())
+    );
+    assert_eq!(kafka["metadata"]["offsetResetPolicy"], "earliest");
+    let utilization: BTreeSet<(String, String)> = triggers
+        .iter()
+        .filter(|t| t["metricType"] == "Utilization")
+        .map(|t| {
+            (
+                t["type"].as_str().unwrap().to_owned(),
+                t["metadata"]["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        utilization,
+        BTreeSet::from([
+            ("cpu".to_owned(), "70".to_owned()),
+            ("memory".to_owned(), "80".to_owned())
+        ])
+    );
+
     let job = &find("Job", "shopstream-topics")["spec"]["template"]["spec"]["containers"][0];
     let command: Vec<&str> = job["command"]
         .as_sequence()
