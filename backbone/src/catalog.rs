@@ -784,12 +784,23 @@ topics:
         let orders = dev.topic("orders").unwrap();
         assert_eq!((orders.partitions, orders.replication_factor), (3, 1));
         assert_eq!(orders.configs["min.insync.replicas"], "1");
+        // Production sizing in the base catalog; the profiles stay small.
         let base = Catalog::load(&root().join("topics.yaml"), None).unwrap();
-        assert_eq!(base.topic("orders").unwrap().partitions, 24);
+        let partitions = |c: &Catalog, t: &str| c.topic(t).unwrap().partitions;
+        assert_eq!(partitions(&base, "orders"), 24);
+        assert_eq!(partitions(&base, "user-events"), 20);
+        assert_eq!(partitions(&base, "chat-messages"), 100);
+        assert_eq!(partitions(&base, "search-queries"), 50);
+        for topic in &base.topics {
+            assert_eq!(topic.replication_factor, 3, "{}", topic.name);
+            assert_eq!(topic.configs["min.insync.replicas"], "2", "{}", topic.name);
+        }
+        assert_eq!(partitions(&dev, "chat-messages"), 3);
         assert_eq!(base.topic("chat-messages").unwrap().event, EventType::Chat);
         let staging = Catalog::load(&root().join("topics.yaml"), Some("staging")).unwrap();
-        assert_eq!(staging.topic("orders").unwrap().partitions, 12);
-        assert_eq!(staging.topic("user-events").unwrap().partitions, 12);
+        for topic in &staging.topics {
+            assert_eq!(topic.partitions, 12, "{}", topic.name);
+        }
     }
 
     #[test]
