@@ -29,14 +29,16 @@ pub struct ServeError {
 }
 
 /// The probes and the metrics: readiness as `ready` says, metrics as
-/// `metrics` renders them.
+/// `metrics` renders them, followed by `shopstream_ready` (what `/readyz`
+/// answers, for alerting on it).
 pub fn router(ready: Arc<AtomicBool>, metrics: MetricsText) -> Router {
+    let probe = ready.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || async move {
-                if ready.load(Ordering::SeqCst) {
+                if probe.load(Ordering::SeqCst) {
                     (StatusCode::OK, "ready\n")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -46,9 +48,14 @@ pub fn router(ready: Arc<AtomicBool>, metrics: MetricsText) -> Router {
         .route(
             "/metrics",
             get(move || async move {
+                let text = format!(
+                    "{}# HELP shopstream_ready 1 while /readyz answers 200 (started, subscribed, not draining).\n# TYPE shopstream_ready gauge\nshopstream_ready {}\n",
+                    metrics(),
+                    u8::from(ready.load(Ordering::SeqCst))
+                );
                 (
                     [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    metrics(),
+                    text,
                 )
             }),
         )
@@ -127,7 +134,12 @@ mod tests {
         assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 503"));
         ready.store(true, Ordering::SeqCst);
         assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 200 OK"));
-        assert!(get(address, "/metrics").await.ends_with("\r\n\r\nup 1\n"));
+        assert!(get(address, "/metrics")
+            .await
+            .contains("\r\n\r\nup 1\n# HELP shopstream_ready "));
+        assert!(get(address, "/metrics")
+            .await
+            .ends_with("\nshopstream_ready 1\n"));
         assert!(get(address, "/nope").await.starts_with("HTTP/1.1 404"));
         shutdown.cancel();
         let error = serve(

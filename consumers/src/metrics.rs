@@ -26,6 +26,8 @@ pub struct Metrics {
     /// and their records wait in librdkafka's queue for the partition.
     pub full_partitions: AtomicUsize,
     pub busy_partitions: BusyPartitions,
+    /// ClickHouse insert attempts that failed (each is retried).
+    pub clickhouse_insert_failures: AtomicU64,
     /// Times a partition filled its in-flight bound and was held back.
     pub partitions_held_back: AtomicU64,
     /// Partitions the group gave this worker, as of the last rebalance.
@@ -180,6 +182,7 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP shopstream_paused_partitions Partitions paused now.\n# TYPE shopstream_paused_partitions gauge\nshopstream_paused_partitions {}", self.paused_partitions.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_full_partitions Partitions whose in-flight bound is full now (backpressure: their records wait in librdkafka).\n# TYPE shopstream_full_partitions gauge\nshopstream_full_partitions {}", self.full_partitions.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP shopstream_clickhouse_insert_failures_total ClickHouse insert attempts of the projections that failed (each retried with backoff; offsets wait).\n# TYPE shopstream_clickhouse_insert_failures_total counter\nshopstream_clickhouse_insert_failures_total {}", self.clickhouse_insert_failures.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_busy_partitions Partition tasks holding records now (batching, waiting for a handler slot, handling or retrying).\n# TYPE shopstream_busy_partitions gauge\nshopstream_busy_partitions {}", self.busy_partitions.get());
         let _ = writeln!(out, "# HELP shopstream_partitions_held_back_total Times a partition filled its in-flight bound and its reader waited for room.\n# TYPE shopstream_partitions_held_back_total counter\nshopstream_partitions_held_back_total {}", self.partitions_held_back.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP shopstream_assigned_partitions Partitions the group assigned to this worker.\n# TYPE shopstream_assigned_partitions gauge\nshopstream_assigned_partitions {}", self.assigned_partitions.load(Ordering::Relaxed));

@@ -3,8 +3,9 @@
 //! from PyPI), the compose file against the compose specification
 //! (check-jsonschema, from PyPI), each with a broken copy that must fail; and
 //! what no schema knows: the configuration they carry loads, probes and
-//! grace periods match it, the autoscalers stop at the partition count, and
-//! every command names a binary the image has.
+//! grace periods match it, the autoscalers stop at the partition count,
+//! every command names a binary the image has, and every alert rule is
+//! PromQL that reads metrics the binaries export.
 
 // Helpers as well as tests: a panic is how a check fails here.
 #![allow(clippy::unwrap_used)]
@@ -522,4 +523,133 @@ fn the_kubernetes_workloads_match_their_configuration_and_the_catalog() {
         .collect();
     assert_eq!(command[0], "shopstream-topics");
     assert!(command.ends_with(&["apply", "--yes"]), "{command:?}");
+}
+
+/// Every shopstream metric family a running worker (no-op handler) and
+/// analytics job serve, from the `# TYPE` lines of their /metrics.
+async fn exported_families() -> BTreeSet<String> {
+    let database = shopstream_tests::clickhouse()
+        .await
+        .database()
+        .await
+        .unwrap();
+    let catalog = format!("catalog.path={}", repo_root().join("topics.yaml").display());
+    let mut children = Vec::new();
+    let mut families = BTreeSet::new();
+    for (binary, address_key, extra) in [
+        (
+            "shopstream-worker",
+            "worker.metrics_address",
+            vec!["--handler", "noop"],
+        ),
+        ("shopstream-analytics", "analytics.metrics_address", vec![]),
+    ] {
+        let port = shopstream_tests::free_port().unwrap();
+        let child = Command::new(shopstream_tests::bin_dir().join(binary))
+            .args(["--brokers", "embedded://", "--profile", "dev"])
+            .args(extra)
+            .args(["--set", &catalog])
+            .args(["--set", &format!("clickhouse.url={}", database.url)])
+            .args(["--set", &format!("clickhouse.database={}", database.name)])
+            .args(["--set", &format!("{address_key}=127.0.0.1:{port}")])
+            .env("RUST_LOG", "error")
+            .spawn()
+            .unwrap();
+        children.push(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let text = loop {
+            if let Some(text) = bench::scrape::http_get(port, "/metrics").await {
+                if text.contains("shopstream_ready 1") {
+                    break text;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{binary} served no ready /metrics within 60 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        families.extend(text.lines().filter_map(|l| {
+            Some(
+                l.strip_prefix("# TYPE ")?
+                    .split_whitespace()
+                    .next()?
+                    .to_owned(),
+            )
+        }));
+    }
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    families
+}
+
+/// The shopstream metrics an expression reads, after it parses as PromQL
+/// (what `promtool check rules` would refuse, it refuses). A histogram's
+/// `_bucket`, `_sum` and `_count` series belong to its family.
+fn metrics_read_by(expr: &str) -> Result<BTreeSet<String>, String> {
+    promql_parser::parser::parse(expr).map_err(|e| format!("{expr}: {e}"))?;
+    Ok(expr
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("shopstream_"))
+        .map(|word| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| word.strip_suffix(suffix))
+                .unwrap_or(word)
+                .to_owned()
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_alert_rule_parses_and_reads_metrics_the_binaries_export() {
+    let rules = &documents(&deploy().join("prometheus/alerts.yaml"))[0];
+    let operator = documents(&deploy().join("k8s/examples/prometheus-rules.yaml"))
+        .into_iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    assert_eq!(
+        operator["spec"]["groups"], rules["groups"],
+        "the PrometheusRule carries the rules file's groups unchanged"
+    );
+    let exported = exported_families().await;
+    assert!(exported.contains("shopstream_consumer_lag"), "{exported:?}");
+    let mut alerts = BTreeSet::new();
+    for rule in rules["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+    {
+        let name = rule["alert"].as_str().unwrap();
+        alerts.insert(name.to_owned());
+        let expr = rule["expr"].as_str().unwrap();
+        let read = metrics_read_by(expr).unwrap();
+        assert!(!read.is_empty(), "{name} reads no shopstream metric");
+        let missing: Vec<_> = read.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "{name} reads {missing:?}, which no binary exports"
+        );
+        assert!(rule["annotations"]["summary"].is_string(), "{name}");
+    }
+    assert_eq!(
+        alerts,
+        BTreeSet::from(
+            [
+                "ShopstreamConsumerLagGrowing",
+                "ShopstreamDeadLettersHigh",
+                "ShopstreamClickHouseInsertsFailing",
+                "ShopstreamReadModelsStale",
+                "ShopstreamNotReady",
+            ]
+            .map(String::from)
+        )
+    );
+    // Negative controls: a typo in a name, and an expression that is not PromQL.
+    let typo = metrics_read_by("rate(shopstream_records_dead_letered_total[5m]) > 1").unwrap();
+    assert!(!typo.is_subset(&exported));
+    assert!(metrics_read_by("sum(rate(shopstream_ready[5m]) > ").is_err());
 }
