@@ -55,6 +55,9 @@ pub struct JobMetrics {
     pub fenced_flushes: AtomicU64,
     /// Partitions the group assigned to this replica (a gauge).
     pub assigned_partitions: AtomicU64,
+    /// When the last flush was stored, in Unix milliseconds (a gauge): how
+    /// fresh the read models are, as `time()` minus it.
+    pub last_flush_ms: AtomicU64,
 }
 
 impl JobMetrics {
@@ -120,6 +123,10 @@ impl JobMetrics {
         out.push_str(&format!(
             "# HELP shopstream_analytics_assigned_partitions Partitions the group assigned to this replica.\n# TYPE shopstream_analytics_assigned_partitions gauge\nshopstream_analytics_assigned_partitions {}\n",
             self.assigned_partitions.load(Ordering::Relaxed)
+        ));
+        out.push_str(&format!(
+            "# HELP shopstream_analytics_last_flush_timestamp_seconds When the last flush was stored in ClickHouse (0 before the first): the read models are as fresh as time() minus this.\n# TYPE shopstream_analytics_last_flush_timestamp_seconds gauge\nshopstream_analytics_last_flush_timestamp_seconds {:.3}\n",
+            self.last_flush_ms.load(Ordering::Relaxed) as f64 / 1000.0
         ));
         out
     }
@@ -665,6 +672,10 @@ fn flush_all(shared: &Shared, consumer: &JobConsumer, lease: &mut Lease) -> Resu
             .metrics
             .flushes
             .fetch_add(offsets.len() as u64, Ordering::Relaxed);
+        shared
+            .metrics
+            .last_flush_ms
+            .store(now_ms() as u64, Ordering::Relaxed);
     }
     Ok(())
 }

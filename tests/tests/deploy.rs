@@ -525,8 +525,9 @@ fn the_kubernetes_workloads_match_their_configuration_and_the_catalog() {
     assert!(command.ends_with(&["apply", "--yes"]), "{command:?}");
 }
 
-/// Every shopstream metric family a running worker (no-op handler) and
-/// analytics job serve, from the `# TYPE` lines of their /metrics.
+/// Every shopstream metric family a running worker (no-op handler),
+/// analytics job and query service serve, from the `# TYPE` lines of their
+/// /metrics.
 async fn exported_families() -> BTreeSet<String> {
     let database = shopstream_tests::clickhouse()
         .await
@@ -536,13 +537,25 @@ async fn exported_families() -> BTreeSet<String> {
     let catalog = format!("catalog.path={}", repo_root().join("topics.yaml").display());
     let mut children = Vec::new();
     let mut families = BTreeSet::new();
-    for (binary, address_key, extra) in [
+    for (binary, address_key, extra, served) in [
         (
             "shopstream-worker",
             "worker.metrics_address",
             vec!["--handler", "noop"],
+            "shopstream_ready 1",
         ),
-        ("shopstream-analytics", "analytics.metrics_address", vec![]),
+        (
+            "shopstream-analytics",
+            "analytics.metrics_address",
+            vec![],
+            "shopstream_ready 1",
+        ),
+        (
+            "shopstream-query",
+            "query.listen_address",
+            vec![],
+            "# TYPE shopstream_query_seconds",
+        ),
     ] {
         let port = shopstream_tests::free_port().unwrap();
         let child = Command::new(shopstream_tests::bin_dir().join(binary))
@@ -559,7 +572,7 @@ async fn exported_families() -> BTreeSet<String> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let text = loop {
             if let Some(text) = bench::scrape::http_get(port, "/metrics").await {
-                if text.contains("shopstream_ready 1") {
+                if text.contains(served) {
                     break text;
                 }
             }
@@ -604,7 +617,7 @@ fn metrics_read_by(expr: &str) -> Result<BTreeSet<String>, String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_alert_rule_parses_and_reads_metrics_the_binaries_export() {
+async fn every_alert_rule_and_dashboard_query_reads_metrics_the_binaries_export() {
     let rules = &documents(&deploy().join("prometheus/alerts.yaml"))[0];
     let operator = documents(&deploy().join("k8s/examples/prometheus-rules.yaml"))
         .into_iter()
@@ -648,8 +661,116 @@ async fn every_alert_rule_parses_and_reads_metrics_the_binaries_export() {
             .map(String::from)
         )
     );
+
+    // The Grafana dashboard compose provisions: every query is PromQL over
+    // exported metrics, through the provisioned data source, and the
+    // panels cover what operators watch.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana/dashboards/shopstream.json")).unwrap(),
+    )
+    .unwrap();
+    let sources = documents(&deploy().join("grafana/provisioning/datasources/prometheus.yaml"));
+    let source_uid = sources[0]["datasources"][0]["uid"].as_str().unwrap();
+    let mut titles = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap();
+        titles.push(title.to_lowercase());
+        for target in panel["targets"].as_array().unwrap() {
+            assert_eq!(target["datasource"]["uid"], source_uid, "{title}");
+            let read = metrics_read_by(target["expr"].as_str().unwrap()).unwrap();
+            let missing: Vec<_> = read.difference(&exported).collect();
+            assert!(
+                !read.is_empty() && missing.is_empty(),
+                "{title} reads {missing:?}"
+            );
+        }
+    }
+    for topic in [
+        "records handled",
+        "lag",
+        "batch latency",
+        "retries",
+        "dead letters",
+        "clickhouse insert",
+        "freshness",
+        "query latency",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(topic)),
+            "no panel on {topic}: {titles:?}"
+        );
+    }
+
     // Negative controls: a typo in a name, and an expression that is not PromQL.
     let typo = metrics_read_by("rate(shopstream_records_dead_letered_total[5m]) > 1").unwrap();
     assert!(!typo.is_subset(&exported));
     assert!(metrics_read_by("sum(rate(shopstream_ready[5m]) > ").is_err());
+}
+
+/// Prometheus in compose scrapes every shopstream service where its
+/// configuration listens and loads the alert rules; Grafana gets the data
+/// source and the dashboard.
+#[test]
+fn compose_runs_prometheus_on_every_service_and_grafana_with_the_dashboard() {
+    let compose = &documents(&deploy().join("docker-compose.yml"))[0];
+    let services = &compose["services"];
+    let mounts = |service: &str| -> BTreeSet<String> {
+        services[service]["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let prometheus = &documents(&deploy().join("prometheus/prometheus.yml"))[0];
+    let prometheus_mounts = mounts("prometheus");
+    assert!(
+        prometheus_mounts.contains("./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro")
+    );
+    for rules in prometheus["rule_files"].as_sequence().unwrap() {
+        let path = rules.as_str().unwrap();
+        let name = Path::new(path).file_name().unwrap().to_str().unwrap();
+        assert!(
+            prometheus_mounts.contains(&format!("./prometheus/{name}:{path}:ro")),
+            "{path} is mounted"
+        );
+        assert!(deploy().join("prometheus").join(name).exists());
+    }
+    let targets: BTreeSet<String> = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|c| {
+            c["static_configs"][0]["targets"]
+                .as_sequence()
+                .unwrap()
+                .clone()
+        })
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    let config = load(None, &image().env);
+    let expected: BTreeSet<String> = [
+        ("worker", &config.worker.metrics_address),
+        ("analytics", &config.analytics.metrics_address),
+        ("query", &config.query.listen_address),
+    ]
+    .into_iter()
+    .map(|(service, address)| {
+        assert!(services[service].is_mapping(), "compose runs {service}");
+        format!("{service}:{}", port(address))
+    })
+    .collect();
+    assert_eq!(targets, expected, "every service, where it listens");
+    let grafana_mounts = mounts("grafana");
+    assert!(grafana_mounts.contains("./grafana/provisioning:/etc/grafana/provisioning:ro"));
+    let providers = documents(&deploy().join("grafana/provisioning/dashboards/shopstream.yaml"));
+    let path = providers[0]["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    assert!(grafana_mounts.contains(&format!("./grafana/dashboards:{path}:ro")));
+    let sources = documents(&deploy().join("grafana/provisioning/datasources/prometheus.yaml"));
+    assert_eq!(
+        sources[0]["datasources"][0]["url"],
+        "http://prometheus:9090"
+    );
 }
