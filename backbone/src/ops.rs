@@ -111,7 +111,13 @@ mod tests {
             .await
             .unwrap();
         let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_string(&mut response),
+        )
+        .await
+        .expect("the server closes the connection (connection: close)")
+        .unwrap();
         response
     }
 

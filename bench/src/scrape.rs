@@ -3,8 +3,17 @@
 //! the binaries they start through these.
 
 /// The whole HTTP response (status line, headers, body) to `GET path` on
-/// `127.0.0.1:port`, as the ops servers answer it; `None` if nothing answers.
+/// `127.0.0.1:port`, as the ops servers answer it; `None` if nothing
+/// answers within 5 s. Read to its `content-length`, not to the connection's
+/// end: a server may keep a connection open (a CI run hung for minutes on
+/// one that was never closed).
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), get(port, path))
+        .await
+        .ok()?
+}
+
+async fn get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -15,9 +24,28 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
         )
         .await
         .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    Some(text)
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+            let length = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            });
+            if length.is_some_and(|length| bytes.len() >= end + 4 + length) {
+                break;
+            }
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// The /metrics value of `name` (a counter or gauge without labels) served
