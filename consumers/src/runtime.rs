@@ -947,7 +947,6 @@ impl<H: Handler> PartitionTask<H> {
     /// partition paused. `None` when the task should end.
     async fn next_batch(&mut self) -> Option<Vec<Fetched>> {
         let settings = self.job.shared.settings.clone();
-        let job = self.job.clone();
         if self.held.is_empty() {
             // Stopping: what is queued and not yet batched stays unhandled
             // (and uncommitted), as when the task waits below.
@@ -957,7 +956,7 @@ impl<H: Handler> PartitionTask<H> {
             let first = match self.inbox.try_recv() {
                 Ok(record) => record,
                 Err(_) => {
-                    let _idle = Idle::new(&job.shared.metrics);
+                    let _idle = Idle::new(&self.job.shared.metrics);
                     tokio::select! {
                         biased;
                         _ = self.stop.cancelled() => return None,
@@ -971,7 +970,7 @@ impl<H: Handler> PartitionTask<H> {
             let due = self.due_at(&self.held[0]);
             let wait = due - now_ms();
             if wait > 0 {
-                let _idle = Idle::new(&job.shared.metrics);
+                let _idle = Idle::new(&self.job.shared.metrics);
                 self.job
                     .shared
                     .set_pause(&self.key, PauseReason::NotDue, true);
