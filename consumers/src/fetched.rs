@@ -81,6 +81,21 @@ impl RawHeaders {
         })
     }
 
+    /// The value of the first header named `name`, compared as bytes (no
+    /// UTF-8 check of every key on the way: this runs for each record).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        let mut start = 0usize;
+        for &(key_end, value_end) in &self.ends {
+            let key_end = key_end as usize;
+            let key = &self.bytes[start..key_end];
+            start = value_end.map_or(key_end, |end| end as usize);
+            if key == name.as_bytes() {
+                return value_end.map(|end| &self.bytes[key_end..end as usize]);
+            }
+        }
+        None
+    }
+
     pub fn len(&self) -> usize {
         self.ends.len()
     }
@@ -128,9 +143,7 @@ impl Fetched {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .and_then(|(_, v)| v)
+            .get(name)
             .and_then(|v| std::str::from_utf8(v).ok())
     }
 
@@ -164,5 +177,9 @@ mod tests {
             ]
         );
         assert_eq!(raw.len(), 5);
+        assert_eq!(raw.get("empty"), Some(&b""[..]));
+        assert_eq!(raw.get("none"), None);
+        assert_eq!(raw.get("traceparent"), Some(&b"00-abc-def-01"[..]));
+        assert_eq!(raw.get("absent"), None);
     }
 }

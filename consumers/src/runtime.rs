@@ -43,6 +43,10 @@ type PartitionKey = (Arc<str>, i32);
 /// (BENCHMARKS.md, issue 29).
 type PartitionQueue = StreamPartitionQueue<WorkerContext>;
 
+/// The most records a partition's reader hands over at once: what it finds
+/// fetched already, without waiting (fewer when the partition has less room).
+const CHUNK_RECORDS: usize = 512;
+
 /// How long abandoned batches get, all together, to notice and stop.
 const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
@@ -75,7 +79,9 @@ pub enum WorkerError {
 
 /// A partition's task as the poll loop and the rebalance callback see it.
 struct PartitionHandle {
-    records: mpsc::UnboundedSender<Fetched>,
+    /// Records go over in chunks (what the reader found fetched at once):
+    /// one send and one wake-up per chunk, not per record.
+    records: mpsc::UnboundedSender<Vec<Fetched>>,
     /// Stop taking new batches (revoke, shutdown).
     stop: Shutdown,
     /// Give up the batch in hand (its offset is not stored).
@@ -95,11 +101,25 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Counts a record taken; true when it fills the partition.
-    fn take(&self, settings: &WorkerSettings, bytes: usize) -> bool {
-        let records = self.records.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Counts records taken; true when they fill the partition.
+    fn take(&self, settings: &WorkerSettings, records: usize, bytes: usize) -> bool {
+        let records = self.records.fetch_add(records, Ordering::Relaxed) + records;
         let bytes = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         records >= settings.max_in_flight_records || bytes >= settings.max_in_flight_bytes
+    }
+
+    /// How many more records and bytes the partition takes before it is
+    /// full (at least one record: a reader only reads while there is room).
+    fn room(&self, settings: &WorkerSettings) -> Room {
+        Room {
+            records: settings
+                .max_in_flight_records
+                .saturating_sub(self.records.load(Ordering::Relaxed))
+                .clamp(1, CHUNK_RECORDS),
+            bytes: settings
+                .max_in_flight_bytes
+                .saturating_sub(self.bytes.load(Ordering::Relaxed)),
+        }
     }
 
     /// Counts a batch done; true (and a waiting reader told) when the
@@ -131,7 +151,7 @@ impl InFlight {
 
     /// Returns once the partition has drained to half its bounds (or its
     /// task has ended), or at `stop`.
-    async fn room(&self, settings: &WorkerSettings, metrics: &Metrics, stop: &Shutdown) {
+    async fn wait_for_room(&self, settings: &WorkerSettings, metrics: &Metrics, stop: &Shutdown) {
         metrics.full_partitions.fetch_add(1, Ordering::Relaxed);
         metrics.partitions_held_back.fetch_add(1, Ordering::Relaxed);
         while !self.drained(settings) {
@@ -141,6 +161,20 @@ impl InFlight {
             }
         }
         metrics.full_partitions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a reader may hand over next.
+#[derive(Debug, Clone, Copy)]
+struct Room {
+    records: usize,
+    bytes: usize,
+}
+
+impl Room {
+    /// An empty partition's.
+    fn all(settings: &WorkerSettings) -> Room {
+        InFlight::default().room(settings)
     }
 }
 
@@ -584,14 +618,12 @@ pub async fn run<H: Handler>(
             Some(_) = readers.join_next(), if !readers.is_empty() => {}
             message = consumer.recv() => match message {
                 Ok(message) => {
-                    job.dispatch(&message, Fetching::Shared);
+                    job.dispatch(&message);
                     drop(message);
                     // Take what is already fetched without waiting again.
                     for _ in 0..1024 {
                         match futures_now(consumer.recv()) {
-                            Some(Ok(message)) => {
-                                job.dispatch(&message, Fetching::Shared);
-                            }
+                            Some(Ok(message)) => job.dispatch(&message),
                             _ => break,
                         }
                     }
@@ -762,73 +794,135 @@ impl<H: Handler> Job<H> {
             partition = key.1,
             "Reading the partition's own queue."
         );
+        let Some((_, route)) = self.routes.get_key_value(&key.0) else {
+            return;
+        };
+        let mut room = Room::all(&self.shared.settings);
         loop {
             let full = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
                 message = queue.recv() => match message {
-                    Ok(message) => self.dispatch(&message, Fetching::Own),
+                    Ok(message) => {
+                        // What else is fetched already goes with it, up to
+                        // the partition's room.
+                        let mut chunk = Vec::with_capacity(room.records);
+                        let mut bytes = 0;
+                        self.admit_into(&key, &message, &mut chunk, &mut bytes);
+                        drop(message);
+                        while chunk.len() < room.records && bytes < room.bytes {
+                            match futures_now(queue.recv()) {
+                                Some(Ok(message)) => {
+                                    self.admit_into(&key, &message, &mut chunk, &mut bytes);
+                                }
+                                Some(Err(error)) => {
+                                    tracing::warn!(topic = &*key.0, partition = key.1, %error, "Partition queue error; librdkafka keeps retrying.");
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        self.hand_over(&key, route, chunk, bytes, Fetching::Own)
+                    }
                     Err(error) => {
                         tracing::warn!(topic = &*key.0, partition = key.1, %error, "Partition queue error; librdkafka keeps retrying.");
                         tokio::time::sleep(Duration::from_millis(100)).await;
-                        None
+                        Err(None)
                     }
                 },
             };
-            if let Some(in_flight) = full {
-                in_flight
-                    .room(&self.shared.settings, &self.shared.metrics, &stop)
-                    .await;
-            }
+            room = match full {
+                Ok(room) => room,
+                Err(Some(in_flight)) => {
+                    in_flight
+                        .wait_for_room(&self.shared.settings, &self.shared.metrics, &stop)
+                        .await;
+                    in_flight.room(&self.shared.settings)
+                }
+                Err(None) => Room::all(&self.shared.settings),
+            };
         }
     }
 
-    /// Hands a fetched record to its partition's task, starting one if
-    /// needed. When that fills the partition: from the consumer's queue it
-    /// pauses the partition; from its own queue it returns what to wait on.
-    fn dispatch(
-        self: &Arc<Self>,
+    /// Copies `message` into `chunk` if it is the partition's next record
+    /// (seeking back when records are missing before it).
+    fn admit_into(
+        &self,
+        key: &PartitionKey,
         message: &rdkafka::message::BorrowedMessage<'_>,
-        fetching: Fetching,
-    ) -> Option<Arc<InFlight>> {
-        let (topic, route) = self.routes.get_key_value(message.topic())?;
-        let key: PartitionKey = (topic.clone(), message.partition());
-        if !self.shared.admit(&key, message.offset()) {
-            return None;
+        chunk: &mut Vec<Fetched>,
+        bytes: &mut usize,
+    ) {
+        if self.shared.admit(key, message.offset()) {
+            let fetched = Fetched::from_message(message, key.0.clone());
+            *bytes += fetched.bytes();
+            chunk.push(fetched);
         }
-        let fetched = Fetched::from_message(message, key.0.clone());
-        self.shared.metrics.consumed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hands a record from the consumer's queue to its partition's task,
+    /// pausing the partition when that fills it.
+    fn dispatch(self: &Arc<Self>, message: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some((topic, route)) = self.routes.get_key_value(message.topic()) else {
+            return;
+        };
+        let key: PartitionKey = (topic.clone(), message.partition());
+        let (mut chunk, mut bytes) = (Vec::with_capacity(1), 0);
+        self.admit_into(&key, message, &mut chunk, &mut bytes);
+        let _ = self.hand_over(&key, route, chunk, bytes, Fetching::Shared);
+    }
+
+    /// Hands fetched records to their partition's task, starting one if
+    /// needed. `Ok` with the room left, or `Err` when the partition is full
+    /// (or the records were dropped): from the consumer's queue it pauses
+    /// the partition; from its own queue it gives what to wait on.
+    fn hand_over(
+        self: &Arc<Self>,
+        key: &PartitionKey,
+        route: &Route,
+        chunk: Vec<Fetched>,
+        bytes: usize,
+        fetching: Fetching,
+    ) -> Result<Room, Option<Arc<InFlight>>> {
+        let Some(first) = chunk.first() else {
+            return Ok(Room::all(&self.shared.settings));
+        };
+        let first_timestamp_ms = first.timestamp_ms;
+        let count = chunk.len();
+        self.shared
+            .metrics
+            .consumed
+            .fetch_add(count as u64, Ordering::Relaxed);
         let settings = &self.shared.settings;
         let mut partitions = self.shared.partitions.lock().expect("partitions lock");
         let handle = partitions
             .entry(key.clone())
-            .or_insert_with(|| self.spawn(key.clone(), route.clone(), fetched.timestamp_ms));
-        let full = handle.in_flight.take(settings, fetched.bytes());
-        if handle.records.send(fetched).is_err() {
-            // The task has ended (abandoned); the record is refetched later
+            .or_insert_with(|| self.spawn(key.clone(), route.clone(), first_timestamp_ms));
+        let full = handle.in_flight.take(settings, count, bytes);
+        if handle.records.send(chunk).is_err() {
+            // The task has ended (abandoned); the records are refetched later
             // from the last stored offset, and must then be taken again.
-            partitions.remove(&key);
+            partitions.remove(key);
             drop(partitions);
-            self.shared.forget_expected(std::slice::from_ref(&key));
-            return None;
+            self.shared.forget_expected(std::slice::from_ref(key));
+            return Err(None);
         }
         if !full {
-            return None;
+            return Ok(handle.in_flight.room(settings));
         }
         let in_flight = handle.in_flight.clone();
         if fetching == Fetching::Own {
-            return Some(in_flight);
+            return Err(Some(in_flight));
         }
         drop(partitions);
-        self.shared.set_pause(&key, PauseReason::Backpressure, true);
+        self.shared.set_pause(key, PauseReason::Backpressure, true);
         // The task may have drained everything (and found nothing paused to
         // resume) before the pause above: look again, or nothing would ever
         // resume the partition.
         if in_flight.drained(settings) {
-            self.shared
-                .set_pause(&key, PauseReason::Backpressure, false);
+            self.shared.set_pause(key, PauseReason::Backpressure, false);
         }
-        None
+        Err(None)
     }
 
     /// A task for `key`, whose first record was written at `first_timestamp_ms`.
@@ -900,9 +994,8 @@ struct PartitionTask<H> {
     job: Arc<Job<H>>,
     key: PartitionKey,
     route: Route,
-    inbox: mpsc::UnboundedReceiver<Fetched>,
-    /// Records taken from the inbox but not yet batched (retry-tier records
-    /// that are not due).
+    inbox: mpsc::UnboundedReceiver<Vec<Fetched>>,
+    /// Records taken from the inbox but not yet batched.
     held: VecDeque<Fetched>,
     stop: Shutdown,
     abandon: Shutdown,
@@ -947,24 +1040,27 @@ impl<H: Handler> PartitionTask<H> {
     /// partition paused. `None` when the task should end.
     async fn next_batch(&mut self) -> Option<Vec<Fetched>> {
         let settings = self.job.shared.settings.clone();
-        if self.held.is_empty() {
+        loop {
             // Stopping: what is queued and not yet batched stays unhandled
             // (and uncommitted), as when the task waits below.
             if self.stop.is_cancelled() {
                 return None;
             }
+            if !self.held.is_empty() {
+                break;
+            }
             let first = match self.inbox.try_recv() {
-                Ok(record) => record,
+                Ok(chunk) => chunk,
                 Err(_) => {
                     let _idle = Idle::new(&self.job.shared.metrics);
                     tokio::select! {
                         biased;
                         _ = self.stop.cancelled() => return None,
-                        record = self.inbox.recv() => record?,
+                        chunk = self.inbox.recv() => chunk?,
                     }
                 }
             };
-            self.held.push_back(first);
+            self.held.extend(first);
         }
         if self.route.tier.is_some() {
             let due = self.due_at(&self.held[0]);
@@ -1004,12 +1100,12 @@ impl<H: Handler> PartitionTask<H> {
                 }
             }
             match self.inbox.try_recv() {
-                Ok(record) => self.held.push_back(record),
+                Ok(chunk) => self.held.extend(chunk),
                 Err(_) => {
                     tokio::select! {
                         biased;
-                        record = self.inbox.recv() => match record {
-                            Some(record) => self.held.push_back(record),
+                        chunk = self.inbox.recv() => match chunk {
+                            Some(chunk) => self.held.extend(chunk),
                             None => return Some(batch),
                         },
                         _ = &mut linger => return Some(batch),
