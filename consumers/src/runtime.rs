@@ -20,6 +20,7 @@ use backbone::headers;
 use backbone::kafka::KafkaConnection;
 use backbone::shutdown::Shutdown;
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -798,11 +799,14 @@ impl<H: Handler> Job<H> {
             return;
         };
         let mut room = Room::all(&self.shared.settings);
+        // One stream for the reader's life: each `recv` registers and
+        // unregisters a waker under a lock.
+        let mut stream = queue.stream();
         loop {
             let full = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                message = queue.recv() => match message {
+                Some(message) = stream.next() => match message {
                     Ok(message) => {
                         // What else is fetched already goes with it, up to
                         // the partition's room.
@@ -811,7 +815,7 @@ impl<H: Handler> Job<H> {
                         self.admit_into(&key, &message, &mut chunk, &mut bytes);
                         drop(message);
                         while chunk.len() < room.records && bytes < room.bytes {
-                            match futures_now(queue.recv()) {
+                            match futures_now(stream.next()).flatten() {
                                 Some(Ok(message)) => {
                                     self.admit_into(&key, &message, &mut chunk, &mut bytes);
                                 }

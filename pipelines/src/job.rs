@@ -325,10 +325,14 @@ pub fn run(
     // or leaving moves only the partitions changing hands, and the others'
     // partials are kept. A prefetch that filled while the job flushed
     // postpones the partition's next fetch by 10 ms, not librdkafka's 1 s.
+    // 4 MiB of prefetch keeps a backlogged job under 100 MB (16 MiB peaked
+    // at 123-130 MB in analytics-bench); it absorbs less of a flush's
+    // pause, so the highest rate sustained in the bench's ramp fell from
+    // 120k to 80k events/s (BENCHMARKS.md, issue 22).
     for (key, value) in [
         ("session.timeout.ms", "10000"),
         ("heartbeat.interval.ms", "1000"),
-        ("queued.max.messages.kbytes", "16384"),
+        ("queued.max.messages.kbytes", "4096"),
         ("fetch.queue.backoff.ms", "10"),
         ("fetch.wait.max.ms", "100"),
         ("partition.assignment.strategy", "cooperative-sticky"),
