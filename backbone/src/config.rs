@@ -48,6 +48,17 @@ pub struct QuerySettings {
     /// `Cache-Control: max-age` of successful answers; the dashboard
     /// refreshes at this pace too.
     pub cache_max_age_s: u32,
+    /// Who may read: off by default, for local use.
+    pub auth: QueryAuthSettings,
+}
+
+/// Bearer tokens for shopstream-query's API, OpenAPI document and dashboard.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryAuthSettings {
+    /// Accepted tokens, one per line, or `sha256:` and a token's SHA-256 in
+    /// hex; `#` starts a comment. Re-read when it changes. Unset: no auth.
+    pub tokens_file: Option<std::path::PathBuf>,
 }
 
 impl Default for QuerySettings {
@@ -56,6 +67,7 @@ impl Default for QuerySettings {
             listen_address: "127.0.0.1:8080".into(),
             query_timeout_ms: 5_000,
             cache_max_age_s: 5,
+            auth: QueryAuthSettings::default(),
         }
     }
 }

@@ -1,12 +1,14 @@
 // Opens the dashboard in headless Chromium, waits until its charts are drawn,
-// prints what it shows as JSON and saves a screenshot.
-// Usage: node dashboard.mjs <page url> <screenshot.png>
+// prints what it shows as JSON and saves a screenshot. With a token, the
+// service wants one: the page must ask for it, refuse a wrong one, take the
+// right one, and still have it after a reload (the browser session).
+// Usage: node dashboard.mjs <page url> <screenshot.png> [token]
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 
-const [url, screenshot] = process.argv.slice(2);
+const [url, screenshot, token] = process.argv.slice(2);
 if (!url || !screenshot) {
   console.error("usage: node dashboard.mjs <page url> <screenshot.png>");
   process.exit(2);
@@ -32,8 +34,33 @@ try {
     return route.abort();
   });
   page.on("pageerror", (error) => errors.push(String(error)));
-  page.on("console", (message) => { if (message.type() === "error") errors.push(message.text()); });
-  await page.goto(url);
+  // With a token, the refusals the test provokes are expected: Chromium
+  // logs each 401 it receives.
+  const expected = (text) => token && text.includes("status of 401");
+  page.on("console", (message) => {
+    if (message.type() === "error" && !expected(message.text())) errors.push(message.text());
+  });
+  const loaded = await page.goto(url);
+  const auth = { page_status: loaded.status() };
+  if (token) {
+    const signIn = async (value) => {
+      await page.waitForSelector('[data-testid="sign-in"]:not([hidden])', { timeout: 30000 });
+      await page.fill('[data-testid="token"]', value);
+      await page.click('[data-testid="sign-in"] button');
+    };
+    await page.waitForSelector('[data-testid="sign-in"]:not([hidden])', { timeout: 30000 });
+    auth.asked = await page.textContent("#status");
+    await signIn("not-the-token");
+    await page.waitForFunction(() => document.querySelector("#status").textContent.includes("refused"), null, { timeout: 30000 });
+    auth.refused = await page.textContent("#status");
+    await signIn(token);
+    await page.waitForSelector('body[data-rendered="1"]', { timeout: 30000 });
+    const reloaded = await page.reload();
+    auth.reload_status = reloaded.status();
+    await page.waitForSelector('body[data-rendered="1"]', { timeout: 30000 });
+    auth.asked_again = !(await page.isHidden('[data-testid="sign-in"]'));
+    auth.stored = await page.evaluate(() => sessionStorage.getItem("shopstream-token") !== null);
+  }
   await page.waitForSelector('body[data-rendered="1"]', { timeout: 30000 });
   await page.waitForSelector("#revenue-chart path[data-points]", { timeout: 30000 });
   const shown = await page.evaluate(() => {
@@ -58,7 +85,7 @@ try {
     };
   });
   await page.screenshot({ path: screenshot, fullPage: true });
-  console.log(JSON.stringify({ ...shown, outside, errors }));
+  console.log(JSON.stringify({ ...shown, auth, outside, errors }));
 } finally {
   await context.close();
   rmSync(profile, { recursive: true, force: true });

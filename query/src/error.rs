@@ -26,7 +26,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// HTTP status code, repeated.
     pub status: u16,
-    /// Stable, machine-readable: bad_parameter, not_found,
+    /// Stable, machine-readable: bad_parameter, not_found, unauthorized,
     /// clickhouse_unavailable, clickhouse_timeout, clickhouse_error.
     pub code: &'static str,
     /// What was wrong, for a person.
@@ -51,6 +51,15 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
             message,
+            parameter: None,
+        }
+    }
+
+    pub fn unauthorized(message: &str) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: message.to_owned(),
             parameter: None,
         }
     }

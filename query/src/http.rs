@@ -290,8 +290,14 @@ pub fn fixed(
     })
 }
 
-/// Unknown paths answer in JSON too.
-pub async fn not_found(request: Request) -> Response {
+/// Unknown paths answer in JSON too (under the API, only to a request
+/// with a token, when tokens are set).
+pub async fn not_found(State(app): State<App>, request: Request) -> Response {
+    if request.uri().path().starts_with("/api") {
+        if let Some(refused) = crate::auth::refusal(&app, &request) {
+            return refused;
+        }
+    }
     crate::error::ApiError::not_found(format!(
         "no such endpoint: {}; the API is described at /api/v1/openapi.json",
         request.uri().path()

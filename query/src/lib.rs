@@ -3,6 +3,7 @@
 //! probes and metrics every shopstream service has.
 
 pub mod api;
+pub mod auth;
 pub mod error;
 pub mod http;
 pub mod openapi;
@@ -19,6 +20,7 @@ use axum::Router;
 use backbone::config::{Config, QuerySettings};
 use backbone::shutdown::Shutdown;
 
+use crate::auth::Tokens;
 use crate::http::{AnswerCache, RequestMetrics};
 use crate::store::Store;
 
@@ -29,6 +31,8 @@ pub struct App {
     pub settings: Arc<QuerySettings>,
     pub metrics: Arc<RequestMetrics>,
     pub cache: Arc<AnswerCache>,
+    /// `None` when `query.auth.tokens_file` is unset: no auth.
+    pub tokens: Option<Arc<Tokens>>,
 }
 
 /// The service could not start.
@@ -48,7 +52,14 @@ pub enum QueryError {
 impl App {
     pub fn new(config: &Config) -> Result<Self, QueryError> {
         let timeout = Duration::from_millis(config.query.query_timeout_ms);
+        let tokens = match &config.query.auth.tokens_file {
+            Some(path) => Some(Arc::new(
+                Tokens::load(path).map_err(|e| QueryError::Config(e.to_string()))?,
+            )),
+            None => None,
+        };
         Ok(Self {
+            tokens,
             store: Store::new(&config.clickhouse, timeout).map_err(QueryError::Config)?,
             settings: Arc::new(config.query.clone()),
             metrics: Arc::new(RequestMetrics::default()),
@@ -61,7 +72,8 @@ impl App {
     /// Every route: the API from [`openapi::ENDPOINTS`], its document, the
     /// dashboard and the probes.
     pub fn router(self) -> Router {
-        let document = serde_json::to_vec(&openapi::document()).unwrap_or_default();
+        let document =
+            serde_json::to_vec(&openapi::document(self.tokens.is_some())).unwrap_or_default();
         let api = openapi::ENDPOINTS
             .iter()
             .fold(Router::new(), |router, endpoint| {
@@ -75,7 +87,8 @@ impl App {
                 "/openapi.json",
                 http::fixed("application/json", None, document),
             );
-        Router::new()
+        // Everything but the probes and /metrics needs a token, when set.
+        let guarded = Router::new()
             .nest(openapi::PREFIX, api)
             .route(
                 "/",
@@ -85,6 +98,12 @@ impl App {
                     http::dashboard_page(&self.settings),
                 ),
             )
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                auth::require_token,
+            ));
+        Router::new()
+            .merge(guarded)
             .route("/healthz", get(http::healthz))
             .route("/readyz", get(http::readyz))
             .route("/metrics", get(http::metrics))
@@ -106,6 +125,9 @@ pub async fn run(
     bound: impl FnOnce(SocketAddr),
 ) -> Result<(), QueryError> {
     let app = App::new(config)?;
+    if let Some(tokens) = &app.tokens {
+        tokens.clone().watch();
+    }
     let address = &config.query.listen_address;
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -114,6 +136,9 @@ pub async fn run(
             source,
         })?;
     let local = listener.local_addr().map_err(QueryError::Serve)?;
+    if app.tokens.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(address = %local, "Serving the read models to the network without auth: anyone who can reach this address reads them. Set query.auth.tokens_file.");
+    }
     tracing::info!(address = %local, clickhouse = %config.clickhouse.url, "Serving the query API at /api/v1 and the dashboard at /.");
     bound(local);
     axum::serve(listener, app.router())

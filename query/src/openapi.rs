@@ -161,8 +161,10 @@ fn error_response(generator: &mut SchemaGenerator, description: &str) -> Value {
     })
 }
 
-/// The OpenAPI 3.1 document of [`ENDPOINTS`].
-pub fn document() -> Value {
+/// The OpenAPI 3.1 document of [`ENDPOINTS`]; with `auth`, every
+/// operation needs a bearer token
+/// (`query.auth.tokens_file`) and may answer 401.
+pub fn document(auth: bool) -> Value {
     let mut generator = SchemaSettings::draft2020_12()
         .with(|s| s.inline_subschemas = true)
         .into_generator();
@@ -198,6 +200,12 @@ pub fn document() -> Value {
         if endpoint.may_not_find {
             responses["404"] = error_response(&mut generator, "No such order.");
         }
+        if auth {
+            responses["401"] = error_response(
+                &mut generator,
+                "No bearer token, or not one of the service's (`WWW-Authenticate: Bearer`).",
+            );
+        }
         paths.insert(
             format!("{PREFIX}{}", endpoint.path),
             json!({"get": {
@@ -208,7 +216,7 @@ pub fn document() -> Value {
             }}),
         );
     }
-    json!({
+    let mut document = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "shopstream query API",
@@ -216,5 +224,14 @@ pub fn document() -> Value {
             "description": "The CQRS read models of shopstream: revenue, the order funnel, order status, active users, chat rooms and searches. Times are epoch seconds or RFC 3339; ranges are [from, to).",
         },
         "paths": paths,
-    })
+    });
+    if auth {
+        document["components"] = json!({"securitySchemes": {"bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A token from the service's query.auth.tokens_file.",
+        }}});
+        document["security"] = json!([{"bearer": []}]);
+    }
+    document
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{seeded, SMALL, START};
+use common::{seeded, seeded_with, SMALL, START};
 use serde_json::Value;
 
 fn artifacts() -> PathBuf {
@@ -37,33 +37,102 @@ fn count(text: &Value) -> i64 {
         .expect("a number")
 }
 
-#[tokio::test]
-async fn the_dashboard_shows_what_the_api_answers() {
+/// What the page at `url` shows in headless Chromium (query/e2e), signing
+/// in with `token` when given; the screenshot goes to `screenshot`.
+async fn browse(url: String, screenshot: PathBuf, token: Option<&str>) -> Value {
     let e2e = shopstream_tests::repo_root().join("query/e2e");
     assert!(
         e2e.join("node_modules/playwright-core").exists(),
         "playwright-core is missing: run `npm ci --prefix query/e2e` (scripts/test does)"
     );
-    let service = seeded(SMALL).await;
-    let (from, to) = (START, START + 3_600);
-    let screenshot = artifacts().join("dashboard.png");
-    let url = format!("{}/?from={from}&to={to}", service.base);
-    let output = tokio::task::spawn_blocking({
-        let screenshot = screenshot.clone();
-        move || {
-            Command::new("node")
-                .arg(e2e.join("dashboard.mjs"))
-                .arg(&url)
-                .arg(&screenshot)
-                .output()
-                .expect("node runs (apt-get install nodejs)")
-        }
+    let token = token.map(str::to_owned);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(e2e.join("dashboard.mjs"))
+            .arg(&url)
+            .arg(&screenshot)
+            .args(token)
+            .output()
+            .expect("node runs (apt-get install nodejs)")
     })
     .await
     .expect("browser task");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the browser run failed: {stderr}");
-    let shown: Value = serde_json::from_slice(&output.stdout).expect("the page's figures as JSON");
+    serde_json::from_slice(&output.stdout).expect("the page's figures as JSON")
+}
+
+#[tokio::test]
+async fn the_dashboard_asks_for_a_token_once_per_session_when_the_service_wants_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "dashboard-token\n").expect("write");
+    let service = seeded_with(SMALL, |q| q.auth.tokens_file = Some(tokens.clone())).await;
+    let (from, to) = (START, START + 3_600);
+    let url = format!("{}/?from={from}&to={to}", service.base);
+    let shown = browse(
+        url,
+        artifacts().join("dashboard-signed-in.png"),
+        Some("dashboard-token"),
+    )
+    .await;
+    assert_eq!(
+        shown["outside"],
+        Value::Array(vec![]),
+        "requests beyond the service"
+    );
+    assert_eq!(shown["errors"], Value::Array(vec![]), "script errors");
+    let auth = &shown["auth"];
+    eprintln!("auth flow: {auth}");
+    assert_eq!(auth["page_status"], 401, "{auth}");
+    assert!(
+        auth["asked"]
+            .as_str()
+            .is_some_and(|s| s.contains("needs a token")),
+        "{auth}"
+    );
+    assert!(
+        auth["refused"]
+            .as_str()
+            .is_some_and(|s| s.contains("refused")),
+        "{auth}"
+    );
+    assert_eq!(auth["reload_status"], 401, "{auth}");
+    assert_eq!(
+        auth["asked_again"], false,
+        "asked again after a reload: {auth}"
+    );
+    assert_eq!(auth["stored"], true, "{auth}");
+    let funnel = service
+        .http
+        .get(format!(
+            "{}/api/v1/funnel?from={from}&to={to}",
+            service.base
+        ))
+        .bearer_auth("dashboard-token")
+        .send()
+        .await
+        .expect("answers")
+        .text()
+        .await
+        .expect("a body");
+    let funnel: Value = serde_json::from_str(&funnel).expect("JSON");
+    for stage in query::seed::STATUSES {
+        assert_eq!(
+            count(&shown["funnel"][stage]),
+            funnel["counts"][stage],
+            "{stage}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_what_the_api_answers() {
+    let service = seeded(SMALL).await;
+    let (from, to) = (START, START + 3_600);
+    let screenshot = artifacts().join("dashboard.png");
+    let url = format!("{}/?from={from}&to={to}", service.base);
+    let shown = browse(url, screenshot.clone(), None).await;
 
     assert_eq!(
         shown["outside"],

@@ -439,6 +439,29 @@ fn the_kubernetes_workloads_match_their_configuration_and_the_catalog() {
         );
 
         if name == "shopstream-query" {
+            // The tokens file the configuration names is the mounted Secret.
+            let tokens_file = config
+                .query
+                .auth
+                .tokens_file
+                .as_ref()
+                .expect("the deployed query service wants tokens");
+            let tokens = |list: &Value| {
+                list.as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|entry| entry["name"] == "tokens")
+                    .cloned()
+                    .expect("a tokens volume and mount")
+            };
+            assert_eq!(
+                tokens_file.parent().and_then(|p| p.to_str()),
+                tokens(&container["volumeMounts"])["mountPath"].as_str()
+            );
+            assert_eq!(
+                tokens(&pod["volumes"])["secret"]["secretName"],
+                "shopstream-query-tokens"
+            );
             // Stateless, not a consumer: no partition-bound autoscaler.
             continue;
         }
