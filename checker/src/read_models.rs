@@ -26,7 +26,8 @@ pub struct ReadModels {
     pub chat: BTreeMap<(u32, String), (i64, u64, i64)>,
     /// searches, zero results, latency sum, p95, mean.
     pub search: BTreeMap<u32, (i64, i64, i64, i32, f64)>,
-    pub queries: BTreeMap<(u32, String), i64>,
+    /// searches, of which found nothing, per query text.
+    pub queries: BTreeMap<(u32, String), (i64, i64)>,
 }
 
 /// A window's start in seconds.
@@ -109,7 +110,9 @@ impl ReadModels {
                     slot.1 += i64::from(s.results_count == 0);
                     slot.2 += i64::from(s.latency_ms);
                     latencies.entry(m).or_default().push(s.latency_ms);
-                    *out.queries.entry((m, s.query.clone())).or_default() += 1;
+                    let slot = out.queries.entry((m, s.query.clone())).or_default();
+                    slot.0 += 1;
+                    slot.1 += i64::from(s.results_count == 0);
                 }
             }
         }
@@ -195,15 +198,15 @@ impl ReadModels {
         {
             out.search.insert(w, (n, z, l, p, mean));
         }
-        for (w, q, n) in client
+        for (w, q, n, z) in client
             .query(&format!(
-                "SELECT {t}, query, searches FROM {}",
+                "SELECT {t}, query, searches, zero_results FROM {}",
                 per("search_queries")
             ))
-            .fetch_all::<(u32, String, i64)>()
+            .fetch_all::<(u32, String, i64, i64)>()
             .await?
         {
-            out.queries.insert((w, q), n);
+            out.queries.insert((w, q), (n, z));
         }
         Ok(out)
     }
@@ -214,7 +217,7 @@ impl ReadModels {
         let mut all: Vec<(u32, String, i64)> = self
             .queries
             .iter()
-            .map(|((w, q), n)| (*w, q.clone(), *n))
+            .map(|((w, q), (n, _))| (*w, q.clone(), *n))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)).then(a.1.cmp(&b.1)));
         let mut per_window = BTreeMap::<u32, usize>::new();
@@ -246,8 +249,8 @@ impl ReadModels {
             *out.entry((hour(*w), "search".to_owned())).or_default() +=
                 n + 1000 * z + 1_000_000 * l;
         }
-        for ((w, query), n) in &self.queries {
-            *out.entry((hour(*w), format!("query {query}"))).or_default() += n;
+        for ((w, query), (n, z)) in &self.queries {
+            *out.entry((hour(*w), format!("query {query}"))).or_default() += n + 1000 * z;
         }
         for ((w, room), (m, _, f)) in &self.chat {
             *out.entry((hour(*w), format!("chat {room}"))).or_default() += m + 1000 * f;

@@ -118,6 +118,8 @@ pub struct Partial {
     pub search: BTreeMap<i64, SearchFigures>,
     /// Searches per window and query text, for the top queries.
     pub queries: BTreeMap<(i64, String), u64>,
+    /// Of those, the searches that found nothing (only where some did).
+    pub zero_queries: BTreeMap<(i64, String), u64>,
     /// Events added.
     pub events: u64,
 }
@@ -200,6 +202,12 @@ impl Partial {
                     .queries
                     .entry((window, search.query.clone()))
                     .or_default() += 1;
+                if search.results_count == 0 {
+                    *self
+                        .zero_queries
+                        .entry((window, search.query.clone()))
+                        .or_default() += 1;
+                }
             }
         }
     }
@@ -255,6 +263,9 @@ impl Partial {
         }
         for (key, n) in other.queries {
             *self.queries.entry(key).or_default() += n;
+        }
+        for (key, n) in other.zero_queries {
+            *self.zero_queries.entry(key).or_default() += n;
         }
     }
 }

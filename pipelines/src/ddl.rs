@@ -191,7 +191,8 @@ const MODELS: [Model; 6] = [
         key: "queries",
         name: "search_queries",
         dims: &[("dim1", "query")],
-        measures: &[sum("searches", "c1")],
+        // Zero-result searches per query since migration 3 (0 before it).
+        measures: &[sum("searches", "c1"), sum("zero_results", "c2")],
         derived: &[],
     },
 ];
@@ -252,13 +253,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             .iter()
             .map(|(_, c)| format!(", {c} String"))
             .collect();
-        views.push(format!(
-            "CREATE VIEW IF NOT EXISTS {}{} AS SELECT window_start{dims_select}, {} FROM {partials} WHERE model = '{}' GROUP BY window_start{dims_group}",
-            target.table(&format!("{}_per_minute", model.name)),
-            target.on_cluster(),
-            model.values(),
-            model.key
-        ));
+        views.push(minute_view(target, model));
         let state_table = format!("{}_per_hour_state", model.name);
         let states: Vec<String> = model
             .measures
@@ -288,12 +283,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             target.table(&state_table)
         ));
     }
-    views.push(format!(
-        "CREATE VIEW IF NOT EXISTS {}{} AS SELECT window_start, query, searches FROM {} ORDER BY window_start, searches DESC, query LIMIT {TOP_QUERIES} BY window_start",
-        target.table("top_queries_per_minute"),
-        target.on_cluster(),
-        target.table("search_queries_per_minute"),
-    ));
+    views.push(top_queries_view(target));
     let mut first = vec![target.create_table(
         PARTIALS_TABLE,
         "model String, window_start DateTime, dim1 String, dim2 String, \
@@ -315,38 +305,92 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             name: "hourly views over the partials, no materialized views",
             statements: hourly_views_over_the_partials(target),
         },
+        Migration {
+            version: 3,
+            name: "zero-result searches per query",
+            statements: zero_result_searches_per_query(target),
+        },
     ]
+}
+
+/// Migration 3: the search-query views gain `zero_results` (the job writes
+/// it in `c2` of the query rows; older rows hold 0 there). Dropped and
+/// created again, so every statement can run again.
+fn zero_result_searches_per_query(target: &Target) -> Vec<String> {
+    let model = MODELS
+        .iter()
+        .find(|m| m.key == "queries")
+        .expect("the queries model");
+    vec![
+        drop_table(target, "top_queries_per_minute"),
+        drop_table(target, "search_queries_per_minute"),
+        drop_table(target, "search_queries_per_hour"),
+        minute_view(target, model),
+        hour_view(target, model),
+        top_queries_view(target),
+    ]
+}
+
+/// The most searched queries of each minute.
+fn top_queries_view(target: &Target) -> String {
+    format!(
+        "CREATE VIEW IF NOT EXISTS {}{} AS SELECT window_start, query, searches FROM {} ORDER BY window_start, searches DESC, query LIMIT {TOP_QUERIES} BY window_start",
+        target.table("top_queries_per_minute"),
+        target.on_cluster(),
+        target.table("search_queries_per_minute"),
+    )
 }
 
 /// Migration 2: the materialized views and their rollup tables (possibly
 /// short after a crash) dropped, the hourly views read the partials. Every
 /// statement can run again, so a migration cut short is simply repeated.
 fn hourly_views_over_the_partials(target: &Target) -> Vec<String> {
-    let partials = target.table(PARTIALS_TABLE);
-    let drop = |table: String| {
-        format!(
-            "DROP TABLE IF EXISTS {}{}",
-            target.table(&table),
-            target.on_cluster()
-        )
-    };
     let mut statements = Vec::new();
     for model in &MODELS {
         let view = format!("{}_per_hour", model.name);
-        statements.push(drop(format!("{view}_mv")));
-        statements.push(drop(view.clone()));
-        statements.push(format!(
-            "CREATE VIEW IF NOT EXISTS {}{} AS SELECT toStartOfHour(window_start) AS hour{}, {} FROM {partials} WHERE model = '{}' GROUP BY hour{}",
-            target.table(&view),
-            target.on_cluster(),
-            model.dims_select(),
-            model.values(),
-            model.key,
-            model.dims_group(),
-        ));
-        statements.push(drop(format!("{view}_state")));
+        statements.push(drop_table(target, &format!("{view}_mv")));
+        statements.push(drop_table(target, &view));
+        statements.push(hour_view(target, model));
+        statements.push(drop_table(target, &format!("{view}_state")));
     }
     statements
+}
+
+fn drop_table(target: &Target, table: &str) -> String {
+    format!(
+        "DROP TABLE IF EXISTS {}{}",
+        target.table(table),
+        target.on_cluster()
+    )
+}
+
+/// A model's figures per minute: its partials added up.
+fn minute_view(target: &Target, model: &Model) -> String {
+    grain_view(target, model, "per_minute", "window_start", "window_start")
+}
+
+/// A model's figures per hour: its partials added up by hour.
+fn hour_view(target: &Target, model: &Model) -> String {
+    grain_view(
+        target,
+        model,
+        "per_hour",
+        "toStartOfHour(window_start) AS hour",
+        "hour",
+    )
+}
+
+fn grain_view(target: &Target, model: &Model, suffix: &str, select: &str, group: &str) -> String {
+    format!(
+        "CREATE VIEW IF NOT EXISTS {}{} AS SELECT {select}{}, {} FROM {} WHERE model = '{}' GROUP BY {group}{}",
+        target.table(&format!("{}_{suffix}", model.name)),
+        target.on_cluster(),
+        model.dims_select(),
+        model.values(),
+        target.table(PARTIALS_TABLE),
+        model.key,
+        model.dims_group(),
+    )
 }
 
 #[cfg(test)]
@@ -386,7 +430,7 @@ mod tests {
     fn migration_2_reads_hours_from_the_partials_and_drops_the_rollups() {
         let target = Target::new("shop", Some("prod")).unwrap();
         let all = migrations(&target);
-        assert_eq!(all.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(all.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2, 3]);
         let statements = &all[1].statements;
         // Per model: its materialized view dropped, its hourly view dropped
         // and created again, its rollup table dropped.

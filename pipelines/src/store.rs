@@ -110,10 +110,13 @@ pub fn rows(partial: Partial, now: u32) -> Vec<PartialRow> {
             ..row("search", window)
         });
     }
+    let mut zero = partial.zero_queries;
     for ((window, query), n) in partial.queries {
+        let zero_results = zero.remove(&(window, query.clone())).unwrap_or(0);
         out.push(PartialRow {
             dim1: query,
             c1: n as i64,
+            c2: zero_results as i64,
             ..row("queries", window)
         });
     }

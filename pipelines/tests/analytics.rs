@@ -432,38 +432,10 @@ fn set_key(event: &mut AnyEvent) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
     use consumers::projection::{ddl::Target, migrate};
-    use pipelines::aggregate::{Partial, Windows};
     use pipelines::ddl::{migrations, MIGRATIONS_TABLE};
 
-    let db = clickhouse().await.database().await.expect("database");
-    let settings = backbone::config::ClickHouseSettings {
-        url: db.url.clone(),
-        database: db.name.clone(),
-        ..backbone::config::ClickHouseSettings::default()
-    };
-    let store = |events: &[AnyEvent]| {
-        let mut partial = Partial::default();
-        events
-            .iter()
-            .for_each(|e| partial.add(Windows::new(MINUTE), e));
-        let rows = pipelines::store::rows(partial, 0);
-        let client = db.client.clone();
-        async move {
-            pipelines::store::insert(&client, &rows, Duration::from_secs(30))
-                .await
-                .expect("insert partials");
-        }
-    };
-    // About three hours and a half of events, in two flushes.
-    let events: Vec<AnyEvent> = Generator::new(GeneratorConfig {
-        seed: 20,
-        start_ms: 1_763_000_000_000,
-        spacing_ms: 2_000.0,
-        ..GeneratorConfig::default()
-    })
-    .take(6_000)
-    .map(|g| g.event)
-    .collect();
+    let (db, settings) = migration_database().await;
+    let events = three_hours_and_a_half();
     let (first, second) = events.split_at(4_000);
 
     fn before_2(target: &Target) -> Vec<consumers::projection::ddl::Migration> {
@@ -475,7 +447,7 @@ async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
             .expect("v1"),
         [1]
     );
-    store(first).await;
+    store_partials(&db, first).await;
     // What a crash mid-insert did: one rollup part stored twice.
     db.client
         .query("INSERT INTO order_funnel_per_hour_state SELECT * FROM order_funnel_per_hour_state")
@@ -493,7 +465,7 @@ async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
         migrate(&settings, MIGRATIONS_TABLE, migrations)
             .await
             .expect("v2"),
-        [2]
+        [2, 3]
     );
     let per_hour = actual(&db, "per_hour").await;
     assert_eq!(per_hour.hourly_sums(), hourly(first));
@@ -507,9 +479,106 @@ async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
     for statement in &migrations(&target)[1].statements {
         db.client.query(statement).execute().await.expect(statement);
     }
-    store(second).await;
+    store_partials(&db, second).await;
     assert_eq!(actual(&db, "per_hour").await.hourly_sums(), hourly(&events));
     assert_eq!(actual(&db, "per_minute").await, expected(&events));
+}
+
+/// A fresh database and the settings that reach it.
+async fn migration_database() -> (TestDatabase, backbone::config::ClickHouseSettings) {
+    let db = clickhouse().await.database().await.expect("database");
+    let settings = backbone::config::ClickHouseSettings {
+        url: db.url.clone(),
+        database: db.name.clone(),
+        ..backbone::config::ClickHouseSettings::default()
+    };
+    (db, settings)
+}
+
+/// About three hours and a half of generated events.
+fn three_hours_and_a_half() -> Vec<AnyEvent> {
+    Generator::new(GeneratorConfig {
+        seed: 20,
+        start_ms: 1_763_000_000_000,
+        spacing_ms: 2_000.0,
+        ..GeneratorConfig::default()
+    })
+    .take(6_000)
+    .map(|g| g.event)
+    .collect()
+}
+
+/// Stores `events` as the job's partials, in one insert.
+async fn store_partials(db: &TestDatabase, events: &[AnyEvent]) {
+    use pipelines::aggregate::{Partial, Windows};
+    let mut partial = Partial::default();
+    events
+        .iter()
+        .for_each(|e| partial.add(Windows::new(MINUTE), e));
+    let rows = pipelines::store::rows(partial, 0);
+    pipelines::store::insert(&db.client, &rows, Duration::from_secs(30))
+        .await
+        .expect("insert partials");
+}
+
+/// Migration 3 on a deployment at version 2: the search-query views gain
+/// the zero-result counts the job writes, and every read model stays exact.
+#[tokio::test]
+async fn zero_result_searches_per_query_migrate_in_place() {
+    use consumers::projection::migrate;
+    use pipelines::ddl::{migrations, MIGRATIONS_TABLE, PARTIALS_TABLE};
+
+    let (db, settings) = migration_database().await;
+    fn before_3(
+        target: &consumers::projection::ddl::Target,
+    ) -> Vec<consumers::projection::ddl::Migration> {
+        migrations(target).into_iter().take(2).collect()
+    }
+    assert_eq!(
+        migrate(&settings, MIGRATIONS_TABLE, before_3)
+            .await
+            .expect("v2"),
+        [1, 2]
+    );
+    // The views as versions 1 and 2 left them, with no zero-result counts.
+    for statement in [
+        "DROP TABLE top_queries_per_minute".to_owned(),
+        "DROP TABLE search_queries_per_minute".to_owned(),
+        format!("CREATE VIEW search_queries_per_minute AS SELECT window_start, dim1 AS query, sum(c1) AS searches FROM {PARTIALS_TABLE} WHERE model = 'queries' GROUP BY window_start, dim1"),
+        "CREATE VIEW top_queries_per_minute AS SELECT window_start, query, searches FROM search_queries_per_minute ORDER BY window_start, searches DESC, query LIMIT 10 BY window_start".to_owned(),
+    ] {
+        db.client.query(&statement).execute().await.expect(&statement);
+    }
+    let events = three_hours_and_a_half();
+    store_partials(&db, &events).await;
+    assert!(
+        db.client
+            .query("SELECT sum(zero_results) FROM search_queries_per_minute")
+            .fetch_one::<i64>()
+            .await
+            .is_err(),
+        "no zero-result counts before migration 3"
+    );
+    assert_eq!(
+        migrate(&settings, MIGRATIONS_TABLE, migrations)
+            .await
+            .expect("v3"),
+        [3]
+    );
+    let want = expected(&events);
+    assert!(
+        want.queries.values().any(|(_, zero)| *zero > 0),
+        "the events have zero-result searches"
+    );
+    assert_eq!(actual(&db, "per_minute").await, want);
+    assert_eq!(
+        actual(&db, "per_hour").await.hourly_sums(),
+        want.hourly_sums()
+    );
+    let top = checker::read_models::read_top_queries(&db.client)
+        .await
+        .expect("top queries");
+    assert_eq!(top.len(), want.top_queries().len());
 }
 
 /// Replicas started together on a fresh database migrate it at once: each

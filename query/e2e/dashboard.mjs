@@ -76,6 +76,7 @@ try {
       active_users_window: Number(document.querySelector("#active-users").dataset.windowStart),
       rooms: rows("rooms"),
       queries: rows("queries"),
+      zero_queries: rows("zero-queries"),
       searches: text("#searches"),
       zero_results: text("#zero-results"),
       revenue_totals: Object.fromEntries([...document.querySelectorAll('[data-testid^="revenue-total-"]')]

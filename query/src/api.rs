@@ -69,6 +69,25 @@ pub struct TopSearches {
     pub queries: Vec<TopQuery>,
 }
 
+/// A query that found nothing, and how often.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, clickhouse::Row, JsonSchema)]
+pub struct ZeroResultQuery {
+    pub query: String,
+    /// Searches for it that found nothing.
+    pub zero_results: i64,
+    /// Searches for it in all.
+    pub searches: i64,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TopZeroResultSearches {
+    pub from: u32,
+    pub to: u32,
+    /// Most zero-result searches first; only queries that found nothing at
+    /// least once. Counted since the analytics schema's migration 3.
+    pub queries: Vec<ZeroResultQuery>,
+}
+
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct Searches {
     pub from: u32,
@@ -216,6 +235,22 @@ pub async fn top_searches(
     Ok(json(
         &app,
         &TopSearches {
+            from: range.from,
+            to: range.to,
+            queries,
+        },
+    ))
+}
+
+pub async fn top_zero_result_searches(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (range, limit) = params::parse::<TopParams>(query.as_deref())?.resolve()?;
+    let queries = app.store.top_zero_result_queries(range, limit).await?;
+    Ok(json(
+        &app,
+        &TopZeroResultSearches {
             from: range.from,
             to: range.to,
             queries,

@@ -106,6 +106,16 @@ pub const ENDPOINTS: &[Endpoint] = &[
         may_not_find: false,
     },
     Endpoint {
+        path: "/searches/zero-results/top",
+        operation_id: "top_zero_result_searches",
+        summary: "The queries that most often found nothing over a range, with how often they were searched.",
+        handler: || get(api::top_zero_result_searches),
+        query: schema::<TopParams>,
+        answer: schema::<api::TopZeroResultSearches>,
+        path_params: &[],
+        may_not_find: false,
+    },
+    Endpoint {
         path: "/searches",
         operation_id: "searches",
         summary: "Searches, zero-result searches and latency per minute or hour.",

@@ -127,9 +127,18 @@ impl Seed {
             ..row("search")
         });
         for q in 0..QUERIES {
+            let k = key ^ ((q as u64) << 32);
+            let searches = 1 + pick(k ^ 17, 10);
+            // A third of the queries find nothing some of the time.
+            let zero_results = if q % 3 == 0 {
+                pick(k ^ 19, searches + 1)
+            } else {
+                0
+            };
             out.push(PartialRow {
                 dim1: format!("query {q}"),
-                c1: 1 + pick(key ^ ((q as u64) << 32) ^ 17, 10) as i64,
+                c1: searches as i64,
+                c2: zero_results as i64,
                 ..row("queries")
             });
         }

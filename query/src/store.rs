@@ -19,6 +19,8 @@ use serde::Serialize;
 
 use pipelines::report::{Funnel, Room, TopQuery};
 
+use crate::api::ZeroResultQuery;
+
 use crate::error::ApiError;
 use crate::params::{Granularity, RevenueGrouping, TimeRange};
 
@@ -429,20 +431,50 @@ impl Store {
         range: TimeRange,
         limit: u32,
     ) -> Result<Vec<TopQuery>, ApiError> {
+        self.queries_by_text(
+            "top searches",
+            range,
+            limit,
+            "query, searches",
+            "ORDER BY searches DESC, query LIMIT ?",
+        )
+        .await
+    }
+
+    /// The queries that found nothing most often over `range`.
+    pub async fn top_zero_result_queries(
+        &self,
+        range: TimeRange,
+        limit: u32,
+    ) -> Result<Vec<ZeroResultQuery>, ApiError> {
+        self.queries_by_text(
+            "top zero-result searches",
+            range,
+            limit,
+            "query, zero_results, searches",
+            "WHERE zero_results > 0 ORDER BY zero_results DESC, query LIMIT ?",
+        )
+        .await
+    }
+
+    /// `limit` rows of the search-query model over `range`, by query text.
+    async fn queries_by_text<T>(
+        &self,
+        what: &'static str,
+        range: TimeRange,
+        limit: u32,
+        outer: &str,
+        tail: &str,
+    ) -> Result<Vec<T>, ApiError>
+    where
+        T: clickhouse::Row + for<'b> clickhouse::RowRead<Value<'b> = T> + Send + 'static,
+    {
         let read = Read {
             group: &["query"],
             ..Read::new("queries", range, None)
         };
-        let query = self
-            .query(
-                &read,
-                "query, searches",
-                "ORDER BY searches DESC, query LIMIT ?",
-            )
-            .await?
-            .bind(limit);
-        self.run("top searches", query.fetch_all::<TopQuery>())
-            .await
+        let query = self.query(&read, outer, tail).await?.bind(limit);
+        self.run(what, query.fetch_all::<T>()).await
     }
 
     pub async fn searches(

@@ -198,6 +198,28 @@ async fn answers_add_up_the_seeded_partials() {
     assert_eq!(answer["queries"].as_array().expect("queries").len(), 10);
     assert_eq!(answer["queries"][0]["query"], ranked[0].0);
     assert_eq!(answer["queries"][0]["searches"], ranked[0].1);
+    // Zero-result searches per query, recomputed from the seeded rows.
+    let mut zero: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for row in rows.iter().filter(|r| in_range(r, "queries", from, to)) {
+        let slot = zero.entry(&row.dim1).or_default();
+        slot.0 += row.c2;
+        slot.1 += row.c1;
+    }
+    let mut ranked: Vec<(String, i64, i64)> = zero
+        .into_iter()
+        .filter(|(_, (z, _))| *z > 0)
+        .map(|(q, (z, n))| (q.to_owned(), z, n))
+        .collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(5);
+    let answer = service
+        .json(&format!(
+            "/api/v1/searches/zero-results/top?from={from}&to={to}&limit=5"
+        ))
+        .await;
+    let got = common::zero_result_queries(&answer);
+    assert_eq!(got.len(), 5);
+    assert_eq!(got, ranked);
     let (searches, zero): (i64, i64) = rows
         .iter()
         .filter(|r| in_range(r, "search", from, to))

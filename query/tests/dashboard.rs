@@ -215,6 +215,27 @@ async fn the_dashboard_shows_what_the_api_answers() {
         .collect();
     assert_eq!(got, want);
 
+    let zero = service
+        .json(&format!(
+            "/api/v1/searches/zero-results/top?{range}&limit=10"
+        ))
+        .await;
+    let want = common::zero_result_queries(&zero);
+    let got: Vec<(String, i64, i64)> = shown["zero_queries"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().expect("q").to_owned(),
+                count(&r[1]),
+                count(&r[2]),
+            )
+        })
+        .collect();
+    assert!(!want.is_empty(), "the seed has zero-result queries");
+    assert_eq!(got, want);
+
     let searches = service.json(&format!("/api/v1/searches?{range}")).await;
     assert_eq!(count(&shown["searches"]), searches["searches"]);
     assert_eq!(count(&shown["zero_results"]), searches["zero_results"]);

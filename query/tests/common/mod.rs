@@ -90,6 +90,22 @@ pub async fn seeded_with(seed: Seed, change: impl FnOnce(&mut QuerySettings)) ->
     }
 }
 
+/// (query, zero results, searches) of a top zero-result searches answer.
+pub fn zero_result_queries(answer: &serde_json::Value) -> Vec<(String, i64, i64)> {
+    answer["queries"]
+        .as_array()
+        .expect("queries")
+        .iter()
+        .map(|q| {
+            (
+                q["query"].as_str().expect("q").to_owned(),
+                q["zero_results"].as_i64().expect("n"),
+                q["searches"].as_i64().expect("n"),
+            )
+        })
+        .collect()
+}
+
 /// (status, headers, body) of a GET.
 pub async fn get(http: &reqwest::Client, url: &str) -> (u16, reqwest::header::HeaderMap, String) {
     let response = http.get(url).send().await.expect("the service answers");
