@@ -2,6 +2,7 @@
 //! binaries): every contender runs, every figure is recorded with its
 //! baseline, the report and JSON are written, and nothing is left running.
 //! Its figures mean nothing; `scripts/bench` without --smoke measures.
+//! Here, in the bench crate, so `cargo test` builds the binaries it runs.
 
 use std::process::Command;
 
