@@ -112,15 +112,11 @@ impl InFlight {
     /// How many more records and bytes the partition takes before it is
     /// full (at least one record: a reader only reads while there is room).
     fn room(&self, settings: &WorkerSettings) -> Room {
-        Room {
-            records: settings
-                .max_in_flight_records
-                .saturating_sub(self.records.load(Ordering::Relaxed))
-                .clamp(1, CHUNK_RECORDS),
-            bytes: settings
-                .max_in_flight_bytes
-                .saturating_sub(self.bytes.load(Ordering::Relaxed)),
-        }
+        Room::left(
+            settings,
+            self.records.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Counts a batch done; true (and a waiting reader told) when the
@@ -173,9 +169,21 @@ struct Room {
 }
 
 impl Room {
+    /// What `records` and `bytes` in flight leave of the bounds, a run at
+    /// most, one record at least.
+    fn left(settings: &WorkerSettings, records: usize, bytes: usize) -> Room {
+        Room {
+            records: settings
+                .max_in_flight_records
+                .saturating_sub(records)
+                .clamp(1, CHUNK_RECORDS),
+            bytes: settings.max_in_flight_bytes.saturating_sub(bytes),
+        }
+    }
+
     /// An empty partition's.
     fn all(settings: &WorkerSettings) -> Room {
-        InFlight::default().room(settings)
+        Room::left(settings, 0, 0)
     }
 }
 
@@ -803,38 +811,20 @@ impl<H: Handler> Job<H> {
         // unregisters a waker under a lock.
         let mut stream = queue.stream();
         loop {
-            let full = tokio::select! {
+            let first = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                Some(message) = stream.next() => match message {
-                    Ok(message) => {
-                        // What else is fetched already goes with it, up to
-                        // the partition's room.
-                        let mut chunk = Vec::with_capacity(room.records);
-                        let mut bytes = 0;
-                        self.admit_into(&key, &message, &mut chunk, &mut bytes);
-                        drop(message);
-                        while chunk.len() < room.records && bytes < room.bytes {
-                            match futures_now(stream.next()).flatten() {
-                                Some(Ok(message)) => {
-                                    self.admit_into(&key, &message, &mut chunk, &mut bytes);
-                                }
-                                Some(Err(error)) => {
-                                    tracing::warn!(topic = &*key.0, partition = key.1, %error, "Partition queue error; librdkafka keeps retrying.");
-                                    break;
-                                }
-                                None => break,
-                            }
-                        }
-                        self.hand_over(&key, route, chunk, bytes, Fetching::Own)
-                    }
-                    Err(error) => {
-                        tracing::warn!(topic = &*key.0, partition = key.1, %error, "Partition queue error; librdkafka keeps retrying.");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        Err(None)
-                    }
-                },
+                Some(first) = stream.next() => first,
             };
+            let (chunk, bytes, error) = self.take_fetched(&key, first, &mut stream, room);
+            let taken = chunk.len();
+            let full = self.hand_over(&key, route, chunk, bytes, Fetching::Own);
+            if let Some(error) = error {
+                tracing::warn!(topic = &*key.0, partition = key.1, %error, "Partition queue error; librdkafka keeps retrying.");
+                if taken == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             room = match full {
                 Ok(room) => room,
                 Err(Some(in_flight)) => {
@@ -846,6 +836,32 @@ impl<H: Handler> Job<H> {
                 Err(None) => Room::all(&self.shared.settings),
             };
         }
+    }
+
+    /// `first` and what else is fetched already, up to `room`: the
+    /// records admitted, their bytes, and the queue's error if one ended
+    /// the run (the records before it are still handed over).
+    fn take_fetched<'q>(
+        &self,
+        key: &PartitionKey,
+        first: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'q>>,
+        stream: &mut rdkafka::consumer::stream_consumer::MessageStream<'q, WorkerContext>,
+        room: Room,
+    ) -> (Vec<Fetched>, usize, Option<KafkaError>) {
+        let mut chunk = Vec::with_capacity(room.records);
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(message) = next {
+            match message {
+                Ok(message) => self.admit_into(key, &message, &mut chunk, &mut bytes),
+                Err(error) => return (chunk, bytes, Some(error)),
+            }
+            if chunk.len() >= room.records || bytes >= room.bytes {
+                break;
+            }
+            next = futures_now(stream.next()).flatten();
+        }
+        (chunk, bytes, None)
     }
 
     /// Copies `message` into `chunk` if it is the partition's next record
@@ -888,8 +904,14 @@ impl<H: Handler> Job<H> {
         bytes: usize,
         fetching: Fetching,
     ) -> Result<Room, Option<Arc<InFlight>>> {
+        let settings = &self.shared.settings;
+        let mut partitions = self.shared.partitions.lock().expect("partitions lock");
         let Some(first) = chunk.first() else {
-            return Ok(Room::all(&self.shared.settings));
+            // Every record refused (records missing before them): the
+            // partition's room is what it was.
+            return Ok(partitions
+                .get(key)
+                .map_or_else(|| Room::all(settings), |h| h.in_flight.room(settings)));
         };
         let first_timestamp_ms = first.timestamp_ms;
         let count = chunk.len();
@@ -897,8 +919,6 @@ impl<H: Handler> Job<H> {
             .metrics
             .consumed
             .fetch_add(count as u64, Ordering::Relaxed);
-        let settings = &self.shared.settings;
-        let mut partitions = self.shared.partitions.lock().expect("partitions lock");
         let handle = partitions
             .entry(key.clone())
             .or_insert_with(|| self.spawn(key.clone(), route.clone(), first_timestamp_ms));
@@ -1043,7 +1063,12 @@ impl<H: Handler> PartitionTask<H> {
     /// time. Retry-tier records are released only when due, waiting with the
     /// partition paused. `None` when the task should end.
     async fn next_batch(&mut self) -> Option<Vec<Fetched>> {
-        let settings = self.job.shared.settings.clone();
+        let settings = &self.job.shared.settings;
+        let (linger_ms, max_records, max_bytes) = (
+            settings.batch_linger_ms,
+            settings.batch_max_records,
+            settings.batch_max_bytes,
+        );
         loop {
             // Stopping: what is queued and not yet batched stays unhandled
             // (and uncommitted), as when the task waits below.
@@ -1087,7 +1112,7 @@ impl<H: Handler> PartitionTask<H> {
                 }
             }
         }
-        let linger = tokio::time::sleep(Duration::from_millis(settings.batch_linger_ms));
+        let linger = tokio::time::sleep(Duration::from_millis(linger_ms));
         tokio::pin!(linger);
         let mut batch = Vec::new();
         let mut bytes = 0;
@@ -1099,7 +1124,7 @@ impl<H: Handler> PartitionTask<H> {
                 }
                 bytes += record.bytes();
                 batch.push(record);
-                if batch.len() >= settings.batch_max_records || bytes >= settings.batch_max_bytes {
+                if batch.len() >= max_records || bytes >= max_bytes {
                     return Some(batch);
                 }
             }

@@ -108,6 +108,14 @@ pub struct SearchFigures {
     pub latencies_ms: Vec<i32>,
 }
 
+/// Searches of one query text per window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryFigures {
+    pub searches: u64,
+    /// Of those, how many found nothing.
+    pub zero_results: u64,
+}
+
 /// Everything one Kafka partition (or, merged, a flush) contributed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Partial {
@@ -117,9 +125,7 @@ pub struct Partial {
     pub chat: BTreeMap<(i64, String), ChatFigures>,
     pub search: BTreeMap<i64, SearchFigures>,
     /// Searches per window and query text, for the top queries.
-    pub queries: BTreeMap<(i64, String), u64>,
-    /// Of those, the searches that found nothing (only where some did).
-    pub zero_queries: BTreeMap<(i64, String), u64>,
+    pub queries: BTreeMap<(i64, String), QueryFigures>,
     /// Events added.
     pub events: u64,
 }
@@ -198,16 +204,12 @@ impl Partial {
                 figures.zero_results += u64::from(search.results_count == 0);
                 figures.latency_sum_ms += i64::from(search.latency_ms);
                 figures.latencies_ms.push(search.latency_ms);
-                *self
+                let query = self
                     .queries
                     .entry((window, search.query.clone()))
-                    .or_default() += 1;
-                if search.results_count == 0 {
-                    *self
-                        .zero_queries
-                        .entry((window, search.query.clone()))
-                        .or_default() += 1;
-                }
+                    .or_default();
+                query.searches += 1;
+                query.zero_results += u64::from(search.results_count == 0);
             }
         }
     }
@@ -261,11 +263,10 @@ impl Partial {
             figures.latency_sum_ms += s.latency_sum_ms;
             figures.latencies_ms.extend(s.latencies_ms);
         }
-        for (key, n) in other.queries {
-            *self.queries.entry(key).or_default() += n;
-        }
-        for (key, n) in other.zero_queries {
-            *self.zero_queries.entry(key).or_default() += n;
+        for (key, q) in other.queries {
+            let figures = self.queries.entry(key).or_default();
+            figures.searches += q.searches;
+            figures.zero_results += q.zero_results;
         }
     }
 }

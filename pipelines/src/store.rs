@@ -110,13 +110,11 @@ pub fn rows(partial: Partial, now: u32) -> Vec<PartialRow> {
             ..row("search", window)
         });
     }
-    let mut zero = partial.zero_queries;
-    for ((window, query), n) in partial.queries {
-        let zero_results = zero.remove(&(window, query.clone())).unwrap_or(0);
+    for ((window, query), q) in partial.queries {
         out.push(PartialRow {
             dim1: query,
-            c1: n as i64,
-            c2: zero_results as i64,
+            c1: q.searches as i64,
+            c2: q.zero_results as i64,
             ..row("queries", window)
         });
     }
