@@ -107,6 +107,20 @@ impl DecodeError {
             Self::UnexpectedEventType { .. } => "unexpected_event_type",
         }
     }
+
+    /// Every value [`Self::class`] can take (metrics start each at zero,
+    /// so a rate sees the first dead letter).
+    pub const CLASSES: [&'static str; 9] = [
+        "empty",
+        "truncated",
+        "unknown_fingerprint",
+        "unknown_schema_id",
+        "not_avro_or_json",
+        "schema_mismatch",
+        "invalid_json",
+        "missing_event_type",
+        "unexpected_event_type",
+    ];
 }
 
 /// The current schema of each event for `serde_avro_fast`, by

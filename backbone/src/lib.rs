@@ -9,6 +9,7 @@ pub mod config;
 pub mod events;
 pub mod headers;
 pub mod kafka;
+pub mod metrics;
 pub mod ops;
 pub mod provision;
 pub mod schema;

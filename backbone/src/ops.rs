@@ -7,17 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::metrics::{self, Gauge, Registry};
 use crate::shutdown::Shutdown;
-
-/// Renders the Prometheus text for `/metrics`.
-pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// The probes' address could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -28,10 +26,17 @@ pub struct ServeError {
     source: std::io::Error,
 }
 
-/// The probes and the metrics: readiness as `ready` says, metrics as
-/// `metrics` renders them, followed by `shopstream_ready` (what `/readyz`
-/// answers, for alerting on it).
-pub fn router(ready: Arc<AtomicBool>, metrics: MetricsText) -> Router {
+/// The probes and the metrics: readiness as `ready` says, the metrics of
+/// `registry` (see [`crate::metrics`]) with `shopstream_ready` added (what
+/// `/readyz` answers, for alerting on it).
+pub fn router(ready: Arc<AtomicBool>, mut registry: Registry) -> Router {
+    let ready_gauge = Gauge::<i64>::default();
+    registry.register(
+        "shopstream_ready",
+        "1 while /readyz answers 200 (started, subscribed, not draining)",
+        ready_gauge.clone(),
+    );
+    let registry = Arc::new(registry);
     let probe = ready.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -47,16 +52,9 @@ pub fn router(ready: Arc<AtomicBool>, metrics: MetricsText) -> Router {
         )
         .route(
             "/metrics",
-            get(move || async move {
-                let text = format!(
-                    "{}# HELP shopstream_ready 1 while /readyz answers 200 (started, subscribed, not draining).\n# TYPE shopstream_ready gauge\nshopstream_ready {}\n",
-                    metrics(),
-                    u8::from(ready.load(Ordering::SeqCst))
-                );
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    text,
-                )
+            get(move |headers: HeaderMap| async move {
+                ready_gauge.set(i64::from(ready.load(Ordering::SeqCst)));
+                metrics::exposition(&registry, &headers)
             }),
         )
         .fallback(|| async { (StatusCode::NOT_FOUND, "try /healthz, /readyz or /metrics\n") })
@@ -74,7 +72,7 @@ pub async fn serve(
     setting: &str,
     address: &str,
     ready: Arc<AtomicBool>,
-    metrics: MetricsText,
+    registry: Registry,
     shutdown: Shutdown,
 ) -> Result<SocketAddr, ServeError> {
     let fail = |source| ServeError {
@@ -85,7 +83,7 @@ pub async fn serve(
     let listener = TcpListener::bind(address).await.map_err(fail)?;
     let bound = listener.local_addr().map_err(fail)?;
     tracing::info!(address = %bound, "Serving /healthz, /readyz and /metrics.");
-    let app = router(ready, metrics);
+    let app = router(ready, registry);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -125,11 +123,15 @@ mod tests {
     async fn probes_follow_readiness_and_metrics_render() {
         let ready = Arc::new(AtomicBool::new(false));
         let shutdown = Shutdown::new();
+        let mut registry = Registry::default();
+        let up = Gauge::<i64>::default();
+        registry.register("up", "Up", up.clone());
+        up.set(1);
         let address = serve(
             "worker.metrics_address",
             "127.0.0.1:0",
             ready.clone(),
-            Arc::new(|| "up 1\n".to_owned()),
+            registry,
             shutdown.clone(),
         )
         .await
@@ -140,19 +142,16 @@ mod tests {
         assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 503"));
         ready.store(true, Ordering::SeqCst);
         assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 200 OK"));
-        assert!(get(address, "/metrics")
-            .await
-            .contains("\r\n\r\nup 1\n# HELP shopstream_ready "));
-        assert!(get(address, "/metrics")
-            .await
-            .ends_with("\nshopstream_ready 1\n"));
+        let text = get(address, "/metrics").await;
+        assert!(text.contains("\nup 1\n# HELP shopstream_ready "), "{text}");
+        assert!(text.ends_with("\nshopstream_ready 1\n"), "{text}");
         assert!(get(address, "/nope").await.starts_with("HTTP/1.1 404"));
         shutdown.cancel();
         let error = serve(
             "analytics.metrics_address",
             "256.0.0.1:1",
             ready,
-            Arc::new(String::new),
+            Registry::default(),
             Shutdown::new(),
         )
         .await

@@ -8,19 +8,28 @@
 /// end: a server may keep a connection open (a CI run hung for minutes on
 /// one that was never closed).
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
-    tokio::time::timeout(std::time::Duration::from_secs(5), get(port, path))
+    http_get_accepting(port, path, "*/*").await
+}
+
+/// [`http_get`] with an `Accept` header (`/metrics` answers OpenMetrics to
+/// `application/openmetrics-text`).
+pub async fn http_get_accepting(port: u16, path: &str, accept: &str) -> Option<String> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), get(port, path, accept))
         .await
         .ok()?
 }
 
-async fn get(port: u16, path: &str) -> Option<String> {
+async fn get(port: u16, path: &str, accept: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "GET {path} HTTP/1.1\r\nhost: x\r\naccept: {accept}\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .ok()?;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use backbone::events::AnyEvent;
+use backbone::metrics::Gauge;
 
 /// One decoded record of a batch.
 #[derive(Debug, Clone)]
@@ -59,6 +60,8 @@ impl Outcome {
 #[derive(Debug)]
 pub struct BusyPartitions {
     count: AtomicUsize,
+    /// `count` for /metrics (the count above keeps its ordering).
+    gauge: Gauge,
     fell: watch::Sender<()>,
 }
 
@@ -66,6 +69,7 @@ impl Default for BusyPartitions {
     fn default() -> Self {
         Self {
             count: AtomicUsize::new(0),
+            gauge: Gauge::default(),
             fell: watch::Sender::new(()),
         }
     }
@@ -76,6 +80,11 @@ impl BusyPartitions {
         self.count.load(Ordering::SeqCst)
     }
 
+    /// The count as a metric (shared, not copied).
+    pub fn gauge(&self) -> Gauge {
+        self.gauge.clone()
+    }
+
     /// Changes after each fall of the count (none is missed: a change since
     /// the last look is seen at once).
     pub fn falls(&self) -> watch::Receiver<()> {
@@ -84,10 +93,12 @@ impl BusyPartitions {
 
     pub(crate) fn enter(&self) {
         self.count.fetch_add(1, Ordering::SeqCst);
+        self.gauge.inc();
     }
 
     pub(crate) fn leave(&self) {
         self.count.fetch_sub(1, Ordering::SeqCst);
+        self.gauge.dec();
         self.fell.send_replace(());
     }
 }

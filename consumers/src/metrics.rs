@@ -1,201 +1,272 @@
-//! The worker's counters, rendered in the Prometheus text format.
+//! The worker's metrics, registered in one registry (see
+//! `backbone::metrics`).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use backbone::metrics::{Counter, EncodeLabelSet, Family, Gauge, Histogram, Registry, Unit};
 
 use crate::handler::BusyPartitions;
 
 /// Upper bounds of the handler latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
-#[derive(Debug, Default)]
+/// The `tier` of retries in place (not in a retry tier).
+const IN_PLACE: &str = "in_place";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    error_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Debug)]
 pub struct Metrics {
-    pub consumed: AtomicU64,
-    pub handled: AtomicU64,
+    pub consumed: Counter,
+    pub handled: Counter,
     /// Fetches found missing records before the one they returned (each
     /// fetched again from the expected offset).
-    pub fetch_gaps: AtomicU64,
+    pub fetch_gaps: Counter,
     /// Partitions paused in librdkafka (retry backoff, a retry tier's
     /// record not due, draining; backpressure for a partition read from the
     /// consumer's queue).
-    pub paused_partitions: AtomicUsize,
+    pub paused_partitions: Gauge,
     /// Partitions whose in-flight bound is full now: their reader waits,
     /// and their records wait in librdkafka's queue for the partition.
-    pub full_partitions: AtomicUsize,
+    pub full_partitions: Gauge,
     pub busy_partitions: BusyPartitions,
     /// ClickHouse insert attempts that failed (each is retried).
-    pub clickhouse_insert_failures: AtomicU64,
+    pub clickhouse_insert_failures: Counter,
     /// Times a partition filled its in-flight bound and was held back.
-    pub partitions_held_back: AtomicU64,
+    pub partitions_held_back: Counter,
     /// Partitions the group gave this worker, as of the last rebalance.
-    pub assigned_partitions: AtomicUsize,
+    pub assigned_partitions: Gauge,
     /// Partitions taken away by rebalances: with the cooperative protocol
     /// only those moving to another member, with eager every one each time.
-    pub revoked_partitions: AtomicU64,
+    pub revoked_partitions: Counter,
     /// Assignments the group gave this worker (one per rebalance it took
     /// part in): a static member restarted in time causes none.
-    pub rebalances: AtomicU64,
-    batches: AtomicU64,
-    batch_records: AtomicU64,
-    latency_counts: [AtomicU64; LATENCY_BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_micros: AtomicU64,
-    /// In-place retries (`None`) and retries from tier `i`.
-    retries: Mutex<BTreeMap<Option<usize>, u64>>,
+    pub rebalances: Counter,
+    batches: Counter,
+    batch_records: Counter,
+    handler_seconds: Histogram,
+    /// In-place retries (`in_place`) and retries from tier `i`.
+    retries: Family<TierLabel, Counter>,
     /// Records moved into tier `i`.
-    tiered: Mutex<BTreeMap<usize, u64>>,
-    dead_lettered: Mutex<BTreeMap<String, u64>>,
+    tiered: Family<TierLabel, Counter>,
+    dead_lettered: Family<ClassLabel, Counter>,
     /// Consumer lag per topic and partition, as last measured.
-    pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+    lag: Family<PartitionLabels, Gauge>,
+    /// The partitions in `lag` (the family cannot be listed).
+    lagging: Mutex<BTreeSet<(String, i32)>>,
+}
+
+impl Default for Metrics {
+    /// The in-place retries and the dead letters of each decoding error
+    /// start at zero (a rate then sees the first one).
+    fn default() -> Self {
+        let metrics = Self {
+            consumed: Counter::default(),
+            handled: Counter::default(),
+            fetch_gaps: Counter::default(),
+            paused_partitions: Gauge::default(),
+            full_partitions: Gauge::default(),
+            busy_partitions: BusyPartitions::default(),
+            clickhouse_insert_failures: Counter::default(),
+            partitions_held_back: Counter::default(),
+            assigned_partitions: Gauge::default(),
+            revoked_partitions: Counter::default(),
+            rebalances: Counter::default(),
+            batches: Counter::default(),
+            batch_records: Counter::default(),
+            handler_seconds: Histogram::new(LATENCY_BUCKETS),
+            retries: Family::default(),
+            tiered: Family::default(),
+            dead_lettered: Family::default(),
+            lag: Family::default(),
+            lagging: Mutex::default(),
+        };
+        metrics
+            .retries
+            .get_or_create(&TierLabel {
+                tier: IN_PLACE.to_owned(),
+            })
+            .inc_by(0);
+        for class in backbone::codec::DecodeError::CLASSES {
+            metrics
+                .dead_lettered
+                .get_or_create(&ClassLabel {
+                    error_class: class.to_owned(),
+                })
+                .inc_by(0);
+        }
+        metrics
+    }
 }
 
 impl Metrics {
-    pub fn observe_batch(&self, records: usize) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.batch_records
-            .fetch_add(records as u64, Ordering::Relaxed);
+    /// A registry holding every metric of this worker (shared, not copied).
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        r.register(
+            "shopstream_records_consumed",
+            "Records fetched from Kafka",
+            self.consumed.clone(),
+        );
+        r.register(
+            "shopstream_records_handled",
+            "Records the handler marked done",
+            self.handled.clone(),
+        );
+        r.register(
+            "shopstream_fetch_gaps",
+            "Fetches that skipped records, fetched again from the expected offset",
+            self.fetch_gaps.clone(),
+        );
+        r.register(
+            "shopstream_batches",
+            "Batches handed to the handler",
+            self.batches.clone(),
+        );
+        r.register(
+            "shopstream_batch_records",
+            "Records in those batches (divide by batches for the mean size)",
+            self.batch_records.clone(),
+        );
+        r.register_with_unit(
+            "shopstream_handler",
+            "Handler call latency",
+            Unit::Seconds,
+            self.handler_seconds.clone(),
+        );
+        r.register(
+            "shopstream_retries",
+            "Handler retries, in place or in a retry tier",
+            self.retries.clone(),
+        );
+        r.register(
+            "shopstream_records_tiered",
+            "Records moved to a retry tier",
+            self.tiered.clone(),
+        );
+        r.register(
+            "shopstream_records_dead_lettered",
+            "Records sent to a dead-letter queue",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "shopstream_paused_partitions",
+            "Partitions paused now",
+            self.paused_partitions.clone(),
+        );
+        r.register(
+            "shopstream_full_partitions",
+            "Partitions whose in-flight bound is full now (backpressure: their records wait in librdkafka)",
+            self.full_partitions.clone(),
+        );
+        r.register(
+            "shopstream_clickhouse_insert_failures",
+            "ClickHouse insert attempts of the projections that failed (each retried with backoff; offsets wait)",
+            self.clickhouse_insert_failures.clone(),
+        );
+        r.register(
+            "shopstream_busy_partitions",
+            "Partition tasks holding records now (batching, waiting for a handler slot, handling or retrying)",
+            self.busy_partitions.gauge(),
+        );
+        r.register(
+            "shopstream_partitions_held_back",
+            "Times a partition filled its in-flight bound and its reader waited for room",
+            self.partitions_held_back.clone(),
+        );
+        r.register(
+            "shopstream_assigned_partitions",
+            "Partitions the group assigned to this worker",
+            self.assigned_partitions.clone(),
+        );
+        r.register(
+            "shopstream_revoked_partitions",
+            "Partitions taken from this worker by rebalances",
+            self.revoked_partitions.clone(),
+        );
+        r.register(
+            "shopstream_rebalances",
+            "Rebalances that gave this worker an assignment",
+            self.rebalances.clone(),
+        );
+        r.register(
+            "shopstream_consumer_lag",
+            "Records behind the high watermark",
+            self.lag.clone(),
+        );
+        r
     }
 
-    pub fn observe_handler(&self, took: Duration, _records: usize) {
-        let seconds = took.as_secs_f64();
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                self.latency_counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    pub fn observe_batch(&self, records: usize) {
+        self.batches.inc();
+        self.batch_records.inc_by(records as u64);
+    }
+
+    pub fn observe_handler(&self, took: Duration) {
+        self.handler_seconds.observe(took.as_secs_f64());
     }
 
     pub fn retry(&self, tier: Option<usize>) {
-        *self
-            .retries
-            .lock()
-            .expect("metrics lock")
-            .entry(tier)
-            .or_default() += 1;
+        let tier = tier.map_or_else(|| IN_PLACE.to_owned(), |t| t.to_string());
+        self.retries.get_or_create(&TierLabel { tier }).inc();
     }
 
     pub fn tiered(&self, tier: usize) {
-        *self
-            .tiered
-            .lock()
-            .expect("metrics lock")
-            .entry(tier)
-            .or_default() += 1;
+        self.tiered
+            .get_or_create(&TierLabel {
+                tier: tier.to_string(),
+            })
+            .inc();
     }
 
     pub fn dead_lettered(&self, class: &str) {
-        *self
-            .dead_lettered
-            .lock()
-            .expect("metrics lock")
-            .entry(class.to_owned())
-            .or_default() += 1;
+        self.dead_lettered
+            .get_or_create(&ClassLabel {
+                error_class: class.to_owned(),
+            })
+            .inc();
     }
 
     /// Dead-lettered records of one error class so far.
     pub fn dead_lettered_count(&self, class: &str) -> u64 {
         self.dead_lettered
-            .lock()
-            .expect("metrics lock")
-            .get(class)
-            .copied()
-            .unwrap_or(0)
+            .get(&ClassLabel {
+                error_class: class.to_owned(),
+            })
+            .map_or(0, |n| n.get())
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+    /// Replaces the lag of every partition with `lag` (partitions no longer
+    /// measured leave the family).
+    pub fn set_lag(&self, lag: BTreeMap<(String, i32), i64>) {
+        let labels = |(topic, partition): &(String, i32)| PartitionLabels {
+            topic: topic.clone(),
+            partition: *partition,
         };
-        counter(
-            "shopstream_records_consumed_total",
-            "Records fetched from Kafka.",
-            self.consumed.load(Ordering::Relaxed),
-        );
-        counter(
-            "shopstream_records_handled_total",
-            "Records the handler marked done.",
-            self.handled.load(Ordering::Relaxed),
-        );
-        counter(
-            "shopstream_fetch_gaps_total",
-            "Fetches that skipped records, fetched again from the expected offset.",
-            self.fetch_gaps.load(Ordering::Relaxed),
-        );
-        counter(
-            "shopstream_batches_total",
-            "Batches handed to the handler.",
-            self.batches.load(Ordering::Relaxed),
-        );
-        counter(
-            "shopstream_batch_records_total",
-            "Records in those batches (divide by batches for the mean size).",
-            self.batch_records.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(out, "# HELP shopstream_handler_seconds Handler call latency.\n# TYPE shopstream_handler_seconds histogram");
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "shopstream_handler_seconds_bucket{{le=\"{bound}\"}} {}",
-                self.latency_counts[i].load(Ordering::Relaxed)
-            );
+        let mut lagging = self.lagging.lock().expect("metrics lock");
+        for (key, behind) in &lag {
+            self.lag.get_or_create(&labels(key)).set(*behind);
         }
-        let count = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "shopstream_handler_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "shopstream_handler_seconds_sum {}",
-            self.latency_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "shopstream_handler_seconds_count {count}");
-        let _ = writeln!(out, "# HELP shopstream_retries_total Handler retries, in place or in a retry tier.\n# TYPE shopstream_retries_total counter");
-        for (tier, n) in self.retries.lock().expect("metrics lock").iter() {
-            let tier = tier.map_or("in_place".to_owned(), |t| t.to_string());
-            let _ = writeln!(out, "shopstream_retries_total{{tier=\"{tier}\"}} {n}");
+        for gone in lagging.iter().filter(|key| !lag.contains_key(*key)) {
+            self.lag.remove(&labels(gone));
         }
-        let _ = writeln!(out, "# HELP shopstream_records_tiered_total Records moved to a retry tier.\n# TYPE shopstream_records_tiered_total counter");
-        for (tier, n) in self.tiered.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "shopstream_records_tiered_total{{tier=\"{tier}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP shopstream_records_dead_lettered_total Records sent to a dead-letter queue.\n# TYPE shopstream_records_dead_lettered_total counter");
-        for (class, n) in self.dead_lettered.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "shopstream_records_dead_lettered_total{{error_class=\"{class}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP shopstream_paused_partitions Partitions paused now.\n# TYPE shopstream_paused_partitions gauge\nshopstream_paused_partitions {}", self.paused_partitions.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP shopstream_full_partitions Partitions whose in-flight bound is full now (backpressure: their records wait in librdkafka).\n# TYPE shopstream_full_partitions gauge\nshopstream_full_partitions {}", self.full_partitions.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP shopstream_clickhouse_insert_failures_total ClickHouse insert attempts of the projections that failed (each retried with backoff; offsets wait).\n# TYPE shopstream_clickhouse_insert_failures_total counter\nshopstream_clickhouse_insert_failures_total {}", self.clickhouse_insert_failures.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP shopstream_busy_partitions Partition tasks holding records now (batching, waiting for a handler slot, handling or retrying).\n# TYPE shopstream_busy_partitions gauge\nshopstream_busy_partitions {}", self.busy_partitions.get());
-        let _ = writeln!(out, "# HELP shopstream_partitions_held_back_total Times a partition filled its in-flight bound and its reader waited for room.\n# TYPE shopstream_partitions_held_back_total counter\nshopstream_partitions_held_back_total {}", self.partitions_held_back.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP shopstream_assigned_partitions Partitions the group assigned to this worker.\n# TYPE shopstream_assigned_partitions gauge\nshopstream_assigned_partitions {}", self.assigned_partitions.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP shopstream_revoked_partitions_total Partitions taken from this worker by rebalances.\n# TYPE shopstream_revoked_partitions_total counter\nshopstream_revoked_partitions_total {}", self.revoked_partitions.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP shopstream_rebalances_total Rebalances that gave this worker an assignment.\n# TYPE shopstream_rebalances_total counter\nshopstream_rebalances_total {}", self.rebalances.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP shopstream_consumer_lag Records behind the high watermark.\n# TYPE shopstream_consumer_lag gauge");
-        for ((topic, partition), lag) in self.lag.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "shopstream_consumer_lag{{topic=\"{topic}\",partition=\"{partition}\"}} {lag}"
-            );
-        }
-        out
+        *lagging = lag.into_keys().collect();
     }
 }
 
@@ -206,17 +277,18 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let metrics = Metrics::default();
-        metrics.consumed.fetch_add(3, Ordering::Relaxed);
-        metrics.observe_handler(Duration::from_millis(7), 3);
+        let render = || backbone::metrics::encode(&metrics.registry(), false);
+        metrics.consumed.inc_by(3);
+        metrics.observe_handler(Duration::from_millis(7));
         metrics.retry(None);
         metrics.retry(Some(1));
         metrics.dead_lettered("truncated");
-        metrics.assigned_partitions.store(4, Ordering::Relaxed);
-        let text = metrics.render();
+        metrics.assigned_partitions.set(4);
+        let text = render();
         assert!(text.contains("shopstream_assigned_partitions 4"));
-        metrics.revoked_partitions.store(3, Ordering::Relaxed);
-        metrics.rebalances.store(2, Ordering::Relaxed);
-        let again = metrics.render();
+        metrics.revoked_partitions.inc_by(3);
+        metrics.rebalances.inc_by(2);
+        let again = render();
         assert!(again.contains("shopstream_revoked_partitions_total 3"));
         assert!(again.contains("shopstream_rebalances_total 2"));
         assert!(text.contains("shopstream_records_consumed_total 3"));

@@ -149,15 +149,15 @@ impl InFlight {
     /// Returns once the partition has drained to half its bounds (or its
     /// task has ended), or at `stop`.
     async fn wait_for_room(&self, settings: &WorkerSettings, metrics: &Metrics, stop: &Shutdown) {
-        metrics.full_partitions.fetch_add(1, Ordering::Relaxed);
-        metrics.partitions_held_back.fetch_add(1, Ordering::Relaxed);
+        metrics.full_partitions.inc();
+        metrics.partitions_held_back.inc();
         while !self.drained(settings) {
             tokio::select! {
                 _ = self.room.notified() => {}
                 _ = stop.cancelled() => break,
             }
         }
-        metrics.full_partitions.fetch_sub(1, Ordering::Relaxed);
+        metrics.full_partitions.dec();
     }
 }
 
@@ -235,9 +235,7 @@ impl Shared {
         if (before == 0) == (after == 0) {
             return;
         }
-        self.metrics
-            .paused_partitions
-            .store(pauses.len(), Ordering::Relaxed);
+        self.metrics.paused_partitions.set(pauses.len() as i64);
         // The lock is held across the call: a resume racing a pause from
         // another thread must not leave librdkafka paused with no reason left.
         let Some(consumer) = self.consumer() else {
@@ -327,9 +325,7 @@ impl Shared {
                 resume.add_partition(&key.0, key.1);
             }
         }
-        self.metrics
-            .paused_partitions
-            .store(pauses.len(), Ordering::Relaxed);
+        self.metrics.paused_partitions.set(pauses.len() as i64);
         if let (true, Some(consumer)) = (resume.count() > 0, self.consumer()) {
             if let Err(error) = consumer.resume(&resume) {
                 tracing::warn!(%error, "Resuming revoked partitions failed.");
@@ -416,11 +412,15 @@ impl Shared {
             Some(continuity) => continuity,
             None => expected.entry(key.clone()).or_default(),
         };
-        continuity.admit((&key.0, key.1, offset), &self.metrics.fetch_gaps, |from| {
-            self.consumer().map_or(Ok(()), |consumer| {
-                continuity::seek_back(&*consumer, &key.0, key.1, from)
-            })
-        })
+        continuity.admit(
+            (&key.0, key.1, offset),
+            self.metrics.fetch_gaps.inner(),
+            |from| {
+                self.consumer().map_or(Ok(()), |consumer| {
+                    continuity::seek_back(&*consumer, &key.0, key.1, from)
+                })
+            },
+        )
     }
 }
 
@@ -478,7 +478,7 @@ impl ConsumerContext for WorkerContext {
             self.shared
                 .metrics
                 .revoked_partitions
-                .fetch_add(keys.len() as u64, Ordering::Relaxed);
+                .inc_by(keys.len() as u64);
             self.shared.stop_readers(Some(&keys));
             // The next owner reads its ledgers once this returns.
             self.shared
@@ -498,10 +498,7 @@ impl ConsumerContext for WorkerContext {
     ) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "Partitions assigned.");
-            self.shared
-                .metrics
-                .rebalances
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.rebalances.inc();
             self.shared.expect_committed(consumer, tpl);
             self.shared.split_queues(tpl);
         }
@@ -511,7 +508,7 @@ impl ConsumerContext for WorkerContext {
             self.shared
                 .metrics
                 .assigned_partitions
-                .store(assignment.count(), Ordering::Relaxed);
+                .set(assignment.count() as i64);
         }
     }
 }
@@ -766,21 +763,46 @@ async fn measure_lag(
             let Ok(position) = consumer.position() else {
                 return lag;
             };
+            // A partition with nothing consumed since its assignment has no
+            // position: it is behind from its committed offset, or from its
+            // start (`auto.offset.reset=earliest`), and one that never
+            // delivers must still show its lag.
+            let mut unpositioned = TopicPartitionList::new();
             for e in position.elements() {
-                let Offset::Offset(at) = e.offset() else {
+                if !matches!(e.offset(), Offset::Offset(_)) {
+                    unpositioned.add_partition(e.topic(), e.partition());
+                }
+            }
+            let committed = if unpositioned.count() == 0 {
+                TopicPartitionList::new()
+            } else {
+                consumer
+                    .committed_offsets(unpositioned, Duration::from_secs(1))
+                    .unwrap_or_default()
+            };
+            for e in position.elements() {
+                let Ok((low, high)) =
+                    consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(1))
+                else {
                     continue;
                 };
-                if let Ok((_, high)) =
-                    consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(1))
-                {
-                    lag.insert((e.topic().to_owned(), e.partition()), (high - at).max(0));
-                }
+                let at = match e.offset() {
+                    Offset::Offset(at) => at,
+                    _ => committed
+                        .find_partition(e.topic(), e.partition())
+                        .and_then(|c| match c.offset() {
+                            Offset::Offset(at) => Some(at),
+                            _ => None,
+                        })
+                        .unwrap_or(low),
+                };
+                lag.insert((e.topic().to_owned(), e.partition()), (high - at).max(0));
             }
             lag
         })
         .await
         .unwrap_or_default();
-        *metrics.lag.lock().expect("metrics lock") = lag;
+        metrics.set_lag(lag);
     }
 }
 
@@ -915,10 +937,7 @@ impl<H: Handler> Job<H> {
         };
         let first_timestamp_ms = first.timestamp_ms;
         let count = chunk.len();
-        self.shared
-            .metrics
-            .consumed
-            .fetch_add(count as u64, Ordering::Relaxed);
+        self.shared.metrics.consumed.inc_by(count as u64);
         let handle = partitions
             .entry(key.clone())
             .or_insert_with(|| self.spawn(key.clone(), route.clone(), first_timestamp_ms));
@@ -1223,14 +1242,14 @@ impl<H: Handler> PartitionTask<H> {
                     outcomes = job.handler.handle(&records) => outcomes,
                 }
             };
-            metrics.observe_handler(handled.elapsed(), records.len());
+            metrics.observe_handler(handled.elapsed());
             let (mut again, mut again_meta) = (Vec::new(), Vec::new());
             let mut last_reason = String::new();
             for (n, (record, (i, before))) in records.into_iter().zip(meta).enumerate() {
                 let outcome = outcomes.get(n).cloned();
                 match outcome.unwrap_or_else(|| Outcome::retry("the handler returned no outcome")) {
                     Outcome::Done => {
-                        metrics.handled.fetch_add(1, Ordering::Relaxed);
+                        metrics.handled.inc();
                     }
                     Outcome::Fatal { class, reason } => {
                         let failure = Failure {

@@ -113,12 +113,11 @@ pub async fn run(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         KafkaConnection::connect(&config.kafka, &catalog).context("connecting to Kafka")?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let render = metrics.clone();
     backbone::ops::serve(
         "worker.metrics_address",
         &config.worker.metrics_address,
         ready.clone(),
-        Arc::new(move || render.render()),
+        metrics.registry(),
         shutdown.clone(),
     )
     .await?;

@@ -391,11 +391,7 @@ async fn clickhouse_stopped_then_started_loses_nothing() {
         "an outage is not the data's fault"
     );
     assert!(
-        worker
-            .metrics
-            .clickhouse_insert_failures
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0,
+        worker.metrics.clickhouse_insert_failures.get() > 0,
         "the failed attempts were counted (what the inserts-failing alert reads)"
     );
     worker.stop().await;

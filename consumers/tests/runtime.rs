@@ -233,7 +233,7 @@ async fn assigned_between(workers: &[&Running], partitions: usize) {
     let assigned = || {
         workers
             .iter()
-            .map(|w| w.metrics.assigned_partitions.load(Ordering::Relaxed))
+            .map(|w| w.metrics.assigned_partitions.get())
             .collect::<Vec<_>>()
     };
     wait_until(
@@ -241,7 +241,7 @@ async fn assigned_between(workers: &[&Running], partitions: usize) {
         Duration::from_secs(60),
         || {
             let now = assigned();
-            now.iter().all(|n| *n > 0) && now.iter().sum::<usize>() == partitions
+            now.iter().all(|n| *n > 0) && now.iter().sum::<i64>() == partitions as i64
         },
     )
     .await;
@@ -313,7 +313,7 @@ async fn poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled()
     )
     .await
     .expect("test setup");
-    let text = worker.metrics.render();
+    let text = backbone::metrics::encode(&worker.metrics.registry(), false);
     stop(worker).await;
 
     let handled = handled_ids(&recorder);
@@ -380,10 +380,12 @@ async fn poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled()
         );
     }
     assert_eq!(dead.len(), poisoned.len());
-    assert!(
-        text.contains("shopstream_records_dead_lettered_total{error_class="),
-        "{text}"
-    );
+    let counted: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("shopstream_records_dead_lettered_total{error_class="))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, poisoned.len() as f64, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -417,7 +419,7 @@ async fn transient_failures_retry_in_place_and_exhausted_ones_walk_the_tiers_to_
     .expect("test setup");
     // Everything else flowed while the doomed record retried.
     let handled = handled_ids(&recorder);
-    let text = worker.metrics.render();
+    let text = backbone::metrics::encode(&worker.metrics.registry(), false);
     stop(worker).await;
     assert_eq!(
         handled.len(),
@@ -693,7 +695,7 @@ async fn a_slow_handler_holds_its_partitions_back_instead_of_buffering_without_b
     let metrics = worker.metrics.clone();
     let mut full_seen = 0;
     wait_until("every record handled", Duration::from_secs(120), || {
-        full_seen = full_seen.max(metrics.full_partitions.load(Ordering::Relaxed));
+        full_seen = full_seen.max(metrics.full_partitions.get());
         recorder.seen.lock().expect("lock").len() >= events.len()
     })
     .await;
@@ -768,7 +770,7 @@ async fn a_partition_revoked_while_held_back_by_backpressure_resumes_when_it_com
     wait_until(
         "the first worker is held back by backpressure",
         Duration::from_secs(30),
-        || a.metrics.full_partitions.load(Ordering::Relaxed) > 0,
+        || a.metrics.full_partitions.get() > 0,
     )
     .await;
     // A second member joins and leaves: the first one's partitions are
@@ -812,8 +814,8 @@ async fn handled_without_stalling(
         assert!(
             progressed.elapsed() < patience,
             "stalled at {now} of {total} records with {} partition(s) paused, {} full",
-            metrics.paused_partitions.load(Ordering::Relaxed),
-            metrics.full_partitions.load(Ordering::Relaxed)
+            metrics.paused_partitions.get(),
+            metrics.full_partitions.get()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -13,7 +13,7 @@
 //! rebalance callback can wait for ClickHouse before partitions start.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use backbone::config::{AnalyticsSettings, ClickHouseSettings, LateEvents};
 use backbone::events::EventType;
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
+use backbone::metrics::{Counter, FloatGauge, Gauge, Registry, Unit};
 use backbone::shutdown::Shutdown;
 use consumers::continuity::{self, Continuity};
 use consumers::fetched::Fetched;
@@ -36,99 +37,101 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use crate::aggregate::{Arrival, Partial, Watermark, Windows};
 use crate::store;
 
-/// Counters for /metrics.
+/// The job's metrics, registered in one registry (see `backbone::metrics`).
 #[derive(Debug, Default)]
 pub struct JobMetrics {
-    pub events: AtomicU64,
-    pub late: AtomicU64,
-    pub diverted: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub flushes: AtomicU64,
-    pub inserts: AtomicU64,
+    pub events: Counter,
+    pub late: Counter,
+    pub diverted: Counter,
+    pub dead_lettered: Counter,
+    pub flushes: Counter,
+    pub inserts: Counter,
     /// Microseconds spent in acknowledged inserts.
-    pub insert_micros: AtomicU64,
-    pub insert_retries: AtomicU64,
+    pub insert_micros: Counter,
+    pub insert_retries: Counter,
     /// Fetches that skipped records, fetched again from the expected offset.
-    pub fetch_gaps: AtomicU64,
+    pub fetch_gaps: Counter,
     /// Flushes held back because the group coordinator refused this
     /// replica's commit (see `Lease`).
-    pub fenced_flushes: AtomicU64,
-    /// Partitions the group assigned to this replica (a gauge).
-    pub assigned_partitions: AtomicU64,
-    /// When the last flush was stored, in Unix milliseconds (a gauge): how
-    /// fresh the read models are, as `time()` minus it.
-    pub last_flush_ms: AtomicU64,
+    pub fenced_flushes: Counter,
+    /// Partitions the group assigned to this replica.
+    pub assigned_partitions: Gauge,
+    /// When the last flush was stored, in Unix seconds: how fresh the read
+    /// models are, as `time()` minus it.
+    pub last_flush: FloatGauge,
 }
 
 impl JobMetrics {
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        for (name, help, value) in [
+    /// A registry holding every metric of the job (shared, not copied).
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        for (name, help, counter) in [
             (
-                "shopstream_analytics_events_total",
-                "Events added to windows.",
+                "shopstream_analytics_events",
+                "Events added to windows",
                 &self.events,
             ),
             (
-                "shopstream_analytics_late_events_total",
-                "Events older than the watermark.",
+                "shopstream_analytics_late_events",
+                "Events older than the watermark",
                 &self.late,
             ),
             (
-                "shopstream_analytics_diverted_events_total",
-                "Late events sent to the late topic.",
+                "shopstream_analytics_diverted_events",
+                "Late events sent to the late topic",
                 &self.diverted,
             ),
             (
-                "shopstream_analytics_dead_lettered_total",
-                "Undecodable events sent to the DLQ.",
+                "shopstream_analytics_dead_lettered",
+                "Undecodable events sent to the DLQ",
                 &self.dead_lettered,
             ),
             (
-                "shopstream_analytics_flushes_total",
-                "Partition flushes stored in ClickHouse.",
+                "shopstream_analytics_flushes",
+                "Partition flushes stored in ClickHouse",
                 &self.flushes,
             ),
             (
-                "shopstream_analytics_inserts_total",
-                "ClickHouse inserts acknowledged.",
+                "shopstream_analytics_inserts",
+                "ClickHouse inserts acknowledged",
                 &self.inserts,
             ),
             (
-                "shopstream_analytics_insert_microseconds_total",
-                "Time spent in acknowledged inserts.",
-                &self.insert_micros,
-            ),
-            (
-                "shopstream_analytics_insert_retries_total",
-                "ClickHouse inserts retried.",
+                "shopstream_analytics_insert_retries",
+                "ClickHouse inserts retried",
                 &self.insert_retries,
             ),
             (
-                "shopstream_analytics_fetch_gaps_total",
-                "Fetches that skipped records, fetched again from the expected offset.",
+                "shopstream_analytics_fetch_gaps",
+                "Fetches that skipped records, fetched again from the expected offset",
                 &self.fetch_gaps,
             ),
             (
-                "shopstream_analytics_fenced_flushes_total",
-                "Flushes held because Kafka did not take this replica's commit (another generation, a rebalance, or no answer within 2 s).",
+                "shopstream_analytics_fenced_flushes",
+                "Flushes held because Kafka did not take this replica's commit (another generation, a rebalance, or no answer within 2 s)",
                 &self.fenced_flushes,
             ),
         ] {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                value.load(Ordering::Relaxed)
-            ));
+            r.register(name, help, counter.clone());
         }
-        out.push_str(&format!(
-            "# HELP shopstream_analytics_assigned_partitions Partitions the group assigned to this replica.\n# TYPE shopstream_analytics_assigned_partitions gauge\nshopstream_analytics_assigned_partitions {}\n",
-            self.assigned_partitions.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "# HELP shopstream_analytics_last_flush_timestamp_seconds When the last flush was stored in ClickHouse (0 before the first): the read models are as fresh as time() minus this.\n# TYPE shopstream_analytics_last_flush_timestamp_seconds gauge\nshopstream_analytics_last_flush_timestamp_seconds {:.3}\n",
-            self.last_flush_ms.load(Ordering::Relaxed) as f64 / 1000.0
-        ));
-        out
+        r.register_with_unit(
+            "shopstream_analytics_insert",
+            "Time spent in acknowledged inserts",
+            Unit::Other("microseconds".into()),
+            self.insert_micros.clone(),
+        );
+        r.register(
+            "shopstream_analytics_assigned_partitions",
+            "Partitions the group assigned to this replica",
+            self.assigned_partitions.clone(),
+        );
+        r.register_with_unit(
+            "shopstream_analytics_last_flush_timestamp",
+            "When the last flush was stored in ClickHouse (0 before the first): the read models are as fresh as time() minus this",
+            Unit::Seconds,
+            self.last_flush.clone(),
+        );
+        r
     }
 }
 
@@ -258,11 +261,8 @@ impl ConsumerContext for JobContext {
 
 impl JobContext {
     fn count_assigned(&self, partitions: &PartitionStates) {
-        let assigned = partitions.values().map(|p| p.len() as u64).sum();
-        self.shared
-            .metrics
-            .assigned_partitions
-            .store(assigned, Ordering::Relaxed);
+        let assigned = partitions.values().map(|p| p.len() as i64).sum();
+        self.shared.metrics.assigned_partitions.set(assigned);
     }
 
     /// Waits (with backoff) until ClickHouse answers: starting a partition
@@ -466,7 +466,7 @@ fn admit(
     };
     state.continuity.admit(
         (topic, partition, offset),
-        &shared.metrics.fetch_gaps,
+        shared.metrics.fetch_gaps.inner(),
         |from| continuity::seek_back(consumer, topic, partition, from),
     )
 }
@@ -524,12 +524,12 @@ fn take(
                 .get_or_insert_with(|| Ledger::since(timestamp_ms));
             let late = state.watermark.observe(event.occurred_at()) == Arrival::Late;
             if late {
-                metrics.late.fetch_add(1, Ordering::Relaxed);
+                metrics.late.inc();
             }
             if !(late && settings.late_events == LateEvents::Divert) {
                 state.partial.add(windows, &event);
                 state.last_offset = Some(message.offset());
-                metrics.events.fetch_add(1, Ordering::Relaxed);
+                metrics.events.inc();
                 return;
             }
             (
@@ -590,7 +590,7 @@ fn take(
     };
     state.ledger.get_or_insert(ledger);
     if forwarded.is_ok() {
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         state.last_offset = Some(message.offset());
     }
 }
@@ -672,14 +672,8 @@ fn flush_all(shared: &Shared, consumer: &JobConsumer, lease: &mut Lease) -> Resu
             }
             Err(Unstored::Abandoned) => return Err(Abandoned),
         }
-        shared
-            .metrics
-            .flushes
-            .fetch_add(offsets.len() as u64, Ordering::Relaxed);
-        shared
-            .metrics
-            .last_flush_ms
-            .store(now_ms() as u64, Ordering::Relaxed);
+        shared.metrics.flushes.inc_by(offsets.len() as u64);
+        shared.metrics.last_flush.set(now_ms() as f64 / 1000.0);
     }
     Ok(())
 }
@@ -766,7 +760,7 @@ impl Lease {
             }
             Some(error) => {
                 self.until = None;
-                metrics.fenced_flushes.fetch_add(1, Ordering::Relaxed);
+                metrics.fenced_flushes.inc();
                 tracing::warn!(%error, "The group did not take this replica's commit (replaced, or a rebalance under way): its partials are not written; the partitions it keeps count again from the offsets stored in ClickHouse.");
                 None
             }
@@ -864,11 +858,10 @@ fn store_batch(
             Some(deadline),
         )) {
             Ok(()) => {
-                metrics.inserts.fetch_add(1, Ordering::Relaxed);
-                metrics.insert_micros.fetch_add(
-                    u64::try_from(attempt.elapsed().as_micros()).unwrap_or(u64::MAX),
-                    Ordering::Relaxed,
-                );
+                metrics.inserts.inc();
+                metrics
+                    .insert_micros
+                    .inc_by(u64::try_from(attempt.elapsed().as_micros()).unwrap_or(u64::MAX));
                 return Ok(());
             }
             Err(error) => error,
@@ -877,7 +870,7 @@ fn store_batch(
             tracing::error!(%error, "Giving up on ClickHouse; the unstored events are counted again after the stored offsets by the next run.");
             return Err(Unstored::Abandoned);
         }
-        metrics.insert_retries.fetch_add(1, Ordering::Relaxed);
+        metrics.insert_retries.inc();
         tracing::warn!(%error, partitions = offsets.len(), retry_in = ?delay, "Storing partials failed; retrying.");
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(5));

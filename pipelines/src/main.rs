@@ -110,12 +110,11 @@ async fn run(args: Args, shutdown: Shutdown) -> anyhow::Result<()> {
         KafkaConnection::connect(&config.kafka, &catalog).context("connecting to Kafka")?;
     let metrics = Arc::new(JobMetrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let render = metrics.clone();
     backbone::ops::serve(
         "analytics.metrics_address",
         &config.analytics.metrics_address,
         ready.clone(),
-        Arc::new(move || render.render()),
+        metrics.registry(),
         shutdown.clone(),
     )
     .await?;

@@ -2,18 +2,18 @@
 //! with `If-None-Match` gets a bodiless 304), answers reused while fresh,
 //! request metrics, the probes and the dashboard page.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use backbone::config::QuerySettings;
+use backbone::metrics::{Counter, EncodeLabelSet, Family, Histogram, Registry, Unit};
 use serde::Serialize;
 
 use crate::App;
@@ -162,61 +162,63 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// One route's latency histogram: bucket counts, count, sum of seconds.
-type Latency = ([u64; LATENCY_BUCKETS.len()], u64, f64);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: String,
+    status: u16,
+}
 
-/// Requests and their latency by route and status.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+type LatencyFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
+
+/// Requests and their latency by route and status, in the service's
+/// registry (see `backbone::metrics`).
+#[derive(Debug)]
 pub struct RequestMetrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    latency: Mutex<BTreeMap<String, Latency>>,
+    requests: Family<RouteStatus, Counter>,
+    latency: LatencyFamily,
+    pub registry: Registry,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        let requests = Family::default();
+        let latency: LatencyFamily =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        let mut registry = Registry::default();
+        registry.register(
+            "shopstream_query_requests",
+            "Requests answered, by route and status",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "shopstream_query",
+            "Time to answer, by route",
+            Unit::Seconds,
+            latency.clone(),
+        );
+        Self {
+            requests,
+            latency,
+            registry,
+        }
+    }
 }
 
 impl RequestMetrics {
-    fn observe(&self, route: &str, status: u16, seconds: f64) {
-        *self
-            .requests
-            .lock()
-            .expect("metrics lock")
-            .entry((route.to_owned(), status))
-            .or_default() += 1;
-        let mut latency = self.latency.lock().expect("metrics lock");
-        let entry = latency.entry(route.to_owned()).or_default();
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                entry.0[i] += 1;
-            }
-        }
-        entry.1 += 1;
-        entry.2 += seconds;
-    }
-
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::from(
-            "# HELP shopstream_query_requests_total Requests answered, by route and status.\n# TYPE shopstream_query_requests_total counter\n",
-        );
-        for ((route, status), n) in self.requests.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "shopstream_query_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP shopstream_query_seconds Time to answer, by route.\n# TYPE shopstream_query_seconds histogram\n");
-        for (route, (buckets, count, sum)) in self.latency.lock().expect("metrics lock").iter() {
-            for (bound, n) in LATENCY_BUCKETS.iter().zip(buckets) {
-                let _ = writeln!(
-                    out,
-                    "shopstream_query_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {n}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "shopstream_query_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}\nshopstream_query_seconds_sum{{route=\"{route}\"}} {sum}\nshopstream_query_seconds_count{{route=\"{route}\"}} {count}"
-            );
-        }
-        out
+    fn observe(&self, route: String, status: u16, seconds: f64) {
+        self.latency
+            .get_or_create(&RouteLabel {
+                route: route.clone(),
+            })
+            .observe(seconds);
+        self.requests
+            .get_or_create(&RouteStatus { route, status })
+            .inc();
     }
 }
 
@@ -230,7 +232,7 @@ pub async fn measure(State(app): State<App>, request: Request, next: Next) -> Re
     let started = Instant::now();
     let response = next.run(request).await;
     app.metrics.observe(
-        &route,
+        route,
         response.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
@@ -249,15 +251,8 @@ pub async fn readyz(State(app): State<App>) -> Response {
     }
 }
 
-pub async fn metrics(State(app): State<App>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        )],
-        app.metrics.render(),
-    )
-        .into_response()
+pub async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
+    backbone::metrics::exposition(&app.metrics.registry, &headers)
 }
 
 /// The dashboard: one self-contained page (its script and styles inline,

@@ -633,9 +633,31 @@ impl Drop for StoppableClickHouse {
     }
 }
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, for a service the test starts
+/// (or restarts) on it a moment later. It lies below the kernel's ephemeral
+/// range: a port from that range (what binding port 0 gives) can be taken
+/// in the meantime as the source port of any outgoing connection, which
+/// made a worker or analytics job fail to start with "Address already in
+/// use". Each call in a process tries the next port of the range from an
+/// offset of its own, so two tests never get the same one.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1_000);
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = LOWEST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).context("port range")?;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between {LOWEST} and {}", LOWEST + span)
 }
 
 /// The directory `cargo test --workspace` (or `cargo build --bins`) built

@@ -548,9 +548,12 @@ fn the_kubernetes_workloads_match_their_configuration_and_the_catalog() {
     assert!(command.ends_with(&["apply", "--yes"]), "{command:?}");
 }
 
-/// Every shopstream metric family a running worker (no-op handler),
-/// analytics job and query service serve, from the `# TYPE` lines of their
-/// /metrics.
+/// What a running worker (no-op handler), analytics job and query service
+/// export: every family and sample name of their /metrics. Each is scraped
+/// in both formats, and each answer parsed by the Prometheus project's
+/// Python client (`tests/metrics_parse.py`), not by the library that wrote
+/// it: the two formats carry the same families, types, help and series, and
+/// every family has a help text and, where its name ends in one, its unit.
 async fn exported_families() -> BTreeSet<String> {
     let database = shopstream_tests::clickhouse()
         .await
@@ -558,14 +561,26 @@ async fn exported_families() -> BTreeSet<String> {
         .await
         .unwrap();
     let catalog = format!("catalog.path={}", repo_root().join("topics.yaml").display());
-    let mut children = Vec::new();
-    let mut families = BTreeSet::new();
+    /// Killed however the test ends: a child left running keeps the test
+    /// runner's output open.
+    struct Children(Vec<std::process::Child>);
+    impl Drop for Children {
+        fn drop(&mut self) {
+            for child in &mut self.0 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut children = Children(Vec::new());
+    let mut exported = BTreeSet::new();
     for (binary, address_key, extra, served) in [
         (
             "shopstream-worker",
             "worker.metrics_address",
             vec!["--handler", "noop"],
-            "shopstream_ready 1",
+            // Its lag, measured every 5 s, also before any record arrives.
+            "shopstream_consumer_lag{",
         ),
         (
             "shopstream-analytics",
@@ -591,9 +606,9 @@ async fn exported_families() -> BTreeSet<String> {
             .env("RUST_LOG", "error")
             .spawn()
             .unwrap();
-        children.push(child);
+        children.0.push(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let text = loop {
+        let classic = loop {
             if let Some(text) = bench::scrape::http_get(port, "/metrics").await {
                 if text.contains(served) {
                     break text;
@@ -605,20 +620,101 @@ async fn exported_families() -> BTreeSet<String> {
             );
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         };
-        families.extend(text.lines().filter_map(|l| {
-            Some(
-                l.strip_prefix("# TYPE ")?
-                    .split_whitespace()
-                    .next()?
-                    .to_owned(),
-            )
-        }));
+        let open = bench::scrape::http_get_accepting(
+            port,
+            "/metrics",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .await
+        .unwrap_or_else(|| panic!("{binary} answers an OpenMetrics scrape"));
+        let classic = parsed(binary, "prometheus", &classic, "text/plain; version=0.0.4");
+        let open = parsed(binary, "openmetrics", &open, "application/openmetrics-text");
+        let (classic_described, open_described) = (describe(&classic), describe(&open));
+        let differ: Vec<_> = classic_described
+            .symmetric_difference(&open_described)
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "{binary}: the formats differ in families, types, help or series: {differ:#?}"
+        );
+        for family in &open {
+            let name = family["name"].as_str().unwrap();
+            assert!(
+                !family["help"].as_str().unwrap_or("").is_empty(),
+                "{binary}: {name} has no help"
+            );
+            if name.ends_with("_seconds") {
+                assert_eq!(family["unit"], "seconds", "{binary}: {name}");
+            }
+        }
+        for family in &classic {
+            exported.insert(family["name"].as_str().unwrap().to_owned());
+            for sample in family["samples"].as_array().unwrap() {
+                exported.insert(sample[0].as_str().unwrap().to_owned());
+            }
+        }
     }
-    for mut child in children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(children);
+    exported
+}
+
+/// The families of one /metrics `response` (status line, headers, body),
+/// after checking its content type, as `tests/metrics_parse.py` parses them
+/// in `format`.
+fn parsed(
+    binary: &str,
+    format: &str,
+    response: &str,
+    content_type: &str,
+) -> Vec<serde_json::Value> {
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("content-type: {content_type}")),
+        "{binary} answers {format} as {content_type}: {head}"
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), body).unwrap();
+    let output = Command::new("python3")
+        .arg(repo_root().join("tests/metrics_parse.py"))
+        .arg(format)
+        .arg(file.path())
+        .output()
+        .expect("python3 runs (scripts/test installs it with prometheus-client)");
+    assert!(
+        output.status.success(),
+        "{binary}'s {format} exposition does not parse: {}\n{body}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Each family's name, type and help with the names and labels of its
+/// series (not their values, which move between two scrapes; not the
+/// `_created` series only OpenMetrics has).
+fn describe(families: &[serde_json::Value]) -> BTreeSet<String> {
     families
+        .iter()
+        .flat_map(|family| {
+            let head = format!("{} {} {}", family["name"], family["type"], family["help"]);
+            let series: Vec<String> = family["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| !s[0].as_str().unwrap().ends_with("_created"))
+                .map(|s| {
+                    // A bucket bound is a number, written 1 or 1.0.
+                    let mut labels = s[1].clone();
+                    if let Some(le) = labels.get_mut("le") {
+                        let bound: f64 = le.as_str().unwrap().parse().unwrap();
+                        *le = format!("{bound:?}").into();
+                    }
+                    format!("{head} {} {labels}", s[0])
+                })
+                .collect();
+            std::iter::once(head).chain(series)
+        })
+        .collect()
 }
 
 /// The shopstream metrics an expression reads, after it parses as PromQL
@@ -640,7 +736,8 @@ fn metrics_read_by(expr: &str) -> Result<BTreeSet<String>, String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_alert_rule_and_dashboard_query_reads_metrics_the_binaries_export() {
+async fn the_binaries_metrics_parse_in_both_formats_and_every_alert_rule_and_dashboard_query_reads_them(
+) {
     let rules = &documents(&deploy().join("prometheus/alerts.yaml"))[0];
     let operator = documents(&deploy().join("k8s/examples/prometheus-rules.yaml"))
         .into_iter()

@@ -238,10 +238,7 @@ impl Writer {
                 Ok(None) => "a row was refused and retried alone".to_owned(),
                 Err(error) => error.to_string(),
             };
-            self.pacer
-                .metrics
-                .clickhouse_insert_failures
-                .fetch_add(1, Ordering::Relaxed);
+            self.pacer.metrics.clickhouse_insert_failures.inc();
             tracing::warn!(table = self.name, error = %failure, retry_in = ?delay, "ClickHouse insert failed; retrying (offsets wait).");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
