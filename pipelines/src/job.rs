@@ -56,6 +56,9 @@ pub struct JobMetrics {
     pub fenced_flushes: Counter,
     /// Partitions the group assigned to this replica.
     pub assigned_partitions: Gauge,
+    /// Assignments the group gave this replica (one per rebalance it took
+    /// part in).
+    pub rebalances: Counter,
     /// When the last flush was stored, in Unix seconds: how fresh the read
     /// models are, as `time()` minus it.
     pub last_flush: FloatGauge,
@@ -105,6 +108,11 @@ impl JobMetrics {
                 "shopstream_analytics_fetch_gaps",
                 "Fetches that skipped records, fetched again from the expected offset",
                 &self.fetch_gaps,
+            ),
+            (
+                "shopstream_analytics_rebalances",
+                "Rebalances that gave this replica an assignment",
+                &self.rebalances,
             ),
             (
                 "shopstream_analytics_fenced_flushes",
@@ -217,6 +225,7 @@ impl ConsumerContext for JobContext {
                 }
                 self.count_assigned(&partitions);
                 drop(partitions);
+                self.shared.metrics.rebalances.inc();
                 tracing::info!(
                     partitions = tpl.count(),
                     "Partitions assigned; resuming after the offsets stored in ClickHouse."
