@@ -2,7 +2,8 @@
 //! broker faults, rebalance storms, poison and hostile input, each run
 //! judged by `shopstream-check` (the checker crate): nothing lost, nothing
 //! visible twice, order statuses in order, read models equal to a
-//! recomputation, dead letters complete. `RELIABILITY_SOAK=N` runs every
+//! recomputation, dead letters complete; and what such a run sends
+//! ClickHouse replayed on a current ClickHouse. `RELIABILITY_SOAK=N` runs every
 //! scenario N times longer and harder (README, "Reliability").
 
 // Each scenario prints its figures (events, kills, faults, the report).
@@ -42,5 +43,6 @@ mod happy;
 mod hostile;
 mod kills;
 mod poison;
+mod versions;
 
 pub use system::{partitions, soak, Run, Service, System};

@@ -1,0 +1,135 @@
+//! The ClickHouse users run today (issue 21): every statement a run sends
+//! ClickHouse 18.16 runs on ClickHouse 26.9 (chdb) exactly as sent, and
+//! every query gets the same answer there over the same rows. The
+//! statements are not listed here: they are what the binaries sent, taken
+//! from the query log of a private 18.16 server that served only this run
+//! (the worker's projections, the analytics job with its migrations, the
+//! checker, the report and every endpoint of the query API).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use shopstream_tests::{bin_dir, free_port, repo_root, Broker, StoppableClickHouse};
+
+use crate::{Run, System};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_statement_a_run_sends_runs_on_clickhouse_26_with_the_same_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = StoppableClickHouse::start(dir.path());
+    server.ready().await;
+    let url = server.url();
+    let system = System::new(Broker::Mock, &url, &url, &[]).await;
+    let run = Run::new(81, 3_000, 3_000.0, 0.01);
+    let expected = run.expected();
+    let (mut worker, mut analytics) = system.consumers().await;
+    system.publish_all(&run);
+    let report = system
+        .converge(&expected, &system.checks(), Duration::from_secs(120))
+        .await;
+    assert!(report.passed(), "{report}\n{}", system.logs());
+    system.stop(&mut [&mut worker, &mut analytics]);
+
+    let succeeds = |command: &mut Command| {
+        let output = command
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("the binary runs");
+        assert!(
+            output.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    succeeds(
+        Command::new(bin_dir().join("shopstream-check"))
+            .arg("--config")
+            .arg(system.config_path())
+            .args(run.flags()),
+    );
+    succeeds(
+        Command::new(bin_dir().join("shopstream-analytics"))
+            .arg("report")
+            .arg("--config")
+            .arg(system.config_path())
+            .args(["--since", "30d", "--output", "json"]),
+    );
+    query_every_endpoint(&system).await;
+
+    let output = Command::new("python3")
+        .arg(repo_root().join("tests/clickhouse_replay.py"))
+        .args([&url, &system.database])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("python3 runs (scripts/test installs it with chdb-core)");
+    assert!(output.status.success(), "the replay failed");
+    let replay: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    println!(
+        "ClickHouse {}: {} statements sent and {} queries replayed, {} rows moved, {} answer lines equal",
+        replay["version"], replay["sent"], replay["queries"], replay["rows"], replay["lines"]
+    );
+    assert!(
+        replay["version"].as_str().unwrap_or("").starts_with("26."),
+        "{replay}"
+    );
+    // Not vacuous: the migrations, the projections and the queries of every
+    // binary were there, over the run's rows.
+    assert!(replay["sent"].as_u64().unwrap_or(0) >= 30, "{replay}");
+    assert!(replay["queries"].as_u64().unwrap_or(0) >= 30, "{replay}");
+    assert!(replay["rows"].as_u64().unwrap_or(0) >= 3_000, "{replay}");
+    assert!(replay["lines"].as_u64().unwrap_or(0) >= 1_000, "{replay}");
+    assert_eq!(
+        replay["refused"],
+        serde_json::json!([]),
+        "statements 26.9 refused"
+    );
+    assert_eq!(
+        replay["differ"],
+        serde_json::json!([]),
+        "queries answered differently by 18.16 and 26.9 (query, 18.16, 26.9)"
+    );
+}
+
+/// Starts `shopstream-query` on the run's database and asks every endpoint
+/// of its OpenAPI document once, with its default parameters (an order of
+/// the run for the order endpoint), the answer cache off.
+async fn query_every_endpoint(system: &System) {
+    let port = free_port().expect("port");
+    let mut query = Command::new(bin_dir().join("shopstream-query"))
+        .arg("--config")
+        .arg(system.config_path())
+        .args(["--set", &format!("query.listen_address=127.0.0.1:{port}")])
+        .args(["--set", "query.cache_max_age_s=0"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("shopstream-query starts");
+    let mut document = None;
+    for _ in 0..300 {
+        if let Some(response) = bench::scrape::http_get(port, "/api/v1/openapi.json").await {
+            if let Some((_, body)) = response.split_once("\r\n\r\n") {
+                document = serde_json::from_str::<serde_json::Value>(body).ok();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let document = document.expect("the query service answers within 30 s");
+    let order: String = system
+        .client
+        .query("SELECT any(order_id) FROM order_status")
+        .fetch_one()
+        .await
+        .expect("an order of the run");
+    let paths = document["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 8, "{document}");
+    for path in paths.keys() {
+        let path = path.replace("{order_id}", &order);
+        let response = bench::scrape::http_get(port, &path)
+            .await
+            .unwrap_or_default();
+        assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+    }
+    let _ = query.kill();
+    let _ = query.wait();
+}
