@@ -117,7 +117,7 @@ async fn query_every_endpoint(system: &System) {
     let document = document.expect("the query service answers within 30 s");
     let order: String = system
         .client
-        .query("SELECT any(order_id) FROM order_status")
+        .query("SELECT min(order_id) FROM order_status")
         .fetch_one()
         .await
         .expect("an order of the run");
