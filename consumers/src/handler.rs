@@ -3,7 +3,7 @@
 //! to the dead-letter queue.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -59,17 +59,15 @@ impl Outcome {
 /// no more batches can arrive than this; it is told whenever a task lets go.
 #[derive(Debug)]
 pub struct BusyPartitions {
-    count: AtomicUsize,
-    /// `count` for /metrics (the count above keeps its ordering).
-    gauge: Gauge,
+    /// The count, exported as is; read and changed with `SeqCst` here.
+    count: Gauge,
     fell: watch::Sender<()>,
 }
 
 impl Default for BusyPartitions {
     fn default() -> Self {
         Self {
-            count: AtomicUsize::new(0),
-            gauge: Gauge::default(),
+            count: Gauge::default(),
             fell: watch::Sender::new(()),
         }
     }
@@ -77,12 +75,12 @@ impl Default for BusyPartitions {
 
 impl BusyPartitions {
     pub fn get(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
+        usize::try_from(self.count.inner().load(Ordering::SeqCst)).unwrap_or(0)
     }
 
     /// The count as a metric (shared, not copied).
     pub fn gauge(&self) -> Gauge {
-        self.gauge.clone()
+        self.count.clone()
     }
 
     /// Changes after each fall of the count (none is missed: a change since
@@ -92,13 +90,11 @@ impl BusyPartitions {
     }
 
     pub(crate) fn enter(&self) {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        self.gauge.inc();
+        self.count.inner().fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn leave(&self) {
-        self.count.fetch_sub(1, Ordering::SeqCst);
-        self.gauge.dec();
+        self.count.inner().fetch_sub(1, Ordering::SeqCst);
         self.fell.send_replace(());
     }
 }

@@ -382,12 +382,7 @@ impl Shared {
             });
         let mut expected = self.expected.lock().expect("expected lock");
         for e in tpl.elements() {
-            let start = committed
-                .find_partition(e.topic(), e.partition())
-                .and_then(|c| match c.offset() {
-                    Offset::Offset(at) => Some(at),
-                    _ => None,
-                });
+            let start = committed_offset(&committed, e.topic(), e.partition());
             expected.insert(
                 (Arc::from(e.topic()), e.partition()),
                 Continuity::starting_at(start),
@@ -788,13 +783,7 @@ async fn measure_lag(
                 };
                 let at = match e.offset() {
                     Offset::Offset(at) => at,
-                    _ => committed
-                        .find_partition(e.topic(), e.partition())
-                        .and_then(|c| match c.offset() {
-                            Offset::Offset(at) => Some(at),
-                            _ => None,
-                        })
-                        .unwrap_or(low),
+                    _ => committed_offset(&committed, e.topic(), e.partition()).unwrap_or(low),
                 };
                 lag.insert((e.topic().to_owned(), e.partition()), (high - at).max(0));
             }
@@ -803,6 +792,14 @@ async fn measure_lag(
         .await
         .unwrap_or_default();
         metrics.set_lag(lag);
+    }
+}
+
+/// The offset `committed` holds for a partition, if a real one.
+fn committed_offset(committed: &TopicPartitionList, topic: &str, partition: i32) -> Option<i64> {
+    match committed.find_partition(topic, partition)?.offset() {
+        Offset::Offset(at) => Some(at),
+        _ => None,
     }
 }
 
