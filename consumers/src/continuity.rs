@@ -8,10 +8,13 @@
 //! resume) would otherwise lose that record silently: the next record's
 //! offset is stored and committed past it. A real gap (compaction,
 //! transaction markers, records deleted by retention) shows the same first
-//! offset again when fetched again, and is then accepted.
+//! offset again when fetched again [`GAP_CONFIRMATION`] later, and is then
+//! accepted. Not sooner: tansu 0.6.0 gives a record its offset before it
+//! stores it, so a fetch in between misses it, and a second fetch right
+//! after can miss it again while the broker is short of CPU.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
@@ -19,6 +22,11 @@ use rdkafka::Offset;
 
 /// How long a seek back may take to be applied by librdkafka.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the same records must stay missing before the gap is taken
+/// as real: far longer than a broker takes to store a record it has
+/// numbered, far shorter than anyone waits for a compacted gap.
+pub const GAP_CONFIRMATION: Duration = Duration::from_secs(2);
 
 /// What to do with a fetched record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +39,8 @@ pub enum Verdict {
     /// Records are missing before this one: skip it, seek the partition to
     /// `from` and fetch again.
     Refetch { from: i64 },
-    /// The gap was there on the second fetch too: a real one. Take it.
+    /// The gap was still there [`GAP_CONFIRMATION`] after it was first
+    /// seen: a real one. Take it.
     TakeAfterGap { expected: i64 },
 }
 
@@ -40,8 +49,9 @@ pub enum Verdict {
 pub struct Continuity {
     /// `None` until the start of the assignment is known or a record seen.
     next: Option<i64>,
-    /// The offset that came first instead of `next` at the last refetch.
-    gap_to: Option<i64>,
+    /// The offset that came first instead of `next` at the last refetch,
+    /// and when that gap was first seen.
+    gap_to: Option<(i64, Instant)>,
 }
 
 impl Continuity {
@@ -59,8 +69,9 @@ impl Continuity {
         self.next
     }
 
-    /// Judges the record at `offset`; a record taken moves the expectation on.
-    pub fn check(&mut self, offset: i64) -> Verdict {
+    /// Judges the record at `offset`, fetched at `now`; a record taken
+    /// moves the expectation on.
+    pub fn check(&mut self, offset: i64, now: Instant) -> Verdict {
         let Some(next) = self.next else {
             self.next = Some(offset + 1);
             return Verdict::Take;
@@ -70,11 +81,19 @@ impl Continuity {
         }
         let verdict = if offset == next {
             Verdict::Take
-        } else if self.gap_to == Some(offset) {
-            Verdict::TakeAfterGap { expected: next }
         } else {
-            self.gap_to = Some(offset);
-            return Verdict::Refetch { from: next };
+            match self.gap_to {
+                Some((to, since)) if to == offset => {
+                    if now.duration_since(since) < GAP_CONFIRMATION {
+                        return Verdict::Refetch { from: next };
+                    }
+                    Verdict::TakeAfterGap { expected: next }
+                }
+                _ => {
+                    self.gap_to = Some((offset, now));
+                    return Verdict::Refetch { from: next };
+                }
+            }
         };
         self.next = Some(offset + 1);
         self.gap_to = None;
@@ -93,7 +112,8 @@ impl Continuity {
         gaps: &AtomicU64,
         seek_back: impl FnOnce(i64) -> KafkaResult<()>,
     ) -> bool {
-        match self.check(offset) {
+        let seen_before = self.gap_to.is_some_and(|(to, _)| to == offset);
+        match self.check(offset, Instant::now()) {
             Verdict::Take => true,
             Verdict::Repeat => {
                 tracing::debug!(
@@ -106,15 +126,25 @@ impl Continuity {
                 false
             }
             Verdict::Refetch { from } => {
-                gaps.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(topic, partition, expected = from, received = offset, "Records missing from the fetch; fetching the partition again from the expected offset.");
+                if seen_before {
+                    tracing::debug!(
+                        topic,
+                        partition,
+                        expected = from,
+                        received = offset,
+                        "Records still missing; fetching again."
+                    );
+                } else {
+                    gaps.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic, partition, expected = from, received = offset, "Records missing from the fetch; fetching the partition again from the expected offset.");
+                }
                 if let Err(error) = seek_back(from) {
                     tracing::error!(topic, partition, %error, "Seeking back to the expected offset failed; the records after the gap are refused until a seek succeeds.");
                 }
                 false
             }
             Verdict::TakeAfterGap { expected } => {
-                tracing::warn!(topic, partition, expected, received = offset, "The same records are missing on a second fetch (compaction, transaction markers or retention): going on.");
+                tracing::warn!(topic, partition, expected, received = offset, "The same records are still missing after {GAP_CONFIRMATION:?} of fetching again (compaction, transaction markers or retention): going on.");
                 true
             }
         }
@@ -134,43 +164,75 @@ pub fn seek_back<X: ConsumerContext, C: Consumer<X>>(
 
 #[cfg(test)]
 mod tests {
-    use super::{Continuity, Verdict};
+    use std::time::{Duration, Instant};
+
+    use super::{Continuity, Verdict, GAP_CONFIRMATION};
 
     #[test]
     fn consecutive_records_are_taken_and_repeats_skipped() {
+        let now = Instant::now();
         let mut c = Continuity::starting_at(Some(10));
-        assert_eq!(c.check(10), Verdict::Take);
-        assert_eq!(c.check(11), Verdict::Take);
-        assert_eq!(c.check(11), Verdict::Repeat);
-        assert_eq!(c.check(3), Verdict::Repeat);
+        assert_eq!(c.check(10, now), Verdict::Take);
+        assert_eq!(c.check(11, now), Verdict::Take);
+        assert_eq!(c.check(11, now), Verdict::Repeat);
+        assert_eq!(c.check(3, now), Verdict::Repeat);
         assert_eq!(c.next(), Some(12));
     }
 
     #[test]
     fn an_unknown_start_takes_the_first_record() {
+        let now = Instant::now();
         let mut c = Continuity::starting_at(None);
-        assert_eq!(c.check(500), Verdict::Take);
-        assert_eq!(c.check(502), Verdict::Refetch { from: 501 });
+        assert_eq!(c.check(500, now), Verdict::Take);
+        assert_eq!(c.check(502, now), Verdict::Refetch { from: 501 });
     }
 
     #[test]
     fn a_missing_record_is_fetched_again_and_found() {
+        let now = Instant::now();
         let mut c = Continuity::starting_at(Some(1000));
-        assert_eq!(c.check(1001), Verdict::Refetch { from: 1000 });
+        assert_eq!(c.check(1001, now), Verdict::Refetch { from: 1000 });
         // Records of the answer that had the gap may still arrive.
-        assert_eq!(c.check(1002), Verdict::Refetch { from: 1000 });
-        assert_eq!(c.check(1000), Verdict::Take);
-        assert_eq!(c.check(1001), Verdict::Take);
+        assert_eq!(c.check(1002, now), Verdict::Refetch { from: 1000 });
+        assert_eq!(c.check(1000, now), Verdict::Take);
+        assert_eq!(c.check(1001, now), Verdict::Take);
         // A later gap is judged afresh.
-        assert_eq!(c.check(1003), Verdict::Refetch { from: 1002 });
+        assert_eq!(c.check(1003, now), Verdict::Refetch { from: 1002 });
     }
 
     #[test]
-    fn a_gap_seen_twice_is_real_and_taken() {
+    fn a_gap_still_there_after_the_confirmation_time_is_real_and_taken() {
+        let now = Instant::now();
         let mut c = Continuity::starting_at(Some(7));
-        assert_eq!(c.check(9), Verdict::Refetch { from: 7 });
-        assert_eq!(c.check(9), Verdict::TakeAfterGap { expected: 7 });
+        assert_eq!(c.check(9, now), Verdict::Refetch { from: 7 });
+        // Seen again at once (a broker that numbered record 7 but has not
+        // stored it yet): fetched again, not taken.
+        assert_eq!(
+            c.check(9, now + Duration::from_millis(50)),
+            Verdict::Refetch { from: 7 }
+        );
+        assert_eq!(
+            c.check(9, now + GAP_CONFIRMATION - Duration::from_millis(1)),
+            Verdict::Refetch { from: 7 }
+        );
+        assert_eq!(
+            c.check(9, now + GAP_CONFIRMATION),
+            Verdict::TakeAfterGap { expected: 7 }
+        );
         assert_eq!(c.next(), Some(10));
-        assert_eq!(c.check(10), Verdict::Take);
+        assert_eq!(c.check(10, now), Verdict::Take);
+    }
+
+    #[test]
+    fn a_record_stored_late_is_taken_once_it_arrives() {
+        let now = Instant::now();
+        let mut c = Continuity::starting_at(Some(7));
+        assert_eq!(c.check(8, now), Verdict::Refetch { from: 7 });
+        assert_eq!(
+            c.check(8, now + Duration::from_millis(10)),
+            Verdict::Refetch { from: 7 }
+        );
+        assert_eq!(c.check(7, now + Duration::from_millis(20)), Verdict::Take);
+        assert_eq!(c.check(8, now + Duration::from_millis(20)), Verdict::Take);
     }
 }

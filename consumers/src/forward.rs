@@ -41,6 +41,7 @@ pub struct Abandoned;
 
 pub struct Forwarder {
     producer: FutureProducer,
+    /// The connection's settings, for reading back what was written.
     config: ClientConfig,
     group: String,
 }
@@ -95,11 +96,13 @@ pub fn now_ms() -> i64 {
 
 impl Forwarder {
     pub fn new(config: &ClientConfig, group: &str) -> Result<Self, rdkafka::error::KafkaError> {
-        let mut config = config.clone();
+        // The read-backs are consumers: given the producer's settings,
+        // librdkafka would warn about each at every read.
+        let mut producer = config.clone();
         // A consumer's static membership means nothing to a producer
         // (librdkafka warns about it at start).
-        config.remove("group.instance.id");
-        config
+        producer.remove("group.instance.id");
+        producer
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             // A delivery that does not complete is failed and retried (with a
@@ -109,8 +112,8 @@ impl Forwarder {
                 DELIVERY_TIMEOUT.as_millis().to_string(),
             );
         Ok(Self {
-            producer: config.create()?,
-            config,
+            producer: producer.create()?,
+            config: config.clone(),
             group: group.to_owned(),
         })
     }

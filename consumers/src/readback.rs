@@ -3,12 +3,14 @@
 //! wrote to the destination since a partition was assigned.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::continuity::GAP_CONFIRMATION;
 
 /// A header of a record read back, as text.
 pub fn header(message: &OwnedMessage, key: &str) -> Option<String> {
@@ -133,8 +135,50 @@ fn reader(config: &ClientConfig) -> anyhow::Result<BaseConsumer> {
 
 /// The records of each partition from its range's start to its end
 /// (exclusive); with `to_the_end`, also whatever lies beyond the reported
-/// end, which is then the partition's high watermark.
+/// end, which is then the partition's high watermark. A read with records
+/// missing between others is read again (a broker may answer before it
+/// stores a record it numbered: see [`crate::continuity`]) until the gap
+/// has stayed for [`GAP_CONFIRMATION`].
 fn read_ranges(
+    consumer: &BaseConsumer,
+    topic: &str,
+    ranges: &BTreeMap<i32, (i64, i64)>,
+    to_the_end: bool,
+) -> anyhow::Result<Vec<OwnedMessage>> {
+    let started = Instant::now();
+    loop {
+        let read = read_ranges_once(consumer, topic, ranges, to_the_end)?;
+        match first_gap(&read, ranges) {
+            Some((partition, expected, received)) if started.elapsed() < GAP_CONFIRMATION => {
+                tracing::debug!(
+                    topic,
+                    partition,
+                    expected,
+                    received,
+                    "Records missing from a read back; reading again."
+                );
+            }
+            _ => return Ok(read),
+        }
+    }
+}
+
+/// The first record of `read` (sorted by partition and offset) that is not
+/// the one after the record before it, or its range's start: its partition,
+/// the offset expected and the one read.
+fn first_gap(read: &[OwnedMessage], ranges: &BTreeMap<i32, (i64, i64)>) -> Option<(i32, i64, i64)> {
+    let mut next: BTreeMap<i32, i64> = ranges.iter().map(|(&p, &(start, _))| (p, start)).collect();
+    for message in read {
+        let expected = next.get_mut(&message.partition())?;
+        if message.offset() > *expected {
+            return Some((message.partition(), *expected, message.offset()));
+        }
+        *expected = message.offset() + 1;
+    }
+    None
+}
+
+fn read_ranges_once(
     consumer: &BaseConsumer,
     topic: &str,
     ranges: &BTreeMap<i32, (i64, i64)>,

@@ -43,8 +43,9 @@ fn committed(system: &System, group: &str, topic: &str, partition: i32) -> Optio
     }
 }
 
-/// Where the record carrying `event_id` (by its traceparent) landed.
-fn position_of(system: &System, topic: &str, event_id: Uuid) -> (i32, i64) {
+/// Where the record carrying `event_id` (by its traceparent) landed in
+/// `topic`, if it is there.
+fn find(system: &System, topic: &str, event_id: Uuid) -> Option<(i32, i64)> {
     let trace = event_id.simple().to_string();
     consumers::dlq::read_all(&system.topics.connection, topic)
         .expect("topic")
@@ -59,7 +60,46 @@ fn position_of(system: &System, topic: &str, event_id: Uuid) -> (i32, i64) {
             })
         })
         .map(|m| (m.partition(), m.offset()))
-        .expect("the record is in its topic")
+}
+
+fn position_of(system: &System, topic: &str, event_id: Uuid) -> (i32, i64) {
+    find(system, topic, event_id).expect("the record is in its topic")
+}
+
+/// For a failed check: where each poisoned record without its dead letter
+/// lies, and every log line about its partition other than the dead
+/// letters written there.
+fn trail(system: &System, report: &checker::Report) -> String {
+    let mut out = String::new();
+    for finding in &report.findings {
+        let checker::Finding::DeadLetterMissing { event_id, group } = finding else {
+            continue;
+        };
+        let Ok(id) = event_id.parse::<Uuid>() else {
+            continue;
+        };
+        for event in EventType::ALL {
+            let topic = system.topic(event);
+            let Some((partition, offset)) = find(system, topic, id) else {
+                continue;
+            };
+            out.push_str(&format!(
+                "=== {event_id} (no dead letter for {group}) is {topic}[{partition}]@{offset}; the logs on that partition:\n"
+            ));
+            let at = format!("partition={partition} ");
+            for line in system.logs_in_full().lines() {
+                let ours = line.contains(topic) && line.contains(&at);
+                if ours
+                    && (!line.contains("Record dead-lettered.")
+                        || line.contains(&format!("offset={offset} ")))
+                {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -248,7 +288,12 @@ async fn malformed_records(broker: Broker) {
     let report = system
         .converge(&expected, &system.checks(), Duration::from_secs(120))
         .await;
-    assert!(report.passed(), "{report}\n{}", system.logs());
+    assert!(
+        report.passed(),
+        "{report}\n{}{}",
+        system.logs(),
+        trail(&system, &report)
+    );
     system.stop(&mut [&mut worker, &mut analytics]);
     println!(
         "{} crafted malformed records and one 300 KB event: {report}",
