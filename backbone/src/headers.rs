@@ -56,18 +56,8 @@ pub const FAILURE_HEADERS: [&str; 11] = [
 
 /// A W3C `traceparent` for a record with no caller-supplied trace: the trace
 /// id is the event id, so the record's trace can be found from the event.
-/// Built on the stack, as it is made for every record.
 pub fn traceparent_for(event_id: uuid::Uuid, span: u64) -> Traceparent {
-    let mut bytes = [0u8; 55];
-    bytes[..3].copy_from_slice(b"00-");
-    event_id.simple().encode_lower(&mut bytes[3..35]);
-    bytes[35] = b'-';
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, slot) in bytes[36..52].iter_mut().enumerate() {
-        *slot = HEX[((span >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    bytes[52..].copy_from_slice(b"-01");
-    Traceparent(bytes)
+    Traceparent::new(event_id.as_u128(), span, 1)
 }
 
 /// A version-00 `traceparent` value.
@@ -75,9 +65,41 @@ pub fn traceparent_for(event_id: uuid::Uuid, span: u64) -> Traceparent {
 pub struct Traceparent([u8; 55]);
 
 impl Traceparent {
+    /// `00-<trace id>-<parent span id>-<flags>`, built on the stack: it is
+    /// made for every record.
+    pub fn new(trace_id: u128, span_id: u64, flags: u8) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        fn hex(out: &mut [u8], value: u128) {
+            let digits = out.len();
+            for (i, slot) in out.iter_mut().enumerate() {
+                *slot = HEX[((value >> (4 * (digits - 1 - i))) & 0xf) as usize];
+            }
+        }
+        let mut bytes = [0u8; 55];
+        bytes[..3].copy_from_slice(b"00-");
+        hex(&mut bytes[3..35], trace_id);
+        bytes[35] = b'-';
+        hex(&mut bytes[36..52], u128::from(span_id));
+        bytes[52] = b'-';
+        hex(&mut bytes[53..], u128::from(flags));
+        Traceparent(bytes)
+    }
+
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("built from ASCII")
     }
+}
+
+/// The trace id, parent span id and flags of a well-formed version-00
+/// `traceparent`.
+pub fn parse_traceparent(value: &str) -> Option<(u128, u64, u8)> {
+    if !is_traceparent(value) {
+        return None;
+    }
+    let trace = u128::from_str_radix(&value[3..35], 16).ok()?;
+    let span = u64::from_str_radix(&value[36..52], 16).ok()?;
+    let flags = u8::from_str_radix(&value[53..55], 16).ok()?;
+    Some((trace, span, flags))
 }
 
 /// Whether `value` is a well-formed version-00 `traceparent`.
@@ -118,5 +140,26 @@ mod tests {
             "00-00000000000000000000000000000000-b7ad6b7169203331-01"
         ));
         assert!(!is_traceparent("garbage"));
+    }
+
+    #[test]
+    fn traceparents_parse_back_to_their_parts() {
+        let value = Traceparent::new(0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, 0);
+        assert_eq!(
+            value.as_str(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+        );
+        assert_eq!(
+            parse_traceparent(value.as_str()),
+            Some((0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, 0))
+        );
+        assert_eq!(
+            parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"),
+            None
+        );
+        assert_eq!(
+            parse_traceparent("00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"),
+            None
+        );
     }
 }

@@ -1,26 +1,240 @@
-//! Logging for every binary: human-readable or JSON lines, filtered by
-//! `RUST_LOG` or the configured filter. librdkafka's own log lines arrive
-//! through the same subscriber.
+//! Logging and traces for every binary: human-readable or JSON log lines,
+//! filtered by `RUST_LOG` or the configured filter (librdkafka's own log
+//! lines arrive through the same subscriber); and, when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
+//! is set, OTLP spans over `http/protobuf` (the default) or `grpc`
+//! (`OTEL_EXPORTER_OTLP_PROTOCOL`), with the standard `OTEL_SERVICE_NAME`,
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and
+//! `OTEL_TRACES_SAMPLER_ARG`. Unset, no span is even created: the code
+//! that makes them asks [`traces_on`] first.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
+use std::time::Duration;
 
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider,
+};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::Resource;
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::EnvFilter;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
-/// Installs the global subscriber. A second call (as in tests) is a no-op.
+use crate::headers::{parse_traceparent, Traceparent};
+
+pub use opentelemetry::trace::SpanContext as SourceSpan;
+
+/// The process's span pipeline, when traces are exported.
+static TRACES: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Installs the global subscriber, exporting spans when the OTLP endpoint
+/// is set. A second call (as in tests) is a no-op.
 pub fn init(settings: &TelemetrySettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.log_filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: a log file or a collector gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match settings.log_format {
-        LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let logs = match settings.log_format {
+        LogFormat::Pretty => logs.boxed(),
+        LogFormat::Json => logs.json().flatten_event(true).boxed(),
+    }
+    .with_filter(filter);
+    let spans = match exported_spans() {
+        Ok(Some(provider)) => {
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("shopstream"))
+                // Spans, and the warnings and errors inside them (a
+                // retry, a dead letter) as their events.
+                .with_filter(filter_fn(|meta| {
+                    meta.is_span() || *meta.level() <= tracing::Level::WARN
+                }));
+            let _ = TRACES.set(provider);
+            Some(layer)
+        }
+        Ok(None) => None,
+        Err(error) => {
+            eprintln!("warning: traces are not exported: {error}");
+            None
+        }
     };
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init();
+}
+
+/// Whether spans are exported. Code that makes spans checks this first, so
+/// a process without an OTLP endpoint pays nothing for them.
+pub fn traces_on() -> bool {
+    TRACES.get().is_some()
+}
+
+/// Sends the spans not yet exported and stops the exporter: call before
+/// the process exits, or the last second of spans is lost.
+pub fn shutdown() {
+    if let Some(provider) = TRACES.get() {
+        if let Err(error) = provider.shutdown() {
+            eprintln!("warning: the last spans may not have been exported: {error}");
+        }
+    }
+}
+
+/// The `traceparent` naming the current span, for a record written under
+/// it; `None` when traces are off or no span is current.
+pub fn current_traceparent() -> Option<Traceparent> {
+    current_span().map(|span| {
+        Traceparent::new(
+            u128::from_be_bytes(span.trace_id().to_bytes()),
+            u64::from_be_bytes(span.span_id().to_bytes()),
+            span.trace_flags().to_u8(),
+        )
+    })
+}
+
+/// The span a record's `traceparent` names (the span that wrote it), to
+/// link or parent a span to.
+pub fn remote_span(traceparent: &str) -> Option<SpanContext> {
+    let (trace, span, flags) = parse_traceparent(traceparent)?;
+    Some(SpanContext::new(
+        TraceId::from_bytes(trace.to_be_bytes()),
+        SpanId::from_bytes(span.to_be_bytes()),
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    ))
+}
+
+/// The current span, to continue from elsewhere (another task); `None`
+/// when traces are off or no span is current.
+pub fn current_span() -> Option<SpanContext> {
+    if !traces_on() {
+        return None;
+    }
+    let context = tracing::Span::current().context();
+    let span = context.span().span_context().clone();
+    span.is_valid().then_some(span)
+}
+
+/// Makes `span` a child of the first of `sources` and links it to every
+/// one: work done for many records (a batch, an insert) continues each of
+/// their traces, per W3C trace context.
+pub fn follow(span: &tracing::Span, sources: impl IntoIterator<Item = SpanContext>) {
+    let mut linked = std::collections::HashSet::new();
+    for source in sources {
+        if linked.is_empty() {
+            let parent = opentelemetry::Context::new().with_remote_span_context(source.clone());
+            let _ = span.set_parent(parent);
+        }
+        if linked.insert(source.span_id()) {
+            span.add_link(source);
+        }
+    }
+}
+
+/// A span named `name` when traces are exported, else a disabled one that
+/// costs nothing: the way every span of the binaries is made.
+#[macro_export]
+macro_rules! traced_span {
+    ($name:expr $(, $($fields:tt)*)?) => {
+        if $crate::telemetry::traces_on() {
+            ::tracing::info_span!($name $(, $($fields)*)?)
+        } else {
+            ::tracing::Span::none()
+        }
+    };
+}
+
+/// Adds an event (a retry, say) to the current span when traces are
+/// exported.
+pub fn span_event(name: &'static str, attributes: &[(&'static str, String)]) {
+    if traces_on() {
+        tracing::Span::current().add_event(
+            name,
+            attributes
+                .iter()
+                .map(|(key, value)| opentelemetry::KeyValue::new(*key, value.clone()))
+                .collect(),
+        );
+    }
+}
+
+/// The span pipeline the standard variables ask for, if any.
+fn exported_spans() -> Result<Option<SdkTracerProvider>, String> {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    if !set("OTEL_EXPORTER_OTLP_ENDPOINT") && !set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        return Ok(None);
+    }
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|_| "http/protobuf".into());
+    // The exporters' clients need a Tokio reactor, and the SDK exports
+    // from a thread of its own: they get a small runtime of their own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the exporter's runtime: {e}"))?;
+    let exporter = {
+        let _inside = runtime.enter();
+        let builder = opentelemetry_otlp::SpanExporter::builder();
+        match protocol.trim() {
+            "http/protobuf" => builder.with_http().build(),
+            "grpc" => builder.with_tonic().build(),
+            other => {
+                return Err(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL is {other:?}; valid values: http/protobuf, grpc"
+                ))
+            }
+        }
+        .map_err(|e| e.to_string())?
+    };
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| {
+        std::env::args()
+            .next()
+            .and_then(|path| {
+                std::path::Path::new(&path)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "shopstream".into())
+    });
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(OnItsOwnRuntime { exporter, runtime })
+            .with_resource(Resource::builder().with_service_name(service).build())
+            .build(),
+    ))
+}
+
+/// An exporter driven by its own runtime: the SDK's batch thread has none.
+#[derive(Debug)]
+struct OnItsOwnRuntime {
+    exporter: opentelemetry_otlp::SpanExporter,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl SpanExporter for OnItsOwnRuntime {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        std::future::ready(self.runtime.block_on(self.exporter.export(batch)))
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.exporter.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.exporter.set_resource(resource);
+    }
 }
 
 /// Logging.
@@ -50,4 +264,35 @@ pub enum LogFormat {
     Pretty,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_an_endpoint_no_span_is_made_and_records_keep_their_own_trace() {
+        std::env::remove_var("OTEL_EXPORTER_OTLP_ENDPOINT");
+        std::env::remove_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+        init(&TelemetrySettings::default());
+        assert!(!traces_on());
+        let span = crate::traced_span!("publish", events = 3);
+        assert!(span.is_disabled());
+        let _inside = span.enter();
+        assert_eq!(current_traceparent(), None);
+        assert!(current_span().is_none());
+    }
+
+    #[test]
+    fn a_traceparent_names_the_span_that_wrote_the_record() {
+        let span = remote_span("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .expect("well formed");
+        assert_eq!(
+            span.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(span.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(span.is_sampled() && span.is_remote());
+        assert!(remote_span("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7").is_none());
+    }
 }

@@ -8,31 +8,33 @@
 /// end: a server may keep a connection open (a CI run hung for minutes on
 /// one that was never closed).
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
-    http_get_accepting(port, path, "*/*").await
+    http_get_with(port, path, &[]).await
 }
 
 /// [`http_get`] with an `Accept` header (`/metrics` answers OpenMetrics to
 /// `application/openmetrics-text`).
 pub async fn http_get_accepting(port: u16, path: &str, accept: &str) -> Option<String> {
-    tokio::time::timeout(std::time::Duration::from_secs(5), get(port, path, accept))
+    http_get_with(port, path, &[("accept", accept)]).await
+}
+
+/// [`http_get`] with request headers (a `traceparent`, an `Accept`).
+pub async fn http_get_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), get(port, path, headers))
         .await
         .ok()?
 }
 
-async fn get(port: u16, path: &str, accept: &str) -> Option<String> {
+async fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    stream
-        .write_all(
-            format!(
-                "GET {path} HTTP/1.1\r\nhost: x\r\naccept: {accept}\r\nconnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .ok()?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut bytes = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {

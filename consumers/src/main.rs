@@ -26,5 +26,6 @@ async fn main() {
     // one may be stuck in librdkafka on an unreachable cluster that the
     // drain already gave up on.
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    backbone::telemetry::shutdown();
     std::process::exit(code)
 }

@@ -19,6 +19,7 @@ use backbone::config::WorkerSettings;
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
 use backbone::shutdown::Shutdown;
+use backbone::telemetry;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
@@ -26,6 +27,7 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, Stream
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Notify, Semaphore};
+use tracing::Instrument;
 
 use crate::continuity::{self, Continuity};
 use crate::fetched::Fetched;
@@ -1044,13 +1046,38 @@ struct PartitionTask<H> {
     ledger: Ledger,
 }
 
+/// The span of one batch's handling, continuing the traces of the spans
+/// that wrote its records (their `traceparent`s); disabled when traces
+/// are off.
+fn batch_span(key: &PartitionKey, batch: &[Fetched]) -> tracing::Span {
+    let span = backbone::traced_span!(
+        "handle batch",
+        topic = &*key.0,
+        partition = key.1,
+        records = batch.len() as u64,
+        first_offset = batch.first().map_or(-1, |r| r.offset),
+        last_offset = batch.last().map_or(-1, |r| r.offset),
+    );
+    if !span.is_disabled() {
+        telemetry::follow(
+            &span,
+            batch
+                .iter()
+                .filter_map(|r| r.header(headers::TRACEPARENT))
+                .filter_map(telemetry::remote_span),
+        );
+    }
+    span
+}
+
 impl<H: Handler> PartitionTask<H> {
     async fn run(mut self) {
         let settings = self.job.shared.settings.clone();
         while let Some(batch) = self.next_batch().await {
             let last = batch.last().map(|r| r.offset);
             let (count, bytes) = (batch.len(), batch.iter().map(Fetched::bytes).sum::<usize>());
-            let outcome = self.process(batch).await;
+            let span = batch_span(&self.key, &batch);
+            let outcome = self.process(batch).instrument(span).await;
             if self.in_flight.done(&settings, count, bytes) {
                 self.job
                     .shared
@@ -1281,6 +1308,14 @@ impl<H: Handler> PartitionTask<H> {
                 break Ok(());
             }
             metrics.retry(self.route.tier);
+            telemetry::span_event(
+                "retry",
+                &[
+                    ("attempt", attempt.to_string()),
+                    ("records", records.len().to_string()),
+                    ("error", last_reason.clone()),
+                ],
+            );
             if !paused {
                 shared.set_pause(&self.key, PauseReason::Retry, true);
                 paused = true;

@@ -619,6 +619,8 @@ fn flush_all(shared: &Shared, consumer: &JobConsumer, lease: &mut Lease) -> Resu
     if reach.count() == 0 {
         return Ok(());
     }
+    let span = backbone::traced_span!("analytics flush", partitions = reach.count());
+    let _in_span = span.enter();
     // Refused: held, and flushed next time for the partitions the rebalance
     // that follows leaves here.
     if lease.renew(consumer, &reach, &shared.metrics).is_none() {
@@ -860,6 +862,12 @@ fn store_batch(
             .or_else(|| lease.renew(consumer, &reach, metrics))
             .ok_or(Unstored::Fenced)?;
         let attempt = Instant::now();
+        let span = backbone::traced_span!(
+            "clickhouse insert",
+            rows = rows.len() as u64,
+            partitions = offsets.len() as u64
+        );
+        let _in_span = span.enter();
         let error = match shared.runtime.block_on(store::insert_before(
             &shared.client,
             rows,

@@ -143,11 +143,13 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(args, shutdown).await {
+    let code = match run(args, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    backbone::telemetry::shutdown();
+    code
 }

@@ -14,6 +14,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::generator::{Generator, GeneratorConfig, Mix};
 use crate::publisher::{PublishOptions, Publisher};
@@ -138,6 +139,10 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// Events per publish span (when traces are exported): each record's
+/// `traceparent` names its batch's span.
+const PUBLISH_SPAN_EVENTS: u64 = 500;
+
 /// Generates and publishes until the count or duration is reached or
 /// `shutdown` fires; then waits for every in-flight record.
 pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summary> {
@@ -189,6 +194,8 @@ pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summar
             }
         };
 
+    // One publish span per PUBLISH_SPAN_EVENTS events handed to Kafka.
+    let (mut batch, mut in_batch) = (tracing::Span::none(), 0u64);
     for (i, generated) in generator.enumerate() {
         let i = i as u64;
         if limit.is_some_and(|n| i >= n)
@@ -213,8 +220,14 @@ pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summar
             }
         }
         summary.poisoned += u64::from(generated.poison.is_some());
+        if i.is_multiple_of(PUBLISH_SPAN_EVENTS) {
+            batch.record("events", in_batch);
+            (batch, in_batch) = (crate::publisher::publish_span(), 0);
+        }
+        in_batch += 1;
         let pending = publisher
             .enqueue_any(&generated.event, generated.poison)
+            .instrument(batch.clone())
             .await?;
         in_flight.push(pending.delivered());
         while let Some(Some(result)) = futures::FutureExt::now_or_never(in_flight.next()) {
@@ -222,6 +235,8 @@ pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summar
         }
         progress.update(summary.sent + summary.failed, started);
     }
+    batch.record("events", in_batch);
+    drop(batch);
     // Drain: everything handed to Kafka is acknowledged or failed before exit.
     while let Some(result) = in_flight.next().await {
         record(result, &mut summary);

@@ -14,12 +14,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match producers::cli::run(args, shutdown).await {
+    let code = match producers::cli::run(args, shutdown).await {
         Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    backbone::telemetry::shutdown();
+    code
 }

@@ -14,9 +14,11 @@ use backbone::events::{AnyEvent, Event, EventType};
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
 use backbone::schema::SchemaRegistry;
+use backbone::telemetry;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tracing::Instrument;
 
 /// How a publisher writes.
 #[derive(Debug, Clone)]
@@ -283,10 +285,17 @@ impl Publisher {
         &self,
         events: impl IntoIterator<Item = (&'a AnyEvent, Option<Poison>)>,
     ) -> Result<Vec<Delivered>, PublishError> {
+        let span = publish_span();
         let mut pending = Vec::new();
         for (event, poison) in events {
-            pending.push(self.enqueue_any(event, poison).await?);
+            pending.push(
+                self.enqueue_any(event, poison)
+                    .instrument(span.clone())
+                    .await?,
+            );
         }
+        span.record("events", pending.len() as u64);
+        drop(span);
         let mut delivered = Vec::with_capacity(pending.len());
         for p in pending {
             delivered.push(p.delivered().await?);
@@ -407,9 +416,15 @@ impl Publisher {
     }
 }
 
+/// A span for one batch of events handed to Kafka (`events` is recorded
+/// at its end); none when traces are off.
+pub fn publish_span() -> tracing::Span {
+    backbone::traced_span!("publish", events = tracing::field::Empty)
+}
+
 /// The standard headers: event type, content type, schema fingerprint,
-/// traceparent (the caller's, or one whose trace id is the event id) and
-/// produced-at. Formatted on the stack: this runs for every record.
+/// traceparent (the caller's, the publishing span's, or one whose trace id
+/// is the event id) and produced-at. Formatted on the stack: this runs for every record.
 fn record_headers(
     event: EventType,
     encoding: Encoding,
@@ -424,8 +439,17 @@ fn record_headers(
         .unwrap_or_default();
     let mut millis = [0u8; 20];
     let millis = stack_format(&mut millis, format_args!("{produced_at}"));
-    let derived = headers::traceparent_for(event_id, occurred_at as u64 | 1);
-    let trace = traceparent.unwrap_or(derived.as_str());
+    // The caller's trace; else the publishing span's, when traces are
+    // exported; else one whose trace id is the event id.
+    let own;
+    let trace = match traceparent {
+        Some(trace) => trace,
+        None => {
+            own = telemetry::current_traceparent()
+                .unwrap_or_else(|| headers::traceparent_for(event_id, occurred_at as u64 | 1));
+            own.as_str()
+        }
+    };
     OwnedHeaders::new_with_capacity(5)
         .insert(Header {
             key: headers::EVENT_TYPE,

@@ -14,7 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use backbone::config::QuerySettings;
 use backbone::metrics::{Counter, EncodeLabelSet, Family, Histogram, Registry, Unit};
+use backbone::telemetry;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::App;
 
@@ -223,14 +225,30 @@ impl RequestMetrics {
 }
 
 /// Counts and times every request by its route template (never the raw
-/// path: order ids would make a label per order).
+/// path: order ids would make a label per order), in a span of its own
+/// when traces are exported (continuing the caller's `traceparent`).
 pub async fn measure(State(app): State<App>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let span = backbone::traced_span!(
+        "http request",
+        http.request.method = %request.method(),
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        let caller = request
+            .headers()
+            .get(backbone::headers::TRACEPARENT)
+            .and_then(|value| value.to_str().ok())
+            .and_then(telemetry::remote_span);
+        telemetry::follow(&span, caller);
+    }
     let started = Instant::now();
-    let response = next.run(request).await;
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
     app.metrics.observe(
         route,
         response.status().as_u16(),

@@ -35,11 +35,13 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match query::run(&config, shutdown, |_| ()).await {
+    let code = match query::run(&config, shutdown, |_| ()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    backbone::telemetry::shutdown();
+    code
 }

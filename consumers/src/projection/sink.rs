@@ -16,10 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backbone::telemetry;
 use clickhouse::{Client, RowOwned, RowWrite};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::rows::{Malformed, Position};
 use crate::metrics::Metrics;
@@ -79,6 +81,8 @@ pub type RowResults = Vec<Result<(), Malformed>>;
 struct Submission<T> {
     rows: Vec<(Option<Position>, T)>,
     bytes: usize,
+    /// The span that submitted the rows (a batch's), when traces are on.
+    source: Option<telemetry::SourceSpan>,
     ack: oneshot::Sender<RowResults>,
     _waiting: Waiting,
 }
@@ -152,6 +156,7 @@ impl<T: RowOwned + RowWrite + Serialize + Send + Sync + 'static> Table<T> {
         let submission = Submission {
             rows,
             bytes,
+            source: telemetry::current_span(),
             ack,
             _waiting: Waiting(self.pacer.clone()),
         };
@@ -213,8 +218,28 @@ impl Writer {
     }
 
     /// Stores every pending row, retrying with backoff while ClickHouse is
-    /// unavailable; answers each submission.
+    /// unavailable; answers each submission. Its span continues the spans
+    /// of the batches that submitted the rows.
     async fn flush<T: RowOwned + RowWrite + Serialize + Send + Sync>(
+        &self,
+        pending: Vec<Submission<T>>,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let span = backbone::traced_span!(
+            "clickhouse insert",
+            table = self.name,
+            rows = pending.iter().map(|s| s.rows.len() as u64).sum::<u64>(),
+            batches = pending.len() as u64,
+        );
+        if !span.is_disabled() {
+            telemetry::follow(&span, pending.iter().filter_map(|s| s.source.clone()));
+        }
+        self.store_all(pending).instrument(span).await;
+    }
+
+    async fn store_all<T: RowOwned + RowWrite + Serialize + Send + Sync>(
         &self,
         mut pending: Vec<Submission<T>>,
     ) {
