@@ -5,7 +5,8 @@ client, independently of the Rust library that wrote it.
 
 The OpenMetrics parser is strict (it refuses a missing `# EOF`, a unit the
 name does not end with, a malformed sample). Prints JSON: one object per
-family with its name, type, help, unit and samples ([name, labels, value]).
+family with its name, type, help, unit and samples ([name, labels, value,
+exemplar labels or null]).
 """
 
 import json
@@ -28,7 +29,10 @@ def main():
             "type": family.type,
             "help": family.documentation,
             "unit": family.unit,
-            "samples": [[s.name, s.labels, s.value] for s in family.samples],
+            "samples": [
+                [s.name, s.labels, s.value, s.exemplar.labels if s.exemplar else None]
+                for s in family.samples
+            ],
         }
         for family in parse(text)
     ]

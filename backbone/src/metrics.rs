@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 pub use prometheus_client::encoding::EncodeLabelSet;
 pub use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 pub use prometheus_client::metrics::family::Family;
 pub use prometheus_client::metrics::gauge::Gauge;
 pub use prometheus_client::metrics::histogram::Histogram;
@@ -21,6 +22,24 @@ pub const OPENMETRICS: &str = "application/openmetrics-text";
 
 /// A gauge of seconds (or another fractional quantity).
 pub type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// An exemplar: the trace a sample was measured in. OpenMetrics shows it
+/// beside the sample's bucket; the Prometheus text format leaves it out.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExemplar {
+    pub trace_id: String,
+}
+
+/// A latency histogram whose samples name their trace when traces are
+/// exported (see [`observe_in`]).
+pub type TracedHistogram = HistogramWithExemplars<TraceExemplar>;
+
+/// Observes `value` in `histogram`, with the trace of `span` as its
+/// exemplar when traces are exported.
+pub fn observe_in(histogram: &TracedHistogram, value: f64, span: &tracing::Span) {
+    let exemplar = crate::telemetry::trace_id(span).map(|trace_id| TraceExemplar { trace_id });
+    histogram.observe(value, exemplar, None);
+}
 
 /// The exposition of `registry` for a request with `headers`.
 pub fn exposition(registry: &Registry, headers: &HeaderMap) -> Response {

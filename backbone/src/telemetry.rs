@@ -112,6 +112,17 @@ pub fn remote_span(traceparent: &str) -> Option<SpanContext> {
     ))
 }
 
+/// The trace `span` belongs to, in hex; `None` when traces are off.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    if !traces_on() {
+        return None;
+    }
+    let context = span.context();
+    let span = context.span();
+    let span = span.span_context();
+    span.is_valid().then(|| span.trace_id().to_string())
+}
+
 /// The current span, to continue from elsewhere (another task); `None`
 /// when traces are off or no span is current.
 pub fn current_span() -> Option<SpanContext> {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use backbone::metrics::{Counter, EncodeLabelSet, Family, Gauge, Histogram, Registry, Unit};
+use backbone::metrics::{Counter, EncodeLabelSet, Family, Gauge, Registry, TracedHistogram, Unit};
 
 use crate::handler::BusyPartitions;
 
@@ -60,7 +60,7 @@ pub struct Metrics {
     pub rebalances: Counter,
     batches: Counter,
     batch_records: Counter,
-    handler_seconds: Histogram,
+    handler_seconds: TracedHistogram,
     /// In-place retries (`in_place`) and retries from tier `i`.
     retries: Family<TierLabel, Counter>,
     /// Records moved into tier `i`.
@@ -90,7 +90,7 @@ impl Default for Metrics {
             rebalances: Counter::default(),
             batches: Counter::default(),
             batch_records: Counter::default(),
-            handler_seconds: Histogram::new(LATENCY_BUCKETS),
+            handler_seconds: TracedHistogram::new(LATENCY_BUCKETS.into_iter()),
             retries: Family::default(),
             tiered: Family::default(),
             dead_lettered: Family::default(),
@@ -218,8 +218,14 @@ impl Metrics {
         self.batch_records.inc_by(records as u64);
     }
 
+    /// A batch's time in the handler, its trace (the batch's span's) as the
+    /// exemplar.
     pub fn observe_handler(&self, took: Duration) {
-        self.handler_seconds.observe(took.as_secs_f64());
+        backbone::metrics::observe_in(
+            &self.handler_seconds,
+            took.as_secs_f64(),
+            &tracing::Span::current(),
+        );
     }
 
     pub fn retry(&self, tier: Option<usize>) {

@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use backbone::config::QuerySettings;
-use backbone::metrics::{Counter, EncodeLabelSet, Family, Histogram, Registry, Unit};
+use backbone::metrics::{Counter, EncodeLabelSet, Family, Registry, TracedHistogram, Unit};
 use backbone::telemetry;
 use serde::Serialize;
 use tracing::Instrument;
@@ -175,7 +175,7 @@ struct RouteLabel {
     route: String,
 }
 
-type LatencyFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
+type LatencyFamily = Family<RouteLabel, TracedHistogram, fn() -> TracedHistogram>;
 
 /// Requests and their latency by route and status, in the service's
 /// registry (see `backbone::metrics`).
@@ -190,7 +190,7 @@ impl Default for RequestMetrics {
     fn default() -> Self {
         let requests = Family::default();
         let latency: LatencyFamily =
-            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+            Family::new_with_constructor(|| TracedHistogram::new(LATENCY_BUCKETS.into_iter()));
         let mut registry = Registry::default();
         registry.register(
             "shopstream_query_requests",
@@ -212,12 +212,15 @@ impl Default for RequestMetrics {
 }
 
 impl RequestMetrics {
-    fn observe(&self, route: String, status: u16, seconds: f64) {
-        self.latency
-            .get_or_create(&RouteLabel {
+    /// One answered request; `span`'s trace is the latency's exemplar.
+    fn observe(&self, route: String, status: u16, seconds: f64, span: &tracing::Span) {
+        backbone::metrics::observe_in(
+            &self.latency.get_or_create(&RouteLabel {
                 route: route.clone(),
-            })
-            .observe(seconds);
+            }),
+            seconds,
+            span,
+        );
         self.requests
             .get_or_create(&RouteStatus { route, status })
             .inc();
@@ -253,6 +256,7 @@ pub async fn measure(State(app): State<App>, request: Request, next: Next) -> Re
         route,
         response.status().as_u16(),
         started.elapsed().as_secs_f64(),
+        &span,
     );
     response
 }

@@ -686,6 +686,28 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// A `/metrics` exposition (`format`: `prometheus` or `openmetrics`) as
+/// the Prometheus project's own Python parser reads it
+/// (`tests/metrics_parse.py`): one object per family, each sample as
+/// `[name, labels, value, exemplar labels or null]`. Panics, naming
+/// `binary`, when it does not parse.
+pub fn parse_exposition(binary: &str, format: &str, body: &str) -> Vec<serde_json::Value> {
+    let file = tempfile::NamedTempFile::new().expect("a temporary file");
+    std::fs::write(file.path(), body).expect("the exposition written");
+    let output = std::process::Command::new("python3")
+        .arg(repo_root().join("tests/metrics_parse.py"))
+        .arg(format)
+        .arg(file.path())
+        .output()
+        .expect("python3 runs (scripts/test installs it with prometheus-client)");
+    assert!(
+        output.status.success(),
+        "{binary}'s {format} exposition does not parse: {}\n{body}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the parser's JSON")
+}
+
 /// The repository root, for scripts and `topics.yaml`.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

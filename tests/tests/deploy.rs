@@ -673,20 +673,7 @@ fn parsed(
             .contains(&format!("content-type: {content_type}")),
         "{binary} answers {format} as {content_type}: {head}"
     );
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), body).unwrap();
-    let output = Command::new("python3")
-        .arg(repo_root().join("tests/metrics_parse.py"))
-        .arg(format)
-        .arg(file.path())
-        .output()
-        .expect("python3 runs (scripts/test installs it with prometheus-client)");
-    assert!(
-        output.status.success(),
-        "{binary}'s {format} exposition does not parse: {}\n{body}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    shopstream_tests::parse_exposition(binary, format, body)
 }
 
 /// Each family's name, type and help with the names and labels of its

@@ -155,6 +155,25 @@ async fn grpc_receiver(collected: Collected) -> u16 {
     port
 }
 
+/// The trace ids of the exemplars of `family` in `binary`'s OpenMetrics
+/// exposition on `port`.
+async fn exemplars(binary: &str, port: u16, family: &str) -> BTreeSet<String> {
+    let scraped = bench::scrape::http_get_accepting(
+        port,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0",
+    )
+    .await
+    .unwrap_or_else(|| panic!("{binary} answers /metrics"));
+    let (_, body) = scraped.split_once("\r\n\r\n").unwrap();
+    shopstream_tests::parse_exposition(binary, "openmetrics", body)
+        .iter()
+        .filter(|f| f["name"] == family)
+        .flat_map(|f| f["samples"].as_array().unwrap().clone())
+        .filter_map(|s| Some(s[3]["trace_id"].as_str()?.to_owned()))
+        .collect()
+}
+
 /// Children killed however the test ends.
 struct Children(Vec<Child>);
 
@@ -207,6 +226,7 @@ async fn spans_of_the_same_events_form_one_trace_from_publish_to_clickhouse() {
     };
     let mut children = Children(Vec::new());
     let port = |key: &str| format!("{key}=127.0.0.1:{}", free_port().unwrap());
+    let worker_port = free_port().unwrap();
     // The worker over gRPC, the others over HTTP.
     children.0.push(
         common(
@@ -216,7 +236,10 @@ async fn spans_of_the_same_events_form_one_trace_from_publish_to_clickhouse() {
         )
         .args(["--group", &unique_name("traced")])
         .args(["--handler", "events-store"])
-        .args(["--set", &port("worker.metrics_address")])
+        .args([
+            "--set",
+            &format!("worker.metrics_address=127.0.0.1:{worker_port}"),
+        ])
         .args(["--set", "clickhouse.insert_period_ms=200"])
         .spawn()
         .unwrap(),
@@ -308,6 +331,19 @@ async fn spans_of_the_same_events_form_one_trace_from_publish_to_clickhouse() {
     )
     .await;
     assert!(answer.is_some(), "the query service answers");
+    // The latency histograms name a trace beside their samples
+    // (OpenMetrics exemplars, read by the Prometheus Python parser).
+    let handler_traces = exemplars(
+        "shopstream-worker",
+        worker_port,
+        "shopstream_handler_seconds",
+    )
+    .await;
+    let query_traces = exemplars("shopstream-query", query_port, "shopstream_query_seconds").await;
+    assert!(
+        query_traces.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{query_traces:?}"
+    );
     for child in &mut children.0 {
         terminate(child);
     }
@@ -371,6 +407,11 @@ async fn spans_of_the_same_events_form_one_trace_from_publish_to_clickhouse() {
             .unwrap();
     }
     assert!(handled >= events, "{handled} records in batches");
+    let batch_traces: BTreeSet<String> = batches.iter().map(Received::trace).collect();
+    assert!(
+        !handler_traces.is_empty() && handler_traces.is_subset(&batch_traces),
+        "the handler latency's exemplars {handler_traces:?} name batches' traces"
+    );
     let dead_letter = batches
         .iter()
         .flat_map(|b| &b.span.events)
