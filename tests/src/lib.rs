@@ -686,6 +686,20 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// Child processes killed however a test ends: one left running keeps the
+/// test runner's output open.
+#[derive(Debug, Default)]
+pub struct Children(pub Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A `/metrics` exposition (`format`: `prometheus` or `openmetrics`) as
 /// the Prometheus project's own Python parser reads it
 /// (`tests/metrics_parse.py`): one object per family, each sample as

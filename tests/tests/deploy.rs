@@ -561,18 +561,7 @@ async fn exported_families() -> BTreeSet<String> {
         .await
         .unwrap();
     let catalog = format!("catalog.path={}", repo_root().join("topics.yaml").display());
-    /// Killed however the test ends: a child left running keeps the test
-    /// runner's output open.
-    struct Children(Vec<std::process::Child>);
-    impl Drop for Children {
-        fn drop(&mut self) {
-            for child in &mut self.0 {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-    let mut children = Children(Vec::new());
+    let mut children = shopstream_tests::Children::default();
     let mut exported = BTreeSet::new();
     for (binary, address_key, extra, served) in [
         (

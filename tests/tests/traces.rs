@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use rdkafka::message::{Headers, Message};
-use shopstream_tests::{bin_dir, clickhouse, free_port, unique_name, EventTopics};
+use shopstream_tests::{bin_dir, clickhouse, free_port, unique_name, Children, EventTopics};
 
 /// A span as received, with the service that sent it.
 #[derive(Debug, Clone)]
@@ -174,18 +174,6 @@ async fn exemplars(binary: &str, port: u16, family: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Children killed however the test ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// SIGTERM, and the exit within 30 s: the binaries send their last spans
 /// on the way out.
 fn terminate(child: &mut Child) {
@@ -224,7 +212,7 @@ async fn spans_of_the_same_events_form_one_trace_from_publish_to_clickhouse() {
             .stdin(Stdio::null());
         command
     };
-    let mut children = Children(Vec::new());
+    let mut children = Children::default();
     let port = |key: &str| format!("{key}=127.0.0.1:{}", free_port().unwrap());
     let worker_port = free_port().unwrap();
     // The worker over gRPC, the others over HTTP.
