@@ -192,6 +192,12 @@ pub struct KafkaSettings {
     /// Upper bound on any one request to the cluster, so an unreachable
     /// broker is an error rather than a hang.
     pub request_timeout_ms: u64,
+    /// How long records missing from a fetch must stay missing before the
+    /// gap is taken as real (compaction, transaction markers, retention)
+    /// and the partition goes on; until then it is fetched again. tansu
+    /// 0.6.0 numbers a record before it stores it, so a fetch in between
+    /// skips it. 0 takes a gap seen on two fetches in a row.
+    pub gap_confirmation_ms: u64,
     /// Extra librdkafka properties passed through unchanged, such as
     /// `security.protocol`, `sasl.*` and `ssl.*`. Secret values are redacted
     /// from logs and debug output.
@@ -203,6 +209,7 @@ impl Default for KafkaSettings {
         Self {
             bootstrap_servers: EMBEDDED.to_owned(),
             request_timeout_ms: 10_000,
+            gap_confirmation_ms: 2_000,
             client: ClientProperties::default(),
         }
     }
@@ -794,6 +801,23 @@ mod tests {
         assert_eq!(config, Config::default());
         assert_eq!(config.kafka.bootstrap_servers, "embedded://");
         assert!(!config.clickhouse.compression);
+        assert_eq!(config.kafka.gap_confirmation_ms, 2_000);
+    }
+
+    #[test]
+    fn the_gap_confirmation_is_set_like_any_setting_and_must_be_a_number() {
+        let args = ConfigArgs {
+            overrides: vec!["kafka.gap_confirmation_ms=0".into()],
+            ..ConfigArgs::default()
+        };
+        let config = Config::load_from(&args, env(&[])).unwrap();
+        assert_eq!(config.kafka.gap_confirmation_ms, 0);
+        let args = ConfigArgs {
+            overrides: vec!["kafka.gap_confirmation_ms=soon".into()],
+            ..ConfigArgs::default()
+        };
+        let err = Config::load_from(&args, env(&[])).unwrap_err().to_string();
+        assert!(err.contains("kafka.gap_confirmation_ms"), "{err}");
     }
 
     #[test]
@@ -850,7 +874,7 @@ mod tests {
     fn unknown_fields_name_file_line_and_field() {
         let (_dir, args) = with_file("kafka:\n  bootstrap_servers: a:1\n  bootstrap_server: b:2\n");
         let err = error(&args, &[]);
-        assert!(err.ends_with("shopstream.yaml:3: kafka.bootstrap_server: unknown field `bootstrap_server`, expected one of `bootstrap_servers`, `request_timeout_ms`, `client`"), "{err}");
+        assert!(err.ends_with("shopstream.yaml:3: kafka.bootstrap_server: unknown field `bootstrap_server`, expected one of `bootstrap_servers`, `request_timeout_ms`, `gap_confirmation_ms`, `client`"), "{err}");
         let (_dir, args) = with_file("telemetry:\n  log_format: xml\n");
         let err = error(&args, &[]);
         assert!(err.contains("shopstream.yaml:2: telemetry.log_format: unknown variant `xml`, expected `pretty` or `json`"), "{err}");

@@ -166,6 +166,12 @@ impl KafkaConnection {
         &self.bootstrap_servers
     }
 
+    /// How long a fetch gap must last to be taken as real
+    /// (`kafka.gap_confirmation_ms`).
+    pub fn gap_confirmation(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.settings.gap_confirmation_ms)
+    }
+
     pub fn is_embedded(&self) -> bool {
         self.embedded.is_some()
     }

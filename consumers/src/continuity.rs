@@ -8,7 +8,7 @@
 //! resume) would otherwise lose that record silently: the next record's
 //! offset is stored and committed past it. A real gap (compaction,
 //! transaction markers, records deleted by retention) shows the same first
-//! offset again when fetched again [`GAP_CONFIRMATION`] later, and is then
+//! offset again when fetched again `kafka.gap_confirmation_ms` later, and is then
 //! accepted. Not sooner: tansu 0.6.0 gives a record its offset before it
 //! stores it, so a fetch in between misses it, and a second fetch right
 //! after can miss it again while the broker is short of CPU.
@@ -24,8 +24,9 @@ use rdkafka::Offset;
 const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the same records must stay missing before the gap is taken
-/// as real: far longer than a broker takes to store a record it has
-/// numbered, far shorter than anyone waits for a compacted gap.
+/// as real, unless `kafka.gap_confirmation_ms` says otherwise: far longer
+/// than a broker takes to store a record it has numbered, far shorter
+/// than anyone waits for a compacted gap.
 pub const GAP_CONFIRMATION: Duration = Duration::from_secs(2);
 
 /// What to do with a fetched record.
@@ -39,28 +40,32 @@ pub enum Verdict {
     /// Records are missing before this one: skip it, seek the partition to
     /// `from` and fetch again.
     Refetch { from: i64 },
-    /// The gap was still there [`GAP_CONFIRMATION`] after it was first
+    /// The gap was still there its confirmation time after it was first
     /// seen: a real one. Take it.
     TakeAfterGap { expected: i64 },
 }
 
 /// One partition's expected next offset.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Continuity {
     /// `None` until the start of the assignment is known or a record seen.
     next: Option<i64>,
     /// The offset that came first instead of `next` at the last refetch,
     /// and when that gap was first seen.
     gap_to: Option<(i64, Instant)>,
+    /// How long a gap must last to be real.
+    confirmation: Duration,
 }
 
 impl Continuity {
     /// Expects the partition to start at `offset` (the committed or stored
-    /// position of an assignment), or anywhere when that is unknown.
-    pub fn starting_at(offset: Option<i64>) -> Self {
+    /// position of an assignment), or anywhere when that is unknown; a gap
+    /// is real once it has lasted `confirmation`.
+    pub fn starting_at(offset: Option<i64>, confirmation: Duration) -> Self {
         Self {
             next: offset,
             gap_to: None,
+            confirmation,
         }
     }
 
@@ -84,7 +89,7 @@ impl Continuity {
         } else {
             match self.gap_to {
                 Some((to, since)) if to == offset => {
-                    if now.duration_since(since) < GAP_CONFIRMATION {
+                    if now.duration_since(since) < self.confirmation {
                         return Verdict::Refetch { from: next };
                     }
                     Verdict::TakeAfterGap { expected: next }
@@ -144,7 +149,7 @@ impl Continuity {
                 false
             }
             Verdict::TakeAfterGap { expected } => {
-                tracing::warn!(topic, partition, expected, received = offset, "The same records are still missing after {GAP_CONFIRMATION:?} of fetching again (compaction, transaction markers or retention): going on.");
+                tracing::warn!(topic, partition, expected, received = offset, "The same records are still missing after {:?} of fetching again (compaction, transaction markers or retention): going on.", self.confirmation);
                 true
             }
         }
@@ -171,7 +176,7 @@ mod tests {
     #[test]
     fn consecutive_records_are_taken_and_repeats_skipped() {
         let now = Instant::now();
-        let mut c = Continuity::starting_at(Some(10));
+        let mut c = Continuity::starting_at(Some(10), GAP_CONFIRMATION);
         assert_eq!(c.check(10, now), Verdict::Take);
         assert_eq!(c.check(11, now), Verdict::Take);
         assert_eq!(c.check(11, now), Verdict::Repeat);
@@ -182,7 +187,7 @@ mod tests {
     #[test]
     fn an_unknown_start_takes_the_first_record() {
         let now = Instant::now();
-        let mut c = Continuity::starting_at(None);
+        let mut c = Continuity::starting_at(None, GAP_CONFIRMATION);
         assert_eq!(c.check(500, now), Verdict::Take);
         assert_eq!(c.check(502, now), Verdict::Refetch { from: 501 });
     }
@@ -190,7 +195,7 @@ mod tests {
     #[test]
     fn a_missing_record_is_fetched_again_and_found() {
         let now = Instant::now();
-        let mut c = Continuity::starting_at(Some(1000));
+        let mut c = Continuity::starting_at(Some(1000), GAP_CONFIRMATION);
         assert_eq!(c.check(1001, now), Verdict::Refetch { from: 1000 });
         // Records of the answer that had the gap may still arrive.
         assert_eq!(c.check(1002, now), Verdict::Refetch { from: 1000 });
@@ -203,7 +208,7 @@ mod tests {
     #[test]
     fn a_gap_still_there_after_the_confirmation_time_is_real_and_taken() {
         let now = Instant::now();
-        let mut c = Continuity::starting_at(Some(7));
+        let mut c = Continuity::starting_at(Some(7), GAP_CONFIRMATION);
         assert_eq!(c.check(9, now), Verdict::Refetch { from: 7 });
         // Seen again at once (a broker that numbered record 7 but has not
         // stored it yet): fetched again, not taken.
@@ -224,9 +229,17 @@ mod tests {
     }
 
     #[test]
+    fn without_a_confirmation_time_a_gap_seen_twice_is_taken() {
+        let now = Instant::now();
+        let mut c = Continuity::starting_at(Some(7), Duration::ZERO);
+        assert_eq!(c.check(9, now), Verdict::Refetch { from: 7 });
+        assert_eq!(c.check(9, now), Verdict::TakeAfterGap { expected: 7 });
+    }
+
+    #[test]
     fn a_record_stored_late_is_taken_once_it_arrives() {
         let now = Instant::now();
-        let mut c = Continuity::starting_at(Some(7));
+        let mut c = Continuity::starting_at(Some(7), GAP_CONFIRMATION);
         assert_eq!(c.check(8, now), Verdict::Refetch { from: 7 });
         assert_eq!(
             c.check(8, now + Duration::from_millis(10)),

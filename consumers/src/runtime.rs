@@ -195,6 +195,8 @@ struct Shared {
     partitions: Mutex<HashMap<PartitionKey, PartitionHandle>>,
     /// Per assigned partition, the offset the next fetched record must have.
     expected: Mutex<HashMap<PartitionKey, Continuity>>,
+    /// `kafka.gap_confirmation_ms`.
+    gap_confirmation: Duration,
     pauses: Mutex<HashMap<PartitionKey, u8>>,
     /// Partition queues split at assignment, each with its reader's stop,
     /// for the poll loop to start a reader on.
@@ -387,7 +389,7 @@ impl Shared {
             let start = committed_offset(&committed, e.topic(), e.partition());
             expected.insert(
                 (Arc::from(e.topic()), e.partition()),
-                Continuity::starting_at(start),
+                Continuity::starting_at(start, self.gap_confirmation),
             );
         }
     }
@@ -407,7 +409,9 @@ impl Shared {
         let mut expected = self.expected.lock().expect("expected lock");
         let continuity = match expected.get_mut(key) {
             Some(continuity) => continuity,
-            None => expected.entry(key.clone()).or_default(),
+            None => expected
+                .entry(key.clone())
+                .or_insert_with(|| Continuity::starting_at(None, self.gap_confirmation)),
         };
         continuity.admit(
             (&key.0, key.1, offset),
@@ -536,6 +540,7 @@ pub async fn run<H: Handler>(
         settings: settings.clone(),
         partitions: Mutex::new(HashMap::new()),
         expected: Mutex::new(HashMap::new()),
+        gap_confirmation: connection.gap_confirmation(),
         pauses: Mutex::new(HashMap::new()),
         split_queues,
         readers: Mutex::new(HashMap::new()),

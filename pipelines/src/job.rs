@@ -159,12 +159,12 @@ struct PartitionState {
 impl PartitionState {
     /// Nothing counted yet; the next record must be `start` (the offset
     /// after the stored one), or anything when nothing is stored.
-    fn starting_at(start: Option<i64>, lateness_ms: i64) -> Self {
+    fn starting_at(start: Option<i64>, shared: &Shared) -> Self {
         Self {
             partial: Partial::default(),
-            watermark: Watermark::new(lateness_ms),
+            watermark: Watermark::new(shared.lateness_ms),
             last_offset: None,
-            continuity: Continuity::starting_at(start),
+            continuity: Continuity::starting_at(start, shared.gap_confirmation),
             ledger: None,
         }
     }
@@ -187,6 +187,8 @@ struct Shared {
     timeout: Duration,
     runtime: tokio::runtime::Handle,
     lateness_ms: i64,
+    /// `kafka.gap_confirmation_ms`.
+    gap_confirmation: Duration,
     shutdown: Shutdown,
     metrics: Arc<JobMetrics>,
 }
@@ -218,10 +220,10 @@ impl ConsumerContext for JobContext {
                     let start = stored.get(&key).map(|o| o + 1);
                     let offset = start.map_or(Offset::Beginning, Offset::Offset);
                     let _ = tpl.set_partition_offset(&key.0, key.1, offset);
-                    partitions.entry(key.0).or_default().insert(
-                        key.1,
-                        PartitionState::starting_at(start, self.shared.lateness_ms),
-                    );
+                    partitions
+                        .entry(key.0)
+                        .or_default()
+                        .insert(key.1, PartitionState::starting_at(start, &self.shared));
                 }
                 self.count_assigned(&partitions);
                 drop(partitions);
@@ -319,6 +321,7 @@ pub fn run(
         timeout: Duration::from_millis(clickhouse.timeout_ms),
         runtime: runtime.clone(),
         lateness_ms: settings.allowed_lateness_ms,
+        gap_confirmation: connection.gap_confirmation(),
         shutdown: shutdown.clone(),
         metrics,
     });
@@ -807,7 +810,7 @@ fn rewind(shared: &Shared, consumer: &BaseConsumer<JobContext>, keys: Vec<Key>) 
             continue;
         };
         let start = stored.get(&key).map(|o| o + 1);
-        *state = PartitionState::starting_at(start, shared.lateness_ms);
+        *state = PartitionState::starting_at(start, shared);
         let offset = start.map_or(Offset::Beginning, Offset::Offset);
         if let Err(error) = consumer.seek(&key.0, key.1, offset, Duration::from_secs(1)) {
             tracing::debug!(topic = %key.0, partition = key.1, %error, "Seeking back not applied (partition no longer assigned).");
