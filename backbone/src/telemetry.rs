@@ -47,7 +47,7 @@ pub fn init(settings: &TelemetrySettings) {
         LogFormat::Json => logs.json().flatten_event(true).boxed(),
     }
     .with_filter(filter);
-    let spans = match exported_spans() {
+    let spans = match exported_spans(|name| std::env::var(name).ok()) {
         Ok(Some(provider)) => {
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("shopstream"))
@@ -87,10 +87,10 @@ pub fn shutdown() {
     }
 }
 
-/// The `traceparent` naming the current span, for a record written under
-/// it; `None` when traces are off or no span is current.
-pub fn current_traceparent() -> Option<Traceparent> {
-    current_span().map(|span| {
+/// The `traceparent` naming `span`, for the records written under it;
+/// `None` when traces are off.
+pub fn traceparent(span: &tracing::Span) -> Option<Traceparent> {
+    span_context(span).map(|span| {
         Traceparent::new(
             u128::from_be_bytes(span.trace_id().to_bytes()),
             u64::from_be_bytes(span.span_id().to_bytes()),
@@ -114,22 +114,21 @@ pub fn remote_span(traceparent: &str) -> Option<SpanContext> {
 
 /// The trace `span` belongs to, in hex; `None` when traces are off.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    if !traces_on() {
-        return None;
-    }
-    let context = span.context();
-    let span = context.span();
-    let span = span.span_context();
-    span.is_valid().then(|| span.trace_id().to_string())
+    span_context(span).map(|span| span.trace_id().to_string())
 }
 
 /// The current span, to continue from elsewhere (another task); `None`
 /// when traces are off or no span is current.
 pub fn current_span() -> Option<SpanContext> {
+    span_context(&tracing::Span::current())
+}
+
+/// `span`'s OpenTelemetry identity, when traces are exported and it has one.
+fn span_context(span: &tracing::Span) -> Option<SpanContext> {
     if !traces_on() {
         return None;
     }
-    let context = tracing::Span::current().context();
+    let context = span.context();
     let span = context.span().span_context().clone();
     span.is_valid().then_some(span)
 }
@@ -164,28 +163,37 @@ macro_rules! traced_span {
 }
 
 /// Adds an event (a retry, say) to the current span when traces are
-/// exported.
-pub fn span_event(name: &'static str, attributes: &[(&'static str, String)]) {
+/// exported; the attributes are formatted only then.
+pub fn span_event(name: &'static str, attributes: &[(&'static str, &dyn std::fmt::Display)]) {
     if traces_on() {
         tracing::Span::current().add_event(
             name,
             attributes
                 .iter()
-                .map(|(key, value)| opentelemetry::KeyValue::new(*key, value.clone()))
+                .map(|(key, value)| opentelemetry::KeyValue::new(*key, value.to_string()))
                 .collect(),
         );
     }
 }
 
-/// The span pipeline the standard variables ask for, if any.
-fn exported_spans() -> Result<Option<SdkTracerProvider>, String> {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-    if !set("OTEL_EXPORTER_OTLP_ENDPOINT") && !set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+/// The span pipeline the standard variables (read through `var`) ask for,
+/// if any.
+fn exported_spans(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Option<SdkTracerProvider>, String> {
+    let var = |name: &str| var(name).filter(|value| !value.trim().is_empty());
+    if var("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+        && var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
+    {
         return Ok(None);
     }
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|_| "http/protobuf".into());
+    let (protocol_var, protocol) = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .into_iter()
+    .find_map(|name| Some((name, var(name)?)))
+    .unwrap_or(("", "http/protobuf".into()));
     // The exporters' clients need a Tokio reactor, and the SDK exports
     // from a thread of its own: they get a small runtime of their own.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -200,13 +208,13 @@ fn exported_spans() -> Result<Option<SdkTracerProvider>, String> {
             "grpc" => builder.with_tonic().build(),
             other => {
                 return Err(format!(
-                    "OTEL_EXPORTER_OTLP_PROTOCOL is {other:?}; valid values: http/protobuf, grpc"
+                    "{protocol_var} is {other:?}; valid values: http/protobuf, grpc"
                 ))
             }
         }
         .map_err(|e| e.to_string())?
     };
-    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| {
+    let service = var("OTEL_SERVICE_NAME").unwrap_or_else(|| {
         std::env::args()
             .next()
             .and_then(|path| {
@@ -290,8 +298,30 @@ mod tests {
         let span = crate::traced_span!("publish", events = 3);
         assert!(span.is_disabled());
         let _inside = span.enter();
-        assert_eq!(current_traceparent(), None);
+        assert_eq!(traceparent(&span), None);
         assert!(current_span().is_none());
+    }
+
+    #[test]
+    fn an_unknown_protocol_is_refused_naming_the_variable_and_the_valid_values() {
+        let vars = |protocol_var: &'static str| {
+            move |name: &str| match name {
+                "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://127.0.0.1:4318".to_owned()),
+                _ if name == protocol_var => Some("http/json".to_owned()),
+                _ => None,
+            }
+        };
+        for name in [
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        ] {
+            let error = exported_spans(vars(name)).expect_err("http/json is not supported");
+            assert_eq!(
+                error,
+                format!("{name} is \"http/json\"; valid values: http/protobuf, grpc")
+            );
+        }
+        assert!(exported_spans(|_| None).expect("nothing asked").is_none());
     }
 
     #[test]

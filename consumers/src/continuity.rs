@@ -84,20 +84,15 @@ impl Continuity {
         if offset < next {
             return Verdict::Repeat;
         }
-        let verdict = if offset == next {
-            Verdict::Take
-        } else {
-            match self.gap_to {
-                Some((to, since)) if to == offset => {
-                    if now.duration_since(since) < self.confirmation {
-                        return Verdict::Refetch { from: next };
-                    }
-                    Verdict::TakeAfterGap { expected: next }
-                }
-                _ => {
-                    self.gap_to = Some((offset, now));
-                    return Verdict::Refetch { from: next };
-                }
+        let verdict = match self.gap_to {
+            _ if offset == next => Verdict::Take,
+            Some((to, since)) if to == offset && now.duration_since(since) >= self.confirmation => {
+                Verdict::TakeAfterGap { expected: next }
+            }
+            Some((to, _)) if to == offset => return Verdict::Refetch { from: next },
+            _ => {
+                self.gap_to = Some((offset, now));
+                return Verdict::Refetch { from: next };
             }
         };
         self.next = Some(offset + 1);

@@ -1316,9 +1316,9 @@ impl<H: Handler> PartitionTask<H> {
             telemetry::span_event(
                 "retry",
                 &[
-                    ("attempt", attempt.to_string()),
-                    ("records", records.len().to_string()),
-                    ("error", last_reason.clone()),
+                    ("attempt", &attempt),
+                    ("records", &records.len()),
+                    ("error", &last_reason),
                 ],
             );
             if !paused {

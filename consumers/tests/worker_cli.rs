@@ -111,7 +111,7 @@ async fn the_worker_process_serves_probes_drains_on_sigterm_and_resumes_where_it
     .collect();
     for g in &generated {
         publisher
-            .enqueue_any(&g.event, g.poison)
+            .enqueue_any(&g.event, g.poison, None)
             .await
             .unwrap()
             .delivered()

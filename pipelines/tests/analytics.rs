@@ -203,16 +203,12 @@ async fn read_models_equal_an_independent_computation_after_repeated_sigkills() 
         "hourly rollups add up to the minutes"
     );
 
-    let report = Command::new(BIN)
-        .args(["report", "--since", "0", "--output", "json", "--set"])
-        .arg(format!("clickhouse.url={}", db.url))
-        .args(["--set", &format!("clickhouse.database={}", db.name)])
-        .output()
-        .expect("report runs");
-    assert!(
-        report.status.success(),
-        "{}",
-        String::from_utf8_lossy(&report.stderr)
+    let report = shopstream_tests::succeeds(
+        Command::new(BIN)
+            .args(["report", "--since", "0", "--output", "json", "--set"])
+            .arg(format!("clickhouse.url={}", db.url))
+            .args(["--set", &format!("clickhouse.database={}", db.name)]),
+        "report runs",
     );
     let report: pipelines::report::Report =
         serde_json::from_slice(&report.stdout).expect("JSON report");

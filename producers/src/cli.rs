@@ -7,14 +7,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use backbone::codec::Encoding;
 use backbone::config::{Config, ConfigArgs};
+use backbone::headers::Traceparent;
 use backbone::kafka::KafkaConnection;
 use backbone::shutdown::Shutdown;
+use backbone::telemetry;
 use clap::Parser;
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tracing::Instrument;
 
 use crate::generator::{Generator, GeneratorConfig, Mix};
 use crate::publisher::{PublishOptions, Publisher};
@@ -196,6 +197,8 @@ pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summar
 
     // One publish span per PUBLISH_SPAN_EVENTS events handed to Kafka.
     let (mut batch, mut in_batch) = (tracing::Span::none(), 0u64);
+    // Its traceparent, made once per span rather than per record.
+    let mut trace: Option<Traceparent> = None;
     for (i, generated) in generator.enumerate() {
         let i = i as u64;
         if limit.is_some_and(|n| i >= n)
@@ -223,11 +226,15 @@ pub async fn run(args: PublishArgs, shutdown: Shutdown) -> anyhow::Result<Summar
         if i.is_multiple_of(PUBLISH_SPAN_EVENTS) {
             batch.record("events", in_batch);
             (batch, in_batch) = (crate::publisher::publish_span(), 0);
+            trace = telemetry::traceparent(&batch);
         }
         in_batch += 1;
         let pending = publisher
-            .enqueue_any(&generated.event, generated.poison)
-            .instrument(batch.clone())
+            .enqueue_any(
+                &generated.event,
+                generated.poison,
+                trace.as_ref().map(Traceparent::as_str),
+            )
             .await?;
         in_flight.push(pending.delivered());
         while let Some(Some(result)) = futures::FutureExt::now_or_never(in_flight.next()) {

@@ -11,14 +11,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use backbone::catalog::Catalog;
 use backbone::codec::{self, EncodeError, Encoding};
 use backbone::events::{AnyEvent, Event, EventType};
-use backbone::headers;
+use backbone::headers::{self, Traceparent};
 use backbone::kafka::KafkaConnection;
 use backbone::schema::SchemaRegistry;
 use backbone::telemetry;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use tracing::Instrument;
 
 /// How a publisher writes.
 #[derive(Debug, Clone)]
@@ -286,13 +285,11 @@ impl Publisher {
         events: impl IntoIterator<Item = (&'a AnyEvent, Option<Poison>)>,
     ) -> Result<Vec<Delivered>, PublishError> {
         let span = publish_span();
+        let trace = telemetry::traceparent(&span);
+        let trace = trace.as_ref().map(Traceparent::as_str);
         let mut pending = Vec::new();
         for (event, poison) in events {
-            pending.push(
-                self.enqueue_any(event, poison)
-                    .instrument(span.clone())
-                    .await?,
-            );
+            pending.push(self.enqueue_any(event, poison, trace).await?);
         }
         span.record("events", pending.len() as u64);
         drop(span);
@@ -309,13 +306,14 @@ impl Publisher {
         &self,
         event: &AnyEvent,
         poison: Option<Poison>,
+        traceparent: Option<&str>,
     ) -> Result<Pending, PublishError> {
         let Some(poison) = poison else {
             return match event {
-                AnyEvent::User(e) => self.enqueue(e, None).await,
-                AnyEvent::Order(e) => self.enqueue(e, None).await,
-                AnyEvent::Chat(e) => self.enqueue(e, None).await,
-                AnyEvent::Search(e) => self.enqueue(e, None).await,
+                AnyEvent::User(e) => self.enqueue(e, traceparent).await,
+                AnyEvent::Order(e) => self.enqueue(e, traceparent).await,
+                AnyEvent::Chat(e) => self.enqueue(e, traceparent).await,
+                AnyEvent::Search(e) => self.enqueue(e, traceparent).await,
             };
         };
         let kind = event.event_type();
@@ -360,7 +358,7 @@ impl Publisher {
             self.encoding,
             event.event_id(),
             event.occurred_at(),
-            None,
+            traceparent,
         );
         self.enqueue_bytes(&route.topic, key, payload, headers)
             .await
@@ -423,8 +421,8 @@ pub fn publish_span() -> tracing::Span {
 }
 
 /// The standard headers: event type, content type, schema fingerprint,
-/// traceparent (the caller's, the publishing span's, or one whose trace id
-/// is the event id) and produced-at. Formatted on the stack: this runs for every record.
+/// traceparent (the caller's, such as its publish span's, or one whose
+/// trace id is the event id) and produced-at. Formatted on the stack: this runs for every record.
 fn record_headers(
     event: EventType,
     encoding: Encoding,
@@ -439,17 +437,8 @@ fn record_headers(
         .unwrap_or_default();
     let mut millis = [0u8; 20];
     let millis = stack_format(&mut millis, format_args!("{produced_at}"));
-    // The caller's trace; else the publishing span's, when traces are
-    // exported; else one whose trace id is the event id.
-    let own;
-    let trace = match traceparent {
-        Some(trace) => trace,
-        None => {
-            own = telemetry::current_traceparent()
-                .unwrap_or_else(|| headers::traceparent_for(event_id, occurred_at as u64 | 1));
-            own.as_str()
-        }
-    };
+    let derived = headers::traceparent_for(event_id, occurred_at as u64 | 1);
+    let trace = traceparent.unwrap_or(derived.as_str());
     OwnedHeaders::new_with_capacity(5)
         .insert(Header {
             key: headers::EVENT_TYPE,

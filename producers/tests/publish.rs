@@ -341,16 +341,12 @@ async fn generated_traffic_arrives_complete_in_order_and_reads_in_fastavro() {
         std::fs::write(dir.path().join(format!("{i:04}.json")), bytes_json).unwrap();
     }
     // An independent Avro implementation, given only schemas/.
-    let output = Command::new("python3")
-        .arg(repo_root().join("tests/avro_interop.py"))
-        .arg(repo_root().join("schemas"))
-        .arg(dir.path())
-        .output()
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let output = shopstream_tests::succeeds(
+        Command::new("python3")
+            .arg(repo_root().join("tests/avro_interop.py"))
+            .arg(repo_root().join("schemas"))
+            .arg(dir.path()),
+        "python3 runs",
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("600 samples decoded and equal"));
 }

@@ -730,18 +730,28 @@ impl Drop for Children {
 pub fn parse_exposition(binary: &str, format: &str, body: &str) -> Vec<serde_json::Value> {
     let file = tempfile::NamedTempFile::new().expect("a temporary file");
     std::fs::write(file.path(), body).expect("the exposition written");
-    let output = std::process::Command::new("python3")
-        .arg(repo_root().join("tests/metrics_parse.py"))
-        .arg(format)
-        .arg(file.path())
-        .output()
-        .expect("python3 runs (scripts/test installs it with prometheus-client)");
-    assert!(
-        output.status.success(),
-        "{binary}'s {format} exposition does not parse: {}\n{body}",
-        String::from_utf8_lossy(&output.stderr)
+    let output = succeeds(
+        std::process::Command::new("python3")
+            .arg(repo_root().join("tests/metrics_parse.py"))
+            .arg(format)
+            .arg(file.path()),
+        &format!("{binary}'s {format} exposition parses (scripts/test installs prometheus-client):\n{body}"),
     );
     serde_json::from_slice(&output.stdout).expect("the parser's JSON")
+}
+
+/// Runs `command` to its end and returns its output; panics with `what`
+/// and the command's stderr unless it succeeded.
+pub fn succeeds(command: &mut std::process::Command, what: &str) -> std::process::Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("{what}: {command:?} does not start: {error}"));
+    assert!(
+        output.status.success(),
+        "{what}: {command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }
 
 /// The repository root, for scripts and `topics.yaml`.

@@ -153,21 +153,17 @@ fn the_compose_file_is_valid_for_the_compose_specification() {
 
 /// The binaries the workspace builds, from `cargo metadata`.
 fn workspace_binaries() -> BTreeSet<String> {
-    let output = Command::new(env!("CARGO"))
-        .args([
-            "metadata",
-            "--no-deps",
-            "--format-version",
-            "1",
-            "--offline",
-        ])
-        .current_dir(repo_root())
-        .output()
-        .expect("cargo metadata");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let output = shopstream_tests::succeeds(
+        Command::new(env!("CARGO"))
+            .args([
+                "metadata",
+                "--no-deps",
+                "--format-version",
+                "1",
+                "--offline",
+            ])
+            .current_dir(repo_root()),
+        "cargo metadata",
     );
     let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     metadata["packages"]

@@ -210,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
     .filter(|g| matches!(g.event, AnyEvent::Order(_)))
     .take(args.events)
     {
-        pending.push(publisher.enqueue_any(&g.event, None).await?);
+        pending.push(publisher.enqueue_any(&g.event, None, None).await?);
     }
     for p in pending {
         p.delivered().await?;

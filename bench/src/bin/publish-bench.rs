@@ -169,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
             while in_flight.len() >= WINDOW {
                 in_flight.next().await;
             }
-            in_flight.push(publisher.enqueue_any(event, None).await?.delivered());
+            in_flight.push(publisher.enqueue_any(event, None, None).await?.delivered());
         }
         while let Some(result) = in_flight.next().await {
             result?;

@@ -31,15 +31,7 @@ async fn every_statement_a_run_sends_runs_on_clickhouse_26_with_the_same_answers
     system.stop(&mut [&mut worker, &mut analytics]);
 
     let succeeds = |command: &mut Command| {
-        let output = command
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("the binary runs");
-        assert!(
-            output.status.success(),
-            "{command:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        shopstream_tests::succeeds(command.env("RUST_LOG", "warn"), "the binary runs");
     };
     succeeds(
         Command::new(bin_dir().join("shopstream-check"))

@@ -142,7 +142,7 @@ pub async fn compare(args: &Args, connection: &KafkaConnection) -> anyhow::Resul
     .filter(|g| matches!(g.event, AnyEvent::Order(_)))
     .take(args.engine_events)
     {
-        pending.push(publisher.enqueue_any(&g.event, None).await?);
+        pending.push(publisher.enqueue_any(&g.event, None, None).await?);
         sent += 1;
     }
     let mut ends = HashMap::new();

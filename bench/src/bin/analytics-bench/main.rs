@@ -188,7 +188,10 @@ impl Traffic<'_> {
                 let mut batch = Vec::new();
                 for g in self.generator.by_ref().take(per_tick) {
                     let topic = self.topics[&g.event.event_type()].clone();
-                    batch.push((topic, self.publisher.enqueue_any(&g.event, None).await?));
+                    batch.push((
+                        topic,
+                        self.publisher.enqueue_any(&g.event, None, None).await?,
+                    ));
                 }
                 sent += batch.len();
                 if let Some((topic, last)) = batch.pop() {
@@ -260,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let mut pending = Vec::new();
     for g in generator.by_ref().take(args.events) {
-        pending.push(publisher.enqueue_any(&g.event, None).await?);
+        pending.push(publisher.enqueue_any(&g.event, None, None).await?);
     }
     for p in pending {
         p.delivered().await?;
