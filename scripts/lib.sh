@@ -2,7 +2,36 @@
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# free_port [N]: N (default 1) distinct ports nothing listens on, one per line,
+# below the kernel's ephemeral range like shopstream_tests::free_port: a port
+# from that range (what binding port 0 gives) can be taken before the service
+# binds it, by a listener on port 0 (the embedded broker's) or as the source
+# port of an outgoing connection; the demo once lost its analytics job so.
+free_port() {
+  python3 - "${1:-1}" <<'EOF'
+import random, socket, sys
+lowest = 10000
+with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+    ephemeral = int(f.read().split()[0])
+candidates = list(range(lowest, max(ephemeral, lowest + 1000)))
+random.shuffle(candidates)
+found = []
+for port in candidates:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    found.append(port)
+    if len(found) == int(sys.argv[1]):
+        break
+else:
+    sys.exit("no free port below the ephemeral range")
+print("\n".join(map(str, found)))
+EOF
+}
 # apt_install PACKAGE...: from the distribution, quietly.
 apt_install() {
   say "Installing $* from the distribution"
