@@ -85,6 +85,11 @@ fn the_bench_harness_runs_every_contender_and_writes_the_report() {
         ),
         ("resources", "shopstream-publish peak RSS (JSON)", None),
         ("resources", "shopstream-analytics peak RSS", None),
+        (
+            "query, every request to ClickHouse",
+            "order status by id, 1 connection(s), p99",
+            None,
+        ),
     ] {
         let f = find(section, figure);
         let median = f["value"]["median"].as_f64().unwrap();
