@@ -8,8 +8,8 @@ served one run on DATABASE. From its `system.query_log`:
 
 - every statement sent that is not a query or a row insert (CREATE, DROP,
   ALTER, INSERT ... SELECT) runs on 26.9 exactly as sent, in log order; one
-  refused is tried again after the others until nothing more applies (the
-  log orders statements only to the second);
+  refused is tried again after each later statement that runs (the log
+  orders statements only to the second);
 - every SELECT sent is answered by both servers over the same rows: 18.16's
   schema (`SHOW CREATE`) and its rows (moved as `Native`) are loaded into a
   second database on 26.9, and each answer is compared as sorted TSV lines.
@@ -41,19 +41,32 @@ def old(url, sql, database=None):
 
 
 def run_all(session, statements):
-    """Runs `statements` until none more succeeds; returns those refused."""
-    pending, errors = list(statements), {}
-    while pending:
-        left = []
-        for statement in pending:
-            try:
-                session.query(statement)
-            except Exception as error:  # chdb raises one exception type for all
-                left.append(statement)
-                errors[statement] = str(error).strip()
-        if len(left) == len(pending):
-            break
-        pending = left
+    """Runs `statements` in order; returns those refused. A refused one is
+    tried again after each later statement that runs, until it applies: the
+    log orders statements only to the second, so a statement can come
+    before the one creating what it needs, and a DROP after that one can
+    take it away again (a materialized view and its target table, created
+    and dropped by two migrations within one second)."""
+    pending, errors = [], {}
+
+    def runs(statement):
+        try:
+            session.query(statement)
+            return True
+        except Exception as error:  # chdb raises one exception type for all
+            errors[statement] = str(error).strip()
+            return False
+
+    for statement in statements:
+        if not runs(statement):
+            pending.append(statement)
+            continue
+        # Something changed: what waited for it may apply now.
+        while True:
+            left = [s for s in pending if not runs(s)]
+            if len(left) == len(pending):
+                break
+            pending = left
     return [[s, errors[s]] for s in pending]
 
 

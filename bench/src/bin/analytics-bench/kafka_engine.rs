@@ -100,6 +100,18 @@ where
     Ok(())
 }
 
+/// What failed, and whether ClickHouse was still running then: a request
+/// cut off ("SendRequest") is a server that went away or closed the
+/// connection.
+fn alive(server: u32, what: &str) -> String {
+    let state = if std::path::Path::new(&format!("/proc/{server}")).exists() {
+        "still running"
+    } else {
+        "no longer running"
+    };
+    format!("{what} (ClickHouse, pid {server}, {state})")
+}
+
 pub async fn compare(args: &Args, connection: &KafkaConnection) -> anyhow::Result<()> {
     let server = server_pid(args.clickhouse_pid)?;
     // Beside the catalog, as topics.yaml's schema folders are.
@@ -193,7 +205,9 @@ pub async fn compare(args: &Args, connection: &KafkaConnection) -> anyhow::Resul
         t0.elapsed().as_secs_f64(),
     );
     drop(job);
-    let our_rows = result(&ours, OUR_RESULT).await?;
+    let our_rows = result(&ours, OUR_RESULT)
+        .await
+        .with_context(|| alive(server, "reading the job's result"))?;
 
     // Theirs: the Kafka engine and its materialized views, in a database of its own.
     let engine_db = format!("analytics_bench_engine_{}", std::process::id());
@@ -206,14 +220,19 @@ pub async fn compare(args: &Args, connection: &KafkaConnection) -> anyhow::Resul
     );
     root.query(&format!("CREATE DATABASE `{engine_db}`"))
         .execute()
-        .await?;
+        .await
+        .with_context(|| alive(server, "creating the Kafka engine's database"))?;
     let engine = root.clone().with_database(&engine_db);
     let (server0, t0) = (cpu(server)?, Instant::now());
     for statement in engine_ddl(
         connection.bootstrap_servers(),
         &format!("engine-{}", std::process::id()),
     ) {
-        engine.query(&statement).execute().await?;
+        engine
+            .query(&statement)
+            .execute()
+            .await
+            .with_context(|| alive(server, &statement))?;
     }
     let consumed = || async {
         engine
@@ -255,14 +274,16 @@ pub async fn compare(args: &Args, connection: &KafkaConnection) -> anyhow::Resul
         Err(e) => Err(e),
     };
     let (engine_cpu, engine_wall) = (cpu(server)? - server0, t0.elapsed().as_secs_f64());
-    let engine_rows = result(&engine, ENGINE_RESULT).await?;
+    let engine_rows = result(&engine, ENGINE_RESULT)
+        .await
+        .with_context(|| alive(server, "reading the Kafka engine's result"))?;
     // The Kafka table keeps consuming until dropped.
-    root.query(&format!("DROP DATABASE IF EXISTS `{engine_db}`"))
-        .execute()
-        .await?;
-    root.query(&format!("DROP DATABASE IF EXISTS `{database}`"))
-        .execute()
-        .await?;
+    for db in [&engine_db, &database] {
+        root.query(&format!("DROP DATABASE IF EXISTS `{db}`"))
+            .execute()
+            .await
+            .with_context(|| alive(server, &format!("dropping {db}")))?;
+    }
     if our_rows != engine_rows {
         let differ: Vec<String> = our_rows
             .iter()
