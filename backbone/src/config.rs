@@ -204,6 +204,13 @@ pub struct KafkaSettings {
     pub client: ClientProperties,
 }
 
+impl KafkaSettings {
+    /// `gap_confirmation_ms` as a duration.
+    pub fn gap_confirmation(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.gap_confirmation_ms)
+    }
+}
+
 impl Default for KafkaSettings {
     fn default() -> Self {
         Self {

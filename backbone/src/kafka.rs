@@ -169,7 +169,7 @@ impl KafkaConnection {
     /// How long a fetch gap must last to be taken as real
     /// (`kafka.gap_confirmation_ms`).
     pub fn gap_confirmation(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.settings.gap_confirmation_ms)
+        self.settings.gap_confirmation()
     }
 
     pub fn is_embedded(&self) -> bool {

@@ -23,12 +23,6 @@ use rdkafka::Offset;
 /// How long a seek back may take to be applied by librdkafka.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long the same records must stay missing before the gap is taken
-/// as real, unless `kafka.gap_confirmation_ms` says otherwise: far longer
-/// than a broker takes to store a record it has numbered, far shorter
-/// than anyone waits for a compacted gap.
-pub const GAP_CONFIRMATION: Duration = Duration::from_secs(2);
-
 /// What to do with a fetched record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -166,7 +160,10 @@ pub fn seek_back<X: ConsumerContext, C: Consumer<X>>(
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{Continuity, Verdict, GAP_CONFIRMATION};
+    use super::{Continuity, Verdict};
+
+    /// `kafka.gap_confirmation_ms`'s default.
+    const GAP_CONFIRMATION: Duration = Duration::from_secs(2);
 
     #[test]
     fn consecutive_records_are_taken_and_repeats_skipped() {

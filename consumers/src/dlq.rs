@@ -79,7 +79,12 @@ pub fn dead_letter_topic(catalog: &Catalog, topic: &str) -> String {
 
 /// Every record in `topic` up to its end as of now, in partition order.
 pub fn read_all(connection: &KafkaConnection, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
-    crate::readback::read_since(&connection.client_config(), topic, None)
+    crate::readback::read_since(
+        &connection.client_config(),
+        topic,
+        None,
+        connection.gap_confirmation(),
+    )
 }
 
 /// `dlq list`: counts by error class and original topic.

@@ -43,6 +43,8 @@ pub struct Forwarder {
     producer: FutureProducer,
     /// The connection's settings, for reading back what was written.
     config: ClientConfig,
+    /// `kafka.gap_confirmation_ms`, for the read-backs.
+    gap_confirmation: Duration,
     group: String,
 }
 
@@ -95,7 +97,13 @@ pub fn now_ms() -> i64 {
 }
 
 impl Forwarder {
-    pub fn new(config: &ClientConfig, group: &str) -> Result<Self, rdkafka::error::KafkaError> {
+    /// Writes with `config`'s client settings for `group`; its read-backs
+    /// take a gap as real after `gap_confirmation`.
+    pub fn new(
+        config: &ClientConfig,
+        gap_confirmation: Duration,
+        group: &str,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
         // The read-backs are consumers: given the producer's settings,
         // librdkafka would warn about each at every read.
         let mut producer = config.clone();
@@ -114,6 +122,7 @@ impl Forwarder {
         Ok(Self {
             producer: producer.create()?,
             config: config.clone(),
+            gap_confirmation,
             group: group.to_owned(),
         })
     }
@@ -165,9 +174,10 @@ impl Forwarder {
     ) -> Result<HashSet<OriginKey>, Abandoned> {
         let mut delay = Duration::from_millis(100);
         loop {
-            let (config, owned_topic) = (self.config.clone(), topic.to_owned());
+            let (config, owned_topic, gap) =
+                (self.config.clone(), topic.to_owned(), self.gap_confirmation);
             let read = tokio::task::spawn_blocking(move || {
-                crate::readback::read_since(&config, &owned_topic, since_ms)
+                crate::readback::read_since(&config, &owned_topic, since_ms, gap)
             });
             let read = tokio::select! {
                 read = read => read,

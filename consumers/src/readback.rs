@@ -10,8 +10,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::continuity::GAP_CONFIRMATION;
-
 /// A header of a record read back, as text.
 pub fn header(message: &OwnedMessage, key: &str) -> Option<String> {
     message
@@ -29,10 +27,13 @@ const BEYOND_THE_END: Duration = Duration::from_millis(300);
 /// Every record in `topic` up to its end as of now, in partition order:
 /// all of them, or (with `since_ms`) those from the first one stamped at or
 /// after `since_ms` in each partition on.
+/// Records missing between others are read again until they have stayed
+/// missing for `gap_confirmation` (`kafka.gap_confirmation_ms`).
 pub fn read_since(
     config: &ClientConfig,
     topic: &str,
     since_ms: Option<i64>,
+    gap_confirmation: Duration,
 ) -> anyhow::Result<Vec<OwnedMessage>> {
     let consumer = reader(config)?;
     let timeout = Duration::from_secs(10);
@@ -59,7 +60,7 @@ pub fn read_since(
         );
     }
     let Some(since_ms) = since_ms else {
-        return read_ranges(&consumer, topic, &bounds, true);
+        return read_ranges(&consumer, topic, &bounds, true, gap_confirmation);
     };
     // Backwards from the end in growing windows until each partition shows
     // a record stamped before `since_ms` (or its start): neither broker here
@@ -75,7 +76,7 @@ pub fn read_since(
     // one before began.
     let mut at_the_end = true;
     while !ranges.is_empty() {
-        let read = read_ranges(&consumer, topic, &ranges, at_the_end)?;
+        let read = read_ranges(&consumer, topic, &ranges, at_the_end, gap_confirmation)?;
         at_the_end = false;
         window *= 4;
         let mut next = BTreeMap::new();
@@ -138,18 +139,19 @@ fn reader(config: &ClientConfig) -> anyhow::Result<BaseConsumer> {
 /// end, which is then the partition's high watermark. A read with records
 /// missing between others is read again (a broker may answer before it
 /// stores a record it numbered: see [`crate::continuity`]) until the gap
-/// has stayed for [`GAP_CONFIRMATION`].
+/// has stayed for `gap_confirmation`.
 fn read_ranges(
     consumer: &BaseConsumer,
     topic: &str,
     ranges: &BTreeMap<i32, (i64, i64)>,
     to_the_end: bool,
+    gap_confirmation: Duration,
 ) -> anyhow::Result<Vec<OwnedMessage>> {
     let started = Instant::now();
     loop {
         let read = read_ranges_once(consumer, topic, ranges, to_the_end)?;
         match first_gap(&read, ranges) {
-            Some((partition, expected, received)) if started.elapsed() < GAP_CONFIRMATION => {
+            Some((partition, expected, received)) if started.elapsed() < gap_confirmation => {
                 tracing::debug!(
                     topic,
                     partition,

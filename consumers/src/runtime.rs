@@ -532,8 +532,12 @@ pub async fn run<H: Handler>(
         return Err(WorkerError::CurrentThreadRuntime);
     }
     let forwarder = Arc::new(
-        Forwarder::new(&connection.client_config(), &settings.group_id)
-            .map_err(WorkerError::Consumer)?,
+        Forwarder::new(
+            &connection.client_config(),
+            connection.gap_confirmation(),
+            &settings.group_id,
+        )
+        .map_err(WorkerError::Consumer)?,
     );
     let (split_queues, mut queues_split) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {

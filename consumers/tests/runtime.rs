@@ -144,6 +144,11 @@ fn setup_replicated(
     }
 }
 
+/// `kafka.gap_confirmation_ms`'s default.
+fn gap_confirmation() -> Duration {
+    KafkaSettings::default().gap_confirmation()
+}
+
 fn settings(group: &str) -> WorkerSettings {
     WorkerSettings {
         group_id: group.to_owned(),
@@ -865,7 +870,7 @@ async fn a_forward_its_group_already_wrote_is_not_written_again() {
     let forward = |group: &'static str, offsets: Vec<i64>| {
         let (config, stop, failure) = (config.clone(), stop.clone(), failure.clone());
         async move {
-            let forwarder = Forwarder::new(&config, group).expect("forwarder");
+            let forwarder = Forwarder::new(&config, gap_confirmation(), group).expect("forwarder");
             let mut ledger = Ledger::since(record(offsets[0]).timestamp_ms);
             for offset in offsets {
                 forwarder
@@ -887,7 +892,8 @@ async fn a_forward_its_group_already_wrote_is_not_written_again() {
     forward("workers", vec![42, 43]).await;
     forward("auditors", vec![42]).await;
     let written = tokio::task::spawn_blocking(move || {
-        consumers::readback::read_since(&config, "orders.dlq", None).expect("read")
+        consumers::readback::read_since(&config, "orders.dlq", None, gap_confirmation())
+            .expect("read")
     })
     .await
     .expect("read task");

@@ -359,7 +359,11 @@ pub fn run(
     })?);
     let topics: Vec<&str> = catalog.topics.iter().map(|t| t.name.as_str()).collect();
     consumer.subscribe(&topics)?;
-    let forwarder = Forwarder::new(&connection.client_config(), &settings.group_id)?;
+    let forwarder = Forwarder::new(
+        &connection.client_config(),
+        connection.gap_confirmation(),
+        &settings.group_id,
+    )?;
     // A dead letter being written when the shutdown comes is finished (and
     // its offset flushed with the rest), or a restart would write it again;
     // given up only when Kafka cannot take it within the grace.

@@ -212,7 +212,12 @@ async fn a_whole_topic_is_read_to_its_real_end_on_both_brokers() {
         }
         let config = topics.connection.client_config();
         let read = tokio::task::block_in_place(|| {
-            consumers::readback::read_since(&config, &topic, Some(since))
+            consumers::readback::read_since(
+                &config,
+                &topic,
+                Some(since),
+                topics.connection.gap_confirmation(),
+            )
         })
         .expect("read since");
         let later_read = |p: i32| {
