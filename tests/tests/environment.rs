@@ -248,3 +248,31 @@ async fn mock_cluster_faults_are_injectable() {
     assert!(delivered, "produce succeeds after the brokers come back");
     producer.flush(WAIT).unwrap();
 }
+
+/// The test runner refuses a bad setting before it builds anything, naming
+/// the variable and what it got.
+#[test]
+fn scripts_run_tests_refuses_bad_settings_naming_them() {
+    for (variable, value) in [
+        ("TEST_JOBS", "0"),
+        ("TEST_JOBS", "two"),
+        ("RELIABILITY_TEST_THREADS", "-4"),
+    ] {
+        let output = std::process::Command::new(repo_root().join("scripts/run-tests"))
+            .env(variable, value)
+            .output()
+            .expect("scripts/run-tests runs (python3)");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{variable}={value}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "scripts/run-tests: {variable} must be a whole number above 0, got '{value}'"
+            )),
+            "{variable}={value}: {stderr}"
+        );
+    }
+}
