@@ -1,7 +1,12 @@
-//! The delivery contract, proven against librdkafka's mock cluster (fault
-//! injection, several group members): nothing lost, poison dead-lettered
+//! The delivery contract, proven on a real broker (tansu in scripts/test)
+//! and on librdkafka's mock cluster, each scenario as
+//! `<name>::on_a_real_broker` and `<name>::on_the_mock_cluster` (fault
+//! injection on the mock cluster only): nothing lost, poison dead-lettered
 //! once with every header, retries in place then through the tiers, SIGTERM
-//! drains, partitions never owned twice.
+//! drains, partitions never owned twice, backpressure never stalls.
+
+#[macro_use]
+extern crate shopstream_tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -22,7 +27,11 @@ use consumers::runtime::{run, WorkerError};
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use rdkafka::message::Message;
-use shopstream_tests::{header, mock_cluster, repo_root, unique_name};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use shopstream_tests::{
+    create_topic_through_admin, header, mock_cluster, repo_root, unique_name, Broker,
+};
 use uuid::Uuid;
 
 /// A handled record: where it was read and which event it was.
@@ -98,23 +107,27 @@ impl Handler for Named {
     }
 }
 
-/// A catalog with one order topic (3 partitions, a 1 s retry tier, a DLQ),
-/// created on `bootstrap`'s mock cluster.
+/// A catalog with one order topic (`partitions`, a 1 s retry tier, a DLQ),
+/// created on the scenario's mock cluster, or through the admin API of the
+/// real broker when there is none.
 struct Setup {
     _dir: tempfile::TempDir,
     catalog: Catalog,
     connection: KafkaConnection,
 }
 
-fn setup(
-    cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    partitions: i32,
-) -> Setup {
+/// The mock cluster of a scenario on `broker`, or none on the real one.
+/// It is not `Send`: it stays in the test body, beside the setup.
+fn cluster_for(broker: Broker) -> Option<MockCluster<'static, DefaultProducerContext>> {
+    (broker == Broker::Mock).then(|| mock_cluster(1))
+}
+
+fn setup(cluster: Option<&MockCluster<'static, DefaultProducerContext>>, partitions: i32) -> Setup {
     setup_replicated(cluster, partitions, 1)
 }
 
 fn setup_replicated(
-    cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: Option<&MockCluster<'static, DefaultProducerContext>>,
     partitions: i32,
     replication: i32,
 ) -> Setup {
@@ -127,16 +140,25 @@ fn setup_replicated(
     let path: PathBuf = dir.path().join("topics.yaml");
     std::fs::write(&path, text).expect("test setup");
     let catalog = Catalog::load(&path, None).expect("test setup");
-    for topic in catalog.desired_topics() {
-        cluster
-            .create_topic(&topic.name, topic.partitions, replication)
-            .expect("test setup");
-    }
     let settings = KafkaSettings {
-        bootstrap_servers: cluster.bootstrap_servers(),
+        bootstrap_servers: cluster
+            .map_or_else(Broker::real_bootstrap_servers, |c| c.bootstrap_servers()),
         ..KafkaSettings::default()
     };
     let connection = KafkaConnection::connect(&settings, &catalog).expect("test setup");
+    for topic in catalog.desired_topics() {
+        match cluster {
+            Some(cluster) => cluster
+                .create_topic(&topic.name, topic.partitions, replication)
+                .expect("test setup"),
+            None => futures::executor::block_on(create_topic_through_admin(
+                &connection.client_config(),
+                &topic.name,
+                topic.partitions,
+            ))
+            .expect("test setup"),
+        }
+    }
     Setup {
         _dir: dir,
         catalog,
@@ -252,9 +274,13 @@ async fn assigned_between(workers: &[&Running], partitions: usize) {
     .await;
 }
 
-/// Waits until `recorders` handled `n` records between them, then for the
-/// workers' next periodic commit.
-async fn handled_and_committed(recorders: &[Arc<Recorder>], n: usize) {
+/// Waits until `recorders` handled `n` records between them, then until
+/// `group` committed past every record handled (a rebalance then repeats
+/// none). The commit is awaited, not slept on: under load a commit can take
+/// longer than a few commit intervals.
+async fn handled_and_committed(setup: &Setup, group: &str, recorders: &[Arc<Recorder>], n: usize) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
     wait_until("every record handled", Duration::from_secs(60), || {
         recorders
             .iter()
@@ -263,7 +289,40 @@ async fn handled_and_committed(recorders: &[Arc<Recorder>], n: usize) {
             >= n
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(4 * settings("").commit_interval_ms)).await;
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for (topic, partition, offset, _) in recorders
+        .iter()
+        .flat_map(|r| r.seen.lock().expect("lock").clone())
+    {
+        let at = next.entry((topic, partition)).or_default();
+        *at = (*at).max(offset + 1);
+    }
+    let mut wanted = TopicPartitionList::new();
+    for (topic, partition) in next.keys() {
+        wanted.add_partition(topic, *partition);
+    }
+    let reader: BaseConsumer = setup
+        .connection
+        .client_config()
+        .set("group.id", group)
+        .create()
+        .expect("test setup");
+    wait_until(
+        "the group to commit past every record handled",
+        Duration::from_secs(60),
+        || {
+            let committed = reader
+                .committed_offsets(wanted.clone(), Duration::from_secs(5))
+                .unwrap_or_default();
+            next.iter().all(|((topic, partition), at)| {
+                let done = committed
+                    .find_partition(topic, *partition)
+                    .map(|p| p.offset());
+                matches!(done, Some(Offset::Offset(o)) if o >= *at)
+            })
+        },
+    )
+    .await;
 }
 
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
@@ -284,10 +343,14 @@ fn handled_ids(recorder: &Recorder) -> Vec<Uuid> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled() {
-    let cluster = mock_cluster(1);
-    let setup = setup(&cluster, 3);
+on_both_brokers!(
+    poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled:
+        |broker| poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled(broker)
+);
+
+async fn poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled(broker: Broker) {
+    let cluster = cluster_for(broker);
+    let setup = setup(cluster.as_ref(), 3);
     let events = publish(&setup, 300, 3, 0.05).await;
     let poisoned: HashSet<Uuid> = events
         .iter()
@@ -393,10 +456,16 @@ async fn poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled()
     assert_eq!(counted, poisoned.len() as f64, "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn transient_failures_retry_in_place_and_exhausted_ones_walk_the_tiers_to_the_dlq() {
-    let cluster = mock_cluster(1);
-    let setup = setup(&cluster, 3);
+on_both_brokers!(
+    transient_failures_retry_in_place_and_exhausted_ones_walk_the_tiers_to_the_dlq:
+        |broker| transient_failures_retry_in_place_and_exhausted_ones_walk_the_tiers_to_the_dlq(broker)
+);
+
+async fn transient_failures_retry_in_place_and_exhausted_ones_walk_the_tiers_to_the_dlq(
+    broker: Broker,
+) {
+    let cluster = cluster_for(broker);
+    let setup = setup(cluster.as_ref(), 3);
     let events = publish(&setup, 200, 4, 0.0).await;
     let ids: Vec<Uuid> = events.iter().map(|(e, _)| e.event_id()).collect();
     let (flaky, doomed) = (ids[10], ids[20]);
@@ -476,10 +545,14 @@ async fn transient_failures_retry_in_place_and_exhausted_ones_walk_the_tiers_to_
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_mid_batch_then_restart_loses_nothing_and_handles_nothing_twice() {
-    let cluster = mock_cluster(1);
-    let setup = setup(&cluster, 3);
+on_both_brokers!(
+    sigterm_mid_batch_then_restart_loses_nothing_and_handles_nothing_twice:
+        |broker| sigterm_mid_batch_then_restart_loses_nothing_and_handles_nothing_twice(broker)
+);
+
+async fn sigterm_mid_batch_then_restart_loses_nothing_and_handles_nothing_twice(broker: Broker) {
+    let cluster = cluster_for(broker);
+    let setup = setup(cluster.as_ref(), 3);
     let events = publish(&setup, 1500, 5, 0.0).await;
     let group = unique_name("g");
     let recorder = Arc::new(Recorder {
@@ -510,10 +583,15 @@ async fn sigterm_mid_batch_then_restart_loses_nothing_and_handles_nothing_twice(
     assert_eq!(seen.len(), events.len(), "nothing handled twice");
 }
 
+/// Three members join one by one and leave: on the mock cluster only.
+/// tansu 0.6.0's group coordinator gave a third member its share without
+/// revoking it from the first two (README, Compatibility); two members
+/// sharing a group on tansu are the reliability suite's `delivery`
+/// scenarios.
 #[tokio::test(flavor = "multi_thread", worker_threads = 6)]
 async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss() {
     let cluster = mock_cluster(1);
-    let setup = setup(&cluster, 6);
+    let setup = setup(Some(&cluster), 6);
     let group = unique_name("g");
     let active = Arc::new(Mutex::new(HashMap::new()));
     let recorders: Vec<Arc<Recorder>> = (0..3)
@@ -535,19 +613,19 @@ async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss() 
     let a = start(&setup, settings(&group), recorders[0].clone());
     assigned_between(&[&a], partitions).await;
     let mut events = publish(&setup, 400, 6, 0.0).await;
-    handled_and_committed(&recorders, events.len()).await;
+    handled_and_committed(&setup, &group, &recorders, events.len()).await;
     let b = start(&setup, settings(&group), recorders[1].clone());
     assigned_between(&[&a, &b], partitions).await;
     events.extend(publish(&setup, 400, 7, 0.0).await);
-    handled_and_committed(&recorders, events.len()).await;
+    handled_and_committed(&setup, &group, &recorders, events.len()).await;
     let c = start(&setup, settings(&group), recorders[2].clone());
     assigned_between(&[&a, &b, &c], partitions).await;
     events.extend(publish(&setup, 400, 8, 0.0).await);
-    handled_and_committed(&recorders, events.len()).await;
+    handled_and_committed(&setup, &group, &recorders, events.len()).await;
     stop(a).await;
     assigned_between(&[&b, &c], partitions).await;
     events.extend(publish(&setup, 400, 9, 0.0).await);
-    handled_and_committed(&recorders, events.len()).await;
+    handled_and_committed(&setup, &group, &recorders, events.len()).await;
     stop(b).await;
     stop(c).await;
     let mut all: Vec<Seen> = recorders
@@ -587,7 +665,7 @@ async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss() 
 async fn nothing_is_lost_under_request_errors_and_a_broker_going_down() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let cluster = mock_cluster(3);
-    let setup = setup_replicated(&cluster, 3, 3);
+    let setup = setup_replicated(Some(&cluster), 3, 3);
     let mut events = publish(&setup, 450, 10, 0.05).await;
     events.extend(publish(&setup, 450, 11, 0.05).await);
     // Slow enough that the faults below land while records are in flight.
@@ -687,10 +765,16 @@ async fn nothing_is_lost_under_request_errors_and_a_broker_going_down() {
     assert!(more.is_err(), "no duplicate dead letters");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_handler_holds_its_partitions_back_instead_of_buffering_without_bound() {
-    let cluster = mock_cluster(1);
-    let setup = setup(&cluster, 2);
+on_both_brokers!(
+    a_slow_handler_holds_its_partitions_back_instead_of_buffering_without_bound:
+        |broker| a_slow_handler_holds_its_partitions_back_instead_of_buffering_without_bound(broker)
+);
+
+async fn a_slow_handler_holds_its_partitions_back_instead_of_buffering_without_bound(
+    broker: Broker,
+) {
+    let cluster = cluster_for(broker);
+    let setup = setup(cluster.as_ref(), 2);
     let events = publish(&setup, 600, 13, 0.0).await;
     let recorder = Arc::new(Recorder {
         delay: Duration::from_millis(30),
@@ -712,13 +796,17 @@ async fn a_slow_handler_holds_its_partitions_back_instead_of_buffering_without_b
     assert_eq!(recorder.seen.lock().expect("lock").len(), events.len());
 }
 
+on_both_brokers!(
+    a_partition_held_back_by_backpressure_always_goes_on:
+        |broker| a_partition_held_back_by_backpressure_always_goes_on(broker)
+);
+
 /// A partition is held back when its in-flight bound fills and goes on when
 /// its task drains. With a fast handler the task may drain before its reader
 /// starts waiting; the partition must not stay held with nothing in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_partition_held_back_by_backpressure_always_goes_on() {
-    let cluster = mock_cluster(1);
-    let setup = setup(&cluster, 4);
+async fn a_partition_held_back_by_backpressure_always_goes_on(broker: Broker) {
+    let cluster = cluster_for(broker);
+    let setup = setup(cluster.as_ref(), 4);
     let events = publish(&setup, 2000, 17, 0.0).await;
     let recorder = Arc::new(Recorder::default());
     let mut tight = settings(&unique_name("g"));
@@ -739,7 +827,7 @@ async fn a_partition_held_back_by_backpressure_always_goes_on() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_current_thread_runtime_is_refused() {
     let cluster = mock_cluster(1);
-    let setup = setup(&cluster, 1);
+    let setup = setup(Some(&cluster), 1);
     let result = run(
         &setup.connection,
         &settings("g"),
@@ -761,10 +849,16 @@ fn order(event: &AnyEvent) -> Option<&OrderEvent> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_partition_revoked_while_held_back_by_backpressure_resumes_when_it_comes_back() {
-    let cluster = mock_cluster(1);
-    let setup = setup(&cluster, 2);
+on_both_brokers!(
+    a_partition_revoked_while_held_back_by_backpressure_resumes_when_it_comes_back:
+        |broker| a_partition_revoked_while_held_back_by_backpressure_resumes_when_it_comes_back(broker)
+);
+
+async fn a_partition_revoked_while_held_back_by_backpressure_resumes_when_it_comes_back(
+    broker: Broker,
+) {
+    let cluster = cluster_for(broker);
+    let setup = setup(cluster.as_ref(), 2);
     let group = unique_name("g");
     // 30 s of handling for one worker (batches of 2 every 200 ms per
     // partition): still held back when the second one is assigned, however
@@ -836,17 +930,32 @@ async fn handled_without_stalling(
     }
 }
 
+on_both_brokers!(
+    a_forward_its_group_already_wrote_is_not_written_again:
+        |broker| a_forward_its_group_already_wrote_is_not_written_again(broker)
+);
+
 /// A forward its group already wrote (a restarted worker, or a new owner,
 /// redoing the records since the last commit) is not written again; a new
 /// record is, and so is another group's forward of the same record.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forward_its_group_already_wrote_is_not_written_again() {
+async fn a_forward_its_group_already_wrote_is_not_written_again(broker: Broker) {
     use consumers::fetched::{Fetched, Origin};
     use consumers::forward::{now_ms, Failure, Forwarder, Ledger};
-    let cluster = mock_cluster(1);
-    cluster.create_topic("orders.dlq", 2, 1).expect("topic");
+    let cluster = cluster_for(broker);
+    let dlq: &'static str = unique_name("orders-dlq").leak();
     let mut config = rdkafka::ClientConfig::new();
-    config.set("bootstrap.servers", cluster.bootstrap_servers());
+    match &cluster {
+        Some(cluster) => {
+            cluster.create_topic(dlq, 2, 1).expect("topic");
+            config.set("bootstrap.servers", cluster.bootstrap_servers());
+        }
+        None => {
+            config.set("bootstrap.servers", Broker::real_bootstrap_servers());
+            create_topic_through_admin(&config, dlq, 2)
+                .await
+                .expect("topic");
+        }
+    }
     let record = |offset: i64| Fetched {
         topic: "orders".into(),
         partition: 1,
@@ -877,14 +986,7 @@ async fn a_forward_its_group_already_wrote_is_not_written_again() {
             let mut ledger = Ledger::since(record(offsets[0]).timestamp_ms);
             for offset in offsets {
                 forwarder
-                    .forward(
-                        "orders.dlq",
-                        &record(offset),
-                        &failure,
-                        None,
-                        &mut ledger,
-                        &stop,
-                    )
+                    .forward(dlq, &record(offset), &failure, None, &mut ledger, &stop)
                     .await
                     .expect("forwarded");
             }
@@ -895,8 +997,7 @@ async fn a_forward_its_group_already_wrote_is_not_written_again() {
     forward("workers", vec![42, 43]).await;
     forward("auditors", vec![42]).await;
     let written = tokio::task::spawn_blocking(move || {
-        consumers::readback::read_since(&config, "orders.dlq", None, gap_confirmation())
-            .expect("read")
+        consumers::readback::read_since(&config, dlq, None, gap_confirmation()).expect("read")
     })
     .await
     .expect("read task");

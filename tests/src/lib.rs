@@ -173,16 +173,28 @@ impl TestKafka {
             })?;
             return Ok(());
         }
-        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for result in admin.create_topics([&topic], &options).await? {
-            if let Err((topic, code)) = result {
-                bail!("creating topic {topic}: {code}");
-            }
-        }
-        Ok(())
+        create_topic_through_admin(&self.client_config(), name, partitions).await
     }
+}
+
+/// Creates `name` with `partitions` through the admin API of the broker
+/// `config` names (CreateTopics: a real broker; the mock cluster has none).
+/// An existing topic of that name is kept.
+pub async fn create_topic_through_admin(
+    config: &ClientConfig,
+    name: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics([&topic], &options).await? {
+        match result {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => bail!("creating topic {topic}: {code}"),
+        }
+    }
+    Ok(())
 }
 
 /// Reads `count` records from `topics` on `bootstrap_servers` from the
@@ -414,6 +426,31 @@ impl std::fmt::Debug for EventTopics {
     }
 }
 
+/// A scenario run on each broker, as `$name::on_the_mock_cluster` and
+/// `$name::on_a_real_broker` (tansu in scripts/test): `$scenario` with
+/// `$broker` bound to the one in hand.
+#[macro_export]
+macro_rules! on_both_brokers {
+    ($(#[$doc:meta])* $name:ident: |$broker:ident| $scenario:expr) => {
+        $(#[$doc])*
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn on_the_mock_cluster() {
+                let $broker = $crate::Broker::Mock;
+                $scenario.await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn on_a_real_broker() {
+                let $broker = $crate::Broker::Real;
+                $scenario.await;
+            }
+        }
+    };
+}
+
 /// Which broker a test's topics live on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broker {
@@ -531,21 +568,12 @@ impl EventTopics {
             cluster.create_topic(name, partitions, 1).expect("topic");
             return;
         }
-        let admin: AdminClient<DefaultClientContext> = self
-            .connection
-            .client_config()
-            .create()
-            .expect("admin client");
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = futures::executor::block_on(admin.create_topics([&topic], &options))
-            .expect("CreateTopics answered");
-        for result in results {
-            match result {
-                Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => panic!("creating topic {topic}: {code}"),
-            }
-        }
+        futures::executor::block_on(create_topic_through_admin(
+            &self.connection.client_config(),
+            name,
+            partitions,
+        ))
+        .expect("topic created");
     }
 
     pub fn catalog_path(&self) -> PathBuf {

@@ -9,29 +9,8 @@
 // Each scenario prints its figures (events, kills, faults, the report).
 #![allow(clippy::print_stdout)]
 
-/// A scenario run on each broker, as `$name::on_the_mock_cluster` and
-/// `$name::on_a_real_broker` (tansu in scripts/test): `$scenario` with
-/// `$broker` bound to the one in hand.
-macro_rules! on_both_brokers {
-    ($(#[$doc:meta])* $name:ident: |$broker:ident| $scenario:expr) => {
-        $(#[$doc])*
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn on_the_mock_cluster() {
-                let $broker = shopstream_tests::Broker::Mock;
-                $scenario.await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn on_a_real_broker() {
-                let $broker = shopstream_tests::Broker::Real;
-                $scenario.await;
-            }
-        }
-    };
-}
+#[macro_use]
+extern crate shopstream_tests;
 
 mod system;
 
