@@ -1,7 +1,11 @@
-//! Kafka -> shopstream-worker -> ClickHouse (18.16 here): the events store
+//! Kafka (each scenario on tansu and on the mock cluster) ->
+//! shopstream-worker -> ClickHouse (18.16 here): the events store
 //! and order-status projections are exact after SIGKILL and restart, after
 //! ClickHouse goes away and comes back, and with malformed rows, which reach
 //! the DLQ and come back through `dlq replay` (with its loop guard).
+
+#[macro_use]
+extern crate shopstream_tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -22,15 +26,15 @@ use consumers::routes::Routes;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use shopstream_tests::{
-    clickhouse, clickhouse_client, free_port, header, unique_name, EventTopics,
+    clickhouse, clickhouse_client, free_port, header, unique_name, Broker, EventTopics,
     StoppableClickHouse, TestDatabase,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-worker");
 
-/// The event topics with a 1 s retry tier and a DLQ each.
-fn setup() -> EventTopics {
-    EventTopics::new("    retry: {tiers: [1s]}\n")
+/// The event topics with a 1 s retry tier and a DLQ each, on `broker`.
+fn setup(broker: Broker) -> EventTopics {
+    EventTopics::on(broker, "    retry: {tiers: [1s]}\n")
 }
 
 async fn publish(setup: &EventTopics, events: &[AnyEvent]) {
@@ -231,9 +235,13 @@ fn late_repeats(events: &[AnyEvent], n: usize) -> Vec<AnyEvent> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events() {
-    let setup = setup();
+on_both_brokers!(
+    projections_are_exact_after_sigkill_restart_late_and_repeated_events:
+        |broker| projections_are_exact_after_sigkill_restart_late_and_repeated_events(broker)
+);
+
+async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events(broker: Broker) {
+    let setup = setup(broker);
     let db = clickhouse().await.database().await.expect("database");
     let mut published = generate(11, 3_000);
     publish(&setup, &published).await;
@@ -354,9 +362,13 @@ impl InProcess {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_stopped_then_started_loses_nothing() {
-    let setup = setup();
+on_both_brokers!(
+    clickhouse_stopped_then_started_loses_nothing:
+        |broker| clickhouse_stopped_then_started_loses_nothing(broker)
+);
+
+async fn clickhouse_stopped_then_started_loses_nothing(broker: Broker) {
+    let setup = setup(broker);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = StoppableClickHouse::start(&dir.path().join("clickhouse"));
     server.ready().await;
@@ -397,13 +409,17 @@ async fn clickhouse_stopped_then_started_loses_nothing() {
     worker.stop().await;
 }
 
+on_both_brokers!(
+    the_end_of_a_burst_is_stored_at_once_not_after_the_insert_period:
+        |broker| the_end_of_a_burst_is_stored_at_once_not_after_the_insert_period(broker)
+);
+
 /// The insert period is a ceiling, not a delay: when every partition that
 /// holds records waits on the insert (here 12 partitions, fewer than the
 /// runtime's 16 slots), nothing more can arrive and the rows go at once.
 /// With a ten-minute period only that rule can store them in time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_end_of_a_burst_is_stored_at_once_not_after_the_insert_period() {
-    let setup = setup();
+async fn the_end_of_a_burst_is_stored_at_once_not_after_the_insert_period(broker: Broker) {
+    let setup = setup(broker);
     let db = clickhouse().await.database().await.expect("database");
     let settings = ClickHouseSettings {
         insert_period_ms: 600_000,
@@ -490,9 +506,13 @@ async fn dead_letters(setup: &EventTopics, count: usize) -> Vec<rdkafka::message
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn malformed_rows_go_to_the_dlq_and_replay_brings_them_back_once_fixed() {
-    let setup = setup();
+on_both_brokers!(
+    malformed_rows_go_to_the_dlq_and_replay_brings_them_back_once_fixed:
+        |broker| malformed_rows_go_to_the_dlq_and_replay_brings_them_back_once_fixed(broker)
+);
+
+async fn malformed_rows_go_to_the_dlq_and_replay_brings_them_back_once_fixed(broker: Broker) {
+    let setup = setup(broker);
     let db = clickhouse().await.database().await.expect("database");
     let worker = start_in_process(
         &setup,

@@ -1,9 +1,13 @@
 //! shopstream-analytics against a real ClickHouse (18.16 here) and Kafka
-//! (the mock cluster, reached over loopback by the job's process): every read
+//! (each scenario on tansu and on the mock cluster, reached over loopback
+//! by the job's process): every read
 //! model equals the same aggregates computed here from the produced events,
 //! also after the job is SIGKILLed several times mid-run and while ClickHouse
 //! goes away and comes back; poison events go to their DLQ once; late and
 //! out-of-order events land in their windows, or in the late topic.
+
+#[macro_use]
+extern crate shopstream_tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -13,14 +17,16 @@ use backbone::events::AnyEvent;
 use checker::read_models::ReadModels;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
-use shopstream_tests::{clickhouse, free_port, EventTopics, StoppableClickHouse, TestDatabase};
+use shopstream_tests::{
+    clickhouse, free_port, unique_name, Broker, EventTopics, StoppableClickHouse, TestDatabase,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-analytics");
 const MINUTE: i64 = 60_000;
 
-/// The event topics with a DLQ each, and the late-events topic.
-fn setup() -> EventTopics {
-    let setup = EventTopics::new("");
+/// The event topics with a DLQ each, and the late-events topic, on `broker`.
+fn setup(broker: Broker) -> EventTopics {
+    let setup = EventTopics::on(broker, "");
     setup.create_topic("late-events", 1);
     setup
 }
@@ -50,6 +56,10 @@ fn start_job(setup: &EventTopics, db: &TestDatabase, extra: &[&str]) -> Job {
             &format!("clickhouse.database={}", db.name),
         ])
         .args([
+            "--set",
+            // A group per database: on a real broker every test's jobs
+            // would otherwise share the default group (and a restart keeps it).
+            &format!("analytics.group_id=analytics-{}", db.name),
             "--set",
             "analytics.flush_interval_ms=200",
             "--set",
@@ -151,9 +161,13 @@ async fn actual(db: &TestDatabase, view: &str) -> ReadModels {
         .expect("read models")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn read_models_equal_an_independent_computation_after_repeated_sigkills() {
-    let setup = setup();
+on_both_brokers!(
+    read_models_equal_an_independent_computation_after_repeated_sigkills:
+        |broker| read_models_equal_an_independent_computation_after_repeated_sigkills(broker)
+);
+
+async fn read_models_equal_an_independent_computation_after_repeated_sigkills(broker: Broker) {
+    let setup = setup(broker);
     let db = clickhouse().await.database().await.expect("database");
     let start = 1_763_000_000_000;
     let mut published = Vec::new();
@@ -227,9 +241,13 @@ async fn read_models_equal_an_independent_computation_after_repeated_sigkills() 
     sigterm(&mut job);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn late_and_out_of_order_events_land_in_their_windows_or_the_late_topic() {
-    let setup = setup();
+on_both_brokers!(
+    late_and_out_of_order_events_land_in_their_windows_or_the_late_topic:
+        |broker| late_and_out_of_order_events_land_in_their_windows_or_the_late_topic(broker)
+);
+
+async fn late_and_out_of_order_events_land_in_their_windows_or_the_late_topic(broker: Broker) {
+    let setup = setup(broker);
     let db = clickhouse().await.database().await.expect("database");
     let start = 1_763_000_000_000;
     // In order, then a straggler 90 s behind (later than the 30 s allowed),
@@ -263,6 +281,8 @@ async fn late_and_out_of_order_events_land_in_their_windows_or_the_late_topic() 
 
     // Divert: a fresh database, so the job starts from the beginning again.
     let db = clickhouse().await.database().await.expect("database");
+    let late_topic = unique_name("late-events");
+    setup.create_topic(&late_topic, 1);
     let mut job = start_job(
         &setup,
         &db,
@@ -270,7 +290,7 @@ async fn late_and_out_of_order_events_land_in_their_windows_or_the_late_topic() 
             "--set",
             "analytics.late_events=divert",
             "--set",
-            "analytics.late_topic=late-events",
+            &format!("analytics.late_topic={late_topic}"),
         ],
     );
     wait_caught_up(&setup, &db, Duration::from_secs(60)).await;
@@ -286,7 +306,7 @@ async fn late_and_out_of_order_events_land_in_their_windows_or_the_late_topic() 
     );
     let late = shopstream_tests::consume(
         setup.bootstrap_servers(),
-        &["late-events"],
+        &[&late_topic],
         1,
         Duration::from_secs(30),
     )
@@ -299,9 +319,13 @@ async fn late_and_out_of_order_events_land_in_their_windows_or_the_late_topic() 
     sigterm(&mut job);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_events_go_to_their_dlq_once_and_the_rest_is_counted_exactly() {
-    let setup = setup();
+on_both_brokers!(
+    poison_events_go_to_their_dlq_once_and_the_rest_is_counted_exactly:
+        |broker| poison_events_go_to_their_dlq_once_and_the_rest_is_counted_exactly(broker)
+);
+
+async fn poison_events_go_to_their_dlq_once_and_the_rest_is_counted_exactly(broker: Broker) {
+    let setup = setup(broker);
     let db = clickhouse().await.database().await.expect("database");
     let generated: Vec<_> = Generator::new(GeneratorConfig {
         seed: 90,
@@ -363,9 +387,13 @@ async fn poison_events_go_to_their_dlq_once_and_the_rest_is_counted_exactly() {
     sigterm(&mut job);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_down_at_start_and_mid_run_loses_and_doubles_nothing() {
-    let setup = setup();
+on_both_brokers!(
+    clickhouse_down_at_start_and_mid_run_loses_and_doubles_nothing:
+        |broker| clickhouse_down_at_start_and_mid_run_loses_and_doubles_nothing(broker)
+);
+
+async fn clickhouse_down_at_start_and_mid_run_loses_and_doubles_nothing(broker: Broker) {
+    let setup = setup(broker);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = StoppableClickHouse::start(&dir.path().join("clickhouse"));
     server.stop();
