@@ -1,5 +1,12 @@
-//! Publishing against the test broker: typed publishers, backpressure, and
-//! shopstream-publish as a process (output, exit codes, signals).
+//! Publishing on tansu and on the mock cluster (each scenario as
+//! `<name>::on_a_real_broker` and `<name>::on_the_mock_cluster`): typed
+//! publishers, backpressure, and shopstream-publish as a process (output,
+//! exit codes, signals).
+
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+extern crate shopstream_tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,26 +19,30 @@ use backbone::config::KafkaSettings;
 use backbone::events::*;
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
+use backbone::kafka::{EmbeddedCluster, EmbeddedTopic};
 use backbone::schema::SchemaRegistry;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use shopstream_tests::{kafka, repo_root, unique_name};
+use shopstream_tests::{create_topic_through_admin, repo_root, unique_name, Broker};
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-publish");
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A catalog of the four event topics under a fresh prefix, created on the
-/// test broker (unless `create` is false).
+/// A catalog of the four event topics under a fresh prefix on `broker` (a
+/// mock cluster of the test's own, hosted over loopback for the publisher
+/// process, or the real broker), created there unless `create` is false.
 struct Topics {
     _dir: tempfile::TempDir,
     path: PathBuf,
     catalog: Catalog,
+    bootstrap: String,
+    _mock: Option<EmbeddedCluster>,
 }
 
 impl Topics {
-    async fn new(create: bool) -> Self {
+    async fn new(broker: Broker, create: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let prefix = unique_name("pub");
         let schemas = repo_root().join("schemas");
@@ -50,19 +61,36 @@ impl Topics {
         let path = dir.path().join("topics.yaml");
         std::fs::write(&path, text).expect("writes the catalog");
         let catalog = Catalog::load(&path, None).expect("valid catalog");
-        if create {
-            for topic in &catalog.topics {
-                kafka()
-                    .await
-                    .create_topic(&topic.name, topic.partitions)
-                    .await
-                    .expect("creates the topic");
+        let (bootstrap, mock) = match broker {
+            Broker::Real => (Broker::real_bootstrap_servers(), None),
+            Broker::Mock => {
+                let cluster = EmbeddedCluster::start(1, Vec::new()).expect("mock cluster");
+                (cluster.bootstrap_servers().to_owned(), Some(cluster))
+            }
+        };
+        for topic in catalog.topics.iter().filter(|_| create) {
+            match &mock {
+                Some(cluster) => cluster
+                    .create_topic(EmbeddedTopic {
+                        name: topic.name.clone(),
+                        partitions: topic.partitions,
+                    })
+                    .expect("creates the topic"),
+                None => {
+                    let mut config = rdkafka::ClientConfig::new();
+                    config.set("bootstrap.servers", &bootstrap);
+                    create_topic_through_admin(&config, &topic.name, topic.partitions)
+                        .await
+                        .expect("creates the topic");
+                }
             }
         }
         Self {
             _dir: dir,
             path,
             catalog,
+            bootstrap,
+            _mock: mock,
         }
     }
 
@@ -75,9 +103,7 @@ impl Topics {
     }
 
     async fn consume(&self, count: usize) -> Vec<OwnedMessage> {
-        kafka()
-            .await
-            .consume(&self.names(), count, WAIT)
+        shopstream_tests::consume(&self.bootstrap, &self.names(), count, WAIT)
             .await
             .expect("records arrive")
     }
@@ -94,7 +120,7 @@ fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
 
 async fn publisher(topics: &Topics, options: &PublishOptions) -> (KafkaConnection, Publisher) {
     let settings = KafkaSettings {
-        bootstrap_servers: kafka().await.bootstrap_servers().to_owned(),
+        bootstrap_servers: topics.bootstrap.clone(),
         ..KafkaSettings::default()
     };
     let connection = KafkaConnection::connect(&settings, &topics.catalog).expect("connects");
@@ -121,9 +147,13 @@ fn order() -> OrderEvent {
     }
 }
 
-#[tokio::test]
-async fn typed_publishers_route_key_and_label_every_record() {
-    let topics = Topics::new(true).await;
+on_both_brokers!(
+    typed_publishers_route_key_and_label_every_record:
+        |broker| typed_publishers_route_key_and_label_every_record(broker)
+);
+
+async fn typed_publishers_route_key_and_label_every_record(broker: Broker) {
+    let topics = Topics::new(broker, true).await;
     let (_connection, avro) = publisher(&topics, &PublishOptions::default()).await;
     let event = order();
     let delivered = avro
@@ -189,9 +219,13 @@ async fn typed_publishers_route_key_and_label_every_record() {
     assert_eq!(parsed, chat);
 }
 
-#[tokio::test]
-async fn a_full_local_queue_makes_senders_wait_and_drops_nothing() {
-    let topics = Topics::new(true).await;
+on_both_brokers!(
+    a_full_local_queue_makes_senders_wait_and_drops_nothing:
+        |broker| a_full_local_queue_makes_senders_wait_and_drops_nothing(broker)
+);
+
+async fn a_full_local_queue_makes_senders_wait_and_drops_nothing(broker: Broker) {
+    let topics = Topics::new(broker, true).await;
     let options = PublishOptions {
         max_queued: 4,
         linger_ms: 20,
@@ -260,10 +294,14 @@ fn regenerate(seed: u64, count: usize, poison_rate: f64) -> Vec<producers::gener
     .collect()
 }
 
-#[tokio::test]
-async fn generated_traffic_arrives_complete_in_order_and_reads_in_fastavro() {
-    let topics = Topics::new(true).await;
-    let brokers = kafka().await.bootstrap_servers();
+on_both_brokers!(
+    generated_traffic_arrives_complete_in_order_and_reads_in_fastavro:
+        |broker| generated_traffic_arrives_complete_in_order_and_reads_in_fastavro(broker)
+);
+
+async fn generated_traffic_arrives_complete_in_order_and_reads_in_fastavro(broker: Broker) {
+    let topics = Topics::new(broker, true).await;
+    let brokers = topics.bootstrap.as_str();
     let run = publish(
         &topics.path,
         brokers,
@@ -351,10 +389,14 @@ async fn generated_traffic_arrives_complete_in_order_and_reads_in_fastavro() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("600 samples decoded and equal"));
 }
 
-#[tokio::test]
-async fn json_format_and_poison_records() {
-    let topics = Topics::new(true).await;
-    let brokers = kafka().await.bootstrap_servers();
+on_both_brokers!(
+    json_format_and_poison_records:
+        |broker| json_format_and_poison_records(broker)
+);
+
+async fn json_format_and_poison_records(broker: Broker) {
+    let topics = Topics::new(broker, true).await;
+    let brokers = topics.bootstrap.as_str();
     let run = publish(
         &topics.path,
         brokers,
@@ -411,10 +453,14 @@ async fn json_format_and_poison_records() {
     );
 }
 
-#[tokio::test]
-async fn bad_input_fails_fast_with_a_clear_error() {
-    let topics = Topics::new(true).await;
-    let brokers = kafka().await.bootstrap_servers();
+on_both_brokers!(
+    bad_input_fails_fast_with_a_clear_error:
+        |broker| bad_input_fails_fast_with_a_clear_error(broker)
+);
+
+async fn bad_input_fails_fast_with_a_clear_error(broker: Broker) {
+    let topics = Topics::new(broker, true).await;
+    let brokers = topics.bootstrap.as_str();
     let run = publish(&topics.path, brokers, &["--mix", "user=1,spam=2"]);
     assert_ne!(run.code, 0);
     assert!(
@@ -440,7 +486,7 @@ async fn bad_input_fails_fast_with_a_clear_error() {
         run.stderr
     );
 
-    let missing = Topics::new(false).await;
+    let missing = Topics::new(broker, false).await;
     let started = Instant::now();
     let run = publish(&missing.path, brokers, &["--count", "10"]);
     assert_eq!(run.code, 1, "{}", run.stderr);
@@ -474,10 +520,14 @@ async fn bad_input_fails_fast_with_a_clear_error() {
     );
 }
 
-#[tokio::test]
-async fn sigterm_stops_publishing_and_flushes_everything_sent() {
-    let topics = Topics::new(true).await;
-    let brokers = kafka().await.bootstrap_servers();
+on_both_brokers!(
+    sigterm_stops_publishing_and_flushes_everything_sent:
+        |broker| sigterm_stops_publishing_and_flushes_everything_sent(broker)
+);
+
+async fn sigterm_stops_publishing_and_flushes_everything_sent(broker: Broker) {
+    let topics = Topics::new(broker, true).await;
+    let brokers = topics.bootstrap.as_str();
     let child = Command::new(BIN)
         .args(["--brokers", brokers, "--set"])
         .arg(format!("catalog.path={}", topics.path.display()))
