@@ -1,5 +1,10 @@
 //! shopstream-worker as deployed: a process with probes and metrics that
-//! drains on SIGTERM, against the test broker (tansu under scripts/test).
+//! drains on SIGTERM, on tansu and on a mock cluster hosted over loopback.
+
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+extern crate shopstream_tests;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +15,7 @@ use backbone::events::AnyEvent;
 use backbone::kafka::KafkaConnection;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
-use shopstream_tests::{free_port, kafka, repo_root, unique_name};
+use shopstream_tests::{free_port, repo_root, unique_name, Broker, TestBroker};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-worker");
 
@@ -73,9 +78,15 @@ fn sigterm(child: &std::process::Child) {
         .success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_worker_process_serves_probes_drains_on_sigterm_and_resumes_where_it_stopped() {
-    let kafka = kafka().await;
+on_both_brokers!(
+    the_worker_process_serves_probes_drains_on_sigterm_and_resumes_where_it_stopped:
+        |broker| the_worker_process_serves_probes_drains_on_sigterm_and_resumes_where_it_stopped(broker)
+);
+
+async fn the_worker_process_serves_probes_drains_on_sigterm_and_resumes_where_it_stopped(
+    broker: Broker,
+) {
+    let kafka = TestBroker::on(broker);
     let dir = tempfile::tempdir().unwrap();
     let name = unique_name("orders");
     let path = dir.path().join("topics.yaml");

@@ -19,12 +19,11 @@ use backbone::config::KafkaSettings;
 use backbone::events::*;
 use backbone::headers;
 use backbone::kafka::KafkaConnection;
-use backbone::kafka::{EmbeddedCluster, EmbeddedTopic};
 use backbone::schema::SchemaRegistry;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use shopstream_tests::{create_topic_through_admin, repo_root, unique_name, Broker};
+use shopstream_tests::{repo_root, unique_name, Broker, TestBroker};
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-publish");
@@ -37,8 +36,7 @@ struct Topics {
     _dir: tempfile::TempDir,
     path: PathBuf,
     catalog: Catalog,
-    bootstrap: String,
-    _mock: Option<EmbeddedCluster>,
+    broker: TestBroker,
 }
 
 impl Topics {
@@ -61,36 +59,18 @@ impl Topics {
         let path = dir.path().join("topics.yaml");
         std::fs::write(&path, text).expect("writes the catalog");
         let catalog = Catalog::load(&path, None).expect("valid catalog");
-        let (bootstrap, mock) = match broker {
-            Broker::Real => (Broker::real_bootstrap_servers(), None),
-            Broker::Mock => {
-                let cluster = EmbeddedCluster::start(1, Vec::new()).expect("mock cluster");
-                (cluster.bootstrap_servers().to_owned(), Some(cluster))
-            }
-        };
+        let broker = TestBroker::on(broker);
         for topic in catalog.topics.iter().filter(|_| create) {
-            match &mock {
-                Some(cluster) => cluster
-                    .create_topic(EmbeddedTopic {
-                        name: topic.name.clone(),
-                        partitions: topic.partitions,
-                    })
-                    .expect("creates the topic"),
-                None => {
-                    let mut config = rdkafka::ClientConfig::new();
-                    config.set("bootstrap.servers", &bootstrap);
-                    create_topic_through_admin(&config, &topic.name, topic.partitions)
-                        .await
-                        .expect("creates the topic");
-                }
-            }
+            broker
+                .create_topic(&topic.name, topic.partitions)
+                .await
+                .expect("creates the topic");
         }
         Self {
             _dir: dir,
             path,
             catalog,
-            bootstrap,
-            _mock: mock,
+            broker,
         }
     }
 
@@ -103,7 +83,7 @@ impl Topics {
     }
 
     async fn consume(&self, count: usize) -> Vec<OwnedMessage> {
-        shopstream_tests::consume(&self.bootstrap, &self.names(), count, WAIT)
+        shopstream_tests::consume(self.broker.bootstrap_servers(), &self.names(), count, WAIT)
             .await
             .expect("records arrive")
     }
@@ -120,7 +100,7 @@ fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
 
 async fn publisher(topics: &Topics, options: &PublishOptions) -> (KafkaConnection, Publisher) {
     let settings = KafkaSettings {
-        bootstrap_servers: topics.bootstrap.clone(),
+        bootstrap_servers: topics.broker.bootstrap_servers().to_owned(),
         ..KafkaSettings::default()
     };
     let connection = KafkaConnection::connect(&settings, &topics.catalog).expect("connects");
@@ -301,7 +281,7 @@ on_both_brokers!(
 
 async fn generated_traffic_arrives_complete_in_order_and_reads_in_fastavro(broker: Broker) {
     let topics = Topics::new(broker, true).await;
-    let brokers = topics.bootstrap.as_str();
+    let brokers = topics.broker.bootstrap_servers();
     let run = publish(
         &topics.path,
         brokers,
@@ -396,7 +376,7 @@ on_both_brokers!(
 
 async fn json_format_and_poison_records(broker: Broker) {
     let topics = Topics::new(broker, true).await;
-    let brokers = topics.bootstrap.as_str();
+    let brokers = topics.broker.bootstrap_servers();
     let run = publish(
         &topics.path,
         brokers,
@@ -460,7 +440,7 @@ on_both_brokers!(
 
 async fn bad_input_fails_fast_with_a_clear_error(broker: Broker) {
     let topics = Topics::new(broker, true).await;
-    let brokers = topics.bootstrap.as_str();
+    let brokers = topics.broker.bootstrap_servers();
     let run = publish(&topics.path, brokers, &["--mix", "user=1,spam=2"]);
     assert_ne!(run.code, 0);
     assert!(
@@ -527,7 +507,7 @@ on_both_brokers!(
 
 async fn sigterm_stops_publishing_and_flushes_everything_sent(broker: Broker) {
     let topics = Topics::new(broker, true).await;
-    let brokers = topics.bootstrap.as_str();
+    let brokers = topics.broker.bootstrap_servers();
     let child = Command::new(BIN)
         .args(["--brokers", brokers, "--set"])
         .arg(format!("catalog.path={}", topics.path.display()))

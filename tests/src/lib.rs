@@ -451,6 +451,51 @@ macro_rules! on_both_brokers {
     };
 }
 
+/// The broker of one test, as it chose: a mock cluster of its own, hosted
+/// over loopback so processes reach it too, or the real broker.
+#[derive(Debug)]
+pub struct TestBroker {
+    bootstrap_servers: String,
+    mock: Option<EmbeddedCluster>,
+}
+
+impl TestBroker {
+    pub fn on(broker: Broker) -> Self {
+        match broker {
+            Broker::Real => Self {
+                bootstrap_servers: Broker::real_bootstrap_servers(),
+                mock: None,
+            },
+            Broker::Mock => {
+                let cluster = EmbeddedCluster::start(1, Vec::new()).expect("mock cluster");
+                Self {
+                    bootstrap_servers: cluster.bootstrap_servers().to_owned(),
+                    mock: Some(cluster),
+                }
+            }
+        }
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// Creates `name`: the mock cluster's own call, or the admin API.
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        match &self.mock {
+            Some(cluster) => Ok(cluster.create_topic(EmbeddedTopic {
+                name: name.to_owned(),
+                partitions,
+            })?),
+            None => {
+                let mut config = ClientConfig::new();
+                config.set("bootstrap.servers", &self.bootstrap_servers);
+                create_topic_through_admin(&config, name, partitions).await
+            }
+        }
+    }
+}
+
 /// Which broker a test's topics live on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broker {
