@@ -583,15 +583,16 @@ async fn sigterm_mid_batch_then_restart_loses_nothing_and_handles_nothing_twice(
     assert_eq!(seen.len(), events.len(), "nothing handled twice");
 }
 
-/// Three members join one by one and leave: on the mock cluster only.
-/// tansu 0.6.0's group coordinator gave a third member its share without
-/// revoking it from the first two (README, Compatibility); two members
-/// sharing a group on tansu are the reliability suite's `delivery`
-/// scenarios.
-#[tokio::test(flavor = "multi_thread", worker_threads = 6)]
-async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss() {
-    let cluster = mock_cluster(1);
-    let setup = setup(Some(&cluster), 6);
+on_both_brokers!(
+    workers_joining_and_leaving_share_partitions_without_overlap_or_loss:
+        |broker| workers_joining_and_leaving_share_partitions_without_overlap_or_loss(broker)
+);
+
+/// Three members join one by one and leave, each rebalance with the group
+/// idle and its offsets committed.
+async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss(broker: Broker) {
+    let cluster = cluster_for(broker);
+    let setup = setup(cluster.as_ref(), 6);
     let group = unique_name("g");
     let active = Arc::new(Mutex::new(HashMap::new()));
     let recorders: Vec<Arc<Recorder>> = (0..3)
