@@ -29,9 +29,7 @@ use producers::publisher::{PublishOptions, Publisher};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use shopstream_tests::{
-    create_topic_through_admin, header, mock_cluster, repo_root, unique_name, Broker,
-};
+use shopstream_tests::{header, mock_cluster, repo_root, unique_name, Broker, TestBroker};
 use uuid::Uuid;
 
 /// A handled record: where it was read and which event it was.
@@ -108,29 +106,42 @@ impl Handler for Named {
 }
 
 /// A catalog with one order topic (`partitions`, a 1 s retry tier, a DLQ),
-/// created on the scenario's mock cluster, or through the admin API of the
-/// real broker when there is none.
+/// its topics created, and a connection to where they are.
 struct Setup {
     _dir: tempfile::TempDir,
     catalog: Catalog,
     connection: KafkaConnection,
 }
 
-/// The mock cluster of a scenario on `broker`, or none on the real one.
-/// It is not `Send`: it stays in the test body, beside the setup.
-fn cluster_for(broker: Broker) -> Option<MockCluster<'static, DefaultProducerContext>> {
-    (broker == Broker::Mock).then(|| mock_cluster(1))
+/// The topics on `kafka`: the test's own mock cluster or the real broker.
+async fn setup(kafka: &TestBroker, partitions: i32) -> Setup {
+    let (dir, catalog) = order_catalog(partitions);
+    for topic in catalog.desired_topics() {
+        kafka
+            .create_topic(&topic.name, topic.partitions)
+            .await
+            .expect("test setup");
+    }
+    connect(dir, catalog, kafka.bootstrap_servers())
 }
 
-fn setup(cluster: Option<&MockCluster<'static, DefaultProducerContext>>, partitions: i32) -> Setup {
-    setup_replicated(cluster, partitions, 1)
-}
-
+/// The topics on `cluster`, replicated to `replication` of its brokers, for
+/// fault injection.
 fn setup_replicated(
-    cluster: Option<&MockCluster<'static, DefaultProducerContext>>,
+    cluster: &MockCluster<'static, DefaultProducerContext>,
     partitions: i32,
     replication: i32,
 ) -> Setup {
+    let (dir, catalog) = order_catalog(partitions);
+    for topic in catalog.desired_topics() {
+        cluster
+            .create_topic(&topic.name, topic.partitions, replication)
+            .expect("test setup");
+    }
+    connect(dir, catalog, &cluster.bootstrap_servers())
+}
+
+fn order_catalog(partitions: i32) -> (tempfile::TempDir, Catalog) {
     let dir = tempfile::tempdir().expect("test setup");
     let name = unique_name("orders");
     let text = format!(
@@ -140,25 +151,15 @@ fn setup_replicated(
     let path: PathBuf = dir.path().join("topics.yaml");
     std::fs::write(&path, text).expect("test setup");
     let catalog = Catalog::load(&path, None).expect("test setup");
+    (dir, catalog)
+}
+
+fn connect(dir: tempfile::TempDir, catalog: Catalog, bootstrap_servers: &str) -> Setup {
     let settings = KafkaSettings {
-        bootstrap_servers: cluster
-            .map_or_else(Broker::real_bootstrap_servers, |c| c.bootstrap_servers()),
+        bootstrap_servers: bootstrap_servers.to_owned(),
         ..KafkaSettings::default()
     };
     let connection = KafkaConnection::connect(&settings, &catalog).expect("test setup");
-    for topic in catalog.desired_topics() {
-        match cluster {
-            Some(cluster) => cluster
-                .create_topic(&topic.name, topic.partitions, replication)
-                .expect("test setup"),
-            None => futures::executor::block_on(create_topic_through_admin(
-                &connection.client_config(),
-                &topic.name,
-                topic.partitions,
-            ))
-            .expect("test setup"),
-        }
-    }
     Setup {
         _dir: dir,
         catalog,
@@ -349,8 +350,8 @@ on_both_brokers!(
 );
 
 async fn poison_goes_to_the_dlq_once_with_every_header_and_the_rest_is_handled(broker: Broker) {
-    let cluster = cluster_for(broker);
-    let setup = setup(cluster.as_ref(), 3);
+    let kafka = TestBroker::on(broker);
+    let setup = setup(&kafka, 3).await;
     let events = publish(&setup, 300, 3, 0.05).await;
     let poisoned: HashSet<Uuid> = events
         .iter()
@@ -464,8 +465,8 @@ on_both_brokers!(
 async fn transient_failures_retry_in_place_and_exhausted_ones_walk_the_tiers_to_the_dlq(
     broker: Broker,
 ) {
-    let cluster = cluster_for(broker);
-    let setup = setup(cluster.as_ref(), 3);
+    let kafka = TestBroker::on(broker);
+    let setup = setup(&kafka, 3).await;
     let events = publish(&setup, 200, 4, 0.0).await;
     let ids: Vec<Uuid> = events.iter().map(|(e, _)| e.event_id()).collect();
     let (flaky, doomed) = (ids[10], ids[20]);
@@ -551,8 +552,8 @@ on_both_brokers!(
 );
 
 async fn sigterm_mid_batch_then_restart_loses_nothing_and_handles_nothing_twice(broker: Broker) {
-    let cluster = cluster_for(broker);
-    let setup = setup(cluster.as_ref(), 3);
+    let kafka = TestBroker::on(broker);
+    let setup = setup(&kafka, 3).await;
     let events = publish(&setup, 1500, 5, 0.0).await;
     let group = unique_name("g");
     let recorder = Arc::new(Recorder {
@@ -591,8 +592,8 @@ on_both_brokers!(
 /// Three members join one by one and leave, each rebalance with the group
 /// idle and its offsets committed.
 async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss(broker: Broker) {
-    let cluster = cluster_for(broker);
-    let setup = setup(cluster.as_ref(), 6);
+    let kafka = TestBroker::on(broker);
+    let setup = setup(&kafka, 6).await;
     let group = unique_name("g");
     let active = Arc::new(Mutex::new(HashMap::new()));
     let recorders: Vec<Arc<Recorder>> = (0..3)
@@ -666,7 +667,7 @@ async fn workers_joining_and_leaving_share_partitions_without_overlap_or_loss(br
 async fn nothing_is_lost_under_request_errors_and_a_broker_going_down() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let cluster = mock_cluster(3);
-    let setup = setup_replicated(Some(&cluster), 3, 3);
+    let setup = setup_replicated(&cluster, 3, 3);
     let mut events = publish(&setup, 450, 10, 0.05).await;
     events.extend(publish(&setup, 450, 11, 0.05).await);
     // Slow enough that the faults below land while records are in flight.
@@ -774,8 +775,8 @@ on_both_brokers!(
 async fn a_slow_handler_holds_its_partitions_back_instead_of_buffering_without_bound(
     broker: Broker,
 ) {
-    let cluster = cluster_for(broker);
-    let setup = setup(cluster.as_ref(), 2);
+    let kafka = TestBroker::on(broker);
+    let setup = setup(&kafka, 2).await;
     let events = publish(&setup, 600, 13, 0.0).await;
     let recorder = Arc::new(Recorder {
         delay: Duration::from_millis(30),
@@ -806,8 +807,8 @@ on_both_brokers!(
 /// its task drains. With a fast handler the task may drain before its reader
 /// starts waiting; the partition must not stay held with nothing in flight.
 async fn a_partition_held_back_by_backpressure_always_goes_on(broker: Broker) {
-    let cluster = cluster_for(broker);
-    let setup = setup(cluster.as_ref(), 4);
+    let kafka = TestBroker::on(broker);
+    let setup = setup(&kafka, 4).await;
     let events = publish(&setup, 2000, 17, 0.0).await;
     let recorder = Arc::new(Recorder::default());
     let mut tight = settings(&unique_name("g"));
@@ -828,7 +829,7 @@ async fn a_partition_held_back_by_backpressure_always_goes_on(broker: Broker) {
 #[tokio::test(flavor = "current_thread")]
 async fn a_current_thread_runtime_is_refused() {
     let cluster = mock_cluster(1);
-    let setup = setup(Some(&cluster), 1);
+    let setup = setup_replicated(&cluster, 1, 1);
     let result = run(
         &setup.connection,
         &settings("g"),
@@ -858,8 +859,8 @@ on_both_brokers!(
 async fn a_partition_revoked_while_held_back_by_backpressure_resumes_when_it_comes_back(
     broker: Broker,
 ) {
-    let cluster = cluster_for(broker);
-    let setup = setup(cluster.as_ref(), 2);
+    let kafka = TestBroker::on(broker);
+    let setup = setup(&kafka, 2).await;
     let group = unique_name("g");
     // 30 s of handling for one worker (batches of 2 every 200 ms per
     // partition): still held back when the second one is assigned, however
@@ -942,21 +943,11 @@ on_both_brokers!(
 async fn a_forward_its_group_already_wrote_is_not_written_again(broker: Broker) {
     use consumers::fetched::{Fetched, Origin};
     use consumers::forward::{now_ms, Failure, Forwarder, Ledger};
-    let cluster = cluster_for(broker);
-    let dlq: &'static str = unique_name("orders-dlq").leak();
+    let kafka = TestBroker::on(broker);
+    let dlq = unique_name("orders-dlq");
+    kafka.create_topic(&dlq, 2).await.expect("topic");
     let mut config = rdkafka::ClientConfig::new();
-    match &cluster {
-        Some(cluster) => {
-            cluster.create_topic(dlq, 2, 1).expect("topic");
-            config.set("bootstrap.servers", cluster.bootstrap_servers());
-        }
-        None => {
-            config.set("bootstrap.servers", Broker::real_bootstrap_servers());
-            create_topic_through_admin(&config, dlq, 2)
-                .await
-                .expect("topic");
-        }
-    }
+    config.set("bootstrap.servers", kafka.bootstrap_servers());
     let record = |offset: i64| Fetched {
         topic: "orders".into(),
         partition: 1,
@@ -981,13 +972,14 @@ async fn a_forward_its_group_already_wrote_is_not_written_again(broker: Broker) 
     };
     let stop = Shutdown::new();
     let forward = |group: &'static str, offsets: Vec<i64>| {
-        let (config, stop, failure) = (config.clone(), stop.clone(), failure.clone());
+        let (config, stop, failure, dlq) =
+            (config.clone(), stop.clone(), failure.clone(), dlq.clone());
         async move {
             let forwarder = Forwarder::new(&config, gap_confirmation(), group).expect("forwarder");
             let mut ledger = Ledger::since(record(offsets[0]).timestamp_ms);
             for offset in offsets {
                 forwarder
-                    .forward(dlq, &record(offset), &failure, None, &mut ledger, &stop)
+                    .forward(&dlq, &record(offset), &failure, None, &mut ledger, &stop)
                     .await
                     .expect("forwarded");
             }
@@ -998,7 +990,7 @@ async fn a_forward_its_group_already_wrote_is_not_written_again(broker: Broker) 
     forward("workers", vec![42, 43]).await;
     forward("auditors", vec![42]).await;
     let written = tokio::task::spawn_blocking(move || {
-        consumers::readback::read_since(&config, dlq, None, gap_confirmation()).expect("read")
+        consumers::readback::read_since(&config, &dlq, None, gap_confirmation()).expect("read")
     })
     .await
     .expect("read task");
