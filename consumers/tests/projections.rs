@@ -26,7 +26,7 @@ use consumers::routes::Routes;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use shopstream_tests::{
-    clickhouse, clickhouse_client, free_port, header, unique_name, Broker, EventTopics,
+    clickhouse, clickhouse_client, free_port, header, terminate, unique_name, Broker, EventTopics,
     StoppableClickHouse, TestDatabase,
 };
 
@@ -275,11 +275,7 @@ async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events(br
         "(rows, distinct events) per table: no loss, no duplicate row even in the raw tables"
     );
     assert_status_converges(&db.client, &published).await;
-    Command::new("kill")
-        .args(["-TERM", &second.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(second.wait().expect("exits").success());
+    assert!(terminate(&mut second, Duration::from_secs(60), "the restarted worker").success());
 }
 
 struct InProcess {

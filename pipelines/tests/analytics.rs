@@ -18,7 +18,8 @@ use checker::read_models::ReadModels;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use shopstream_tests::{
-    clickhouse, free_port, unique_name, Broker, EventTopics, StoppableClickHouse, TestDatabase,
+    clickhouse, free_port, terminate, unique_name, Broker, EventTopics, StoppableClickHouse,
+    TestDatabase,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-analytics");
@@ -140,12 +141,8 @@ async fn wait_caught_up(setup: &EventTopics, db: &TestDatabase, limit: Duration)
 }
 
 fn sigterm(job: &mut Job) {
-    Command::new("kill")
-        .args(["-TERM", &job.child.id().to_string()])
-        .status()
-        .expect("kill");
     assert!(
-        job.child.wait().expect("exits").success(),
+        terminate(&mut job.child, Duration::from_secs(60), "the analytics job").success(),
         "drains and exits 0"
     );
 }

@@ -436,19 +436,38 @@ macro_rules! on_both_brokers {
         mod $name {
             use super::*;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn on_the_mock_cluster() {
+            #[test]
+            fn on_the_mock_cluster() {
                 let $broker = $crate::Broker::Mock;
-                $scenario.await;
+                $crate::run_scenario($scenario);
             }
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn on_a_real_broker() {
+            #[test]
+            fn on_a_real_broker() {
                 let $broker = $crate::Broker::Real;
-                $scenario.await;
+                $crate::run_scenario($scenario);
             }
         }
     };
+}
+
+/// Runs a scenario on a runtime of its own (four worker threads), then
+/// gives the runtime ten seconds to stop. `#[tokio::test]` would wait
+/// without end for what the scenario left running: a worker's Kafka
+/// consumer dropped mid-rebalance, or a blocking task on a broker gone,
+/// turned a failed assertion into a test binary that never ended.
+pub fn run_scenario(scenario: impl std::future::Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(scenario)));
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// The broker of one test, as it chose: a mock cluster of its own, hosted
@@ -727,12 +746,18 @@ impl StoppableClickHouse {
         );
     }
 
+    /// SIGTERM, and SIGKILL when the server has not stopped a minute later
+    /// (a graceful stop waits for open connections; what it acknowledged is
+    /// on disk either way).
     pub fn stop(&mut self) {
         if let Some(mut server) = self.server.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &server.id().to_string()])
                 .status();
-            let _ = server.wait();
+            if exit_within(&mut server, Duration::from_secs(60)).is_none() {
+                let _ = server.kill();
+                let _ = server.wait();
+            }
         }
     }
 
@@ -861,6 +886,38 @@ pub fn succeeds(command: &mut std::process::Command, what: &str) -> std::process
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// `child`'s exit status once it exits, waiting at most `limit` (None:
+/// still running then). A test waits on a process through this, never
+/// through `Child::wait` alone: a process that does not exit fails the test
+/// instead of hanging the whole run.
+pub fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting on a child process") {
+            return Some(status);
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM to `child`, then its exit status; a process still running
+/// `limit` later is SIGKILLed and fails the test, naming `what`.
+pub fn terminate(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "{what}: SIGTERM not delivered");
+    exit_within(child, limit).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} still running {limit:?} after SIGTERM (SIGKILLed)")
+    })
 }
 
 /// The repository root, for scripts and `topics.yaml`.
