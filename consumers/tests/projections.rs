@@ -8,7 +8,7 @@
 extern crate shopstream_tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,8 +26,8 @@ use consumers::routes::Routes;
 use producers::generator::{Generator, GeneratorConfig};
 use producers::publisher::{PublishOptions, Publisher};
 use shopstream_tests::{
-    clickhouse, clickhouse_client, free_port, header, terminate, unique_name, Broker, EventTopics,
-    StoppableClickHouse, TestDatabase,
+    clickhouse, clickhouse_client, free_port, header, terminate, unique_name, Broker, Children,
+    EventTopics, StoppableClickHouse, TestDatabase,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_shopstream-worker");
@@ -69,9 +69,9 @@ fn clickhouse_settings(url: &str, database: &str) -> ClickHouseSettings {
     }
 }
 
-/// A worker process running both projections.
-fn worker_process(setup: &EventTopics, db: &TestDatabase, group: &str) -> Child {
-    Command::new(BIN)
+/// A worker process running both projections (killed when dropped).
+fn worker_process(setup: &EventTopics, db: &TestDatabase, group: &str) -> Children {
+    let child = Command::new(BIN)
         .args([
             "--brokers",
             setup.bootstrap_servers(),
@@ -106,7 +106,8 @@ fn worker_process(setup: &EventTopics, db: &TestDatabase, group: &str) -> Child 
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()
-        .expect("worker starts")
+        .expect("worker starts");
+    Children(vec![child])
 }
 
 /// (rows, distinct event ids) per events-store table.
@@ -246,7 +247,7 @@ async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events(br
     let mut published = generate(11, 3_000);
     publish(&setup, &published).await;
     let group = unique_name("projections");
-    let mut first = worker_process(&setup, &db, &group);
+    let first = worker_process(&setup, &db, &group);
     let started = Instant::now();
     while counts(&db.client).await.values().map(|c| c.0).sum::<u64>() == 0 {
         assert!(
@@ -255,8 +256,7 @@ async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events(br
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    first.kill().expect("SIGKILL");
-    first.wait().expect("reaped");
+    drop(first); // SIGKILL
 
     let more = generate(12, 2_000);
     let late = late_repeats(&published, 50);
@@ -275,7 +275,12 @@ async fn projections_are_exact_after_sigkill_restart_late_and_repeated_events(br
         "(rows, distinct events) per table: no loss, no duplicate row even in the raw tables"
     );
     assert_status_converges(&db.client, &published).await;
-    assert!(terminate(&mut second, Duration::from_secs(60), "the restarted worker").success());
+    assert!(terminate(
+        &mut second.0[0],
+        Duration::from_secs(60),
+        "the restarted worker"
+    )
+    .success());
 }
 
 struct InProcess {

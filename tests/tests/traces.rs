@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,9 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use rdkafka::message::{Headers, Message};
-use shopstream_tests::{bin_dir, clickhouse, free_port, unique_name, Children, EventTopics};
+use shopstream_tests::{
+    bin_dir, clickhouse, free_port, terminate, unique_name, Children, EventTopics,
+};
 
 /// A span as received, with the service that sent it.
 #[derive(Debug, Clone)]
@@ -174,19 +176,6 @@ async fn exemplars(binary: &str, port: u16, family: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// SIGTERM, and the exit within 30 s: the binaries send their last spans
-/// on the way out.
-fn terminate(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "exits within 30 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn spans_of_the_same_events_form_one_trace_from_publish_to_clickhouse() {
     let collected = Collected::default();
@@ -332,8 +321,9 @@ async fn spans_of_the_same_events_form_one_trace_from_publish_to_clickhouse() {
         query_traces.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
         "{query_traces:?}"
     );
+    // SIGTERM: the binaries send their last spans on the way out.
     for child in &mut children.0 {
-        terminate(child);
+        terminate(child, Duration::from_secs(30), "a traced binary");
     }
 
     // Publish: one span per batch of events, every event counted once.

@@ -133,16 +133,7 @@ impl Service {
     }
 
     pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return Some(status);
-            }
-            if started.elapsed() > limit {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        shopstream_tests::exit_within(&mut self.child, limit)
     }
 
     pub fn running(&mut self) -> bool {
