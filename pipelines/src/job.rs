@@ -30,6 +30,7 @@ use consumers::fetched::Fetched;
 use consumers::forward::{now_ms, Failure, Forwarder, Ledger};
 use consumers::projection::rows::{datetime, Malformed};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -49,6 +50,9 @@ pub struct JobMetrics {
     /// Microseconds spent in acknowledged inserts.
     pub insert_micros: Counter,
     pub insert_retries: Counter,
+    /// Inserts whose answer did not come that ClickHouse finished and
+    /// stored anyway: found in the stored offsets, not made again.
+    pub inserts_landed_unanswered: Counter,
     /// Fetches that skipped records, fetched again from the expected offset.
     pub fetch_gaps: Counter,
     /// Flushes held back because the group coordinator refused this
@@ -103,6 +107,11 @@ impl JobMetrics {
                 "shopstream_analytics_insert_retries",
                 "ClickHouse inserts retried",
                 &self.insert_retries,
+            ),
+            (
+                "shopstream_analytics_inserts_landed_unanswered",
+                "ClickHouse inserts whose answer did not come, found stored once the server finished them (not made again)",
+                &self.inserts_landed_unanswered,
             ),
             (
                 "shopstream_analytics_fetch_gaps",
@@ -281,8 +290,11 @@ impl JobContext {
     fn stored_offsets(&self) -> HashMap<Key, i64> {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.shared.runtime.block_on(store::stored_offsets(
+            // After the inserts running now: one a replica gave up on
+            // before these partitions came here may still land.
+            match self.shared.runtime.block_on(store::settled_offsets(
                 &self.shared.client,
+                None,
                 self.shared.timeout,
             )) {
                 Ok(offsets) => return offsets,
@@ -393,34 +405,45 @@ pub fn run(
     let mut next_flush = Instant::now() + flush_every;
     ready.store(true, Ordering::SeqCst);
     tracing::info!(group = %settings.group_id, topics = ?topics, "Analytics job subscribed.");
+    let handle = |result: KafkaResult<BorrowedMessage<'_>>| match result {
+        Ok(message) => {
+            // Only subscribed topics arrive.
+            let Some(&(event_type, dlq)) = routes.get(message.topic()) else {
+                return;
+            };
+            if !admit(&shared, &consumer, &message) {
+                return;
+            }
+            take(
+                &shared,
+                &message,
+                event_type,
+                dlq,
+                &decoder,
+                windows,
+                settings,
+                &forwarder,
+                &runtime,
+                &forward_stop,
+            );
+        }
+        Err(error) => tracing::warn!(%error, "Consumer error; librdkafka keeps retrying."),
+    };
     while !shutdown.is_cancelled() {
         if let Some(result) = consumer.poll(Duration::from_millis(50)) {
-            match result {
-                Ok(message) => {
-                    // Only subscribed topics arrive.
-                    let Some(&(event_type, dlq)) = routes.get(message.topic()) else {
-                        continue;
-                    };
-                    if !admit(&shared, &consumer, &message) {
-                        continue;
-                    }
-                    take(
-                        &shared,
-                        &message,
-                        event_type,
-                        dlq,
-                        &decoder,
-                        windows,
-                        settings,
-                        &forwarder,
-                        &runtime,
-                        &forward_stop,
-                    );
-                }
-                Err(error) => tracing::warn!(%error, "Consumer error; librdkafka keeps retrying."),
-            }
+            handle(result);
         }
         if Instant::now() >= next_flush {
+            // Everything fetched meanwhile goes into this flush: after a
+            // flush that outlasted the interval (a slow ClickHouse), the
+            // next would otherwise carry one record, and a backlog would
+            // drain at one record per insert.
+            for _ in 0..MAX_TAKEN_BEFORE_A_FLUSH {
+                match consumer.poll(Duration::ZERO) {
+                    Some(result) => handle(result),
+                    None => break,
+                }
+            }
             if let Err(abandoned) = flush_all(&shared, &consumer, &mut lease) {
                 if shutdown.is_cancelled() {
                     break;
@@ -869,6 +892,7 @@ fn store_batch(
             .or_else(|| lease.renew(consumer, &reach, metrics))
             .ok_or(Unstored::Fenced)?;
         let attempt = Instant::now();
+        let query_id = store::insert_id();
         let span = backbone::traced_span!(
             "clickhouse insert",
             rows = rows.len() as u64,
@@ -880,6 +904,7 @@ fn store_batch(
             rows,
             shared.timeout,
             Some(deadline),
+            &query_id,
         )) {
             Ok(()) => {
                 metrics.inserts.inc();
@@ -890,27 +915,42 @@ fn store_batch(
             }
             Err(error) => error,
         };
-        if shared.shutdown.is_cancelled() || failing_since.elapsed() > MAX_OUTAGE {
-            tracing::error!(%error, "Giving up on ClickHouse; the unstored events are counted again after the stored offsets by the next run.");
-            return Err(Unstored::Abandoned);
-        }
         metrics.insert_retries.inc();
-        tracing::warn!(%error, partitions = offsets.len(), retry_in = ?delay, "Storing partials failed; retrying.");
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_secs(5));
-        if let Ok(stored) = shared
-            .runtime
-            .block_on(store::stored_offsets(&shared.client, shared.timeout))
-        {
-            if offsets
-                .iter()
-                .all(|(key, last)| stored.get(key).is_some_and(|s| s >= last))
-            {
-                return Ok(());
+        tracing::warn!(%error, partitions = offsets.len(), retry_in = ?delay, "Storing partials failed; retrying once ClickHouse shows whether it landed.");
+        // The attempt's fate before anything else: made again while the
+        // server still runs it, the insert would land twice.
+        loop {
+            if shared.shutdown.is_cancelled() || failing_since.elapsed() > MAX_OUTAGE {
+                tracing::error!(%error, "Giving up on ClickHouse; the unstored events are counted again after the stored offsets by the next run.");
+                return Err(Unstored::Abandoned);
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+            match shared.runtime.block_on(store::settled_offsets(
+                &shared.client,
+                Some(&query_id),
+                shared.timeout,
+            )) {
+                Ok(stored)
+                    if offsets
+                        .iter()
+                        .all(|(key, last)| stored.get(key).is_some_and(|s| s >= last)) =>
+                {
+                    metrics.inserts_landed_unanswered.inc();
+                    return Ok(());
+                }
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "ClickHouse does not say yet whether the partials landed; asking again.")
+                }
             }
         }
     }
 }
+
+/// At most this many records already fetched are taken just before a
+/// flush (the rest wait for the next one): a bound on one flush's size.
+const MAX_TAKEN_BEFORE_A_FLUSH: usize = 100_000;
 
 /// How long a flush may keep failing before the job gives up and exits. It
 /// must stay well under librdkafka's `max.poll.interval.ms` (5 minutes): past

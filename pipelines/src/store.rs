@@ -127,21 +127,74 @@ pub async fn insert(
     rows: &[PartialRow],
     timeout: std::time::Duration,
 ) -> Result<(), clickhouse::error::Error> {
-    insert_before(client, rows, timeout, None).await
+    insert_before(client, rows, timeout, None, &insert_id()).await
+}
+
+/// How every partials insert's query id begins, so that the inserts still
+/// running on the server can be found (`system.processes`).
+const INSERT_ID_PREFIX: &str = "shopstream-partials-";
+
+/// A fresh query id for one partials insert attempt.
+pub fn insert_id() -> String {
+    format!("{INSERT_ID_PREFIX}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The query ids of the partials inserts ClickHouse is running now.
+async fn inserts_running(
+    client: &clickhouse::Client,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, clickhouse::error::Error> {
+    let query = client
+        .query("SELECT query_id FROM system.processes WHERE query_id LIKE ?")
+        .bind(format!("{INSERT_ID_PREFIX}%"))
+        .fetch_all::<String>();
+    tokio::time::timeout(timeout, query)
+        .await
+        .map_err(|_| clickhouse::error::Error::TimedOut)?
+}
+
+/// The stored offsets (see [`stored_offsets`]) once ClickHouse has
+/// finished every partials insert it is running now (with `only`, that
+/// one), or `TimedOut` when one still runs after `timeout`. An insert
+/// whose answer did not come in time (a client timeout, a connection cut
+/// after the rows were sent) still lands when the server finishes it; until
+/// then the stored offsets do not say whether it landed, and an insert made
+/// again, by this job or by a partition's next owner, would count its
+/// events twice (seen under the reliability suite's broker faults).
+pub async fn settled_offsets(
+    client: &clickhouse::Client,
+    only: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<std::collections::HashMap<(String, i32), i64>, clickhouse::error::Error> {
+    let given_up = std::time::Instant::now() + timeout;
+    let mut waiting = inserts_running(client, timeout).await?;
+    waiting.retain(|id| only.is_none_or(|only| id == only));
+    while !waiting.is_empty() {
+        if std::time::Instant::now() > given_up {
+            return Err(clickhouse::error::Error::TimedOut);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let running = inserts_running(client, timeout).await?;
+        waiting.retain(|id| running.contains(id));
+    }
+    stored_offsets(client, timeout).await
 }
 
 /// Like [`insert`], but aborted unfinished (so ClickHouse stores nothing)
 /// when `deadline` has passed by the time every row is sent: the analytics
 /// job's right to write ends then (`job::Lease`). Reported as `TimedOut`.
+/// `query_id` (from [`insert_id`]) names the attempt on the server.
 pub async fn insert_before(
     client: &clickhouse::Client,
     rows: &[PartialRow],
     timeout: std::time::Duration,
     deadline: Option<std::time::Instant>,
+    query_id: &str,
 ) -> Result<(), clickhouse::error::Error> {
     let mut insert = client
         .insert::<PartialRow>(PARTIALS_TABLE)
         .await?
+        .with_setting("query_id", query_id)
         .with_timeouts(Some(timeout), Some(timeout));
     for row in rows {
         insert.write(row).await?;

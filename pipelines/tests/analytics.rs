@@ -432,6 +432,49 @@ async fn clickhouse_down_at_start_and_mid_run_loses_and_doubles_nothing(broker: 
     sigterm(&mut job);
 }
 
+on_both_brokers!(
+    inserts_outlasting_the_timeout_land_once:
+        |broker| inserts_outlasting_the_timeout_land_once(broker)
+);
+
+/// Every insert outlasts the job's ClickHouse timeout (a materialized
+/// column of the partials sleeps 1.5 s per insert before its rows are
+/// written; the timeout is 0.5 s): the job gets no answer, and ClickHouse
+/// stores the rows anyway. Made again at once (as the job once did), each
+/// would count its events twice; the job waits until the server has
+/// finished the attempt and finds it stored.
+async fn inserts_outlasting_the_timeout_land_once(broker: Broker) {
+    let setup = setup(broker);
+    let db = clickhouse().await.database().await.expect("database");
+    let mut job = start_job(&setup, &db, &["--set", "clickhouse.timeout_ms=500"]);
+    let started = Instant::now();
+    while db
+        .client
+        .query("ALTER TABLE analytics_partials ADD COLUMN slow UInt8 MATERIALIZED sleep(1.5)")
+        .execute()
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the job did not create analytics_partials"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let published = generate(82, 600, 1_763_000_000_000);
+    publish(&setup, &published).await;
+    wait_caught_up(&setup, &db, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(actual(&db, "per_minute").await, expected(&published));
+    assert!(
+        job.metric("shopstream_analytics_inserts_landed_unanswered_total")
+            .await
+            >= 1.0,
+        "the inserts did outlast the timeout and land"
+    );
+    sigterm(&mut job);
+}
+
 fn set_time(event: &mut AnyEvent, t: i64) {
     if let AnyEvent::Order(o) = event {
         o.occurred_at = t;
