@@ -163,6 +163,10 @@ struct PartitionState {
     /// What the group had forwarded from this partition before this
     /// assignment, from its first record on.
     ledger: Option<Ledger>,
+    /// A record of this partition could not be forwarded (to its DLQ or
+    /// the late topic; only when stopping): nothing after it is taken, so
+    /// no flush stores an offset past a dead letter never written.
+    held_back: bool,
 }
 
 impl PartitionState {
@@ -175,6 +179,7 @@ impl PartitionState {
             last_offset: None,
             continuity: Continuity::starting_at(start, shared.gap_confirmation),
             ledger: None,
+            held_back: false,
         }
     }
 }
@@ -439,6 +444,9 @@ pub fn run(
             // next would otherwise carry one record, and a backlog would
             // drain at one record per insert.
             for _ in 0..MAX_TAKEN_BEFORE_A_FLUSH {
+                if shutdown.is_cancelled() {
+                    break;
+                }
                 match consumer.poll(Duration::ZERO) {
                     Some(result) => handle(result),
                     None => break,
@@ -558,6 +566,9 @@ fn take(
             else {
                 return;
             };
+            if state.held_back {
+                return;
+            }
             state
                 .ledger
                 .get_or_insert_with(|| Ledger::since(timestamp_ms));
@@ -597,6 +608,7 @@ fn take(
         .expect("partitions lock")
         .get_mut(topic)
         .and_then(|t| t.get_mut(&partition))
+        .filter(|state| !state.held_back)
         .map(|state| {
             state
                 .ledger
@@ -631,6 +643,8 @@ fn take(
     if forwarded.is_ok() {
         counter.inc();
         state.last_offset = Some(message.offset());
+    } else {
+        state.held_back = true;
     }
 }
 

@@ -746,7 +746,7 @@ impl StoppableClickHouse {
         );
     }
 
-    /// SIGTERM, and SIGKILL when the server has not stopped a minute later
+    /// SIGTERM, and SIGKILL when the server has not stopped two minutes later
     /// (a graceful stop waits for open connections; what it acknowledged is
     /// on disk either way).
     pub fn stop(&mut self) {
@@ -754,7 +754,7 @@ impl StoppableClickHouse {
             let _ = Command::new("kill")
                 .args(["-TERM", &server.id().to_string()])
                 .status();
-            if exit_within(&mut server, Duration::from_secs(60)).is_none() {
+            if exit_within(&mut server, Duration::from_secs(120)).is_none() {
                 let _ = server.kill();
                 let _ = server.wait();
             }

@@ -102,8 +102,11 @@ fn trail(system: &System, report: &checker::Report) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dead_letter_that_cannot_be_written_holds_its_partition_commit_back() {
+/// 600 events on their own mock cluster, one order among them garbage,
+/// and every write to Kafka failing from then on (the DLQ cannot be
+/// written): the system, the events, and the poison's order topic,
+/// partition and offset.
+async fn with_an_unwritable_dead_letter() -> (System, Vec<Generated>, String, i32, i64) {
     let url = clickhouse().await.url();
     let system = System::on(EventTopics::new(""), url, url, &[]).await;
     let run = Run::new(77, 600, 1_000.0, 0.0);
@@ -130,11 +133,16 @@ async fn a_dead_letter_that_cannot_be_written_holds_its_partition_commit_back() 
     let topic = system.topic(EventType::Order).to_owned();
     let (partition, offset) = position_of(&system, &topic, poison_id);
 
-    // Every write to Kafka fails from now on: the DLQ cannot be written.
     system.topics.cluster().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 10_000],
     );
+    (system, generated, topic, partition, offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_that_cannot_be_written_holds_its_partition_commit_back() {
+    let (system, generated, topic, partition, offset) = with_an_unwritable_dead_letter().await;
     let mut worker = system.worker();
     system.ready(&[&worker]).await;
     let started = Instant::now();
@@ -174,6 +182,62 @@ async fn a_dead_letter_that_cannot_be_written_holds_its_partition_commit_back() 
         committed(&system, &system.worker_group, &topic, partition).is_some_and(|o| o > offset),
         "the commit moves past the poison once its dead letter is written"
     );
+}
+
+/// The analytics job likewise, stopped while it cannot write the dead
+/// letter: given up after its grace, it holds its partition back, so no
+/// flush stores an offset past it (a flush taking the records fetched
+/// meanwhile once did, beside load), and the restart writes it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_analytics_dead_letter_given_up_at_shutdown_is_written_by_the_restart() {
+    let (system, generated, topic, partition, offset) = with_an_unwritable_dead_letter().await;
+    let stored = || async {
+        system
+            .client
+            .query("SELECT source_partition, max(last_offset) FROM analytics_partials WHERE model = '_offset' AND source_topic = ? GROUP BY source_partition")
+            .bind(&topic)
+            .fetch_all::<(i32, i64)>()
+            .await
+            .unwrap_or_default()
+    };
+    let mut analytics = system.analytics();
+    system.ready(&[&analytics]).await;
+    // The job waits on the dead letter (the whole job: its forwards are
+    // synchronous), then is stopped.
+    let started = Instant::now();
+    while !system
+        .logs_in_full()
+        .contains("Forwarding a failed record failed; retrying.")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the job did not reach the poison within 60 s:\n{}",
+            system.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(analytics.terminate(Duration::from_secs(60)).success());
+    let held = stored().await;
+    assert!(
+        held.iter().all(|(p, o)| *p != partition || *o < offset),
+        "stored {held:?}, past the poison at {partition}/{offset} whose dead letter was not written"
+    );
+
+    system
+        .topics
+        .cluster()
+        .clear_request_errors(RDKafkaApiKey::Produce);
+    let mut restarted = system.analytics();
+    let expected = checker::Expected::new(generated);
+    let mut checks = system.checks();
+    checks.events = false;
+    checks.order_status = false;
+    checks.dead_letter_groups = vec![system.analytics_group.clone()];
+    let report = system
+        .converge(&expected, &checks, Duration::from_secs(60))
+        .await;
+    assert!(report.passed(), "{report}\n{}", system.logs());
+    system.stop(&mut [&mut restarted]);
 }
 
 /// A record with the standard headers and a traceparent naming `id`.
