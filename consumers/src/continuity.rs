@@ -68,9 +68,11 @@ impl Continuity {
         self.next
     }
 
-    /// Judges the record at `offset`, fetched at `now`; a record taken
-    /// moves the expectation on.
-    pub fn check(&mut self, offset: i64, now: Instant) -> Verdict {
+    /// Judges the record at `offset`, fetched at `now()`; a record taken
+    /// moves the expectation on. The clock is read only for a record out of
+    /// sequence (read for every record, it was a visible share of the
+    /// worker's profile).
+    pub fn check(&mut self, offset: i64, now: impl FnOnce() -> Instant) -> Verdict {
         let Some(next) = self.next else {
             self.next = Some(offset + 1);
             return Verdict::Take;
@@ -80,12 +82,14 @@ impl Continuity {
         }
         let verdict = match self.gap_to {
             _ if offset == next => Verdict::Take,
-            Some((to, since)) if to == offset && now.duration_since(since) >= self.confirmation => {
+            Some((to, since)) if to == offset => {
+                if now().duration_since(since) < self.confirmation {
+                    return Verdict::Refetch { from: next };
+                }
                 Verdict::TakeAfterGap { expected: next }
             }
-            Some((to, _)) if to == offset => return Verdict::Refetch { from: next },
             _ => {
-                self.gap_to = Some((offset, now));
+                self.gap_to = Some((offset, now()));
                 return Verdict::Refetch { from: next };
             }
         };
@@ -106,15 +110,8 @@ impl Continuity {
         gaps: &AtomicU64,
         seek_back: impl FnOnce(i64) -> KafkaResult<()>,
     ) -> bool {
-        // The common case, without reading the clock (once per record was a
-        // visible share of the worker's profile).
-        if self.next == Some(offset) {
-            self.next = Some(offset + 1);
-            self.gap_to = None;
-            return true;
-        }
         let seen_before = self.gap_to.is_some_and(|(to, _)| to == offset);
-        match self.check(offset, Instant::now()) {
+        match self.check(offset, Instant::now) {
             Verdict::Take => true,
             Verdict::Repeat => {
                 tracing::debug!(
@@ -176,10 +173,10 @@ mod tests {
     fn consecutive_records_are_taken_and_repeats_skipped() {
         let now = Instant::now();
         let mut c = Continuity::starting_at(Some(10), GAP_CONFIRMATION);
-        assert_eq!(c.check(10, now), Verdict::Take);
-        assert_eq!(c.check(11, now), Verdict::Take);
-        assert_eq!(c.check(11, now), Verdict::Repeat);
-        assert_eq!(c.check(3, now), Verdict::Repeat);
+        assert_eq!(c.check(10, || now), Verdict::Take);
+        assert_eq!(c.check(11, || now), Verdict::Take);
+        assert_eq!(c.check(11, || now), Verdict::Repeat);
+        assert_eq!(c.check(3, || now), Verdict::Repeat);
         assert_eq!(c.next(), Some(12));
     }
 
@@ -187,64 +184,70 @@ mod tests {
     fn an_unknown_start_takes_the_first_record() {
         let now = Instant::now();
         let mut c = Continuity::starting_at(None, GAP_CONFIRMATION);
-        assert_eq!(c.check(500, now), Verdict::Take);
-        assert_eq!(c.check(502, now), Verdict::Refetch { from: 501 });
+        assert_eq!(c.check(500, || now), Verdict::Take);
+        assert_eq!(c.check(502, || now), Verdict::Refetch { from: 501 });
     }
 
     #[test]
     fn a_missing_record_is_fetched_again_and_found() {
         let now = Instant::now();
         let mut c = Continuity::starting_at(Some(1000), GAP_CONFIRMATION);
-        assert_eq!(c.check(1001, now), Verdict::Refetch { from: 1000 });
+        assert_eq!(c.check(1001, || now), Verdict::Refetch { from: 1000 });
         // Records of the answer that had the gap may still arrive.
-        assert_eq!(c.check(1002, now), Verdict::Refetch { from: 1000 });
-        assert_eq!(c.check(1000, now), Verdict::Take);
-        assert_eq!(c.check(1001, now), Verdict::Take);
+        assert_eq!(c.check(1002, || now), Verdict::Refetch { from: 1000 });
+        assert_eq!(c.check(1000, || now), Verdict::Take);
+        assert_eq!(c.check(1001, || now), Verdict::Take);
         // A later gap is judged afresh.
-        assert_eq!(c.check(1003, now), Verdict::Refetch { from: 1002 });
+        assert_eq!(c.check(1003, || now), Verdict::Refetch { from: 1002 });
     }
 
     #[test]
     fn a_gap_still_there_after_the_confirmation_time_is_real_and_taken() {
         let now = Instant::now();
         let mut c = Continuity::starting_at(Some(7), GAP_CONFIRMATION);
-        assert_eq!(c.check(9, now), Verdict::Refetch { from: 7 });
+        assert_eq!(c.check(9, || now), Verdict::Refetch { from: 7 });
         // Seen again at once (a broker that numbered record 7 but has not
         // stored it yet): fetched again, not taken.
         assert_eq!(
-            c.check(9, now + Duration::from_millis(50)),
+            c.check(9, || now + Duration::from_millis(50)),
             Verdict::Refetch { from: 7 }
         );
         assert_eq!(
-            c.check(9, now + GAP_CONFIRMATION - Duration::from_millis(1)),
+            c.check(9, || now + GAP_CONFIRMATION - Duration::from_millis(1)),
             Verdict::Refetch { from: 7 }
         );
         assert_eq!(
-            c.check(9, now + GAP_CONFIRMATION),
+            c.check(9, || now + GAP_CONFIRMATION),
             Verdict::TakeAfterGap { expected: 7 }
         );
         assert_eq!(c.next(), Some(10));
-        assert_eq!(c.check(10, now), Verdict::Take);
+        assert_eq!(c.check(10, || now), Verdict::Take);
     }
 
     #[test]
     fn without_a_confirmation_time_a_gap_seen_twice_is_taken() {
         let now = Instant::now();
         let mut c = Continuity::starting_at(Some(7), Duration::ZERO);
-        assert_eq!(c.check(9, now), Verdict::Refetch { from: 7 });
-        assert_eq!(c.check(9, now), Verdict::TakeAfterGap { expected: 7 });
+        assert_eq!(c.check(9, || now), Verdict::Refetch { from: 7 });
+        assert_eq!(c.check(9, || now), Verdict::TakeAfterGap { expected: 7 });
     }
 
     #[test]
     fn a_record_stored_late_is_taken_once_it_arrives() {
         let now = Instant::now();
         let mut c = Continuity::starting_at(Some(7), GAP_CONFIRMATION);
-        assert_eq!(c.check(8, now), Verdict::Refetch { from: 7 });
+        assert_eq!(c.check(8, || now), Verdict::Refetch { from: 7 });
         assert_eq!(
-            c.check(8, now + Duration::from_millis(10)),
+            c.check(8, || now + Duration::from_millis(10)),
             Verdict::Refetch { from: 7 }
         );
-        assert_eq!(c.check(7, now + Duration::from_millis(20)), Verdict::Take);
-        assert_eq!(c.check(8, now + Duration::from_millis(20)), Verdict::Take);
+        assert_eq!(
+            c.check(7, || now + Duration::from_millis(20)),
+            Verdict::Take
+        );
+        assert_eq!(
+            c.check(8, || now + Duration::from_millis(20)),
+            Verdict::Take
+        );
     }
 }
