@@ -191,15 +191,6 @@ async fn a_dead_letter_that_cannot_be_written_holds_its_partition_commit_back() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_analytics_dead_letter_given_up_at_shutdown_is_written_by_the_restart() {
     let (system, generated, topic, partition, offset) = with_an_unwritable_dead_letter().await;
-    let stored = || async {
-        system
-            .client
-            .query("SELECT source_partition, max(last_offset) FROM analytics_partials WHERE model = '_offset' AND source_topic = ? GROUP BY source_partition")
-            .bind(&topic)
-            .fetch_all::<(i32, i64)>()
-            .await
-            .unwrap_or_default()
-    };
     let mut analytics = system.analytics();
     system.ready(&[&analytics]).await;
     // The job waits on the dead letter (the whole job: its forwards are
@@ -217,7 +208,13 @@ async fn an_analytics_dead_letter_given_up_at_shutdown_is_written_by_the_restart
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(analytics.terminate(Duration::from_secs(60)).success());
-    let held = stored().await;
+    let held = system
+        .client
+        .query("SELECT source_partition, max(last_offset) FROM analytics_partials WHERE model = '_offset' AND source_topic = ? GROUP BY source_partition")
+        .bind(&topic)
+        .fetch_all::<(i32, i64)>()
+        .await
+        .unwrap_or_default();
     assert!(
         held.iter().all(|(p, o)| *p != partition || *o < offset),
         "stored {held:?}, past the poison at {partition}/{offset} whose dead letter was not written"

@@ -115,11 +115,7 @@ impl Service {
 
     /// SIGTERM, then the exit status, if it exits within `limit`.
     pub fn terminate_within(&mut self, limit: Duration) -> Option<ExitStatus> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        self.wait(limit)
+        shopstream_tests::terminate_within(&mut self.child, limit)
     }
 
     /// SIGSTOP (`true`) or SIGCONT: a process frozen whole, heartbeats
