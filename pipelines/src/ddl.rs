@@ -313,6 +313,25 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
     ]
 }
 
+/// How many recent partials inserts a server keeps the tokens of (see
+/// [`deduplicating_retries`]): minutes of flushes for many replicas, far
+/// longer than an insert can stay unanswered.
+pub const DEDUPLICATION_WINDOW: u32 = 10_000;
+
+/// On servers that take `insert_deduplication_token` (22.2 and later, see
+/// `store::takes_deduplication_tokens`): the partials keep the tokens of
+/// their recent inserts, so an insert made again after an unanswered one
+/// lands once however late the first lands. Not a migration: it is chosen
+/// by the server's version at each start (18.16 has neither setting), and
+/// running it again changes nothing.
+pub fn deduplicating_retries(target: &Target) -> String {
+    format!(
+        "ALTER TABLE {}{} MODIFY SETTING non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}",
+        target.table(PARTIALS_TABLE),
+        target.on_cluster()
+    )
+}
+
 /// Migration 3: the search-query views gain `zero_results` (the job writes
 /// it in `c2` of the query rows; older rows hold 0 there). Dropped and
 /// created again, so every statement can run again.

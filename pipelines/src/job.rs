@@ -205,6 +205,9 @@ struct Shared {
     gap_confirmation: Duration,
     shutdown: Shutdown,
     metrics: Arc<JobMetrics>,
+    /// The server keeps a partials insert made again once, by its token
+    /// (`store::deduplication_token`): 22.2 and later.
+    deduplicating: bool,
 }
 
 /// Resumes assigned partitions where ClickHouse says they stopped.
@@ -332,15 +335,27 @@ pub fn run(
 ) -> anyhow::Result<()> {
     // Called on a blocking thread of the runtime, which may block on it.
     let runtime = tokio::runtime::Handle::current();
+    let client = consumers::projection::client(clickhouse, true);
+    let timeout = Duration::from_millis(clickhouse.timeout_ms);
+    let target = consumers::projection::ddl::Target::new(
+        &clickhouse.database,
+        clickhouse.cluster.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let Some(deduplicating) = runtime.block_on(deduplicating(&client, &target, timeout, &shutdown))
+    else {
+        return Ok(());
+    };
     let shared = Arc::new(Shared {
         partitions: Mutex::new(HashMap::new()),
-        client: consumers::projection::client(clickhouse, true),
-        timeout: Duration::from_millis(clickhouse.timeout_ms),
+        client,
+        timeout,
         runtime: runtime.clone(),
         lateness_ms: settings.allowed_lateness_ms,
         gap_confirmation: connection.gap_confirmation(),
         shutdown: shutdown.clone(),
         metrics,
+        deduplicating,
     });
     let mut config = connection.client_config();
     config
@@ -469,6 +484,36 @@ pub fn run(
     let _ = flush_all(&shared, &consumer, &mut lease);
     leave_within(consumer, CLOSE_GRACE);
     Ok(())
+}
+
+/// Whether the server deduplicates partials inserts by token (made so when
+/// it can, see `store::deduplicate_retries`), asking until it answers;
+/// `None` when stopped first.
+async fn deduplicating(
+    client: &clickhouse::Client,
+    target: &consumers::projection::ddl::Target,
+    timeout: Duration,
+    shutdown: &Shutdown,
+) -> Option<bool> {
+    loop {
+        match store::deduplicate_retries(client, target, timeout).await {
+            Ok((version, true)) => {
+                tracing::info!(%version, "ClickHouse deduplicates a partials insert made again by its token.");
+                return Some(true);
+            }
+            Ok((version, false)) => {
+                tracing::info!(%version, "ClickHouse predates insert_deduplication_token (22.2): an unanswered partials insert is waited out in system.processes before it is made again.");
+                return Some(false);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot ask ClickHouse for its version; asking again.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
 }
 
 /// How long leaving the group may take at shutdown.
@@ -898,6 +943,9 @@ fn store_batch(
             .iter()
             .map(|((topic, partition), last)| (topic.as_str(), *partition, *last)),
     );
+    let token = shared
+        .deduplicating
+        .then(|| store::deduplication_token(offsets));
     let mut delay = Duration::from_millis(100);
     let failing_since = Instant::now();
     loop {
@@ -919,6 +967,7 @@ fn store_batch(
             shared.timeout,
             Some(deadline),
             &query_id,
+            token.as_deref(),
         )) {
             Ok(()) => {
                 metrics.inserts.inc();

@@ -127,7 +127,62 @@ pub async fn insert(
     rows: &[PartialRow],
     timeout: std::time::Duration,
 ) -> Result<(), clickhouse::error::Error> {
-    insert_before(client, rows, timeout, None, &insert_id()).await
+    insert_before(client, rows, timeout, None, &insert_id(), None).await
+}
+
+/// The first ClickHouse release that takes `insert_deduplication_token`.
+const TOKENS_SINCE: (u32, u32) = (22, 2);
+
+/// Whether a server answering `version` to `SELECT version()` takes
+/// `insert_deduplication_token` (and the partials' deduplication window).
+pub fn takes_deduplication_tokens(version: &str) -> bool {
+    let mut parts = version.split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= TOKENS_SINCE,
+        _ => false,
+    }
+}
+
+/// Makes a server that can deduplicate partials inserts by token do so
+/// (`ddl::deduplicating_retries`); its version, and whether it does.
+pub async fn deduplicate_retries(
+    client: &clickhouse::Client,
+    target: &consumers::projection::ddl::Target,
+    timeout: std::time::Duration,
+) -> Result<(String, bool), clickhouse::error::Error> {
+    let asked = async {
+        let version = client
+            .query("SELECT version()")
+            .fetch_one::<String>()
+            .await?;
+        let tokens = takes_deduplication_tokens(&version);
+        if tokens {
+            client
+                .query(&crate::ddl::deduplicating_retries(target))
+                .execute()
+                .await?;
+        }
+        Ok((version, tokens))
+    };
+    tokio::time::timeout(timeout, asked)
+        .await
+        .map_err(|_| clickhouse::error::Error::TimedOut)?
+}
+
+/// The deduplication token of a partials insert: the partitions it covers
+/// and the last offset each reaches, in order. Two inserts with one token
+/// hold records up to the same offsets, and once either has landed every
+/// such record is counted (each insert covers its partitions from their
+/// stored offsets on), so the server keeping only the first is exact, even
+/// when the two come from different replicas.
+pub fn deduplication_token(offsets: &[((String, i32), i64)]) -> String {
+    let mut reached: Vec<_> = offsets.iter().collect();
+    reached.sort();
+    reached
+        .iter()
+        .map(|((topic, partition), last)| format!("{topic}/{partition}/{last}"))
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// How every partials insert's query id begins, so that the inserts still
@@ -183,19 +238,28 @@ pub async fn settled_offsets(
 /// Like [`insert`], but aborted unfinished (so ClickHouse stores nothing)
 /// when `deadline` has passed by the time every row is sent: the analytics
 /// job's right to write ends then (`job::Lease`). Reported as `TimedOut`.
-/// `query_id` (from [`insert_id`]) names the attempt on the server.
+/// `query_id` (from [`insert_id`]) names the attempt on the server; `token`
+/// ([`deduplication_token`], only for a server that takes it) makes it
+/// land once however often it is made.
 pub async fn insert_before(
     client: &clickhouse::Client,
     rows: &[PartialRow],
     timeout: std::time::Duration,
     deadline: Option<std::time::Instant>,
     query_id: &str,
+    token: Option<&str>,
 ) -> Result<(), clickhouse::error::Error> {
     let mut insert = client
         .insert::<PartialRow>(PARTIALS_TABLE)
         .await?
         .with_setting("query_id", query_id)
         .with_timeouts(Some(timeout), Some(timeout));
+    if let Some(token) = token {
+        // Explicit: a user profile may have turned deduplication off.
+        insert = insert
+            .with_setting("insert_deduplicate", "1")
+            .with_setting("insert_deduplication_token", token);
+    }
     for row in rows {
         insert.write(row).await?;
     }
@@ -222,4 +286,40 @@ pub async fn stored_offsets(
         .await
         .map_err(|_| clickhouse::error::Error::TimedOut)??;
     Ok(found.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{deduplication_token, takes_deduplication_tokens};
+
+    #[test]
+    fn deduplication_tokens_are_taken_from_22_2_on() {
+        for (version, takes) in [
+            ("18.16.1", false),
+            ("21.12.4.1", false),
+            ("22.1.3.7", false),
+            ("22.2.2.1", true),
+            ("24.8.14.39", true),
+            ("26.9.2.1", true),
+            ("", false),
+            ("unknown", false),
+        ] {
+            assert_eq!(takes_deduplication_tokens(version), takes, "{version}");
+        }
+    }
+
+    #[test]
+    fn a_token_names_the_partitions_and_offsets_in_any_order() {
+        let key = |topic: &str, partition| (topic.to_owned(), partition);
+        let token = deduplication_token(&[(key("orders", 2), 90), (key("chat", 11), 7)]);
+        assert_eq!(token, "chat/11/7;orders/2/90");
+        assert_eq!(
+            deduplication_token(&[(key("chat", 11), 7), (key("orders", 2), 90)]),
+            token
+        );
+        assert_ne!(
+            deduplication_token(&[(key("chat", 11), 8), (key("orders", 2), 90)]),
+            token
+        );
+    }
 }

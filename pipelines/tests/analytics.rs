@@ -697,3 +697,108 @@ async fn rollups_left(db: &TestDatabase) -> Vec<String> {
         .await
         .expect("tables")
 }
+
+/// ClickHouse 18.16 has no `insert_deduplication_token`: it refuses an
+/// insert carrying one, so the job asks the server's version and sends
+/// tokens only from 22.2 on, leaving 18.16's partials as they are.
+#[tokio::test]
+async fn clickhouse_18_gets_no_deduplication_token() {
+    use pipelines::store::{deduplicate_retries, insert_before, insert_id};
+
+    let (db, settings) = migration_database().await;
+    consumers::projection::migrate(
+        &settings,
+        pipelines::ddl::MIGRATIONS_TABLE,
+        pipelines::ddl::migrations,
+    )
+    .await
+    .expect("migrations");
+    let target = consumers::projection::ddl::Target::new(&db.name, None).expect("target");
+    let (version, tokens) = deduplicate_retries(&db.client, &target, Duration::from_secs(30))
+        .await
+        .expect("the version");
+    assert!(version.starts_with("18.16."), "{version}");
+    assert!(!tokens, "{version}");
+    let table: String = db
+        .client
+        .query("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'analytics_partials'")
+        .fetch_one()
+        .await
+        .expect("the partials");
+    assert!(!table.contains("deduplication"), "{table}");
+    let row = pipelines::store::offset_row("orders", 0, 10, 0);
+    let refused = insert_before(
+        &db.client,
+        std::slice::from_ref(&row),
+        Duration::from_secs(30),
+        None,
+        &insert_id(),
+        Some("orders/0/10"),
+    )
+    .await
+    .expect_err("18.16 refuses the token");
+    assert!(
+        refused.to_string().contains("insert_deduplicat"),
+        "{refused}"
+    );
+    assert_eq!(stored_offsets(&db).await, BTreeMap::new());
+}
+
+/// On ClickHouse 26.9 (chdb, in process) the partials as the migrations
+/// create them and the job sets them there (`deduplicating_retries`) keep
+/// a partials insert made again once: an unanswered insert that lands
+/// after its retry, or after a partition's next owner stored the same
+/// offsets, adds nothing. Without the table setting all three inserts
+/// below land. The job sends the token as an HTTP setting; chdb has no
+/// HTTP server, so here it is the same setting in the statement.
+#[test]
+fn a_partials_insert_made_again_lands_once_on_clickhouse_26() {
+    use pipelines::store::{deduplication_token, takes_deduplication_tokens};
+
+    let target = consumers::projection::ddl::Target::new("shop", None).expect("target");
+    let mut statements = vec![target.create_database()];
+    statements.extend(
+        pipelines::ddl::migrations(&target)
+            .into_iter()
+            .flat_map(|m| m.statements),
+    );
+    statements.push(pipelines::ddl::deduplicating_retries(&target));
+    let key = |topic: &str, partition| (topic.to_owned(), partition);
+    let first = [(key("orders", 0), 200), (key("chat", 3), 50)];
+    let made_again = [(key("chat", 3), 50), (key("orders", 0), 200)];
+    let next = [(key("orders", 0), 201), (key("chat", 3), 50)];
+    for offsets in [&first[..], &made_again, &next] {
+        let values: Vec<String> = offsets
+            .iter()
+            .map(|((topic, partition), last)| {
+                format!("('_offset', '{topic}', {partition}, {last})")
+            })
+            .collect();
+        statements.push(format!(
+            "INSERT INTO `shop`.`analytics_partials` (model, source_topic, source_partition, last_offset) SETTINGS insert_deduplicate = 1, insert_deduplication_token = '{}' VALUES {}",
+            deduplication_token(offsets),
+            values.join(", ")
+        ));
+    }
+    statements.push("SELECT version()".into());
+    statements.push("SELECT source_topic, source_partition, last_offset FROM `shop`.`analytics_partials` ORDER BY last_offset, source_topic".into());
+
+    let mut python = Command::new("python3")
+        .arg(shopstream_tests::repo_root().join("tests/chdb_session.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test installs it with chdb-core)");
+    serde_json::to_writer(python.stdin.take().expect("stdin"), &statements).expect("statements");
+    let output = python.wait_with_output().expect("chdb answers");
+    assert!(output.status.success(), "a statement was refused (above)");
+    let answers: Vec<String> = serde_json::from_slice(&output.stdout).expect("JSON");
+    let version = answers[answers.len() - 2].trim();
+    assert!(version.starts_with("26."), "{version}");
+    assert!(takes_deduplication_tokens(version), "{version}");
+    assert_eq!(
+        answers[answers.len() - 1],
+        "chat\t3\t50\nchat\t3\t50\norders\t0\t200\norders\t0\t201\n",
+        "the first insert and the next, each once"
+    );
+}
