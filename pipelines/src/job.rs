@@ -60,6 +60,9 @@ pub struct JobMetrics {
     pub fenced_flushes: Counter,
     /// Partitions the group assigned to this replica.
     pub assigned_partitions: Gauge,
+    /// Partitions paused until a record's forward (to its DLQ or the late
+    /// topic) is acknowledged.
+    pub waiting_on_forwards: Gauge,
     /// Assignments the group gave this replica (one per rebalance it took
     /// part in).
     pub rebalances: Counter,
@@ -142,6 +145,11 @@ impl JobMetrics {
             "Partitions the group assigned to this replica",
             self.assigned_partitions.clone(),
         );
+        r.register(
+            "shopstream_analytics_partitions_waiting_on_forwards",
+            "Partitions paused until a record's forward to its DLQ or the late topic is acknowledged (the others go on)",
+            self.waiting_on_forwards.clone(),
+        );
         r.register_with_unit(
             "shopstream_analytics_last_flush_timestamp",
             "When the last flush was stored in ClickHouse (0 before the first): the read models are as fresh as time() minus this",
@@ -167,6 +175,17 @@ struct PartitionState {
     /// the late topic; only when stopping): nothing after it is taken, so
     /// no flush stores an offset past a dead letter never written.
     held_back: bool,
+    /// A forward not acknowledged within `FORWARD_WAIT`: the partition is
+    /// paused and takes nothing until it is (see `settle_forwards`).
+    forwarding: Option<PendingForward>,
+}
+
+/// A record's forward still in flight, and what to count once it lands.
+struct PendingForward {
+    offset: i64,
+    /// Whether it was written, and the partition's ledger back.
+    done: tokio::sync::oneshot::Receiver<(bool, Ledger)>,
+    counter: Counter,
 }
 
 impl PartitionState {
@@ -180,6 +199,19 @@ impl PartitionState {
             continuity: Continuity::starting_at(start, shared.gap_confirmation),
             ledger: None,
             held_back: false,
+            forwarding: None,
+        }
+    }
+
+    /// A forward of the record at `offset` ended: the record is taken when
+    /// it was written, and the partition held back when it was given up.
+    fn forwarded(&mut self, offset: i64, written: bool, ledger: Ledger, counter: &Counter) {
+        self.ledger.get_or_insert(ledger);
+        if written {
+            counter.inc();
+            self.last_offset = Some(offset);
+        } else {
+            self.held_back = true;
         }
     }
 }
@@ -208,6 +240,9 @@ struct Shared {
     /// The server keeps a partials insert made again once, by its token
     /// (`store::deduplication_token`): 22.2 and later.
     deduplicating: bool,
+    /// A partition was paused for a forward since the start: each flush
+    /// then resumes every partition not waiting on one (see `resume_all`).
+    paused_for_forwards: AtomicBool,
 }
 
 /// Resumes assigned partitions where ClickHouse says they stopped.
@@ -264,8 +299,21 @@ impl ConsumerContext for JobContext {
                 // the last stored offset and counts those events itself.
                 let mut partitions = self.shared.partitions.lock().expect("partitions lock");
                 for element in tpl.elements() {
-                    if let Some(topic) = partitions.get_mut(element.topic()) {
-                        topic.remove(&element.partition());
+                    let removed = partitions
+                        .get_mut(element.topic())
+                        .and_then(|topic| topic.remove(&element.partition()));
+                    // A dead letter still being written when its partition
+                    // moves: given its grace to land before the next owner
+                    // reads which were written, or it could write it again.
+                    if let Some(pending) = removed.and_then(|state| state.forwarding) {
+                        self.shared.metrics.waiting_on_forwards.dec();
+                        let landed = self
+                            .shared
+                            .runtime
+                            .block_on(tokio::time::timeout(FORWARD_GRACE, pending.done));
+                        if !matches!(landed, Ok(Ok((true, _)))) {
+                            tracing::warn!(topic = element.topic(), partition = element.partition(), offset = pending.offset, "A record's forward was not acknowledged before its partition moved; the next owner forwards it again unless it lands first.");
+                        }
                     }
                 }
                 self.count_assigned(&partitions);
@@ -356,6 +404,7 @@ pub fn run(
         shutdown: shutdown.clone(),
         metrics,
         deduplicating,
+        paused_for_forwards: AtomicBool::new(false),
     });
     let mut config = connection.client_config();
     config
@@ -391,11 +440,11 @@ pub fn run(
     })?);
     let topics: Vec<&str> = catalog.topics.iter().map(|t| t.name.as_str()).collect();
     consumer.subscribe(&topics)?;
-    let forwarder = Forwarder::new(
+    let forwarder = Arc::new(Forwarder::new(
         &connection.client_config(),
         connection.gap_confirmation(),
         &settings.group_id,
-    )?;
+    )?);
     // A dead letter being written when the shutdown comes is finished (and
     // its offset flushed with the rest), or a restart would write it again;
     // given up only when Kafka cannot take it within the grace.
@@ -419,6 +468,10 @@ pub fn run(
             )
         })
         .collect();
+    let forwards = Forwards {
+        forwarder,
+        stop: forward_stop,
+    };
     let windows = Windows::new(settings.window_ms);
     let decoder = Decoder::default();
     let flush_every = Duration::from_millis(settings.flush_interval_ms);
@@ -436,15 +489,13 @@ pub fn run(
             }
             take(
                 &shared,
+                &consumer,
                 &message,
-                event_type,
-                dlq,
+                (event_type, dlq),
                 &decoder,
                 windows,
                 settings,
-                &forwarder,
-                &runtime,
-                &forward_stop,
+                &forwards,
             );
         }
         Err(error) => tracing::warn!(%error, "Consumer error; librdkafka keeps retrying."),
@@ -453,6 +504,7 @@ pub fn run(
         if let Some(result) = consumer.poll(Duration::from_millis(50)) {
             handle(result);
         }
+        settle_forwards(&shared, &consumer, None);
         if Instant::now() >= next_flush {
             // Everything fetched meanwhile goes into this flush: after a
             // flush that outlasted the interval (a slow ClickHouse), the
@@ -467,6 +519,7 @@ pub fn run(
                     None => break,
                 }
             }
+            resume_all(&shared, &consumer);
             if let Err(abandoned) = flush_all(&shared, &consumer, &mut lease) {
                 if shutdown.is_cancelled() {
                     break;
@@ -479,6 +532,9 @@ pub fn run(
         }
     }
     ready.store(false, Ordering::SeqCst);
+    // The forwards in flight land or are given up (`FORWARD_GRACE`) first,
+    // so the flush below includes the dead letters written.
+    settle_forwards(&shared, &consumer, Some(FORWARD_GRACE + CLOSE_GRACE));
     tracing::info!("Stopping: flushing the partials held.");
     // If ClickHouse is away, what is held is counted again by the next run.
     let _ = flush_all(&shared, &consumer, &mut lease);
@@ -563,18 +619,28 @@ fn admit(
     )
 }
 
+/// What forwarding a record to its DLQ or the late topic needs.
+struct Forwards {
+    forwarder: Arc<Forwarder>,
+    /// Fires `FORWARD_GRACE` after the shutdown.
+    stop: Shutdown,
+}
+
+/// How long the job waits for a forward before it pauses the partition
+/// and goes on with the others: most are acknowledged within milliseconds,
+/// and a pause costs the partition a fetch again.
+const FORWARD_WAIT: Duration = Duration::from_secs(1);
+
 #[allow(clippy::too_many_arguments)]
 fn take(
     shared: &Shared,
+    consumer: &JobConsumer,
     message: &BorrowedMessage<'_>,
-    event_type: EventType,
-    dlq: Option<&str>,
+    (event_type, dlq): (EventType, Option<&str>),
     decoder: &Decoder,
     windows: Windows,
     settings: &AnalyticsSettings,
-    forwarder: &Forwarder,
-    runtime: &tokio::runtime::Handle,
-    forward_stop: &Shutdown,
+    forwards: &Forwards,
 ) {
     let (topic, partition) = (message.topic(), message.partition());
     let metrics = &shared.metrics;
@@ -611,7 +677,7 @@ fn take(
             else {
                 return;
             };
-            if state.held_back {
+            if state.held_back || state.forwarding.is_some() {
                 return;
             }
             state
@@ -647,13 +713,13 @@ fn take(
     };
     // Acknowledged before the offset can be flushed; the lock is not held
     // meanwhile, so a flush is never kept waiting on Kafka.
-    let Some(mut ledger) = shared
+    let Some(ledger) = shared
         .partitions
         .lock()
         .expect("partitions lock")
         .get_mut(topic)
         .and_then(|t| t.get_mut(&partition))
-        .filter(|state| !state.held_back)
+        .filter(|state| !state.held_back && state.forwarding.is_none())
         .map(|state| {
             state
                 .ledger
@@ -669,27 +735,141 @@ fn take(
         message: reason,
         attempts: 1,
     };
-    let forwarded = runtime.block_on(forwarder.forward(
-        to,
-        &fetched,
-        &failure,
-        None,
-        &mut ledger,
-        forward_stop,
-    ));
+    let (answer, mut done) = tokio::sync::oneshot::channel();
+    let (forwarder, stop, to) = (
+        forwards.forwarder.clone(),
+        forwards.stop.clone(),
+        to.to_owned(),
+    );
+    shared.runtime.spawn(async move {
+        let mut ledger = ledger;
+        let written = forwarder
+            .forward(&to, &fetched, &failure, None, &mut ledger, &stop)
+            .await
+            .is_ok();
+        let _ = answer.send((written, ledger));
+    });
+    let answered = shared
+        .runtime
+        .block_on(tokio::time::timeout(FORWARD_WAIT, &mut done));
+    let offset = message.offset();
     let mut partitions = shared.partitions.lock().expect("partitions lock");
+    // Only a poll revokes partitions, and this thread is the one polling.
     let Some(state) = partitions
         .get_mut(topic)
         .and_then(|t| t.get_mut(&partition))
     else {
         return;
     };
-    state.ledger.get_or_insert(ledger);
-    if forwarded.is_ok() {
-        counter.inc();
-        state.last_offset = Some(message.offset());
-    } else {
-        state.held_back = true;
+    match answered {
+        Ok(Ok((written, ledger))) => state.forwarded(offset, written, ledger, counter),
+        // The forward's task ended without an answer (it panicked).
+        Ok(Err(_)) => state.held_back = true,
+        Err(_) => {
+            tracing::warn!(%topic, partition, offset, "A record's forward is not acknowledged yet; its partition waits for it, the others go on.");
+            state.forwarding = Some(PendingForward {
+                offset,
+                done,
+                counter: counter.clone(),
+            });
+            shared.metrics.waiting_on_forwards.inc();
+            shared.paused_for_forwards.store(true, Ordering::SeqCst);
+            let mut paused = TopicPartitionList::new();
+            paused.add_partition(topic, partition);
+            if let Err(error) = consumer.pause(&paused) {
+                tracing::warn!(%error, %topic, partition, "Pausing the partition failed; what it fetches meanwhile is fetched again.");
+            }
+        }
+    }
+}
+
+/// Takes the records whose forwards have ended (waiting for every one up
+/// to `wait`, if given): written, the partition goes on right after the
+/// record, fetching again what it skipped meanwhile; given up, it stays
+/// held back.
+fn settle_forwards(shared: &Shared, consumer: &JobConsumer, wait: Option<Duration>) {
+    if shared.metrics.waiting_on_forwards.get() == 0 {
+        return;
+    }
+    let given_up = wait.map(|wait| Instant::now() + wait);
+    let mut resumed = TopicPartitionList::new();
+    let mut partitions = shared.partitions.lock().expect("partitions lock");
+    for (topic, states) in partitions.iter_mut() {
+        for (partition, state) in states.iter_mut() {
+            let Some(pending) = &mut state.forwarding else {
+                continue;
+            };
+            // `None` while in flight; `Some(None)` when the forward's task
+            // ended without an answer (it panicked).
+            let answer = match given_up {
+                Some(at) => shared
+                    .runtime
+                    .block_on(tokio::time::timeout(
+                        at.saturating_duration_since(Instant::now()),
+                        &mut pending.done,
+                    ))
+                    .ok()
+                    .map(Result::ok),
+                None => match pending.done.try_recv() {
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+                    answer => Some(answer.ok()),
+                },
+            };
+            let Some(answer) = answer else {
+                continue;
+            };
+            let pending = state.forwarding.take().expect("a pending forward");
+            shared.metrics.waiting_on_forwards.dec();
+            let Some((written, ledger)) = answer else {
+                state.held_back = true;
+                continue;
+            };
+            state.forwarded(pending.offset, written, ledger, &pending.counter);
+            if written {
+                // Whatever was fetched after it was skipped: fetched again.
+                let next = pending.offset + 1;
+                state.continuity = Continuity::starting_at(Some(next), shared.gap_confirmation);
+                let _ = resumed.add_partition_offset(topic, *partition, Offset::Offset(next));
+            }
+        }
+    }
+    drop(partitions);
+    for element in resumed.elements() {
+        if let Offset::Offset(next) = element.offset() {
+            if let Err(error) =
+                continuity::seek_back(&**consumer, element.topic(), element.partition(), next)
+            {
+                tracing::debug!(%error, "Seeking after a forward failed; the continuity check seeks again.");
+            }
+        }
+    }
+    if resumed.count() > 0 {
+        if let Err(error) = consumer.resume(&resumed) {
+            tracing::warn!(%error, "Resuming partitions after their forwards failed; the next flush resumes them.");
+        }
+    }
+}
+
+/// Resumes every assigned partition not waiting on a forward, once any was
+/// paused for one: librdkafka applies a pause on its own thread but drops
+/// a resume that comes before it, leaving the partition paused (see the
+/// worker's `reassert_resumes`); resuming one not paused costs nothing.
+fn resume_all(shared: &Shared, consumer: &JobConsumer) {
+    if !shared.paused_for_forwards.load(Ordering::SeqCst) {
+        return;
+    }
+    let mut running = TopicPartitionList::new();
+    for (topic, states) in shared.partitions.lock().expect("partitions lock").iter() {
+        for (partition, state) in states {
+            if state.forwarding.is_none() {
+                running.add_partition(topic, *partition);
+            }
+        }
+    }
+    if running.count() > 0 {
+        if let Err(error) = consumer.resume(&running) {
+            tracing::debug!(%error, "Resuming the partitions failed; tried again at the next flush.");
+        }
     }
 }
 

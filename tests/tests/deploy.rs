@@ -748,6 +748,7 @@ async fn the_binaries_metrics_parse_in_both_formats_and_every_alert_rule_and_das
                 "ShopstreamDeadLettersHigh",
                 "ShopstreamClickHouseInsertsFailing",
                 "ShopstreamReadModelsStale",
+                "ShopstreamDeadLettersNotWritten",
                 "ShopstreamNotReady",
             ]
             .map(String::from)
