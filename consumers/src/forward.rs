@@ -13,10 +13,12 @@
 //! 0.6.0 shows aborted records to `read_committed` readers).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backbone::headers;
 use backbone::shutdown::Shutdown;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
@@ -40,12 +42,42 @@ pub struct Failure {
 pub struct Abandoned;
 
 pub struct Forwarder {
-    producer: FutureProducer,
+    /// Replaced when librdkafka fails it for good (see [`Forwarder::send`]).
+    producer: RwLock<Arc<FutureProducer>>,
+    /// Its settings, for a replacement.
+    producer_config: ClientConfig,
     /// The connection's settings, for reading back what was written.
     config: ClientConfig,
     /// `kafka.gap_confirmation_ms`, for the read-backs.
     gap_confirmation: Duration,
     group: String,
+}
+
+/// Why `producer` can write nothing more, if it cannot: a fatal error,
+/// or the broker refusing its producer id or epoch, which it answers to
+/// every later write too (tansu 0.6.0's `ProducerFenced` after cut
+/// connections; librdkafka does not take that as fatal).
+fn failed_for_good(producer: &FutureProducer, error: &KafkaError) -> Option<String> {
+    if let Some((code, reason)) = producer.client().fatal_error() {
+        return Some(format!("{code}: {reason}"));
+    }
+    match error {
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::InvalidProducerIdMapping
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber,
+        ) => Some(error.to_string()),
+        _ => None,
+    }
+}
+
+/// Why a write was not acknowledged.
+enum Unsent {
+    Abandoned,
+    /// It may have landed all the same.
+    MaybeWritten,
 }
 
 /// How long a forward may take before librdkafka fails it.
@@ -120,7 +152,8 @@ impl Forwarder {
                 DELIVERY_TIMEOUT.as_millis().to_string(),
             );
         Ok(Self {
-            producer: producer.create()?,
+            producer: RwLock::new(Arc::new(producer.create()?)),
+            producer_config: producer,
             config: config.clone(),
             gap_confirmation,
             group: group.to_owned(),
@@ -128,8 +161,9 @@ impl Forwarder {
     }
 
     /// Writes `record` to `topic` with the failure headers, unless `ledger`
-    /// shows this group wrote it there already; waits for the
-    /// acknowledgement, retrying with backoff until `stop` fires.
+    /// shows this group wrote it there already (also after a write whose
+    /// fate is unknown); waits for the acknowledgement, retrying with
+    /// backoff until `stop` fires.
     pub async fn forward(
         &self,
         topic: &str,
@@ -141,25 +175,67 @@ impl Forwarder {
     ) -> Result<(), Abandoned> {
         let origin = &record.origin;
         let key: OriginKey = (origin.topic.to_string(), origin.partition, origin.offset);
-        if !ledger.written.contains_key(topic) {
-            let written = self.written_to(topic, ledger.since_ms, stop).await?;
-            ledger.written.insert(topic.to_owned(), written);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if !ledger.written.contains_key(topic) {
+                let written = self.written_to(topic, ledger.since_ms, stop).await?;
+                ledger.written.insert(topic.to_owned(), written);
+            }
+            if ledger.written.get(topic).is_some_and(|w| w.contains(&key)) {
+                tracing::info!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Already forwarded before a restart or rebalance; not written again.");
+                return Ok(());
+            }
+            match self.send(topic, record, failure, tier, stop).await {
+                Ok(()) => {
+                    if let Some(written) = ledger.written.get_mut(topic) {
+                        written.insert(key);
+                    }
+                    return Ok(());
+                }
+                Err(Unsent::Abandoned) => return Err(Abandoned),
+                // What the topic holds says whether it landed, before it is
+                // written again.
+                Err(Unsent::MaybeWritten) => {
+                    ledger.written.remove(topic);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return Err(Abandoned),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
         }
-        if ledger.written.get(topic).is_some_and(|w| w.contains(&key)) {
-            tracing::info!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Already forwarded before a restart or rebalance; not written again.");
-            return Ok(());
+    }
+
+    /// The producer in use.
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.read().expect("producer lock").clone()
+    }
+
+    /// Puts a new producer (a new producer id) in place of `failed`, unless
+    /// another forward did already: see [`failed_for_good`]. Seen on tansu
+    /// 0.6.0 after its connections were cut: `ProducerFenced` for every
+    /// dead letter after it, and the read models never caught up.
+    fn replace(&self, failed: &Arc<FutureProducer>, error: &str) {
+        let mut current = self.producer.write().expect("producer lock");
+        if !Arc::ptr_eq(&current, failed) {
+            return;
         }
-        self.send(topic, record, failure, tier, stop).await?;
-        if let Some(written) = ledger.written.get_mut(topic) {
-            written.insert(key);
+        match self.producer_config.create() {
+            Ok(producer) => {
+                tracing::warn!(%error, "The forwarding producer failed for good; a new one takes over.");
+                *current = Arc::new(producer);
+            }
+            Err(create) => {
+                tracing::error!(%error, %create, "The forwarding producer failed for good and a new one cannot be made; retrying.");
+            }
         }
-        Ok(())
     }
 
     /// Waits up to `timeout` for every forward handed to Kafka, including
     /// those whose caller gave up waiting.
     pub fn flush_in_flight(&self, timeout: Duration) {
-        if let Err(error) = self.producer.flush(timeout) {
+        if let Err(error) = self.producer().flush(timeout) {
             tracing::warn!(%error, "Forwards still unacknowledged after {timeout:?}; one may land after the next owner read its ledger and be written twice.");
         }
     }
@@ -216,7 +292,10 @@ impl Forwarder {
     }
 
     /// Writes `record` to `topic` with the failure headers and waits for
-    /// the acknowledgement, retrying with backoff until `stop` fires.
+    /// the acknowledgement, retrying with backoff while the broker refuses
+    /// it, until `stop` fires. A write that may have landed unacknowledged
+    /// (timed out, or its producer failed for good, then replaced) is left
+    /// to the caller, who must look before writing again.
     async fn send(
         &self,
         topic: &str,
@@ -224,7 +303,7 @@ impl Forwarder {
         failure: &Failure,
         tier: Option<usize>,
         stop: &Shutdown,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Unsent> {
         let now = now_ms().to_string();
         let origin = &record.origin;
         let first = origin
@@ -269,17 +348,28 @@ impl Forwarder {
                 message = message.payload(payload.as_slice());
             }
             tracing::debug!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Forwarding a failed record.");
+            let producer = self.producer();
             let sent = tokio::select! {
-                result = self.producer.send(message, Duration::from_secs(5)) => result,
-                _ = stop.cancelled() => return Err(Abandoned),
+                result = producer.send(message, Duration::from_secs(5)) => result,
+                _ = stop.cancelled() => return Err(Unsent::Abandoned),
             };
             match sent {
                 Ok(_) => return Ok(()),
                 Err((error, _)) => {
                     tracing::warn!(topic, %error, retry_in = ?delay, "Forwarding a failed record failed; retrying.");
+                    if let Some(reason) = failed_for_good(&producer, &error) {
+                        self.replace(&producer, &reason);
+                        return Err(Unsent::MaybeWritten);
+                    }
+                    if matches!(
+                        error,
+                        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
+                    ) {
+                        return Err(Unsent::MaybeWritten);
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => return Err(Abandoned),
+                        _ = stop.cancelled() => return Err(Unsent::Abandoned),
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }

@@ -33,6 +33,7 @@ use testcontainers::{ContainerAsync, GenericImage};
 use testcontainers_modules::kafka::apache::{Kafka, KAFKA_PORT};
 use tokio::sync::OnceCell;
 
+pub mod outage;
 pub mod proxy;
 
 /// The ClickHouse image used when Docker is available; pinned so results
@@ -558,15 +559,19 @@ impl EventTopics {
     pub fn on(broker: Broker, topic_extra: &str) -> Self {
         match broker {
             Broker::Mock => Self::new(topic_extra),
-            Broker::Real => {
-                let (dir, catalog) = Self::catalog(topic_extra);
-                let topics = Self::connect(dir, catalog, Broker::real_bootstrap_servers(), None);
-                for topic in topics.catalog.desired_topics() {
-                    topics.create_topic(&topic.name, topic.partitions);
-                }
-                topics
-            }
+            Broker::Real => Self::at(Broker::real_bootstrap_servers(), topic_extra),
         }
+    }
+
+    /// On the real broker at `bootstrap_servers` (topics created through
+    /// its admin API).
+    pub fn at(bootstrap_servers: String, topic_extra: &str) -> Self {
+        let (dir, catalog) = Self::catalog(topic_extra);
+        let topics = Self::connect(dir, catalog, bootstrap_servers, None);
+        for topic in topics.catalog.desired_topics() {
+            topics.create_topic(&topic.name, topic.partitions);
+        }
+        topics
     }
 
     /// The catalog file, with fresh topic names.

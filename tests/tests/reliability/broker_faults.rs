@@ -1,12 +1,14 @@
 //! Scenarios 5 and 6 on the mock cluster: a broker down and up, partition
 //! leaders moving, injected errors on Produce, Fetch, OffsetCommit,
 //! JoinGroup and FindCoordinator; and a rebalance storm of workers and
-//! analytics replicas joining and leaving every few seconds. Nothing lost,
-//! nothing visible twice, no dead letter written twice.
+//! analytics replicas joining and leaving every few seconds. On tansu, the
+//! broker unreachable again and again under load. Nothing lost, nothing
+//! visible twice, no dead letter written twice.
 
 use std::time::Duration;
 
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use shopstream_tests::outage::UnreachableTansu;
 use shopstream_tests::{clickhouse, Broker, EventTopics};
 
 use crate::{partitions, soak, Run, Service, System};
@@ -105,6 +107,75 @@ async fn broker_faults_lose_and_double_nothing() {
     assert!(report.passed(), "{report}\n{}", system.logs());
     system.stop(&mut [&mut worker, &mut analytics]);
     println!("{injected} broker faults injected: {report}");
+}
+
+/// The broker down and up on a real one: a tansu of the test's own made
+/// unreachable (every connection cut mid-request, new ones refused) for 2,
+/// 4 and 6 s (per soak factor) while the publisher, the worker and the
+/// analytics job run, each outage shorter than the groups' 10 s session
+/// so no member is replaced (tansu's coordinator, see Compatibility).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_real_broker_unreachable_under_load_loses_and_doubles_nothing() {
+    let tansu = UnreachableTansu::start().await.expect("tansu");
+    let url = clickhouse().await.url();
+    let topics = EventTopics::at(tansu.bootstrap_servers(), &partitions());
+    let system = System::on(topics, url, url, &[]).await;
+    let run = Run::new(78, 40_000 * soak() as usize, 1_000.0, 0.01);
+    let expected = run.expected();
+    let (mut worker, mut analytics) = system.consumers().await;
+    let mut publisher = system.publish(&run);
+    system.consuming().await;
+    let mut outages = Vec::new();
+    for _ in 0..soak() {
+        for seconds in [2, 4, 6] {
+            // The clients back (librdkafka's reconnect backoff grows to
+            // 10 s) for 1.5 s on end.
+            let (started, mut steady) = (std::time::Instant::now(), 0);
+            while steady < 15 {
+                steady = if tansu.connections() >= 3 {
+                    steady + 1
+                } else {
+                    0
+                };
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "the clients did not reconnect within 60 s:\n{}",
+                    system.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let down = Duration::from_secs(seconds);
+            let (severed, refused) = tansu.unreachable_for(down).await;
+            // The clients lost connections, and tried again while the
+            // broker was away.
+            assert!(
+                severed >= 1 && severed + refused >= 3,
+                "{severed} connections cut, {refused} refused"
+            );
+            outages.push((down, severed, refused));
+        }
+    }
+    assert!(publisher.running(), "the outages happened under load");
+    let severed: usize = outages.iter().map(|(_, severed, _)| severed).sum();
+    assert!(severed >= 3 * outages.len(), "{outages:?}");
+    assert!(
+        publisher
+            .wait(run.publisher_limit())
+            .expect("finishes")
+            .success(),
+        "{}",
+        system.logs()
+    );
+    let report = system
+        .converge(&expected, &system.checks(), Duration::from_secs(180))
+        .await;
+    assert!(report.passed(), "{report}\n{}", system.logs());
+    system.stop(&mut [&mut worker, &mut analytics]);
+    let replaced = system
+        .logs_in_full()
+        .matches("The forwarding producer failed for good")
+        .count();
+    println!("tansu unreachable (for, connections cut, refused) {outages:?}; forwarding producers replaced: {replaced}; {report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
