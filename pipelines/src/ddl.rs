@@ -323,12 +323,12 @@ pub const DEDUPLICATION_WINDOW: u32 = 10_000;
 /// their recent inserts, so an insert made again after an unanswered one
 /// lands once however late the first lands. Not a migration: it is chosen
 /// by the server's version at each start (18.16 has neither setting), and
-/// running it again changes nothing.
+/// running it again changes nothing. One server only: Replicated partials
+/// on a cluster keep their inserts' tokens already.
 pub fn deduplicating_retries(target: &Target) -> String {
     format!(
-        "ALTER TABLE {}{} MODIFY SETTING non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}",
+        "ALTER TABLE {} MODIFY SETTING non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}",
         target.table(PARTIALS_TABLE),
-        target.on_cluster()
     )
 }
 

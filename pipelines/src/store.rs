@@ -144,7 +144,10 @@ pub fn takes_deduplication_tokens(version: &str) -> bool {
 }
 
 /// Makes a server that can deduplicate partials inserts by token do so
-/// (`ddl::deduplicating_retries`); its version, and whether it does.
+/// (`ddl::deduplicating_retries`); its version, and whether it does. On a
+/// cluster the partials are Replicated, which keep insert tokens already.
+/// A server refusing the setting (a user without ALTER rights) is told so
+/// in the log and gets no tokens: the job works as on 18.16.
 pub async fn deduplicate_retries(
     client: &clickhouse::Client,
     target: &consumers::projection::ddl::Target,
@@ -156,13 +159,21 @@ pub async fn deduplicate_retries(
             .fetch_one::<String>()
             .await?;
         let tokens = takes_deduplication_tokens(&version);
-        if tokens {
-            client
-                .query(&crate::ddl::deduplicating_retries(target))
-                .execute()
-                .await?;
+        if !tokens || target.clustered() {
+            return Ok((version, tokens));
         }
-        Ok((version, tokens))
+        match client
+            .query(&crate::ddl::deduplicating_retries(target))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok((version, true)),
+            Err(clickhouse::error::Error::BadResponse(refused)) => {
+                tracing::warn!(%refused, "ClickHouse refused the partials' deduplication window; partials inserts carry no token.");
+                Ok((version, false))
+            }
+            Err(error) => Err(error),
+        }
     };
     tokio::time::timeout(timeout, asked)
         .await

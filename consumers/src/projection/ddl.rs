@@ -30,6 +30,11 @@ impl Target {
         format!("{}.`{table}`", self.database)
     }
 
+    /// Whether the tables live on a cluster (Replicated engines).
+    pub fn clustered(&self) -> bool {
+        self.cluster.is_some()
+    }
+
     pub fn on_cluster(&self) -> String {
         self.cluster
             .as_ref()
