@@ -76,8 +76,10 @@ fn failed_for_good(producer: &FutureProducer, error: &KafkaError) -> Option<Stri
 /// Why a write was not acknowledged.
 enum Unsent {
     Abandoned,
+    /// The broker answered with an error: not written.
+    Refused(KafkaError),
     /// It may have landed all the same.
-    MaybeWritten,
+    MaybeWritten(KafkaError),
 }
 
 /// How long a forward may take before librdkafka fails it.
@@ -185,7 +187,7 @@ impl Forwarder {
                 tracing::info!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Already forwarded before a restart or rebalance; not written again.");
                 return Ok(());
             }
-            match self.send(topic, record, failure, tier, stop).await {
+            let error = match self.send(topic, record, failure, tier, stop).await {
                 Ok(()) => {
                     if let Some(written) = ledger.written.get_mut(topic) {
                         written.insert(key);
@@ -193,17 +195,20 @@ impl Forwarder {
                     return Ok(());
                 }
                 Err(Unsent::Abandoned) => return Err(Abandoned),
+                Err(Unsent::Refused(error)) => error,
                 // What the topic holds says whether it landed, before it is
                 // written again.
-                Err(Unsent::MaybeWritten) => {
+                Err(Unsent::MaybeWritten(error)) => {
                     ledger.written.remove(topic);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => return Err(Abandoned),
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    error
                 }
+            };
+            tracing::warn!(topic, %error, retry_in = ?delay, "Forwarding a failed record failed; retrying.");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return Err(Abandoned),
             }
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -292,10 +297,10 @@ impl Forwarder {
     }
 
     /// Writes `record` to `topic` with the failure headers and waits for
-    /// the acknowledgement, retrying with backoff while the broker refuses
-    /// it, until `stop` fires. A write that may have landed unacknowledged
-    /// (timed out, or its producer failed for good, then replaced) is left
-    /// to the caller, who must look before writing again.
+    /// the acknowledgement, or until `stop` fires. A write that may have
+    /// landed unacknowledged (timed out, or its producer failed for good,
+    /// then replaced) is told apart from one the broker refused: the caller
+    /// must look before writing it again.
     async fn send(
         &self,
         topic: &str,
@@ -326,55 +331,45 @@ impl Forwarder {
         if let Some(tier) = tier {
             added.push((headers::RETRY_TIER, tier.to_string()));
         }
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let mut out = OwnedHeaders::new_with_capacity(record.headers.len() + added.len());
-            for (key, value) in record.headers.iter() {
-                if !headers::FAILURE_HEADERS.contains(&key) {
-                    out = out.insert(Header { key, value });
-                }
-            }
-            for (key, value) in &added {
-                out = out.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                });
-            }
-            let mut message = FutureRecord::<[u8], [u8]>::to(topic).headers(out);
-            if let Some(key) = &record.key {
-                message = message.key(key.as_slice());
-            }
-            if let Some(payload) = &record.payload {
-                message = message.payload(payload.as_slice());
-            }
-            tracing::debug!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Forwarding a failed record.");
-            let producer = self.producer();
-            let sent = tokio::select! {
-                result = producer.send(message, Duration::from_secs(5)) => result,
-                _ = stop.cancelled() => return Err(Unsent::Abandoned),
-            };
-            match sent {
-                Ok(_) => return Ok(()),
-                Err((error, _)) => {
-                    tracing::warn!(topic, %error, retry_in = ?delay, "Forwarding a failed record failed; retrying.");
-                    if let Some(reason) = failed_for_good(&producer, &error) {
-                        self.replace(&producer, &reason);
-                        return Err(Unsent::MaybeWritten);
-                    }
-                    if matches!(
-                        error,
-                        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
-                    ) {
-                        return Err(Unsent::MaybeWritten);
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => return Err(Unsent::Abandoned),
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+        let mut out = OwnedHeaders::new_with_capacity(record.headers.len() + added.len());
+        for (key, value) in record.headers.iter() {
+            if !headers::FAILURE_HEADERS.contains(&key) {
+                out = out.insert(Header { key, value });
             }
         }
+        for (key, value) in &added {
+            out = out.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut message = FutureRecord::<[u8], [u8]>::to(topic).headers(out);
+        if let Some(key) = &record.key {
+            message = message.key(key.as_slice());
+        }
+        if let Some(payload) = &record.payload {
+            message = message.payload(payload.as_slice());
+        }
+        tracing::debug!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Forwarding a failed record.");
+        let producer = self.producer();
+        let sent = tokio::select! {
+            result = producer.send(message, Duration::from_secs(5)) => result,
+            _ = stop.cancelled() => return Err(Unsent::Abandoned),
+        };
+        let Err((error, _)) = sent else {
+            return Ok(());
+        };
+        if let Some(reason) = failed_for_good(&producer, &error) {
+            self.replace(&producer, &reason);
+            return Err(Unsent::MaybeWritten(error));
+        }
+        if matches!(
+            error,
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
+        ) {
+            return Err(Unsent::MaybeWritten(error));
+        }
+        Err(Unsent::Refused(error))
     }
 }
 

@@ -203,9 +203,20 @@ impl PartitionState {
         }
     }
 
-    /// A forward of the record at `offset` ended: the record is taken when
-    /// it was written, and the partition held back when it was given up.
-    fn forwarded(&mut self, offset: i64, written: bool, ledger: Ledger, counter: &Counter) {
+    /// A forward of the record at `offset` ended with `answer` (`None` when
+    /// its task ended without one: it panicked): the record is taken when
+    /// it was written, and the partition held back otherwise. Whether it
+    /// was written.
+    fn forwarded(
+        &mut self,
+        offset: i64,
+        answer: Option<(bool, Ledger)>,
+        counter: &Counter,
+    ) -> bool {
+        let Some((written, ledger)) = answer else {
+            self.held_back = true;
+            return false;
+        };
         self.ledger.get_or_insert(ledger);
         if written {
             counter.inc();
@@ -213,6 +224,7 @@ impl PartitionState {
         } else {
             self.held_back = true;
         }
+        written
     }
 }
 
@@ -762,9 +774,9 @@ fn take(
         return;
     };
     match answered {
-        Ok(Ok((written, ledger))) => state.forwarded(offset, written, ledger, counter),
-        // The forward's task ended without an answer (it panicked).
-        Ok(Err(_)) => state.held_back = true,
+        Ok(answer) => {
+            state.forwarded(offset, answer.ok(), counter);
+        }
         Err(_) => {
             tracing::warn!(%topic, partition, offset, "A record's forward is not acknowledged yet; its partition waits for it, the others go on.");
             state.forwarding = Some(PendingForward {
@@ -820,12 +832,7 @@ fn settle_forwards(shared: &Shared, consumer: &JobConsumer, wait: Option<Duratio
             };
             let pending = state.forwarding.take().expect("a pending forward");
             shared.metrics.waiting_on_forwards.dec();
-            let Some((written, ledger)) = answer else {
-                state.held_back = true;
-                continue;
-            };
-            state.forwarded(pending.offset, written, ledger, &pending.counter);
-            if written {
+            if state.forwarded(pending.offset, answer, &pending.counter) {
                 // Whatever was fetched after it was skipped: fetched again.
                 let next = pending.offset + 1;
                 state.continuity = Continuity::starting_at(Some(next), shared.gap_confirmation);

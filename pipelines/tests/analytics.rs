@@ -111,13 +111,10 @@ fn generate(seed: u64, n: usize, start_ms: i64) -> Vec<AnyEvent> {
 }
 
 async fn stored_offsets(db: &TestDatabase) -> BTreeMap<(String, i32), i64> {
-    db.client
-        .query("SELECT source_topic, source_partition, max(last_offset) FROM analytics_partials WHERE model = '_offset' GROUP BY source_topic, source_partition")
-        .fetch_all::<(String, i32, i64)>()
+    pipelines::store::stored_offsets(&db.client, Duration::from_secs(30))
         .await
         .unwrap_or_default()
         .into_iter()
-        .map(|(t, p, o)| ((t, p), o))
         .collect()
 }
 

@@ -89,14 +89,7 @@ async fn broker_faults_lose_and_double_nothing() {
         injected += 1;
     }
     assert!(publisher.running(), "the faults happened under load");
-    assert!(
-        publisher
-            .wait(run.publisher_limit())
-            .expect("finishes")
-            .success(),
-        "{}",
-        system.logs()
-    );
+    system.finish(&mut publisher, &run);
     // A rebalance through injected OffsetCommit errors leaves a revoked
     // partition's last commit behind: the next owner finds the dead letters
     // written since then in its ledger and does not write them again.
@@ -158,14 +151,7 @@ async fn a_real_broker_unreachable_under_load_loses_and_doubles_nothing() {
     assert!(publisher.running(), "the outages happened under load");
     let severed: usize = outages.iter().map(|(_, severed, _)| severed).sum();
     assert!(severed >= 3 * outages.len(), "{outages:?}");
-    assert!(
-        publisher
-            .wait(run.publisher_limit())
-            .expect("finishes")
-            .success(),
-        "{}",
-        system.logs()
-    );
+    system.finish(&mut publisher, &run);
     let report = system
         .converge(&expected, &system.checks(), Duration::from_secs(180))
         .await;

@@ -110,10 +110,7 @@ async fn a_group_shares_partitions_and_survives_a_member_leaving(broker: Broker)
         "the publisher finished before the leave: raise the count"
     );
     system.stop(&mut [&mut workers.remove(0)]);
-    assert!(publisher
-        .wait(run.publisher_limit())
-        .expect("the publisher finishes")
-        .success());
+    system.finish(&mut publisher, &run);
     let started = std::time::Instant::now();
     let report = system
         .converge(&expected, &system.checks(), Duration::from_secs(240))
@@ -292,10 +289,7 @@ async fn members_joining_move_only_the_partitions_that_change_hands_on_both_brok
                     "{broker:?}, {protocol}: eager revokes all {held} partitions, not {revoked}"
                 ),
             }
-            assert!(publisher
-                .wait(run.publisher_limit())
-                .expect("the publisher finishes")
-                .success());
+            system.finish(&mut publisher, &run);
             let report = system
                 .converge(&expected, &system.checks(), Duration::from_secs(180))
                 .await;

@@ -24,11 +24,7 @@ async fn run_at_rate(broker: Broker) {
     let expected = run.expected();
     assert!(expected.poisoned.len() >= 30, "1% of the run is poison");
     let (mut worker, mut analytics) = system.consumers().await;
-    let mut publisher = system.publish(&run);
-    let status = publisher
-        .wait(run.publisher_limit())
-        .expect("the publisher finishes");
-    assert!(status.success(), "{}", system.logs());
+    system.publish_all(&run);
 
     let report = system
         .converge(&expected, &system.checks(), Duration::from_secs(120))

@@ -145,10 +145,7 @@ async fn sigterm_and_restart(broker: Broker) {
         under_load * 2 >= cycles,
         "only {under_load} of {cycles} SIGTERMs landed while the publisher was sending"
     );
-    assert!(publisher
-        .wait(run.publisher_limit())
-        .expect("finishes")
-        .success());
+    system.finish(&mut publisher, &run);
     let mut checks = system.checks();
     checks.exact_raw = true;
     let report = system
@@ -207,10 +204,7 @@ async fn converge_then_stop(
     seed: u64,
     consumers: &mut [&mut Service],
 ) -> (checker::Report, Duration) {
-    let status = publisher
-        .wait(run.publisher_limit())
-        .expect("the publisher finishes");
-    assert!(status.success(), "{}", system.logs());
+    system.finish(publisher, run);
     let published = std::time::Instant::now();
     let report = system
         .converge(expected, &system.checks(), Duration::from_secs(180))

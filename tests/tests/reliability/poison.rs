@@ -5,7 +5,7 @@
 //! to the DLQs once per group with their payload and headers, while an
 //! oversized but valid event is handled like any other.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use backbone::codec::Encoding;
@@ -103,17 +103,12 @@ fn trail(system: &System, report: &checker::Report) -> String {
     out
 }
 
-/// The offset the analytics job stored last per topic and partition.
-async fn stored_offsets(system: &System) -> BTreeMap<(String, i32), i64> {
-    system
-        .client
-        .query("SELECT source_topic, source_partition, max(last_offset) FROM analytics_partials WHERE model = '_offset' GROUP BY source_topic, source_partition")
-        .fetch_all::<(String, i32, i64)>()
+/// The offset the analytics job stored last per topic and partition
+/// (none while ClickHouse does not answer).
+async fn stored_offsets(system: &System) -> HashMap<(String, i32), i64> {
+    pipelines::store::stored_offsets(&system.client, Duration::from_secs(30))
         .await
         .unwrap_or_default()
-        .into_iter()
-        .map(|(t, p, o)| ((t, p), o))
-        .collect()
 }
 
 /// The last offset of every partition of the event topics holding

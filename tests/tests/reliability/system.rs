@@ -390,8 +390,12 @@ impl System {
 
     /// Runs the publisher for `run` to its end; it must succeed.
     pub fn publish_all(&self, run: &Run) {
-        let status = self
-            .publish(run)
+        self.finish(&mut self.publish(run), run);
+    }
+
+    /// Waits for `publisher` of `run` to end; it must succeed.
+    pub fn finish(&self, publisher: &mut Service, run: &Run) {
+        let status = publisher
             .wait(run.publisher_limit())
             .expect("the publisher finishes");
         assert!(
