@@ -277,7 +277,15 @@ pub async fn compare(args: &Args, connection: &KafkaConnection) -> anyhow::Resul
     let engine_rows = result(&engine, ENGINE_RESULT)
         .await
         .with_context(|| alive(server, "reading the Kafka engine's result"))?;
-    // The Kafka table keeps consuming until dropped.
+    // The Kafka table keeps consuming until dropped. Its views go first, so
+    // its streaming has stopped when it is dropped: ClickHouse 18.16
+    // aborted (SIGABRT) once dropping the database with it still streaming.
+    for table in ["orders_mv", "consumed_mv", "queue"] {
+        root.query(&format!("DROP TABLE IF EXISTS `{engine_db}`.`{table}`"))
+            .execute()
+            .await
+            .with_context(|| alive(server, &format!("dropping {engine_db}.{table}")))?;
+    }
     for db in [&engine_db, &database] {
         root.query(&format!("DROP DATABASE IF EXISTS `{db}`"))
             .execute()
