@@ -207,16 +207,24 @@ impl Decoder {
     }
 
     /// Decodes a record whose type is known from the bytes or the hint.
+    /// Whether `payload` names its format in its first bytes (Avro single
+    /// object, Confluent): then `decode` ignores the hint's content type,
+    /// and a caller may leave out the header lookup.
+    pub fn self_describing(payload: &[u8]) -> bool {
+        matches!(payload, [0xC3, 0x01, ..] | [CONFLUENT_MAGIC, ..])
+    }
+
     pub fn decode(&self, payload: &[u8], hint: DecodeHint<'_>) -> Result<AnyEvent, DecodeError> {
         let declared_json = hint
             .content_type
             .is_some_and(|ct| ct.eq_ignore_ascii_case(content_type::JSON));
         let event = match payload {
             [] => return Err(DecodeError::Empty),
-            _ if declared_json => decode_json(payload, hint.event_type)?,
             [0xC3, 0x01, ..] => decode_single_object(payload)?,
             [CONFLUENT_MAGIC, ..] => self.decode_confluent(payload)?,
-            _ if looks_like_json(payload) => decode_json(payload, hint.event_type)?,
+            _ if declared_json || looks_like_json(payload) => {
+                decode_json(payload, hint.event_type)?
+            }
             _ => {
                 let hint = match hint.content_type {
                     Some(ct) => format!(" (content-type {ct})"),
@@ -743,6 +751,28 @@ mod tests {
             .decode(&[0, 0, 1], DecodeHint::default())
             .unwrap_err();
         assert_eq!(err.class(), "truncated");
+    }
+
+    /// The worker skips the header lookup for self-describing bytes, so
+    /// the header must not change how they decode.
+    #[test]
+    fn self_describing_bytes_decode_whatever_the_content_type_says() {
+        let decoder = Decoder::default();
+        let avro = encode(&chat(), Encoding::Avro).unwrap();
+        let json = encode(&chat(), Encoding::Json).unwrap();
+        assert!(Decoder::self_describing(&avro));
+        assert!(!Decoder::self_describing(&json));
+        let declared_json = DecodeHint {
+            content_type: Some(Encoding::Json.content_type()),
+            event_type: Some(EventType::Chat),
+        };
+        assert_eq!(
+            decoder.decode(&avro, declared_json).unwrap(),
+            decoder.decode(&avro, DecodeHint::default()).unwrap()
+        );
+        // Bytes that do not say what they are still go by the header.
+        let err = decoder.decode(b"not json", declared_json).unwrap_err();
+        assert_eq!(err.class(), "invalid_json", "{err}");
     }
 
     #[test]

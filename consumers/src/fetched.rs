@@ -17,16 +17,27 @@ pub struct Origin {
     pub first_failure_at: Option<i64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Fetched {
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: RawHeaders,
     pub timestamp_ms: Option<i64>,
     pub origin: Origin,
+    body: Body,
+}
+
+/// A record's key, payload and headers.
+#[derive(Debug)]
+enum Body {
+    /// librdkafka's message itself, read in place: no copy, and its headers
+    /// parsed only if something asks for them (most records never do).
+    Held(HeldMessage),
+    Copied {
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        headers: RawHeaders,
+    },
 }
 
 /// A record's headers as fetched, in one buffer: two allocations per record
@@ -106,10 +117,76 @@ impl RawHeaders {
 }
 
 impl Fetched {
+    /// A record made of copies of `message`'s bytes.
     pub fn from_message(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
-        let headers = RawHeaders::from_message(message);
+        let body = Body::Copied {
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers: RawHeaders::from_message(message),
+        };
+        Self::at(topic, message, body).with_origin_from_headers()
+    }
+
+    /// A record that keeps `message` itself until it is dropped, and with
+    /// it the fetched response its bytes live in; `client` is the consumer
+    /// it came from (librdkafka wants its messages gone before the client).
+    /// For records handled soon: a retry tier's, which wait out the tier's
+    /// delay, are better copied.
+    pub fn held(
+        message: BorrowedMessage<'_>,
+        topic: Arc<str>,
+        client: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        let fetched = Self::at(
+            topic,
+            &message,
+            Body::Copied {
+                key: None,
+                payload: None,
+                headers: RawHeaders::default(),
+            },
+        );
+        Self {
+            body: Body::Held(HeldMessage::new(message, client)),
+            ..fetched
+        }
+    }
+
+    /// A record made by hand.
+    pub fn new(
+        topic: Arc<str>,
+        (partition, offset): (i32, i64),
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        headers: RawHeaders,
+        timestamp_ms: Option<i64>,
+    ) -> Self {
+        Self {
+            origin: Origin {
+                topic: topic.clone(),
+                partition,
+                offset,
+                timestamp_ms,
+                attempts: 0,
+                first_failure_at: None,
+            },
+            topic,
+            partition,
+            offset,
+            timestamp_ms,
+            body: Body::Copied {
+                key,
+                payload,
+                headers,
+            },
+        }
+        .with_origin_from_headers()
+    }
+
+    /// Where `message` was fetched, with `body`.
+    fn at(topic: Arc<str>, message: &BorrowedMessage<'_>, body: Body) -> Self {
         let timestamp_ms = message.timestamp().to_millis();
-        let mut fetched = Self {
+        Self {
             origin: Origin {
                 topic: topic.clone(),
                 partition: message.partition(),
@@ -121,15 +198,16 @@ impl Fetched {
             topic,
             partition: message.partition(),
             offset: message.offset(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-            headers,
             timestamp_ms,
-        };
-        // A record from a retry tier names its first home in its headers.
-        if let Some(topic) = fetched.header(headers::ORIGINAL_TOPIC) {
-            let number = |name| fetched.header(name).and_then(|v| v.parse::<i64>().ok());
-            fetched.origin = Origin {
+            body,
+        }
+    }
+
+    /// A record from a retry tier names its first home in its headers.
+    pub fn with_origin_from_headers(mut self) -> Self {
+        if let Some(topic) = self.header(headers::ORIGINAL_TOPIC) {
+            let number = |name| self.header(name).and_then(|v| v.parse::<i64>().ok());
+            self.origin = Origin {
                 topic: topic.into(),
                 partition: number(headers::ORIGINAL_PARTITION).unwrap_or(-1) as i32,
                 offset: number(headers::ORIGINAL_OFFSET).unwrap_or(-1),
@@ -138,17 +216,112 @@ impl Fetched {
                 first_failure_at: number(headers::FIRST_FAILURE_AT),
             };
         }
-        fetched
+        self
     }
 
+    pub fn key(&self) -> Option<&[u8]> {
+        match &self.body {
+            Body::Held(held) => held.message().key(),
+            Body::Copied { key, .. } => key.as_deref(),
+        }
+    }
+
+    pub fn payload(&self) -> Option<&[u8]> {
+        match &self.body {
+            Body::Held(held) => held.message().payload(),
+            Body::Copied { payload, .. } => payload.as_deref(),
+        }
+    }
+
+    /// The value of the first header named `name`, if it is UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(name)
-            .and_then(|v| std::str::from_utf8(v).ok())
+        let value = match &self.body {
+            Body::Held(held) => held
+                .headers()
+                .and_then(|hs| hs.iter().find(|h| h.key == name).and_then(|h| h.value)),
+            Body::Copied { headers, .. } => headers.get(name),
+        };
+        value.and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Every header in order: its key and value.
+    pub fn headers(&self) -> Vec<(&str, Option<&[u8]>)> {
+        match &self.body {
+            Body::Held(held) => held
+                .headers()
+                .map(|hs| hs.iter().map(|h| (h.key, h.value)).collect())
+                .unwrap_or_default(),
+            Body::Copied { headers, .. } => headers.iter().collect(),
+        }
     }
 
     pub fn bytes(&self) -> usize {
-        self.payload.as_ref().map_or(0, Vec::len) + self.key.as_ref().map_or(0, Vec::len)
+        self.payload().map_or(0, <[u8]>::len) + self.key().map_or(0, <[u8]>::len)
+    }
+}
+
+pub use held::HeldMessage;
+
+/// The one place that holds a librdkafka message past its borrow.
+#[allow(unsafe_code)]
+mod held {
+    use std::any::Any;
+    use std::sync::{Arc, Once};
+
+    use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message};
+
+    /// A fetched message kept beyond the poll that returned it.
+    pub struct HeldMessage {
+        /// Declared first, so dropped before `_client`.
+        message: BorrowedMessage<'static>,
+        /// librdkafka parses a message's headers on first access and caches
+        /// them in the message: that first access happens once, here.
+        headers_parsed: Once,
+        _client: Arc<dyn Any + Send + Sync>,
+    }
+
+    impl std::fmt::Debug for HeldMessage {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("HeldMessage")
+                .field("partition", &self.message.partition())
+                .field("offset", &self.message.offset())
+                .finish()
+        }
+    }
+
+    // SAFETY: the message is librdkafka's own (an event of its own, freed
+    // when dropped, from any thread); once handed out, its key, payload and
+    // fields are only read; the one write, the header parse, runs once
+    // under `headers_parsed`, and after it librdkafka only reads the cache.
+    unsafe impl Send for HeldMessage {}
+    unsafe impl Sync for HeldMessage {}
+
+    impl HeldMessage {
+        /// Takes over `message`. `client` must be (or keep alive) the
+        /// client it came from: it outlives the message here.
+        pub fn new<'a>(message: BorrowedMessage<'a>, client: Arc<dyn Any + Send + Sync>) -> Self {
+            // SAFETY: only the lifetime changes. What the message borrowed
+            // is the client, which `_client` keeps alive until after it.
+            let message = unsafe {
+                std::mem::transmute::<BorrowedMessage<'a>, BorrowedMessage<'static>>(message)
+            };
+            Self {
+                message,
+                headers_parsed: Once::new(),
+                _client: client,
+            }
+        }
+
+        pub fn message(&self) -> &BorrowedMessage<'_> {
+            &self.message
+        }
+
+        pub fn headers(&self) -> Option<&BorrowedHeaders> {
+            self.headers_parsed.call_once(|| {
+                let _ = self.message.headers();
+            });
+            self.message.headers()
+        }
     }
 }
 

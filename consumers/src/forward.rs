@@ -331,8 +331,9 @@ impl Forwarder {
         if let Some(tier) = tier {
             added.push((headers::RETRY_TIER, tier.to_string()));
         }
-        let mut out = OwnedHeaders::new_with_capacity(record.headers.len() + added.len());
-        for (key, value) in record.headers.iter() {
+        let kept = record.headers();
+        let mut out = OwnedHeaders::new_with_capacity(kept.len() + added.len());
+        for (key, value) in kept {
             if !headers::FAILURE_HEADERS.contains(&key) {
                 out = out.insert(Header { key, value });
             }
@@ -344,11 +345,11 @@ impl Forwarder {
             });
         }
         let mut message = FutureRecord::<[u8], [u8]>::to(topic).headers(out);
-        if let Some(key) = &record.key {
-            message = message.key(key.as_slice());
+        if let Some(key) = record.key() {
+            message = message.key(key);
         }
-        if let Some(payload) = &record.payload {
-            message = message.payload(payload.as_slice());
+        if let Some(payload) = record.payload() {
+            message = message.payload(payload);
         }
         tracing::debug!(topic, origin = %origin.topic, partition = origin.partition, offset = origin.offset, "Forwarding a failed record.");
         let producer = self.producer();

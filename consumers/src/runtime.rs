@@ -38,6 +38,9 @@ use crate::routes::{Hop, Route, Routes};
 
 type PartitionKey = (Arc<str>, i32);
 
+/// The consumer, as what a kept message must not outlive.
+type Client = Arc<dyn std::any::Any + Send + Sync>;
+
 /// A partition's own fetch queue, split from the consumer's at assignment.
 /// Its reader takes records only while the partition has room, so
 /// backpressure leaves what librdkafka prefetched in place (bounded per
@@ -620,6 +623,7 @@ pub async fn run<H: Handler>(
     // (yet): the poll loop dispatches those, pausing for backpressure, and
     // serves the rebalance callbacks.
     let mut readers = tokio::task::JoinSet::new();
+    let client: Client = consumer.clone();
     loop {
         tokio::select! {
             biased;
@@ -630,12 +634,11 @@ pub async fn run<H: Handler>(
             Some(_) = readers.join_next(), if !readers.is_empty() => {}
             message = consumer.recv() => match message {
                 Ok(message) => {
-                    job.dispatch(&message);
-                    drop(message);
+                    job.dispatch(message, &client);
                     // Take what is already fetched without waiting again.
                     for _ in 0..1024 {
                         match futures_now(consumer.recv()) {
-                            Some(Ok(message)) => job.dispatch(&message),
+                            Some(Ok(message)) => job.dispatch(message, &client),
                             _ => break,
                         }
                     }
@@ -836,6 +839,10 @@ impl<H: Handler> Job<H> {
         let Some((_, route)) = self.routes.get_key_value(&key.0) else {
             return;
         };
+        let Some(client) = self.shared.consumer() else {
+            return;
+        };
+        let client: Client = client;
         let mut room = Room::all(&self.shared.settings);
         // One stream for the reader's life: each `recv` registers and
         // unregisters a waker under a lock.
@@ -846,7 +853,8 @@ impl<H: Handler> Job<H> {
                 _ = stop.cancelled() => return,
                 Some(first) = stream.next() => first,
             };
-            let (chunk, bytes, error) = self.take_fetched(&key, first, &mut stream, room);
+            let (chunk, bytes, error) =
+                self.take_fetched(&key, route, &client, first, &mut stream, room);
             let taken = chunk.len();
             let full = self.hand_over(&key, route, chunk, bytes, Fetching::Own);
             if let Some(error) = error {
@@ -874,6 +882,8 @@ impl<H: Handler> Job<H> {
     fn take_fetched<'q>(
         &self,
         key: &PartitionKey,
+        route: &Route,
+        client: &Client,
         first: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'q>>,
         stream: &mut rdkafka::consumer::stream_consumer::MessageStream<'q, WorkerContext>,
         room: Room,
@@ -883,7 +893,7 @@ impl<H: Handler> Job<H> {
         let mut next = Some(first);
         while let Some(message) = next {
             match message {
-                Ok(message) => self.admit_into(key, &message, &mut chunk, &mut bytes),
+                Ok(message) => self.admit_into(key, route, client, message, &mut chunk, &mut bytes),
                 Err(error) => return (chunk, bytes, Some(error)),
             }
             if chunk.len() >= room.records || bytes >= room.bytes {
@@ -894,17 +904,25 @@ impl<H: Handler> Job<H> {
         (chunk, bytes, None)
     }
 
-    /// Copies `message` into `chunk` if it is the partition's next record
-    /// (seeking back when records are missing before it).
+    /// Takes `message` into `chunk` if it is the partition's next record
+    /// (seeking back when records are missing before it). The message is
+    /// kept, not copied, unless it is a retry tier's: those wait out the
+    /// tier's delay, and a kept message keeps its whole fetch response.
     fn admit_into(
         &self,
         key: &PartitionKey,
-        message: &rdkafka::message::BorrowedMessage<'_>,
+        route: &Route,
+        client: &Client,
+        message: rdkafka::message::BorrowedMessage<'_>,
         chunk: &mut Vec<Fetched>,
         bytes: &mut usize,
     ) {
         if self.shared.admit(key, message.offset()) {
-            let fetched = Fetched::from_message(message, key.0.clone());
+            let fetched = if route.tier.is_some() {
+                Fetched::from_message(&message, key.0.clone())
+            } else {
+                Fetched::held(message, key.0.clone(), client.clone())
+            };
             *bytes += fetched.bytes();
             chunk.push(fetched);
         }
@@ -912,13 +930,13 @@ impl<H: Handler> Job<H> {
 
     /// Hands a record from the consumer's queue to its partition's task,
     /// pausing the partition when that fills it.
-    fn dispatch(self: &Arc<Self>, message: &rdkafka::message::BorrowedMessage<'_>) {
+    fn dispatch(self: &Arc<Self>, message: rdkafka::message::BorrowedMessage<'_>, client: &Client) {
         let Some((topic, route)) = self.routes.get_key_value(message.topic()) else {
             return;
         };
         let key: PartitionKey = (topic.clone(), message.partition());
         let (mut chunk, mut bytes) = (Vec::with_capacity(1), 0);
-        self.admit_into(&key, message, &mut chunk, &mut bytes);
+        self.admit_into(&key, route, client, message, &mut chunk, &mut bytes);
         let _ = self.hand_over(&key, route, chunk, bytes, Fetching::Shared);
     }
 
@@ -1215,21 +1233,22 @@ impl<H: Handler> PartitionTask<H> {
         // Per record: its index in `batch` and its attempts before this delivery.
         let mut meta: Vec<(usize, u32)> = Vec::with_capacity(batch.len());
         for (i, fetched) in batch.iter().enumerate() {
+            let payload = fetched.payload().unwrap_or_default();
+            // Most records never have their headers parsed.
             let hint = DecodeHint {
-                content_type: fetched.header(headers::CONTENT_TYPE),
+                content_type: (!Decoder::self_describing(payload))
+                    .then(|| fetched.header(headers::CONTENT_TYPE))
+                    .flatten(),
                 event_type: Some(self.route.event),
             };
-            match job
-                .decoder
-                .decode(fetched.payload.as_deref().unwrap_or_default(), hint)
-            {
+            match job.decoder.decode(payload, hint) {
                 Ok(event) => {
                     meta.push((i, fetched.origin.attempts));
                     records.push(Record {
                         topic: self.route.source.clone(),
                         partition: fetched.origin.partition,
                         offset: fetched.origin.offset,
-                        key: fetched.key.clone(),
+                        key: fetched.key().map(<[u8]>::to_vec),
                         event,
                         attempts: fetched.origin.attempts,
                     });

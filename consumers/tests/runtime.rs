@@ -949,29 +949,22 @@ on_both_brokers!(
 /// redoing the records since the last commit) is not written again; a new
 /// record is, and so is another group's forward of the same record.
 async fn a_forward_its_group_already_wrote_is_not_written_again(broker: Broker) {
-    use consumers::fetched::{Fetched, Origin};
+    use consumers::fetched::Fetched;
     use consumers::forward::{now_ms, Failure, Forwarder, Ledger};
     let kafka = TestBroker::on(broker);
     let dlq = unique_name("orders-dlq");
     kafka.create_topic(&dlq, 2).await.expect("topic");
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", kafka.bootstrap_servers());
-    let record = |offset: i64| Fetched {
-        topic: "orders".into(),
-        partition: 1,
-        offset,
-        key: Some(b"order-1".to_vec()),
-        payload: Some(b"not avro".to_vec()),
-        headers: Default::default(),
-        timestamp_ms: Some(now_ms()),
-        origin: Origin {
-            topic: "orders".into(),
-            partition: 1,
-            offset,
-            timestamp_ms: Some(now_ms()),
-            attempts: 0,
-            first_failure_at: None,
-        },
+    let record = |offset: i64| {
+        Fetched::new(
+            "orders".into(),
+            (1, offset),
+            Some(b"order-1".to_vec()),
+            Some(b"not avro".to_vec()),
+            Default::default(),
+            Some(now_ms()),
+        )
     };
     let failure = Failure {
         class: "malformed".into(),

@@ -336,8 +336,9 @@ async fn main() -> anyhow::Result<()> {
             sink_rates.push(sink);
         }
         println!(
-            "round {round}: bare {bare:>9.0}/s | bare+decode {decoding:>9.0}/s (decode {:.2} µs/event, timed {decode_timed:.2}) | worker (no-op) {worker:>9.0}/s | ratio {:.2} (vs bare+decode {:.2}) | worker RSS peak {:.1} MB, after the run {:.1} MB",
+            "round {round}: bare {bare:>9.0}/s | bare+decode {decoding:>9.0}/s (decode {:.2} µs/event, timed {decode_timed:.2}) | worker (no-op) {worker:>9.0}/s, {:.2} CPU s per million | ratio {:.2} (vs bare+decode {:.2}) | worker RSS peak {:.1} MB, after the run {:.1} MB",
             1e6 / decoding - 1e6 / bare,
+            run.cpu_seconds * 1e6 / args.events as f64,
             worker / bare,
             worker / decoding,
             hwm as f64 / 1024.0,
