@@ -413,11 +413,10 @@ fn decode_datum(
 /// names the error exactly as it always has.
 fn decode_current_fast(event: EventType, datum: &[u8]) -> Option<AnyEvent> {
     use serde::de::Deserialize as _;
-    use serde_avro_fast::de::{read::ReaderRead, DeserializerState};
-    let mut read = ReaderRead::new(Cursor::new(datum));
-    // A length prefix longer than the record is corrupt: never allocate it.
-    read.max_alloc_size = datum.len();
-    let mut state = DeserializerState::new(read, &FAST[event.index()]);
+    use std::io::BufRead as _;
+    // Read straight from the slice: strings come borrowed from it, and a
+    // length prefix past its end is an error, never an allocation.
+    let mut state = serde_avro_fast::de::DeserializerState::from_slice(datum, &FAST[event.index()]);
     let decoded = match event {
         EventType::User => UserEvent::deserialize(state.deserializer()).map(AnyEvent::User),
         EventType::Order => OrderEvent::deserialize(state.deserializer()).map(AnyEvent::Order),
@@ -425,8 +424,8 @@ fn decode_current_fast(event: EventType, datum: &[u8]) -> Option<AnyEvent> {
         EventType::Search => SearchQuery::deserialize(state.deserializer()).map(AnyEvent::Search),
     }
     .ok()?;
-    let read = state.into_reader().into_inner().position() as usize;
-    (read == datum.len()).then_some(decoded)
+    let rest = state.into_reader().fill_buf().ok()?.len();
+    (rest == 0).then_some(decoded)
 }
 
 fn value_to_event(event: EventType, value: &Value) -> Result<AnyEvent, apache_avro::Error> {

@@ -262,7 +262,8 @@ impl_event!(SearchQuery, Search, [user_id, session_id, query]);
 /// Event ids travel as hyphenated strings (Avro `uuid` logical type over
 /// `string`), whatever the serializer's human-readable setting.
 mod uuid_string {
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
     use uuid::Uuid;
 
     pub fn serialize<S: Serializer>(id: &Uuid, s: S) -> Result<S::Ok, S::Error> {
@@ -270,8 +271,21 @@ mod uuid_string {
         s.serialize_str(id.hyphenated().encode_lower(&mut buf))
     }
 
+    /// Parses the text where the format has it (serde's `Cow<str>` would
+    /// copy it into a `String` first: one allocation per event).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
-        let text = std::borrow::Cow::<str>::deserialize(d)?;
-        Uuid::parse_str(&text).map_err(|e| D::Error::custom(format!("event_id: {e}")))
+        struct Text;
+        impl Visitor<'_> for Text {
+            type Value = Uuid;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a UUID string")
+            }
+
+            fn visit_str<E: Error>(self, text: &str) -> Result<Uuid, E> {
+                Uuid::parse_str(text).map_err(|e| E::custom(format!("event_id: {e}")))
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
