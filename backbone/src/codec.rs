@@ -141,7 +141,14 @@ static FAST: LazyLock<[serde_avro_fast::Schema; 4]> = LazyLock::new(|| {
 
 /// Encodes an event in the given format, with the current schema for Avro.
 pub fn encode<E: Event>(event: &E, encoding: Encoding) -> Result<Vec<u8>, EncodeError> {
-    let mut out = Vec::with_capacity(256);
+    // Room for every generated event (Avro at most 195 bytes, JSON 547):
+    // growing the buffer reallocates, and glibc's realloc skips its thread
+    // cache; with librdkafka freeing its copies on another thread, the 15%
+    // of JSON events past 256 bytes cost the publisher 0.7 µs per event.
+    let mut out = Vec::with_capacity(match encoding {
+        Encoding::Avro => 256,
+        Encoding::Json => 768,
+    });
     encode_into(event, encoding, &mut out)?;
     Ok(out)
 }
