@@ -69,19 +69,20 @@ impl Traceparent {
     /// made for every record.
     pub fn new(trace_id: u128, span_id: u64, flags: u8) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        fn hex(out: &mut [u8], value: u128) {
-            let digits = out.len();
-            for (i, slot) in out.iter_mut().enumerate() {
-                *slot = HEX[((value >> (4 * (digits - 1 - i))) & 0xf) as usize];
+        /// Two digits per byte of `value`, most significant first.
+        fn hex(out: &mut [u8], value: &[u8]) {
+            for (pair, byte) in out.chunks_exact_mut(2).zip(value) {
+                pair[0] = HEX[usize::from(byte >> 4)];
+                pair[1] = HEX[usize::from(byte & 0xf)];
             }
         }
         let mut bytes = [0u8; 55];
         bytes[..3].copy_from_slice(b"00-");
-        hex(&mut bytes[3..35], trace_id);
+        hex(&mut bytes[3..35], &trace_id.to_be_bytes());
         bytes[35] = b'-';
-        hex(&mut bytes[36..52], u128::from(span_id));
+        hex(&mut bytes[36..52], &span_id.to_be_bytes());
         bytes[52] = b'-';
-        hex(&mut bytes[53..], u128::from(flags));
+        hex(&mut bytes[53..], &[flags]);
         Traceparent(bytes)
     }
 

@@ -3,7 +3,6 @@
 //! hands it to an idempotent producer. The local queue is bounded: when it is
 //! full, sending waits (backpressure); nothing is ever dropped.
 
-use std::io::Write as _;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -436,7 +435,7 @@ fn record_headers(
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default();
     let mut millis = [0u8; 20];
-    let millis = stack_format(&mut millis, format_args!("{produced_at}"));
+    let millis = decimal(&mut millis, produced_at);
     let derived = headers::traceparent_for(event_id, occurred_at as u64 | 1);
     let trace = traceparent.unwrap_or(derived.as_str());
     OwnedHeaders::new_with_capacity(5)
@@ -462,10 +461,30 @@ fn record_headers(
         })
 }
 
-/// Formats into `buffer` without allocating; returns the written bytes.
-fn stack_format<'a>(buffer: &'a mut [u8], args: std::fmt::Arguments<'_>) -> &'a [u8] {
-    let mut cursor = std::io::Cursor::new(&mut buffer[..]);
-    let _ = cursor.write_fmt(args);
-    let written = cursor.position() as usize;
-    &buffer[..written]
+/// `value` in decimal, written into `buffer` without allocating (or the
+/// formatting machinery); returns the digits.
+fn decimal(buffer: &mut [u8; 20], mut value: u64) -> &[u8] {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            return &buffer[start..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn decimal_writes_every_digit() {
+        let mut buffer = [0u8; 20];
+        for value in [0, 7, 10, 1_733_400_000_123, u64::MAX] {
+            assert_eq!(
+                super::decimal(&mut buffer, value),
+                value.to_string().as_bytes()
+            );
+        }
+    }
 }
