@@ -202,6 +202,24 @@ pub struct DecodeHint<'a> {
     pub event_type: Option<EventType>,
 }
 
+impl<'a> DecodeHint<'a> {
+    /// The hint for `payload`, whose `content-type` header is looked up
+    /// only when its bytes do not name their format: reading a record's
+    /// headers costs librdkafka a parse and an allocation per header.
+    pub fn lazy(
+        payload: &[u8],
+        event_type: Option<EventType>,
+        content_type: impl FnOnce() -> Option<&'a str>,
+    ) -> Self {
+        Self {
+            content_type: (!Decoder::self_describing(payload))
+                .then(content_type)
+                .flatten(),
+            event_type,
+        }
+    }
+}
+
 /// Reads events in any supported wire format.
 #[derive(Debug, Clone, Default)]
 pub struct Decoder {

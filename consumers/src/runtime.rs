@@ -1234,13 +1234,9 @@ impl<H: Handler> PartitionTask<H> {
         let mut meta: Vec<(usize, u32)> = Vec::with_capacity(batch.len());
         for (i, fetched) in batch.iter().enumerate() {
             let payload = fetched.payload().unwrap_or_default();
-            // Most records never have their headers parsed.
-            let hint = DecodeHint {
-                content_type: (!Decoder::self_describing(payload))
-                    .then(|| fetched.header(headers::CONTENT_TYPE))
-                    .flatten(),
-                event_type: Some(self.route.event),
-            };
+            let hint = DecodeHint::lazy(payload, Some(self.route.event), || {
+                fetched.header(headers::CONTENT_TYPE)
+            });
             match job.decoder.decode(payload, hint) {
                 Ok(event) => {
                     meta.push((i, fetched.origin.attempts));

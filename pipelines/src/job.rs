@@ -657,22 +657,17 @@ fn take(
     let (topic, partition) = (message.topic(), message.partition());
     let metrics = &shared.metrics;
     let timestamp_ms = message.timestamp().to_millis();
-    let content_type = message
-        .headers()
-        .and_then(|h| {
-            h.iter()
-                .find(|h| h.key == headers::CONTENT_TYPE)
-                .and_then(|h| h.value)
-        })
-        .and_then(|v| std::str::from_utf8(v).ok());
+    let payload = message.payload().unwrap_or_default();
+    let hint = DecodeHint::lazy(payload, Some(event_type), || {
+        message
+            .headers()?
+            .iter()
+            .find(|h| h.key == headers::CONTENT_TYPE)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    });
     let decoded = decoder
-        .decode(
-            message.payload().unwrap_or_default(),
-            DecodeHint {
-                content_type,
-                event_type: Some(event_type),
-            },
-        )
+        .decode(payload, hint)
         .map_err(|e| (e.class().to_owned(), e.to_string()))
         .and_then(|event| match datetime("occurred_at", event.occurred_at()) {
             Ok(_) => Ok(event),
