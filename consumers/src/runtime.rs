@@ -680,6 +680,7 @@ pub async fn run<H: Handler>(
     tokio::task::spawn_blocking(move || drain.stop_partitions(&keys, ABANDON_GRACE))
         .await
         .unwrap_or_else(|e| tracing::error!(error = %e, "Drain task failed."));
+    drop(client);
     commit_and_close_before(consumer, drained_by).await;
     Ok(())
 }
@@ -692,20 +693,25 @@ pub async fn run<H: Handler>(
 /// a member that did not leave is dropped by the group after its session
 /// timeout.
 async fn commit_and_close_before(consumer: Arc<StreamConsumer<WorkerContext>>, deadline: Instant) {
+    let until = deadline.max(Instant::now() + Duration::from_secs(1));
     let (committed, commit_result) = tokio::sync::oneshot::channel();
-    let (closed, close_result) = tokio::sync::oneshot::channel::<()>();
+    let (closed, close_result) = tokio::sync::oneshot::channel::<bool>();
     let spawned = std::thread::Builder::new()
         .name("final-commit".into())
         .spawn(move || {
             let _ = committed.send(consumer.commit_consumer_state(CommitMode::Sync));
-            drop(consumer);
-            let _ = closed.send(());
+            // Kept messages hold the consumer (librdkafka wants them gone
+            // before it); a batch abandoned in its handler may still have
+            // some. The close is the drop of the last hold.
+            while Arc::strong_count(&consumer) > 1 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = closed.send(Arc::into_inner(consumer).is_some());
         });
     if let Err(error) = spawned {
         tracing::warn!(%error, "Cannot start the final commit; exiting without it.");
         return;
     }
-    let until = deadline.max(Instant::now() + Duration::from_secs(1));
     let late = |what: &str| {
         tracing::warn!(
             "Kafka did not answer the {what} before the drain timeout; exiting without it. Records since the last commit will be redelivered (the sinks skip what they already stored)."
@@ -718,7 +724,10 @@ async fn commit_and_close_before(consumer: Arc<StreamConsumer<WorkerContext>>, d
         Err(_) => return late("final commit"),
     }
     match tokio::time::timeout_at(until.into(), close_result).await {
-        Ok(_) => tracing::info!("Left the group; worker stopped."),
+        Ok(Ok(true)) => tracing::info!("Left the group; worker stopped."),
+        Ok(_) => tracing::warn!(
+            "An abandoned batch still holds records; exiting without leaving the group (it drops this member after its session timeout)."
+        ),
         Err(_) => late("group leave"),
     }
 }

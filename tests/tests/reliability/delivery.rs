@@ -307,7 +307,7 @@ async fn members_joining_move_only_the_partitions_that_change_hands_on_both_brok
 }
 
 /// Static membership on tansu: a worker restarted with its
-/// `group.instance.id` within the session timeout (10 s) gets its
+/// `group.instance.id` within the session timeout (30 s here) gets its
 /// partitions back without a rebalance, so the other member goes through
 /// none; without an instance id the same restart rebalances the group (the
 /// control). librdkafka's mock cluster rebalances on a static member's

@@ -351,13 +351,21 @@ impl System {
         self.spawn("shopstream-worker", &[])
     }
 
-    /// A worker that is a static member of its group (`group.instance.id`).
+    /// A worker that is a static member of its group (`group.instance.id`),
+    /// with a 30 s session and request timeout: tansu beside the whole
+    /// suite once left a member's requests unanswered for 10 s, and the
+    /// group then dropped it, which is not what a static member's test is
+    /// about.
     pub fn static_worker(&self, instance: &str) -> Service {
         self.spawn(
             "shopstream-worker",
             &[
                 "--set".into(),
                 format!("kafka.client.group.instance.id={instance}"),
+                "--set".into(),
+                "kafka.client.session.timeout.ms=30000".into(),
+                "--set".into(),
+                "kafka.request_timeout_ms=30000".into(),
             ],
         )
     }
