@@ -231,7 +231,6 @@ impl Decoder {
         Self { confluent }
     }
 
-    /// Decodes a record whose type is known from the bytes or the hint.
     /// Whether `payload` names its format in its first bytes (Avro single
     /// object, Confluent): then `decode` ignores the hint's content type,
     /// and a caller may leave out the header lookup.
@@ -239,6 +238,7 @@ impl Decoder {
         matches!(payload, [0xC3, 0x01, ..] | [CONFLUENT_MAGIC, ..])
     }
 
+    /// Decodes a record whose type is known from the bytes or the hint.
     pub fn decode(&self, payload: &[u8], hint: DecodeHint<'_>) -> Result<AnyEvent, DecodeError> {
         let declared_json = hint
             .content_type

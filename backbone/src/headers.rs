@@ -60,6 +60,12 @@ pub fn traceparent_for(event_id: uuid::Uuid, span: u64) -> Traceparent {
     Traceparent::new(event_id.as_u128(), span, 1)
 }
 
+/// The value of the first header named `name` (`None` when there is none,
+/// or it has no value).
+pub fn value<'a, H: rdkafka::message::Headers>(headers: &'a H, name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|h| h.key == name)?.value
+}
+
 /// A version-00 `traceparent` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Traceparent([u8; 55]);

@@ -124,7 +124,7 @@ impl Fetched {
             payload: message.payload().map(<[u8]>::to_vec),
             headers: RawHeaders::from_message(message),
         };
-        Self::at(topic, message, body).with_origin_from_headers()
+        Self::at(topic, position(message), body).with_origin_from_headers()
     }
 
     /// A record that keeps `message` itself until it is dropped, and with
@@ -137,19 +137,8 @@ impl Fetched {
         topic: Arc<str>,
         client: Arc<dyn std::any::Any + Send + Sync>,
     ) -> Self {
-        let fetched = Self::at(
-            topic,
-            &message,
-            Body::Copied {
-                key: None,
-                payload: None,
-                headers: RawHeaders::default(),
-            },
-        );
-        Self {
-            body: Body::Held(HeldMessage::new(message, client)),
-            ..fetched
-        }
+        let at = position(&message);
+        Self::at(topic, at, Body::Held(HeldMessage::new(message, client)))
     }
 
     /// A record made by hand.
@@ -161,6 +150,16 @@ impl Fetched {
         headers: RawHeaders,
         timestamp_ms: Option<i64>,
     ) -> Self {
+        let body = Body::Copied {
+            key,
+            payload,
+            headers,
+        };
+        Self::at(topic, (partition, offset, timestamp_ms), body).with_origin_from_headers()
+    }
+
+    /// A record at `(partition, offset, timestamp)` of `topic`, first seen there.
+    fn at(topic: Arc<str>, (partition, offset, timestamp_ms): Position, body: Body) -> Self {
         Self {
             origin: Origin {
                 topic: topic.clone(),
@@ -174,37 +173,12 @@ impl Fetched {
             partition,
             offset,
             timestamp_ms,
-            body: Body::Copied {
-                key,
-                payload,
-                headers,
-            },
-        }
-        .with_origin_from_headers()
-    }
-
-    /// Where `message` was fetched, with `body`.
-    fn at(topic: Arc<str>, message: &BorrowedMessage<'_>, body: Body) -> Self {
-        let timestamp_ms = message.timestamp().to_millis();
-        Self {
-            origin: Origin {
-                topic: topic.clone(),
-                partition: message.partition(),
-                offset: message.offset(),
-                timestamp_ms,
-                attempts: 0,
-                first_failure_at: None,
-            },
-            topic,
-            partition: message.partition(),
-            offset: message.offset(),
-            timestamp_ms,
             body,
         }
     }
 
     /// A record from a retry tier names its first home in its headers.
-    pub fn with_origin_from_headers(mut self) -> Self {
+    fn with_origin_from_headers(mut self) -> Self {
         if let Some(topic) = self.header(headers::ORIGINAL_TOPIC) {
             let number = |name| self.header(name).and_then(|v| v.parse::<i64>().ok());
             self.origin = Origin {
@@ -236,9 +210,7 @@ impl Fetched {
     /// The value of the first header named `name`, if it is UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         let value = match &self.body {
-            Body::Held(held) => held
-                .headers()
-                .and_then(|hs| hs.iter().find(|h| h.key == name).and_then(|h| h.value)),
+            Body::Held(held) => held.headers().and_then(|hs| headers::value(hs, name)),
             Body::Copied { headers, .. } => headers.get(name),
         };
         value.and_then(|v| std::str::from_utf8(v).ok())
@@ -260,7 +232,18 @@ impl Fetched {
     }
 }
 
-pub use held::HeldMessage;
+/// A message's partition, offset and timestamp.
+type Position = (i32, i64, Option<i64>);
+
+fn position(message: &BorrowedMessage<'_>) -> Position {
+    (
+        message.partition(),
+        message.offset(),
+        message.timestamp().to_millis(),
+    )
+}
+
+use held::HeldMessage;
 
 /// The one place that holds a librdkafka message past its borrow.
 #[allow(unsafe_code)]

@@ -7,16 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// A header of a record read back, as text.
 pub fn header(message: &OwnedMessage, key: &str) -> Option<String> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| h.value)
+    backbone::headers::value(message.headers()?, key)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 

@@ -406,9 +406,10 @@ impl Shared {
         }
     }
 
-    /// Whether the fetched record at `offset` is the next one of `key`;
-    /// seeks back when records are missing before it.
-    fn admit(&self, key: &PartitionKey, offset: i64) -> bool {
+    /// Of the records fetched for `key`, in order, those that are its next
+    /// ones; seeks back when records are missing before one. One lock for
+    /// the run.
+    fn admitted<T>(&self, key: &PartitionKey, run: Vec<T>, offset: impl Fn(&T) -> i64) -> Vec<T> {
         let mut expected = self.expected.lock().expect("expected lock");
         let continuity = match expected.get_mut(key) {
             Some(continuity) => continuity,
@@ -416,15 +417,19 @@ impl Shared {
                 .entry(key.clone())
                 .or_insert_with(|| Continuity::starting_at(None, self.gap_confirmation)),
         };
-        continuity.admit(
-            (&key.0, key.1, offset),
-            self.metrics.fetch_gaps.inner(),
-            |from| {
-                self.consumer().map_or(Ok(()), |consumer| {
-                    continuity::seek_back(&*consumer, &key.0, key.1, from)
-                })
-            },
-        )
+        run.into_iter()
+            .filter(|record| {
+                continuity.admit(
+                    (&key.0, key.1, offset(record)),
+                    self.metrics.fetch_gaps.inner(),
+                    |from| {
+                        self.consumer().map_or(Ok(()), |consumer| {
+                            continuity::seek_back(&*consumer, &key.0, key.1, from)
+                        })
+                    },
+                )
+            })
+            .collect()
     }
 }
 
@@ -732,6 +737,12 @@ async fn commit_and_close_before(consumer: Arc<StreamConsumer<WorkerContext>>, d
     }
 }
 
+/// What a fetched record counts for against the in-flight byte bound
+/// (as [`Fetched::bytes`]).
+fn message_bytes(message: &rdkafka::message::BorrowedMessage<'_>) -> usize {
+    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len)
+}
+
 /// The future's output if it is ready now.
 fn futures_now<F: std::future::Future>(future: F) -> Option<F::Output> {
     let waker = std::task::Waker::noop();
@@ -848,10 +859,15 @@ impl<H: Handler> Job<H> {
         let Some((_, route)) = self.routes.get_key_value(&key.0) else {
             return;
         };
-        let Some(client) = self.shared.consumer() else {
-            return;
+        // A retry tier's records wait out the tier's delay: copied, so as
+        // not to keep their fetch responses that long.
+        let hold: Option<Client> = match route.tier {
+            Some(_) => None,
+            None => match self.shared.consumer() {
+                Some(consumer) => Some(consumer),
+                None => return,
+            },
         };
-        let client: Client = client;
         let mut room = Room::all(&self.shared.settings);
         // One stream for the reader's life: each `recv` registers and
         // unregisters a waker under a lock.
@@ -863,7 +879,7 @@ impl<H: Handler> Job<H> {
                 Some(first) = stream.next() => first,
             };
             let (chunk, bytes, error) =
-                self.take_fetched(&key, route, &client, first, &mut stream, room);
+                self.take_fetched(&key, hold.as_ref(), first, &mut stream, room);
             let taken = chunk.len();
             let full = self.hand_over(&key, route, chunk, bytes, Fetching::Own);
             if let Some(error) = error {
@@ -891,50 +907,53 @@ impl<H: Handler> Job<H> {
     fn take_fetched<'q>(
         &self,
         key: &PartitionKey,
-        route: &Route,
-        client: &Client,
+        hold: Option<&Client>,
         first: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'q>>,
         stream: &mut rdkafka::consumer::stream_consumer::MessageStream<'q, WorkerContext>,
         room: Room,
     ) -> (Vec<Fetched>, usize, Option<KafkaError>) {
-        let mut chunk = Vec::with_capacity(room.records);
-        let mut bytes = 0;
+        let mut run = Vec::with_capacity(room.records);
+        let (mut taken_bytes, mut error) = (0, None);
         let mut next = Some(first);
         while let Some(message) = next {
             match message {
-                Ok(message) => self.admit_into(key, route, client, message, &mut chunk, &mut bytes),
-                Err(error) => return (chunk, bytes, Some(error)),
+                Ok(message) => {
+                    taken_bytes += message_bytes(&message);
+                    run.push(message);
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
             }
-            if chunk.len() >= room.records || bytes >= room.bytes {
+            if run.len() >= room.records || taken_bytes >= room.bytes {
                 break;
             }
             next = futures_now(stream.next()).flatten();
         }
-        (chunk, bytes, None)
+        let (chunk, bytes) = self.admit(key, hold, run);
+        (chunk, bytes, error)
     }
 
-    /// Takes `message` into `chunk` if it is the partition's next record
-    /// (seeking back when records are missing before it). The message is
-    /// kept, not copied, unless it is a retry tier's: those wait out the
-    /// tier's delay, and a kept message keeps its whole fetch response.
-    fn admit_into(
+    /// The records of `run` that are the partition's next ones (seeking
+    /// back when records are missing before one), and their bytes: kept,
+    /// with `hold` on the consumer, or else copied.
+    fn admit(
         &self,
         key: &PartitionKey,
-        route: &Route,
-        client: &Client,
-        message: rdkafka::message::BorrowedMessage<'_>,
-        chunk: &mut Vec<Fetched>,
-        bytes: &mut usize,
-    ) {
-        if self.shared.admit(key, message.offset()) {
-            let fetched = if route.tier.is_some() {
-                Fetched::from_message(&message, key.0.clone())
-            } else {
-                Fetched::held(message, key.0.clone(), client.clone())
-            };
-            *bytes += fetched.bytes();
-            chunk.push(fetched);
-        }
+        hold: Option<&Client>,
+        run: Vec<rdkafka::message::BorrowedMessage<'_>>,
+    ) -> (Vec<Fetched>, usize) {
+        let admitted = self.shared.admitted(key, run, |message| message.offset());
+        let bytes = admitted.iter().map(message_bytes).sum();
+        let chunk = admitted
+            .into_iter()
+            .map(|message| match hold {
+                Some(client) => Fetched::held(message, key.0.clone(), client.clone()),
+                None => Fetched::from_message(&message, key.0.clone()),
+            })
+            .collect();
+        (chunk, bytes)
     }
 
     /// Hands a record from the consumer's queue to its partition's task,
@@ -944,8 +963,8 @@ impl<H: Handler> Job<H> {
             return;
         };
         let key: PartitionKey = (topic.clone(), message.partition());
-        let (mut chunk, mut bytes) = (Vec::with_capacity(1), 0);
-        self.admit_into(&key, route, client, message, &mut chunk, &mut bytes);
+        let hold = route.tier.is_none().then_some(client);
+        let (chunk, bytes) = self.admit(&key, hold, vec![message]);
         let _ = self.hand_over(&key, route, chunk, bytes, Fetching::Shared);
     }
 

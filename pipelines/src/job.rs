@@ -31,7 +31,7 @@ use consumers::forward::{now_ms, Failure, Forwarder, Ledger};
 use consumers::projection::rows::{datetime, Malformed};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -659,11 +659,7 @@ fn take(
     let timestamp_ms = message.timestamp().to_millis();
     let payload = message.payload().unwrap_or_default();
     let hint = DecodeHint::lazy(payload, Some(event_type), || {
-        message
-            .headers()?
-            .iter()
-            .find(|h| h.key == headers::CONTENT_TYPE)
-            .and_then(|h| h.value)
+        headers::value(message.headers()?, headers::CONTENT_TYPE)
             .and_then(|v| std::str::from_utf8(v).ok())
     });
     let decoded = decoder

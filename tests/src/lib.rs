@@ -251,13 +251,8 @@ pub async fn consume(
 
 /// A header's value as text, if the record has it.
 pub fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
-    use rdkafka::message::{Headers, Message};
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)?
-        .value
-        .and_then(|v| std::str::from_utf8(v).ok())
+    use rdkafka::message::Message;
+    backbone::headers::value(message.headers()?, name).and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// The ClickHouse shared by one test binary.
