@@ -124,6 +124,11 @@ pub struct WorkerSettings {
     pub group_id: String,
     /// Handlers to run, by name (see the worker's `--handler`).
     pub handlers: Vec<String>,
+    /// The catalog's event topics to consume, each with its retry tiers
+    /// (see the worker's `--topic`); empty for every one. A worker that
+    /// names its topics fetches no others: every fetch request carries every
+    /// subscribed partition, empty or not.
+    pub topics: Vec<String>,
     /// A batch closes at this many records...
     pub batch_max_records: usize,
     /// ...or this many payload bytes...
@@ -161,6 +166,7 @@ impl Default for WorkerSettings {
         Self {
             group_id: "shopstream-worker".into(),
             handlers: Vec::new(),
+            topics: Vec::new(),
             batch_max_records: 500,
             batch_max_bytes: 1 << 20,
             batch_linger_ms: 50,
@@ -499,10 +505,13 @@ impl Layers {
     }
 
     /// Sets a dotted path (the last segment may itself contain dots only
-    /// under `kafka.client`) to a value parsed as a YAML scalar.
+    /// under `kafka.client`) to a value parsed as a YAML scalar, or a flow
+    /// sequence such as `[orders, chat-messages]` for a list setting.
     fn set(&mut self, path: &str, raw: &str, origin: String) -> Result<(), Problems> {
         let value = match serde_yaml::from_str::<Value>(raw) {
-            Ok(v @ (Value::Bool(_) | Value::Number(_) | Value::String(_))) => v,
+            Ok(v @ (Value::Bool(_) | Value::Number(_) | Value::String(_) | Value::Sequence(_))) => {
+                v
+            }
             _ => Value::String(raw.to_owned()),
         };
         let (head, leaf) = match path.strip_prefix("kafka.client.") {
@@ -855,6 +864,26 @@ mod tests {
         assert_eq!(config.kafka.bootstrap_servers, "flag:9092");
         assert_eq!(config.telemetry.log_format, LogFormat::Json);
         assert_eq!(config.clickhouse.database, "from_flag");
+    }
+
+    #[test]
+    fn a_list_setting_takes_a_flow_sequence_from_a_flag_or_the_environment() {
+        let (_dir, mut args) = with_file("worker:\n  topics: [orders]\n");
+        let config = Config::load_from(&args, env(&[])).unwrap();
+        assert_eq!(config.worker.topics, ["orders"]);
+        let vars = [("SHOPSTREAM_WORKER__TOPICS", "[chat-messages]")];
+        let config = Config::load_from(&args, env(&vars)).unwrap();
+        assert_eq!(config.worker.topics, ["chat-messages"]);
+        args.overrides = vec!["worker.topics=[orders, search-queries]".into()];
+        let config = Config::load_from(&args, env(&vars)).unwrap();
+        assert_eq!(config.worker.topics, ["orders", "search-queries"]);
+        args.overrides = vec!["worker.topics=orders".into()];
+        let problem = error(&args, &[]);
+        assert!(
+            problem.contains("flag --set worker.topics=orders")
+                && problem.contains("expected a sequence"),
+            "{problem}"
+        );
     }
 
     #[test]

@@ -52,11 +52,23 @@ pub enum Hop {
 pub struct Routes(HashMap<Arc<str>, Route>);
 
 impl Routes {
-    /// The catalog's event topics (all, or those of `events`) and their tiers.
-    pub fn new(catalog: &Catalog, events: Option<&[EventType]>) -> Self {
+    /// The catalog's event topics (all, or those named in `only`) and their
+    /// tiers; a name that is not an event topic of the catalog is an error
+    /// that lists the ones it has.
+    pub fn new(catalog: &Catalog, only: &[String]) -> Result<Self, String> {
+        if let Some(unknown) = only
+            .iter()
+            .find(|name| !catalog.topics.iter().any(|t| &t.name == *name))
+        {
+            let known: Vec<&str> = catalog.topics.iter().map(|t| t.name.as_str()).collect();
+            return Err(format!(
+                "`{unknown}` is not an event topic of the catalog; its event topics: {} (retry tiers come with their topic)",
+                known.join(", ")
+            ));
+        }
         let mut routes = HashMap::new();
         for topic in &catalog.topics {
-            if events.is_some_and(|e| !e.contains(&topic.event)) {
+            if !only.is_empty() && !only.contains(&topic.name) {
                 continue;
             }
             let source: Arc<str> = topic.name.as_str().into();
@@ -85,7 +97,7 @@ impl Routes {
             }
             routes.insert(source, base);
         }
-        Self(routes)
+        Ok(Self(routes))
     }
 
     pub fn get(&self, topic: &str) -> Option<&Route> {
@@ -117,7 +129,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let routes = Routes::new(&catalog, None);
+        let routes = Routes::new(&catalog, &[]).unwrap();
         let orders = routes.get("orders").unwrap();
         assert_eq!(orders.next_hop(), Hop::Tier(0, "orders.retry.5s".into()));
         let tier = routes.get("orders.retry.1m").unwrap();
@@ -131,10 +143,16 @@ mod tests {
             Hop::DeadLetter("orders.dlq".into())
         );
         assert_eq!(routes.topics().len(), 4 + 8);
-        let only_chat = Routes::new(&catalog, Some(&[EventType::Chat]));
+        let only_chat = Routes::new(&catalog, &["chat-messages".into()]).unwrap();
         assert_eq!(
             only_chat.topics(),
             ["chat-messages", "chat-messages.retry.5s"]
+        );
+        let error = Routes::new(&catalog, &["orders.retry.5s".into()]).unwrap_err();
+        assert!(
+            error.contains("`orders.retry.5s` is not an event topic")
+                && error.contains("user-events, orders, chat-messages, search-queries"),
+            "{error}"
         );
     }
 }

@@ -35,6 +35,10 @@ pub struct WorkerArgs {
     /// Default: worker.handlers.
     #[arg(long = "handler", value_name = "NAME")]
     pub handlers: Vec<String>,
+    /// A catalog event topic to consume, with its retry tiers (repeatable).
+    /// Default: worker.topics, or every event topic of the catalog.
+    #[arg(long = "topic", value_name = "TOPIC")]
+    pub topics: Vec<String>,
     /// Consumer group id. Default: worker.group_id.
     #[arg(long)]
     pub group: Option<String>,
@@ -109,6 +113,12 @@ pub async fn run(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         .map(|n| n.parse::<Builtin>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("--handler: {e}"))?;
+    let (topics, setting) = if args.topics.is_empty() {
+        (&config.worker.topics, "worker.topics")
+    } else {
+        (&args.topics, "--topic")
+    };
+    let routes = Routes::new(&catalog, topics).map_err(|e| anyhow::anyhow!("{setting}: {e}"))?;
     let connection =
         KafkaConnection::connect(&config.kafka, &catalog).context("connecting to Kafka")?;
     let metrics = Arc::new(Metrics::default());
@@ -136,7 +146,6 @@ pub async fn run(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
             .await?,
         ))
     };
-    let routes = Routes::new(&catalog, None);
     crate::runtime::run(
         &connection,
         &config.worker,

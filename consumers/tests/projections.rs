@@ -318,7 +318,7 @@ async fn start_in_process(
         &setup.catalog,
     )
     .expect("connects");
-    let routes = Routes::new(&setup.catalog, None);
+    let routes = Routes::new(&setup.catalog, &[]).expect("every topic");
     let (s, m) = (shutdown.clone(), metrics.clone());
     let task = tokio::spawn(async move {
         let projections = Projections::start(

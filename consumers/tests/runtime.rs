@@ -231,7 +231,7 @@ fn start(setup: &Setup, settings: WorkerSettings, recorder: Arc<Recorder>) -> Ru
         &setup.catalog,
     )
     .expect("test setup");
-    let routes = Routes::new(&setup.catalog, None);
+    let routes = Routes::new(&setup.catalog, &[]).expect("every topic");
     let (s, r, m) = (shutdown.clone(), ready.clone(), metrics.clone());
     let task =
         tokio::spawn(
@@ -837,7 +837,7 @@ async fn a_current_thread_runtime_is_refused() {
     let result = run(
         &setup.connection,
         &settings("g"),
-        Routes::new(&setup.catalog, None),
+        Routes::new(&setup.catalog, &[]).expect("every topic"),
         Named(Arc::new(Recorder::default())),
         Arc::new(Metrics::default()),
         Arc::new(AtomicBool::new(false)),

@@ -218,6 +218,23 @@ fn bad_input_is_refused_at_start() {
     let (code, stderr) = run(&[]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("choose at least one handler"), "{stderr}");
+    let (code, stderr) = run(&["--handler", "noop", "--topic", "orders.retry.5s"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("--topic: `orders.retry.5s` is not an event topic of the catalog; its event topics: user-events, orders, chat-messages, search-queries"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&[
+        "--handler",
+        "noop",
+        "--set",
+        "worker.topics=[orders, order]",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("worker.topics: `order` is not an event topic"),
+        "{stderr}"
+    );
     let (code, stderr) = run(&["--handler", "noop", "--set", "worker.batch_max_records=0"]);
     assert_eq!(code, Some(1));
     assert!(
