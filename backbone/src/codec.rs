@@ -359,6 +359,19 @@ fn decode_datum(
     datum: &[u8],
     format: &'static str,
 ) -> Result<AnyEvent, DecodeError> {
+    match crate::avro_reader::read(writer, datum) {
+        Some(event) => Ok(event),
+        None => decode_datum_general(writer, datum, format),
+    }
+}
+
+/// [`decode_datum`] for every record: what the schema-specialised reader
+/// leaves, or refuses, goes here.
+fn decode_datum_general(
+    writer: &'static SchemaVersion,
+    datum: &[u8],
+    format: &'static str,
+) -> Result<AnyEvent, DecodeError> {
     let registry = SchemaRegistry::global();
     let current = registry.current(writer.event);
     let mismatch = |reason: String| DecodeError::SchemaMismatch {
@@ -669,9 +682,37 @@ mod tests {
         assert_eq!(slow, event);
         assert_eq!(
             decode_current_fast(E::TYPE, &bytes[10..]),
-            Some(event.into_any()),
+            Some(event.clone().into_any()),
             "the fast path reads every valid record"
         );
+        assert_eq!(
+            crate::avro_reader::read(SchemaRegistry::global().current(E::TYPE), &bytes[10..]),
+            Some(event.into_any()),
+            "the schema-specialised reader reads every valid record"
+        );
+    }
+
+    fn any_event() -> impl Strategy<Value = AnyEvent> {
+        prop_oneof![
+            user_event().prop_map(AnyEvent::User),
+            order_event().prop_map(AnyEvent::Order),
+            chat_message().prop_map(AnyEvent::Chat),
+            search_query().prop_map(AnyEvent::Search),
+        ]
+    }
+
+    /// What the schema-specialised reader takes (as any event type), the
+    /// general decoders decode to the same event.
+    fn read_alike(datum: &[u8]) -> Result<(), TestCaseError> {
+        let registry = SchemaRegistry::global();
+        for event in EventType::ALL {
+            let writer = registry.current(event);
+            if let Some(read) = crate::avro_reader::read(writer, datum) {
+                let general = decode_datum_general(writer, datum, "Avro single-object");
+                prop_assert_eq!(general.ok(), Some(read), "{:02x?}", datum);
+            }
+        }
+        Ok(())
     }
 
     proptest! {
@@ -691,6 +732,38 @@ mod tests {
             for event_type in [None, Some(EventType::Order)] {
                 let _ = Decoder::default().decode(&bytes, DecodeHint { content_type, event_type });
             }
+        }
+
+        #[test]
+        fn the_specialised_reader_takes_only_what_the_general_decoders_decode_alike(
+            event in any_event(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<(prop::sample::Index, u8)>(),
+            insert in any::<(prop::sample::Index, u8)>(),
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let encoded = match &event {
+                AnyEvent::User(e) => encode(e, Encoding::Avro),
+                AnyEvent::Order(e) => encode(e, Encoding::Avro),
+                AnyEvent::Chat(e) => encode(e, Encoding::Avro),
+                AnyEvent::Search(e) => encode(e, Encoding::Avro),
+            }.unwrap();
+            let datum = &encoded[10..];
+            read_alike(datum)?;
+            read_alike(&datum[..cut.index(datum.len() + 1)])?;
+            let mut flipped = datum.to_vec();
+            if !flipped.is_empty() {
+                let at = flip.0.index(flipped.len());
+                flipped[at] ^= flip.1 | 1;
+                read_alike(&flipped)?;
+            }
+            let mut inserted = datum.to_vec();
+            inserted.insert(insert.0.index(datum.len() + 1), insert.1);
+            read_alike(&inserted)?;
+            let mut appended = datum.to_vec();
+            appended.extend_from_slice(&bytes);
+            read_alike(&appended)?;
+            read_alike(&bytes)?;
         }
 
         #[test]

@@ -3,6 +3,7 @@
 //! shutdown. Nothing here is specific to one binary.
 
 pub mod admin;
+mod avro_reader;
 pub mod catalog;
 pub mod codec;
 pub mod config;

@@ -53,14 +53,20 @@ fn the_bench_harness_runs_every_contender_and_writes_the_report() {
         ),
         (
             "consume",
-            "shopstream-worker, no-op handler",
+            "shopstream-worker, no-op handler, on orders (issue 22's goal)",
             Some("bare rdkafka consumer"),
         ),
+        (
+            "consume",
+            "shopstream-worker, no-op handler, every topic of the catalog",
+            Some("bare rdkafka consumer"),
+        ),
+        ("consume", "Avro decode per event, decode calls timed", None),
         ("consume", "shopstream-worker vs kcat", Some("kcat")),
         (
             "sink",
             "shopstream-worker events-store into ClickHouse",
-            Some("shopstream-worker, no-op handler"),
+            Some("shopstream-worker, no-op handler, every topic"),
         ),
         (
             "analytics",
