@@ -228,8 +228,14 @@ impl Fetched {
     }
 
     pub fn bytes(&self) -> usize {
-        self.payload().map_or(0, <[u8]>::len) + self.key().map_or(0, <[u8]>::len)
+        counted_bytes(self.key(), self.payload())
     }
+}
+
+/// What a record counts for against the in-flight byte bound: its key and
+/// payload (the same before it is taken as after).
+pub fn counted_bytes(key: Option<&[u8]>, payload: Option<&[u8]>) -> usize {
+    payload.map_or(0, <[u8]>::len) + key.map_or(0, <[u8]>::len)
 }
 
 /// A message's partition, offset and timestamp.

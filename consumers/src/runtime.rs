@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tracing::Instrument;
 
 use crate::continuity::{self, Continuity};
-use crate::fetched::Fetched;
+use crate::fetched::{counted_bytes, Fetched};
 use crate::forward::{now_ms, Failure, Forwarder, Ledger};
 use crate::handler::{Handler, Outcome, Record};
 use crate::metrics::Metrics;
@@ -737,12 +737,6 @@ async fn commit_and_close_before(consumer: Arc<StreamConsumer<WorkerContext>>, d
     }
 }
 
-/// What a fetched record counts for against the in-flight byte bound
-/// (as [`Fetched::bytes`]).
-fn message_bytes(message: &rdkafka::message::BorrowedMessage<'_>) -> usize {
-    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len)
-}
-
 /// The future's output if it is ready now.
 fn futures_now<F: std::future::Future>(future: F) -> Option<F::Output> {
     let waker = std::task::Waker::noop();
@@ -918,7 +912,7 @@ impl<H: Handler> Job<H> {
         while let Some(message) = next {
             match message {
                 Ok(message) => {
-                    taken_bytes += message_bytes(&message);
+                    taken_bytes += counted_bytes(message.key(), message.payload());
                     run.push(message);
                 }
                 Err(e) => {
@@ -944,15 +938,16 @@ impl<H: Handler> Job<H> {
         hold: Option<&Client>,
         run: Vec<rdkafka::message::BorrowedMessage<'_>>,
     ) -> (Vec<Fetched>, usize) {
-        let admitted = self.shared.admitted(key, run, |message| message.offset());
-        let bytes = admitted.iter().map(message_bytes).sum();
-        let chunk = admitted
+        let chunk: Vec<Fetched> = self
+            .shared
+            .admitted(key, run, |message| message.offset())
             .into_iter()
             .map(|message| match hold {
                 Some(client) => Fetched::held(message, key.0.clone(), client.clone()),
                 None => Fetched::from_message(&message, key.0.clone()),
             })
             .collect();
+        let bytes = chunk.iter().map(Fetched::bytes).sum();
         (chunk, bytes)
     }
 

@@ -283,14 +283,10 @@ async fn main() -> anyhow::Result<()> {
         let (mut plain_records, mut decoded_records) = (0usize, 0usize);
         // The decoding alone, timed around each call, as a cross-check.
         let mut decode_time = Duration::ZERO;
-        let mut read = 1;
+        let (mut read, mut decode) = (1, false);
         let block_records = (args.events / 20).clamp(1, DECODE_BLOCK);
-        for block in 0.. {
-            if read >= args.events {
-                break;
-            }
+        while read < args.events {
             let records = block_records.min(args.events - read);
-            let decode = block % 2 == 1;
             let started = Instant::now();
             for _ in 0..records {
                 let message = consumer.recv().await?;
@@ -311,6 +307,7 @@ async fn main() -> anyhow::Result<()> {
                 plain_records += records;
             }
             read += records;
+            decode = !decode;
         }
         let decoding = decoded_records as f64 / decoded.as_secs_f64();
         let decode_cost = decoded.as_secs_f64() * 1e6 / decoded_records as f64
@@ -355,11 +352,12 @@ async fn main() -> anyhow::Result<()> {
         let every =
             measure_worker(&worker_bin, &args, &brokers, &group, &["--handler", "noop"]).await?;
         let worker = run.rate;
-        let (hwm, last_rss) = if every.peak_rss_kib > run.peak_rss_kib {
-            (every.peak_rss_kib, every.last_rss_kib)
+        let highest = if every.peak_rss_kib > run.peak_rss_kib {
+            &every
         } else {
-            (run.peak_rss_kib, run.last_rss_kib)
+            &run
         };
+        let (hwm, last_rss) = (highest.peak_rss_kib, highest.last_rss_kib);
         if let Some(url) = &args.clickhouse {
             let group = format!("bench-sink-{round}-{}", std::process::id());
             let database = format!("consume_bench_{}_{round}", std::process::id());
