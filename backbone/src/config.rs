@@ -100,6 +100,13 @@ pub struct AnalyticsSettings {
     pub late_topic: String,
     /// Address of /healthz, /readyz and /metrics.
     pub metrics_address: String,
+    /// How often closed hours are compacted for fast day-long reads; 0: never.
+    pub compact_every_ms: u64,
+    /// An hour is compacted once none of its partials was flushed for this long.
+    pub compact_after_idle_ms: u64,
+    /// Hours starting this long ago or later are compacted; older ones are read
+    /// from their partials.
+    pub compact_lookback_h: u32,
 }
 
 impl Default for AnalyticsSettings {
@@ -112,6 +119,9 @@ impl Default for AnalyticsSettings {
             late_events: LateEvents::Add,
             late_topic: "late-events".into(),
             metrics_address: "127.0.0.1:9465".into(),
+            compact_every_ms: 60_000,
+            compact_after_idle_ms: 300_000,
+            compact_lookback_h: 48,
         }
     }
 }
@@ -737,6 +747,30 @@ impl Config {
                 format!("must be from 10 to 600000, got {}", a.flush_interval_ms),
             );
         }
+        if a.compact_every_ms != 0 && !(100..=86_400_000).contains(&a.compact_every_ms) {
+            problem(
+                "analytics.compact_every_ms",
+                format!(
+                    "must be 0 (never) or from 100 to 86400000, got {}",
+                    a.compact_every_ms
+                ),
+            );
+        }
+        if a.compact_after_idle_ms > 86_400_000 {
+            problem(
+                "analytics.compact_after_idle_ms",
+                format!(
+                    "must be at most 86400000 (a day), got {}",
+                    a.compact_after_idle_ms
+                ),
+            );
+        }
+        if !(1..=1_000_000).contains(&a.compact_lookback_h) {
+            problem(
+                "analytics.compact_lookback_h",
+                format!("must be from 1 to 1000000, got {}", a.compact_lookback_h),
+            );
+        }
         if a.metrics_address.parse::<std::net::SocketAddr>().is_err() {
             problem(
                 "analytics.metrics_address",
@@ -969,13 +1003,16 @@ mod tests {
             err.contains("shopstream.yaml:10: worker.metrics_address: must be host:port"),
             "{err}"
         );
-        let (_dir, args) = with_file("analytics:\n  window_ms: 1500\n  allowed_lateness_ms: -1\n  flush_interval_ms: 0\n  metrics_address: nowhere\n");
+        let (_dir, args) = with_file("analytics:\n  window_ms: 1500\n  allowed_lateness_ms: -1\n  flush_interval_ms: 0\n  metrics_address: nowhere\n  compact_every_ms: 5\n  compact_after_idle_ms: 90000000\n  compact_lookback_h: 0\n");
         let err = error(&args, &[]);
         for expected in [
             "shopstream.yaml:2: analytics.window_ms: must be whole seconds from 1000 to 86400000, got 1500",
             "shopstream.yaml:3: analytics.allowed_lateness_ms: must not be negative, got -1",
             "shopstream.yaml:4: analytics.flush_interval_ms: must be from 10 to 600000, got 0",
             "shopstream.yaml:5: analytics.metrics_address: must be host:port",
+            "shopstream.yaml:6: analytics.compact_every_ms: must be 0 (never) or from 100 to 86400000, got 5",
+            "shopstream.yaml:7: analytics.compact_after_idle_ms: must be at most 86400000 (a day), got 90000000",
+            "shopstream.yaml:8: analytics.compact_lookback_h: must be from 1 to 1000000, got 0",
         ] {
             assert!(err.contains(expected), "{expected} in {err}");
         }

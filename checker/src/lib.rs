@@ -596,10 +596,19 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
             &got_top,
             findings,
         );
+        // Per hour, distinct counts and percentiles included: whole hours
+        // come from their compaction where it is current (pipelines::hours).
+        let want = ReadModels::hourly(&expected.good);
+        let got = &observed.per_hour;
+        compare("orders_per_hour", &want.orders, &got.orders, findings);
+        compare("order_funnel_per_hour", &want.funnel, &got.funnel, findings);
+        compare("active_users_per_hour", &want.users, &got.users, findings);
+        compare("chat_rooms_per_hour", &want.chat, &got.chat, findings);
+        compare("searches_per_hour", &want.search, &got.search, findings);
         compare(
-            "per-hour rollups (sums)",
-            &got.hourly_sums(),
-            &observed.per_hour.hourly_sums(),
+            "search_queries_per_hour",
+            &want.queries,
+            &got.queries,
             findings,
         );
     }

@@ -54,6 +54,18 @@ const STAGES: [OrderStatus; 6] = [
 impl ReadModels {
     /// The per-minute read models of `events`.
     pub fn compute<'a>(events: impl IntoIterator<Item = &'a AnyEvent>) -> Self {
+        Self::compute_per(events, MINUTE_MS)
+    }
+
+    /// The read models of `events` per hour (UTC hours, as the test
+    /// servers' `toStartOfHour` gives them): distinct counts and
+    /// percentiles over the hour, not added up from minutes.
+    pub fn hourly<'a>(events: impl IntoIterator<Item = &'a AnyEvent>) -> Self {
+        Self::compute_per(events, 3_600_000)
+    }
+
+    fn compute_per<'a>(events: impl IntoIterator<Item = &'a AnyEvent>, window_ms: i64) -> Self {
+        let minute = |ms: i64| ((ms - ms.rem_euclid(window_ms)) / 1000) as u32;
         let mut buyers: BTreeMap<Key3, BTreeSet<&str>> = BTreeMap::new();
         let mut users: BTreeMap<Key3, (BTreeSet<&str>, i64, BTreeSet<&str>)> = BTreeMap::new();
         let mut chatters: BTreeMap<(u32, String), (i64, BTreeSet<&str>, i64)> = BTreeMap::new();

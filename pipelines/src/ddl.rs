@@ -18,6 +18,8 @@ use consumers::projection::ddl::{Migration, Target};
 
 pub const MIGRATIONS_TABLE: &str = "analytics_migrations";
 pub const PARTIALS_TABLE: &str = "analytics_partials";
+/// Closed hours compacted from the partials (`crate::hours`).
+pub const HOURS_TABLE: &str = "analytics_hours";
 
 /// A read model: its per-window view and the hourly rollup.
 struct Model {
@@ -59,10 +61,15 @@ impl Model {
 
     /// Measures then derived columns, each `expression AS name`.
     fn values(&self) -> String {
+        self.values_with(false)
+    }
+
+    /// The same over [`Rows`] with `counts` as given.
+    fn values_with(&self, counts: bool) -> String {
         let measures = self
             .measures
             .iter()
-            .map(|m| format!("{} AS {}", m.value(), m.column));
+            .map(|m| format!("{} AS {}", m.value_with(counts), m.column));
         let derived = self.derived.iter().map(|(e, c)| format!("{e} AS {c}"));
         measures.chain(derived).collect::<Vec<_>>().join(", ")
     }
@@ -86,9 +93,51 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Whether its closed hours are compacted: a model without keys has a
+    /// row per flush and window, as many as the window markers that tell
+    /// whether a compaction is current, so its hours would read no faster.
+    fn compacted(&self) -> bool {
+        !self.dims.is_empty()
+    }
+
+    /// The partials columns its dimensions and measures read.
+    fn columns(&self) -> Vec<&'static str> {
+        let mut columns: Vec<&'static str> = self.dims.iter().map(|(c, _)| *c).collect();
+        for m in self.measures {
+            if !columns.contains(&m.argument) {
+                columns.push(m.argument);
+            }
+        }
+        columns
+    }
+}
+
 impl Measure {
     fn value(&self) -> String {
         format!("{}{}({})", self.function, self.params, self.argument)
+    }
+
+    /// Over [`Rows`] with `counts` where every row is a compacted hour's:
+    /// a distinct count is the hour's number.
+    fn value_from_hours(&self) -> String {
+        match self.argument {
+            set @ ("set1" | "set2") => format!("sum({})", set.replace("set", "d")),
+            _ => self.value(),
+        }
+    }
+
+    /// Over [`Rows`] with `counts`, a distinct count takes the hour's
+    /// number where the group's one row is a compacted hour.
+    fn value_with(&self, counts: bool) -> String {
+        match (counts, self.argument) {
+            (true, set @ ("set1" | "set2")) => format!(
+                "if(max(grain) = 1, sum({}), {})",
+                set.replace("set", "d"),
+                self.value()
+            ),
+            _ => self.value(),
+        }
     }
 
     fn state(&self) -> String {
@@ -204,6 +253,9 @@ pub const TOP_QUERIES: usize = 10;
 pub const MODEL_KEYS: [&str; 6] = ["orders", "funnel", "users", "chat", "search", "queries"];
 /// The `model` of the row carrying a flush's source offset.
 pub const OFFSET_MODEL: &str = "_offset";
+/// The `model` of the rows marking the windows a flush wrote partials of
+/// (`store::mark_windows`).
+pub const WINDOW_MARKER: &str = "_window";
 
 /// How the query service reads a model with the views' own expressions:
 /// any grouping over any range, from the partials and the hourly rollup.
@@ -224,6 +276,18 @@ pub struct MeasureSql {
     pub column: &'static str,
     /// Over the partials.
     pub value: String,
+    /// Over [`Rows`] with `counts`.
+    pub counted: String,
+    /// The same when every row is a compacted hour's ([`Rows::only_hours`]).
+    pub from_hours: String,
+    /// The partials column it aggregates.
+    pub argument: &'static str,
+}
+
+/// Whether the closed hours of the model `key` are compacted (those with
+/// keys, see `Model::compacted`).
+pub fn compacted(key: &str) -> bool {
+    MODELS.iter().any(|m| m.key == key && m.compacted())
 }
 
 /// The columns of the model `key` (see [`MODEL_KEYS`]).
@@ -237,6 +301,9 @@ pub fn model_columns(key: &str) -> Option<ModelColumns> {
             .map(|m| MeasureSql {
                 column: m.column,
                 value: m.value(),
+                counted: m.value_with(true),
+                from_hours: m.value_from_hours(),
+                argument: m.argument,
             })
             .collect(),
         derived: model.derived,
@@ -310,7 +377,268 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             name: "zero-result searches per query",
             statements: zero_result_searches_per_query(target),
         },
+        Migration {
+            version: 4,
+            name: "closed hours compacted from the partials",
+            statements: closed_hours(target),
+        },
     ]
+}
+
+/// Migration 4: the table of compacted hours, and the hourly views of the
+/// models with keys reading each hour from it while its compaction still
+/// covers every flush of the hour (`Rows`). Dropped and created again, so
+/// every statement can run again.
+fn closed_hours(target: &Target) -> Vec<String> {
+    let mut statements = vec![target.create_table(
+        HOURS_TABLE,
+        "model String, level UInt8, window_start DateTime, dim1 String, dim2 String, \
+         c1 Int64, c2 Int64, c3 Int64, c4 Int64, c5 Int64, c6 Int64, d1 UInt64, d2 UInt64, \
+         set1 Array(String), set2 Array(String), latencies Array(Int32), \
+         covered UInt64, compaction UInt64, compacted_at DateTime",
+        "MergeTree()",
+        // A day's partition (an hour's compaction is in one, so one part),
+        // its keys in order and small granules: some rooms over a day
+        // read their own rows, not every room's sets.
+        "(model, level, dim1, dim2, window_start) PARTITION BY toYYYYMMDD(window_start) \
+         SETTINGS index_granularity = 64",
+    )];
+    for model in MODELS.iter().filter(|m| m.compacted()) {
+        let view = format!("{}_per_hour", model.name);
+        statements.push(drop_table(target, &view));
+        let rows = Rows {
+            model: model.key,
+            range: None,
+            hours: Some(Level::Key),
+            counts: true,
+            columns: model.columns(),
+            conditions: String::new(),
+            current: None,
+        };
+        statements.push(format!(
+            "CREATE VIEW IF NOT EXISTS {}{} AS SELECT toStartOfHour(window_start) AS hour{}, {} FROM ({}) GROUP BY hour{}",
+            target.table(&view),
+            target.on_cluster(),
+            model.dims_select(),
+            model.values_with(true),
+            rows.sql(target),
+            model.dims_group(),
+        ));
+    }
+    statements
+}
+
+/// Which rows of a closed hour stand for it in [`HOURS_TABLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Level {
+    /// One row per key (the model's dimensions).
+    Key = 0,
+    /// One row for the whole hour, every key together (models with
+    /// dimensions only): distinct counts over all keys without their sets.
+    All = 1,
+}
+
+/// One model's rows shaped as partials (`window_start` first, then
+/// `columns`), for an aggregate over them. With `hours`, each whole hour of
+/// the range whose compaction in [`HOURS_TABLE`] covers as many flushes of
+/// it as there are now comes from there (its sums, distinct sets and
+/// latency lists are the partials' merged, so the same aggregates give the
+/// same answers); every other hour from the partials. A flush marks each
+/// window it writes in the same insert ([`WINDOW_MARKER`]) and the
+/// partials only ever grow, so an equal count of an hour's markers means
+/// the same partials: a flush landing after the compaction (a late event,
+/// a replica's share) makes the hour read from the partials again until it
+/// is compacted again. Of several current compactions of an hour (two
+/// replicas, an insert whose answer was lost and made again) one is read,
+/// by its id.
+#[derive(Debug, Clone)]
+pub struct Rows {
+    pub model: &'static str,
+    /// `[from, to)` of window starts, epoch seconds; `None`: every window.
+    pub range: Option<(u32, u32)>,
+    pub hours: Option<Level>,
+    /// Distinct counts as the compaction's numbers (`d1`, `d2` beside empty
+    /// sets, and a `grain` column): only when every group of the aggregate
+    /// is one hour and one row of `hours`' level.
+    pub counts: bool,
+    /// Partials columns besides `window_start`.
+    pub columns: Vec<&'static str>,
+    /// `AND ...` over the partials' columns, applied to both sources; its
+    /// `?` marks come once per source (see [`Rows::sources`]).
+    pub conditions: String,
+    /// The (hour, compaction id) of the current compactions, read
+    /// beforehand by [`Rows::current_sql`], so the markers are counted once
+    /// (the SQL alone counts them twice). Each hour is then as it was when
+    /// they were read.
+    pub current: Option<Vec<(u32, u64)>>,
+}
+
+impl Rows {
+    /// Whether every row comes from compacted hours: the current ones,
+    /// read beforehand, cover the whole range.
+    pub fn only_hours(&self) -> bool {
+        match (self.hours, &self.current, self.range) {
+            (Some(_), Some(current), Some((from, to))) => {
+                !current.is_empty() && gaps(from, to, current.iter().map(|(h, _)| *h)).is_empty()
+            }
+            _ => false,
+        }
+    }
+
+    /// How many times `conditions` appears in [`Rows::sql`].
+    pub fn sources(&self) -> usize {
+        let partials_only =
+            self.hours.is_none() || self.current.as_ref().is_some_and(Vec::is_empty);
+        if partials_only || self.only_hours() {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// `(range, whole hours of the range)` conditions on `window_start`.
+    fn ranges(&self) -> (String, String) {
+        match self.range {
+            Some((from, to)) => (
+                format!(
+                    " AND window_start >= toDateTime({from}) AND window_start < toDateTime({to})"
+                ),
+                format!(
+                    " AND window_start >= toDateTime({from}) AND window_start <= toDateTime({})",
+                    to.saturating_sub(3_600)
+                ),
+            ),
+            None => (String::new(), String::new()),
+        }
+    }
+
+    /// One compaction per whole hour of the range that covers every flush
+    /// of its hour now, as `(hour, compaction id)` rows; for
+    /// [`Rows::current`].
+    pub fn current_sql(&self, target: &Target) -> String {
+        let (range, hour_range) = self.ranges();
+        format!(
+            "SELECT toUInt32(window_start), min(compaction) FROM {} WHERE model = '{model}'{hour_range} \
+             AND (window_start, covered) IN (SELECT toStartOfHour(window_start) AS hour, count() FROM {} \
+             WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour) GROUP BY window_start",
+            target.table(HOURS_TABLE),
+            target.table(PARTIALS_TABLE),
+            model = self.model,
+        )
+    }
+
+    pub fn sql(&self, target: &Target) -> String {
+        let partials = target.table(PARTIALS_TABLE);
+        let model = self.model;
+        let (range, hour_range) = self.ranges();
+        let hours = self
+            .hours
+            .filter(|_| self.current.as_ref().is_none_or(|c| !c.is_empty()));
+        let Some(level) = hours else {
+            return format!(
+                "SELECT window_start, {} FROM {partials} WHERE model = '{model}'{range}{}",
+                self.columns.join(", "),
+                self.conditions
+            );
+        };
+        let hours = target.table(HOURS_TABLE);
+        // The partials' part: the range less the compacted hours, as
+        // ranges the sort key serves (a condition on the hour alone would
+        // read every partial of the range); none when nothing is left
+        // (`only_hours`).
+        let mut partials_range = range.clone();
+        let (chosen, not_compacted) = match &self.current {
+            Some(current) => {
+                let pairs: Vec<String> =
+                    current.iter().map(|(h, c)| format!("({h}, {c})")).collect();
+                let starts: Vec<String> = current.iter().map(|(h, _)| h.to_string()).collect();
+                if let Some((from, to)) = self.range {
+                    let gaps: Vec<String> = gaps(from, to, current.iter().map(|(h, _)| *h))
+                        .into_iter()
+                        .map(|(a, b)| {
+                            format!("window_start >= toDateTime({a}) AND window_start < toDateTime({b})")
+                        })
+                        .collect();
+                    partials_range = format!(" AND ({})", gaps.join(" OR "));
+                }
+                (
+                    format!(
+                        "(toUInt32(window_start), compaction) IN ({})",
+                        pairs.join(", ")
+                    ),
+                    format!(
+                        "toUInt32(toStartOfHour(window_start)) NOT IN ({})",
+                        starts.join(", ")
+                    ),
+                )
+            }
+            None => {
+                let current = format!(
+                    "FROM {hours} WHERE model = '{model}'{hour_range} AND (window_start, covered) IN \
+                     (SELECT toStartOfHour(window_start) AS hour, count() FROM {partials} WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour)"
+                );
+                (
+                    format!("(window_start, compaction) IN (SELECT window_start, min(compaction) {current} GROUP BY window_start)"),
+                    format!("toStartOfHour(window_start) NOT IN (SELECT window_start {current})"),
+                )
+            }
+        };
+        let compacted = format!(
+            "FROM {hours} WHERE model = '{model}' AND level = {}{hour_range} AND {chosen}",
+            level as u8
+        );
+        let (mut from_hours, mut from_partials) = (Vec::new(), Vec::new());
+        for column in &self.columns {
+            match (self.counts, *column) {
+                (true, "set1" | "set2") => {
+                    let count = column.replace("set", "d");
+                    from_hours.push(format!("emptyArrayString() AS {column}, {count}"));
+                    from_partials.push(format!("{column}, toUInt64(0) AS {count}"));
+                }
+                (_, column) => {
+                    from_hours.push(column.to_owned());
+                    from_partials.push(column.to_owned());
+                }
+            }
+        }
+        if self.counts {
+            from_hours.push("toUInt8(1) AS grain".to_owned());
+            from_partials.push("toUInt8(0) AS grain".to_owned());
+        }
+        let from_hours = format!(
+            "SELECT window_start, {} {compacted}{}",
+            from_hours.join(", "),
+            self.conditions
+        );
+        if self.only_hours() {
+            return from_hours;
+        }
+        format!(
+            "{from_hours} UNION ALL SELECT window_start, {} FROM {partials} WHERE model = '{model}'{partials_range}{} AND {not_compacted}",
+            from_partials.join(", "),
+            self.conditions,
+        )
+    }
+}
+
+/// `[from, to)` less the hours `[h, h + 3600)` starting at `hours`, as
+/// ranges in order.
+fn gaps(from: u32, to: u32, hours: impl Iterator<Item = u32>) -> Vec<(u32, u32)> {
+    let mut hours: Vec<u32> = hours.collect();
+    hours.sort_unstable();
+    let mut out = Vec::new();
+    let mut at = from;
+    for hour in hours {
+        if hour > at {
+            out.push((at, hour.min(to)));
+        }
+        at = at.max(hour.saturating_add(3_600));
+    }
+    if at < to {
+        out.push((at, to));
+    }
+    out
 }
 
 /// How many recent partials inserts a server keeps the tokens of (see
@@ -449,7 +777,10 @@ mod tests {
     fn migration_2_reads_hours_from_the_partials_and_drops_the_rollups() {
         let target = Target::new("shop", Some("prod")).unwrap();
         let all = migrations(&target);
-        assert_eq!(all.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            all.iter().map(|m| m.version).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
         let statements = &all[1].statements;
         // Per model: its materialized view dropped, its hourly view dropped
         // and created again, its rollup table dropped.
@@ -464,5 +795,53 @@ mod tests {
             ]
         );
         assert!(!statements.iter().any(|s| s.contains("MATERIALIZED")));
+    }
+
+    #[test]
+    fn the_partials_are_read_around_the_compacted_hours() {
+        assert_eq!(
+            gaps(600, 11_000, [3_600, 7_200].into_iter()),
+            [(600, 3_600), (10_800, 11_000)]
+        );
+        assert_eq!(
+            gaps(3_600, 10_800, [7_200, 3_600].into_iter()),
+            Vec::<(u32, u32)>::new()
+        );
+        assert_eq!(
+            gaps(0, 10_800, [3_600].into_iter()),
+            [(0, 3_600), (7_200, 10_800)]
+        );
+        assert_eq!(gaps(0, 100, std::iter::empty()), [(0, 100)]);
+    }
+
+    #[test]
+    fn migration_4_reads_each_hour_from_its_compaction_while_it_covers_every_flush() {
+        let target = Target::new("shop", None).unwrap();
+        let statements = &migrations(&target)[3].statements;
+        assert!(statements[0].starts_with("CREATE TABLE IF NOT EXISTS `shop`.`analytics_hours`"));
+        // Partitioned by day: an hour's compaction is in one partition, one part.
+        assert!(statements[0].contains(
+            "ORDER BY (model, level, dim1, dim2, window_start) PARTITION BY toYYYYMMDD(window_start)"
+        ));
+        // The views of the models with keys (not the funnel's, the searches').
+        assert_eq!(statements.len(), 1 + 2 * 4);
+        assert_eq!(
+            statements[1],
+            "DROP TABLE IF EXISTS `shop`.`orders_per_hour`"
+        );
+        let orders = &statements[2];
+        assert_eq!(
+            orders,
+            "CREATE VIEW IF NOT EXISTS `shop`.`orders_per_hour` AS SELECT toStartOfHour(window_start) AS hour, dim1 AS category, dim2 AS currency, \
+             sum(c1) AS orders, sum(c2) AS items, sum(c3) AS revenue_minor, if(max(grain) = 1, sum(d1), uniqExactArray(set1)) AS unique_buyers \
+             FROM (SELECT window_start, dim1, dim2, c1, c2, c3, emptyArrayString() AS set1, d1, toUInt8(1) AS grain \
+             FROM `shop`.`analytics_hours` WHERE model = 'orders' AND level = 0 AND (window_start, compaction) IN \
+             (SELECT window_start, min(compaction) FROM `shop`.`analytics_hours` WHERE model = 'orders' AND (window_start, covered) IN \
+             (SELECT toStartOfHour(window_start) AS hour, count() FROM `shop`.`analytics_partials` WHERE model = '_window' GROUP BY hour) GROUP BY window_start) \
+             UNION ALL SELECT window_start, dim1, dim2, c1, c2, c3, set1, toUInt64(0) AS d1, toUInt8(0) AS grain FROM `shop`.`analytics_partials` WHERE model = 'orders' \
+             AND toStartOfHour(window_start) NOT IN (SELECT window_start FROM `shop`.`analytics_hours` WHERE model = 'orders' AND (window_start, covered) IN \
+             (SELECT toStartOfHour(window_start) AS hour, count() FROM `shop`.`analytics_partials` WHERE model = '_window' GROUP BY hour))) \
+             GROUP BY hour, category, currency"
+        );
     }
 }

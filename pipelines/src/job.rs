@@ -69,6 +69,8 @@ pub struct JobMetrics {
     /// When the last flush was stored, in Unix seconds: how fresh the read
     /// models are, as `time()` minus it.
     pub last_flush: FloatGauge,
+    /// Hours compacted (`crate::hours`).
+    pub hours_compacted: Counter,
 }
 
 impl JobMetrics {
@@ -120,6 +122,11 @@ impl JobMetrics {
                 "shopstream_analytics_fetch_gaps",
                 "Fetches that skipped records, fetched again from the expected offset",
                 &self.fetch_gaps,
+            ),
+            (
+                "shopstream_analytics_hours_compacted",
+                "Hours compacted from their partials for fast day-long reads",
+                &self.hours_compacted,
             ),
             (
                 "shopstream_analytics_rebalances",
@@ -406,6 +413,17 @@ pub fn run(
     else {
         return Ok(());
     };
+    if settings.compact_every_ms > 0 {
+        runtime.spawn(crate::hours::compact_every(
+            client.clone(),
+            Duration::from_millis(settings.compact_every_ms),
+            Duration::from_millis(settings.compact_after_idle_ms),
+            Duration::from_secs(u64::from(settings.compact_lookback_h) * 3_600),
+            timeout,
+            metrics.hours_compacted.clone(),
+            shutdown.clone(),
+        ));
+    }
     let shared = Arc::new(Shared {
         partitions: Mutex::new(HashMap::new()),
         client,
@@ -917,7 +935,8 @@ fn flush_all(shared: &Shared, consumer: &JobConsumer, lease: &mut Lease) -> Resu
     // become one row.
     let mut batches: Vec<Batch> = vec![Batch::default()];
     for ((topic, partition), partial, last_offset) in work {
-        let rows = partial.row_count();
+        // Its rows, at most as many window markers, and its offset row.
+        let rows = 2 * partial.row_count();
         let current = batches.last_mut().expect("a batch");
         if current.rows > 0 && current.rows + rows > MAX_INSERT_ROWS {
             batches.push(Batch::default());

@@ -4,6 +4,7 @@
 
 pub mod aggregate;
 pub mod ddl;
+pub mod hours;
 pub mod job;
 pub mod report;
 pub mod store;

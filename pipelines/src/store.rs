@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Partial;
-use crate::ddl::{OFFSET_MODEL, PARTIALS_TABLE};
+use crate::ddl::{OFFSET_MODEL, PARTIALS_TABLE, WINDOW_MARKER};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
 pub struct PartialRow {
@@ -46,8 +46,32 @@ pub fn offset_row(topic: &str, partition: i32, last_offset: i64, now: u32) -> Pa
     }
 }
 
-/// A flush's figures (its partitions' partials merged) as rows; the offset
-/// rows go into the same insert.
+/// Appends to a flush's partial rows one marker row per window they touch
+/// (`ddl::WINDOW_MARKER`, `c1` the window's partial rows), in the same
+/// insert: how many there are of an hour tells whether its compaction
+/// (`crate::hours`) still covers every partial of it, without counting
+/// the partials themselves.
+pub fn mark_windows(rows: &mut Vec<PartialRow>, now: u32) {
+    let mut windows = std::collections::BTreeMap::<u32, i64>::new();
+    for row in rows.iter() {
+        *windows.entry(row.window_start).or_default() += 1;
+    }
+    rows.extend(
+        windows
+            .into_iter()
+            .map(|(window_start, partials)| PartialRow {
+                model: WINDOW_MARKER.to_owned(),
+                window_start,
+                c1: partials,
+                flushed_at: now,
+                ..PartialRow::default()
+            }),
+    );
+}
+
+/// A flush's figures (its partitions' partials merged) as rows, its
+/// windows marked (see [`mark_windows`]); the offset rows go into the same
+/// insert.
 pub fn rows(partial: Partial, now: u32) -> Vec<PartialRow> {
     let base = PartialRow {
         flushed_at: now,
@@ -118,6 +142,7 @@ pub fn rows(partial: Partial, now: u32) -> Vec<PartialRow> {
             ..row("queries", window)
         });
     }
+    mark_windows(&mut out, now);
     out
 }
 

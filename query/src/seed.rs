@@ -162,8 +162,8 @@ impl Seed {
         }
     }
 
-    /// Creates the tables (the binaries' own migrations) and writes the
-    /// rows; returns how many partial rows it wrote. `progress` hears the
+    /// Creates the tables (the binaries' own migrations), writes the rows
+    /// and compacts the hours as the analytics job would; returns how many partial rows it wrote. `progress` hears the
     /// minutes written so far.
     pub async fn write(
         &self,
@@ -183,13 +183,27 @@ impl Seed {
         let mut written = 0;
         // A day in inserts of an hour: few parts, bounded memory.
         for hour in (0..self.minutes).step_by(60) {
-            let rows: Vec<PartialRow> = (hour..(hour + 60).min(self.minutes))
+            let mut rows: Vec<PartialRow> = (hour..(hour + 60).min(self.minutes))
                 .flat_map(|m| (0..self.partitions).flat_map(move |p| self.window(m, p)))
                 .collect();
+            pipelines::store::mark_windows(&mut rows, self.start + (hour + 60) * 60);
             pipelines::store::insert(&client, &rows, timeout).await?;
             written += rows.len();
             progress((hour + 60).min(self.minutes));
         }
+        // As a deployed job does once the hours are idle.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as u32);
+        pipelines::hours::compact(
+            &client,
+            self.start,
+            u32::MAX,
+            now,
+            timeout,
+            &mut pipelines::hours::Unmarked::new(),
+        )
+        .await?;
         let mut insert = client
             .insert::<OrderStatusRow>("order_status")
             .await?

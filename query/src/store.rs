@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use backbone::config::ClickHouseSettings;
 use consumers::projection::ddl::Target;
-use pipelines::ddl::{model_columns, PARTIALS_TABLE};
+use pipelines::ddl::{compacted, model_columns, Level, MeasureSql, Rows};
 use schemars::JsonSchema;
 use serde::Serialize;
 
@@ -129,8 +129,32 @@ impl<'a> Read<'a> {
     }
 
     /// The SELECT (with `t` first when a series, then the grouped dimensions,
-    /// then the model's columns) and its values to bind, in order.
-    fn sql(&self, partials: &str) -> (String, Vec<String>) {
+    /// then the model's columns) and its values to bind, in order. Whole
+    /// hours of a model with keys come from their compaction where it is
+    /// current (`pipelines::ddl::Rows`), except for a series per minute.
+    fn sql(&self, target: &Target, current: Option<Vec<(u32, u64)>>) -> (String, Vec<String>) {
+        let (rows, selected, group, values) = self.plan(current);
+        let values: Vec<String> = (0..rows.sources())
+            .flat_map(|_| values.iter().cloned())
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM ({}){group}",
+            selected.join(", "),
+            rows.sql(target)
+        );
+        (sql, values)
+    }
+
+    /// The query for the current compactions of the hours this read may
+    /// take from them (`Rows::current`), if any.
+    fn current_sql(&self, target: &Target) -> Option<String> {
+        let (rows, ..) = self.plan(None);
+        rows.hours.map(|_| rows.current_sql(target))
+    }
+
+    /// The rows to read (given the `current` compactions), the selected
+    /// columns, the GROUP BY, and the values of the rows' conditions.
+    fn plan(&self, current: Option<Vec<(u32, u64)>>) -> (Rows, Vec<String>, String, Vec<String>) {
         let columns = model_columns(self.model)
             .unwrap_or_else(|| panic!("no read model {:?} in pipelines::ddl", self.model));
         let column_of = |name: &str| {
@@ -146,6 +170,71 @@ impl<'a> Read<'a> {
         } else {
             &[]
         };
+        let measures: Vec<&MeasureSql> = columns
+            .measures
+            .iter()
+            .filter(|m| self.measures.is_none_or(|names| names.contains(&m.column)))
+            .collect();
+        let level = if !columns.dims.is_empty()
+            && self.group.is_empty()
+            && self.filters.is_empty()
+            && self.within.is_none()
+        {
+            Level::All
+        } else {
+            Level::Key
+        };
+        let hours = (compacted(self.model)
+            && self.granularity != Some(Granularity::Minute)
+            && self.range.to.saturating_sub(self.range.from) >= 3_600)
+            .then_some(level);
+        // One row of the level per hour and group: each key's dimension is
+        // grouped or fixed, or every key is one row.
+        let counts = hours.is_some()
+            && self.granularity == Some(Granularity::Hour)
+            && (level == Level::All
+                || columns.dims.iter().all(|(_, n)| {
+                    self.group.contains(n) || self.filters.iter().any(|(f, _)| f == n)
+                }));
+        let mut read: Vec<&'static str> = Vec::new();
+        let used = self
+            .group
+            .iter()
+            .chain(self.filters.iter().map(|(n, _)| n))
+            .chain(self.within.iter().map(|(n, _)| n))
+            .map(|n| column_of(n))
+            .chain(measures.iter().map(|m| m.argument));
+        for column in used {
+            if !read.contains(&column) {
+                read.push(column);
+            }
+        }
+        let marks = |n: usize| vec!["?"; n].join(", ");
+        let mut conditions: String = self
+            .filters
+            .iter()
+            .map(|(n, _)| format!(" AND {} = ?", column_of(n)))
+            .collect();
+        let mut values: Vec<String> = self.filters.iter().map(|(_, v)| (*v).to_owned()).collect();
+        if let Some((name, within)) = self.within {
+            conditions.push_str(&format!(
+                " AND {} IN ({})",
+                column_of(name),
+                marks(within.len())
+            ));
+            values.extend(within.iter().cloned());
+        }
+        let rows = Rows {
+            model: self.model,
+            range: Some((self.range.from, self.range.to)),
+            hours,
+            counts,
+            columns: read,
+            conditions,
+            current,
+        };
+        // Every group one compacted row: its numbers, no set to count.
+        let only_hours = counts && rows.only_hours();
         let time = self.granularity.map(|g| format!("{} AS t", g.bucket()));
         let selected: Vec<String> = time
             .into_iter()
@@ -154,13 +243,14 @@ impl<'a> Read<'a> {
                     .iter()
                     .map(|n| format!("{} AS {n}", column_of(n))),
             )
-            .chain(
-                columns
-                    .measures
-                    .iter()
-                    .filter(|m| self.measures.is_none_or(|names| names.contains(&m.column)))
-                    .map(|m| format!("{} AS {}", m.value, m.column)),
-            )
+            .chain(measures.iter().map(|m| {
+                let value = match (only_hours, counts) {
+                    (true, _) => &m.from_hours,
+                    (false, true) => &m.counted,
+                    (false, false) => &m.value,
+                };
+                format!("{value} AS {}", m.column)
+            }))
             .chain(derived.iter().map(|(e, c)| format!("{e} AS {c}")))
             .collect();
         let grouped: Vec<&str> = self
@@ -174,30 +264,7 @@ impl<'a> Read<'a> {
         } else {
             format!(" GROUP BY {}", grouped.join(", "))
         };
-        let marks = |n: usize| vec!["?"; n].join(", ");
-        let mut filters: String = self
-            .filters
-            .iter()
-            .map(|(n, _)| format!(" AND {} = ?", column_of(n)))
-            .collect();
-        let mut values: Vec<String> = self.filters.iter().map(|(_, v)| (*v).to_owned()).collect();
-        if let Some((name, within)) = self.within {
-            filters.push_str(&format!(
-                " AND {} IN ({})",
-                column_of(name),
-                marks(within.len())
-            ));
-            values.extend(within.iter().cloned());
-        }
-        let sql = format!(
-            "SELECT {} FROM {partials} WHERE model = '{}' \
-             AND window_start >= toDateTime({}) AND window_start < toDateTime({}){filters}{group}",
-            selected.join(", "),
-            self.model,
-            self.range.from,
-            self.range.to,
-        );
-        (sql, values)
+        (rows, selected, group, values)
     }
 }
 
@@ -266,7 +333,17 @@ impl Store {
         outer: &str,
         tail: &str,
     ) -> Result<clickhouse::query::Query, ApiError> {
-        let (inner, binds) = read.sql(&self.target.table(PARTIALS_TABLE));
+        let current = match read.current_sql(&self.target) {
+            Some(sql) => Some(
+                self.run(
+                    "compacted hours",
+                    self.client.query(&sql).fetch_all::<(u32, u64)>(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let (inner, binds) = read.sql(&self.target, current);
         let sql = format!("SELECT {outer} FROM ({inner}) {tail}");
         Ok(binds
             .iter()
@@ -510,25 +587,81 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_read_filters_the_range_before_grouping_its_buckets() {
+    fn a_read_filters_the_range_before_grouping_and_takes_whole_hours_from_their_compaction() {
+        let target = Target::new("shop", None).unwrap();
         let range = TimeRange {
             from: 1_795_996_800,
             to: 1_795_996_800 + 3 * 3_600,
         };
         let range_sql =
             "window_start >= toDateTime(1795996800) AND window_start < toDateTime(1796007600)";
-        let (sql, values) = Read::new("funnel", range, Some(Granularity::Hour)).sql("p");
-        assert_eq!(sql, format!("SELECT toUInt32(toStartOfHour(window_start)) AS t, sum(c1) AS created, sum(c2) AS paid, sum(c3) AS shipped, sum(c4) AS delivered, sum(c5) AS cancelled, sum(c6) AS refunded FROM p WHERE model = 'funnel' AND {range_sql} GROUP BY t"));
+        let hours_sql =
+            "window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000)";
+        // Per minute: the partials only.
+        let (sql, values) =
+            Read::new("funnel", range, Some(Granularity::Minute)).sql(&target, None);
+        assert_eq!(sql, format!("SELECT toUInt32(window_start) AS t, sum(c1) AS created, sum(c2) AS paid, sum(c3) AS shipped, sum(c4) AS delivered, sum(c5) AS cancelled, sum(c6) AS refunded FROM (SELECT window_start, c1, c2, c3, c4, c5, c6 FROM `shop`.`analytics_partials` WHERE model = 'funnel' AND {range_sql}) GROUP BY t"));
         assert!(values.is_empty());
+        // Per hour, every key grouped: one compacted row per group, its
+        // distinct counts as numbers.
+        let read = Read {
+            group: &["category", "currency"],
+            ..Read::new("orders", range, Some(Granularity::Hour))
+        };
+        let (sql, _) = read.sql(&target, None);
+        assert!(
+            sql.contains("if(max(grain) = 1, sum(d1), uniqExactArray(set1)) AS unique_buyers"),
+            "{sql}"
+        );
+        // Every hour compacted: the numbers alone.
+        let every = (0..3).map(|h| (1_795_996_800 + h * 3_600, 7)).collect();
+        let (numbers, _) = read.sql(&target, Some(every));
+        assert!(numbers.contains("sum(d1) AS unique_buyers FROM (SELECT window_start, dim1, dim2, c1, c2, c3, emptyArrayString() AS set1, d1, toUInt8(1) AS grain FROM `shop`.`analytics_hours`"), "{numbers}");
+        assert!(!numbers.contains("UNION"), "{numbers}");
+        assert!(sql.contains(&format!("FROM `shop`.`analytics_hours` WHERE model = 'orders' AND {hours_sql} AND (window_start, covered) IN (SELECT toStartOfHour(window_start) AS hour, count() FROM `shop`.`analytics_partials` WHERE model = '_window' AND {range_sql} GROUP BY hour)")), "{sql}");
+        // No dimension kept: the hours' rows for every key together.
+        let (sql, _) = Read::new("users", range, Some(Granularity::Hour)).sql(&target, None);
+        assert!(sql.contains("model = 'users' AND level = 1"), "{sql}");
+        // Over the whole range, some rooms: the sets, the values bound in
+        // both sources.
         let rooms = ["r-1".to_owned(), "r-2".to_owned()];
         let read = Read {
             group: &["room_id"],
             within: Some(("room_id", &rooms)),
-            measures: Some(&["messages"]),
+            measures: Some(&["unique_chatters"]),
             ..Read::new("chat", range, None)
         };
-        let (sql, values) = read.sql("p");
-        assert_eq!(sql, format!("SELECT dim1 AS room_id, sum(c1) AS messages FROM p WHERE model = 'chat' AND {range_sql} AND dim1 IN (?, ?) GROUP BY room_id"));
+        let (sql, values) = read.sql(&target, None);
+        assert!(sql.starts_with("SELECT dim1 AS room_id, uniqExactArray(set1) AS unique_chatters FROM (SELECT window_start, dim1, set1 FROM `shop`.`analytics_hours` WHERE model = 'chat' AND level = 0"), "{sql}");
+        assert_eq!(sql.matches(" AND dim1 IN (?, ?)").count(), 2, "{sql}");
+        assert!(sql.ends_with("GROUP BY room_id"), "{sql}");
+        assert_eq!(values, [rooms.clone(), rooms.clone()].concat());
+        // The current compactions read beforehand: named, not counted again.
+        assert!(read.current_sql(&target).is_some());
+        let (sql, values) = read.sql(&target, Some(vec![(1_795_996_800, 12)]));
+        assert!(sql.contains("AND level = 0 AND window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000) AND (toUInt32(window_start), compaction) IN ((1795996800, 12)) AND dim1 IN (?, ?)"), "{sql}");
+        assert!(sql.contains("WHERE model = 'chat' AND (window_start >= toDateTime(1796000400) AND window_start < toDateTime(1796007600)) AND dim1 IN (?, ?) AND toUInt32(toStartOfHour(window_start)) NOT IN (1795996800)"), "{sql}");
+        // Every hour compacted: the compactions alone.
+        let all = vec![
+            (1_795_996_800, 1),
+            (1_796_000_400, 2),
+            (1_796_003_600, 3),
+            (1_796_007_200, 4),
+        ];
+        let (only, bound) = read.sql(&target, Some(all));
+        assert!(
+            !only.contains("analytics_partials") && !only.contains("UNION"),
+            "{only}"
+        );
+        assert_eq!(bound, rooms);
+        assert!(!sql.contains("count()"), "{sql}");
+        assert_eq!(values.len(), 4);
+        // None current: the partials alone.
+        let (sql, values) = read.sql(&target, Some(Vec::new()));
+        assert!(!sql.contains("analytics_hours"), "{sql}");
         assert_eq!(values, rooms);
+        assert!(Read::new("funnel", range, Some(Granularity::Minute))
+            .current_sql(&target)
+            .is_none());
     }
 }

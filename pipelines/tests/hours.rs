@@ -1,0 +1,229 @@
+//! Closed hours against a real ClickHouse (18.16 here): the hourly views
+//! answer the same before and after an hour is compacted, with each hour
+//! compacted twice, and after a late partial lands in a
+//! compacted hour, before and after it is compacted again.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use backbone::config::ClickHouseSettings;
+use pipelines::hours::{compact, Compacted, Unmarked};
+use pipelines::store::{mark_windows, PartialRow};
+use shopstream_tests::{clickhouse, TestDatabase};
+
+/// 2026-11-29T14:00:00Z.
+const HOUR: u32 = 1_795_960_800;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// (hour, category, currency).
+type Key = (u32, String, String);
+/// Key -> (orders, revenue, unique buyers).
+type Figures = BTreeMap<Key, (i64, i64, u64)>;
+
+fn order_partial(minute: u32, partition: i32, category: &str, buyers: &[&str]) -> PartialRow {
+    PartialRow {
+        model: "orders".to_owned(),
+        window_start: HOUR + minute * 60,
+        dim1: category.to_owned(),
+        dim2: "EUR".to_owned(),
+        c1: buyers.len() as i64,
+        c3: 1_000 * buyers.len() as i64,
+        set1: buyers.iter().map(|b| (*b).to_owned()).collect(),
+        source_topic: "orders".to_owned(),
+        source_partition: partition,
+        flushed_at: HOUR + minute * 60 + 60,
+        ..PartialRow::default()
+    }
+}
+
+/// Two hours of two categories from two partitions, buyers repeated across
+/// minutes and partitions.
+fn partials() -> Vec<PartialRow> {
+    let mut rows = Vec::new();
+    for minute in [0, 1, 59, 60, 61, 119] {
+        for partition in 0..2 {
+            rows.push(order_partial(minute, partition, "books", &["u1", "u2"]));
+            rows.push(order_partial(
+                minute,
+                partition,
+                "toys",
+                &[&format!("u{minute}"), "u1"],
+            ));
+        }
+    }
+    rows
+}
+
+fn expected(rows: &[PartialRow]) -> Figures {
+    let mut sums: BTreeMap<Key, (i64, i64, BTreeSet<&str>)> = BTreeMap::new();
+    for row in rows {
+        let slot = sums
+            .entry((
+                row.window_start - row.window_start % 3_600,
+                row.dim1.clone(),
+                row.dim2.clone(),
+            ))
+            .or_default();
+        slot.0 += row.c1;
+        slot.1 += row.c3;
+        slot.2.extend(row.set1.iter().map(String::as_str));
+    }
+    sums.into_iter()
+        .map(|(k, (o, r, b))| (k, (o, r, b.len() as u64)))
+        .collect()
+}
+
+async fn per_hour(db: &TestDatabase) -> Figures {
+    db.client
+        .query("SELECT toUInt32(hour), category, currency, orders, revenue_minor, unique_buyers FROM orders_per_hour")
+        .fetch_all::<(u32, String, String, i64, i64, u64)>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(h, c, cur, o, r, b)| ((h, c, cur), (o, r, b)))
+        .collect()
+}
+
+/// Hours whose compaction covers every flush they have now.
+async fn current_compactions(db: &TestDatabase) -> u64 {
+    db.client
+        .query(
+            "SELECT count() FROM (SELECT DISTINCT toUInt32(window_start) AS hour, covered FROM analytics_hours) \
+             WHERE (hour, covered) IN (SELECT toUInt32(toStartOfHour(window_start)), count() \
+             FROM analytics_partials WHERE model = '_window' GROUP BY toStartOfHour(window_start))",
+        )
+        .fetch_one::<u64>()
+        .await
+        .unwrap()
+}
+
+async fn compact_all(db: &TestDatabase, unmarked: &mut Unmarked) -> Compacted {
+    compact(
+        &db.client,
+        HOUR - 3_600,
+        u32::MAX,
+        HOUR + 7_200,
+        TIMEOUT,
+        unmarked,
+    )
+    .await
+    .unwrap()
+}
+
+/// One flush: the rows and their window markers in one insert.
+async fn flush(db: &TestDatabase, rows: &[PartialRow]) {
+    let mut rows = rows.to_vec();
+    mark_windows(&mut rows, HOUR + 7_200);
+    pipelines::store::insert(&db.client, &rows, TIMEOUT)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() {
+    let db = clickhouse().await.database().await.unwrap();
+    let settings = ClickHouseSettings {
+        url: db.url.clone(),
+        database: db.name.clone(),
+        ..ClickHouseSettings::default()
+    };
+    consumers::projection::migrate(
+        &settings,
+        pipelines::ddl::MIGRATIONS_TABLE,
+        pipelines::ddl::migrations,
+    )
+    .await
+    .unwrap();
+    let mut unmarked = Unmarked::new();
+    let mut rows = partials();
+    flush(&db, &rows).await;
+    let want = expected(&rows);
+    assert_eq!(want.len(), 4);
+    assert_eq!(per_hour(&db).await, want, "from the partials");
+
+    let done = compact_all(&db, &mut unmarked).await;
+    // Six windows marked, three in each hour.
+    assert_eq!(
+        done,
+        Compacted {
+            hours: 2,
+            flushes: 6,
+            unmarked: 0
+        }
+    );
+    assert_eq!(current_compactions(&db).await, 2);
+    assert_eq!(per_hour(&db).await, want, "from the compacted hours");
+    assert_eq!(
+        compact_all(&db, &mut unmarked).await,
+        Compacted::default(),
+        "nothing left to compact"
+    );
+
+    // Two compactions of each hour (two replicas, an insert whose answer
+    // was lost and made again): one is read.
+    db.client
+        .query(
+            "INSERT INTO analytics_hours SELECT model, level, window_start, dim1, dim2, c1, c2, c3, c4, c5, c6, \
+             d1, d2, set1, set2, latencies, covered, compaction + 1, compacted_at FROM analytics_hours",
+        )
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(per_hour(&db).await, want, "an hour compacted twice");
+
+    // A late partial in the first hour: that hour is read from its
+    // partials again, the second still from its compaction.
+    let late = order_partial(30, 1, "books", &["u9"]);
+    flush(&db, std::slice::from_ref(&late)).await;
+    rows.push(late);
+    let want = expected(&rows);
+    assert_eq!(
+        want[&(HOUR, "books".to_owned(), "EUR".to_owned())],
+        (13, 13_000, 3)
+    );
+    assert_eq!(current_compactions(&db).await, 1);
+    assert_eq!(per_hour(&db).await, want, "after a late partial");
+    assert_eq!(
+        compact_all(&db, &mut unmarked).await,
+        Compacted {
+            hours: 1,
+            flushes: 4,
+            unmarked: 0
+        }
+    );
+    assert_eq!(current_compactions(&db).await, 2);
+    assert_eq!(per_hour(&db).await, want, "compacted again");
+
+    // A third hour, written by an older job that marks no window, then
+    // flushed to by this one: its markers do not announce every partial,
+    // so it is never compacted, and reads add up its partials.
+    let old = order_partial(150, 0, "books", &["u7"]);
+    pipelines::store::insert(&db.client, std::slice::from_ref(&old), TIMEOUT)
+        .await
+        .unwrap();
+    let new = order_partial(151, 1, "books", &["u8"]);
+    flush(&db, std::slice::from_ref(&new)).await;
+    rows.extend([old, new]);
+    let want = expected(&rows);
+    assert_eq!(
+        want[&(HOUR + 7_200, "books".to_owned(), "EUR".to_owned())],
+        (2, 2_000, 2)
+    );
+    assert_eq!(
+        compact_all(&db, &mut unmarked).await,
+        Compacted {
+            hours: 0,
+            flushes: 0,
+            unmarked: 1
+        }
+    );
+    assert_eq!(
+        unmarked,
+        Unmarked::from([(HOUR + 7_200, 1)]),
+        "not merged again"
+    );
+    assert_eq!(compact_all(&db, &mut unmarked).await.unmarked, 1);
+    assert_eq!(per_hour(&db).await, want, "an hour of an older job");
+}
