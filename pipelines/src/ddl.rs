@@ -486,11 +486,15 @@ impl Rows {
         }
     }
 
+    /// Whether any row may come from compacted hours: with `counts`, the
+    /// aggregate then takes their numbers (else the partials' sets).
+    pub fn reads_hours(&self) -> bool {
+        self.hours.is_some() && self.current.as_ref().is_none_or(|c| !c.is_empty())
+    }
+
     /// How many times `conditions` appears in [`Rows::sql`].
     pub fn sources(&self) -> usize {
-        let partials_only =
-            self.hours.is_none() || self.current.as_ref().is_some_and(Vec::is_empty);
-        if partials_only || self.only_hours() {
+        if !self.reads_hours() || self.only_hours() {
             1
         } else {
             2
@@ -532,9 +536,7 @@ impl Rows {
         let partials = target.table(PARTIALS_TABLE);
         let model = self.model;
         let (range, hour_range) = self.ranges();
-        let hours = self
-            .hours
-            .filter(|_| self.current.as_ref().is_none_or(|c| !c.is_empty()));
+        let hours = self.hours.filter(|_| self.reads_hours());
         let Some(level) = hours else {
             return format!(
                 "SELECT window_start, {} FROM {partials} WHERE model = '{model}'{range}{}",

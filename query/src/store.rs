@@ -233,8 +233,10 @@ impl<'a> Read<'a> {
             conditions,
             current,
         };
-        // Every group one compacted row: its numbers, no set to count.
+        // Every group one compacted row: its numbers, no set to count; no
+        // compacted hour in the range: the partials' sets.
         let only_hours = counts && rows.only_hours();
+        let counts = counts && rows.reads_hours();
         let time = self.granularity.map(|g| format!("{} AS t", g.bucket()));
         let selected: Vec<String> = time
             .into_iter()
@@ -618,6 +620,11 @@ mod tests {
         let (numbers, _) = read.sql(&target, Some(every));
         assert!(numbers.contains("sum(d1) AS unique_buyers FROM (SELECT window_start, dim1, dim2, c1, c2, c3, emptyArrayString() AS set1, d1, toUInt8(1) AS grain FROM `shop`.`analytics_hours`"), "{numbers}");
         assert!(!numbers.contains("UNION"), "{numbers}");
+        // No compacted hour (the default range, the hour before now): the
+        // partials' sets, no compaction's numbers.
+        let (sets, _) = read.sql(&target, Some(Vec::new()));
+        assert!(sets.contains("uniqExactArray(set1) AS unique_buyers FROM (SELECT window_start, dim1, dim2, c1, c2, c3, set1 FROM `shop`.`analytics_partials`"), "{sets}");
+        assert!(!sets.contains("grain") && !sets.contains("d1"), "{sets}");
         assert!(sql.contains(&format!("FROM `shop`.`analytics_hours` WHERE model = 'orders' AND {hours_sql} AND (window_start, covered) IN (SELECT toStartOfHour(window_start) AS hour, count() FROM `shop`.`analytics_partials` WHERE model = '_window' AND {range_sql} GROUP BY hour)")), "{sql}");
         // No dimension kept: the hours' rows for every key together.
         let (sql, _) = Read::new("users", range, Some(Granularity::Hour)).sql(&target, None);
