@@ -30,9 +30,9 @@ pub struct ReadModels {
     pub queries: BTreeMap<(u32, String), (i64, i64)>,
 }
 
-/// A window's start in seconds.
-pub fn minute(ms: i64) -> u32 {
-    ((ms - ms.rem_euclid(MINUTE_MS)) / 1000) as u32
+/// The start, in seconds, of the `window_ms` window holding `ms`.
+fn window_start(ms: i64, window_ms: i64) -> u32 {
+    ((ms - ms.rem_euclid(window_ms)) / 1000) as u32
 }
 
 /// quantileExact's definition: the element at floor(level * n), sorted.
@@ -65,7 +65,7 @@ impl ReadModels {
     }
 
     fn compute_per<'a>(events: impl IntoIterator<Item = &'a AnyEvent>, window_ms: i64) -> Self {
-        let minute = |ms: i64| ((ms - ms.rem_euclid(window_ms)) / 1000) as u32;
+        let window = |ms: i64| window_start(ms, window_ms);
         let mut buyers: BTreeMap<Key3, BTreeSet<&str>> = BTreeMap::new();
         let mut users: BTreeMap<Key3, (BTreeSet<&str>, i64, BTreeSet<&str>)> = BTreeMap::new();
         let mut chatters: BTreeMap<(u32, String), (i64, BTreeSet<&str>, i64)> = BTreeMap::new();
@@ -74,7 +74,7 @@ impl ReadModels {
         for event in events {
             match event {
                 AnyEvent::Order(o) => {
-                    let m = minute(o.occurred_at);
+                    let m = window(o.occurred_at);
                     let stage = STAGES
                         .iter()
                         .position(|s| *s == o.status)
@@ -101,7 +101,7 @@ impl ReadModels {
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default();
                     let slot = users
-                        .entry((minute(u.occurred_at), u.country.clone(), platform))
+                        .entry((window(u.occurred_at), u.country.clone(), platform))
                         .or_default();
                     slot.0.insert(&u.user_id);
                     slot.2.insert(&u.session_id);
@@ -109,14 +109,14 @@ impl ReadModels {
                 }
                 AnyEvent::Chat(c) => {
                     let slot = chatters
-                        .entry((minute(c.occurred_at), c.room_id.clone()))
+                        .entry((window(c.occurred_at), c.room_id.clone()))
                         .or_default();
                     slot.0 += 1;
                     slot.1.insert(&c.user_id);
                     slot.2 += i64::from(c.flagged);
                 }
                 AnyEvent::Search(s) => {
-                    let m = minute(s.occurred_at);
+                    let m = window(s.occurred_at);
                     let slot = out.search.entry(m).or_default();
                     slot.0 += 1;
                     slot.1 += i64::from(s.results_count == 0);

@@ -521,23 +521,43 @@ impl Rows {
     /// of its hour now, as `(hour, compaction id)` rows; for
     /// [`Rows::current`].
     pub fn current_sql(&self, target: &Target) -> String {
+        format!(
+            "SELECT toUInt32(window_start), min(compaction) {} GROUP BY window_start",
+            self.current_compactions(target)
+        )
+    }
+
+    /// `FROM ... WHERE ...` of the compactions of the range's whole hours
+    /// whose flush count is the hour's window markers now.
+    fn current_compactions(&self, target: &Target) -> String {
         let (range, hour_range) = self.ranges();
         format!(
-            "SELECT toUInt32(window_start), min(compaction) FROM {} WHERE model = '{model}'{hour_range} \
-             AND (window_start, covered) IN (SELECT toStartOfHour(window_start) AS hour, count() FROM {} \
-             WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour) GROUP BY window_start",
+            "FROM {} WHERE model = '{}'{hour_range} AND (window_start, covered) IN \
+             (SELECT toStartOfHour(window_start) AS hour, count() FROM {} WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour)",
             target.table(HOURS_TABLE),
+            self.model,
             target.table(PARTIALS_TABLE),
-            model = self.model,
         )
+    }
+
+    /// A measure's expression over these rows: the partials' sets when no
+    /// compacted hour is read, the hours' numbers when only they are (with
+    /// `counts`), either per group otherwise.
+    pub fn measure<'a>(&self, m: &'a MeasureSql) -> &'a str {
+        if !self.counts || !self.reads_hours() {
+            &m.value
+        } else if self.only_hours() {
+            &m.from_hours
+        } else {
+            &m.counted
+        }
     }
 
     pub fn sql(&self, target: &Target) -> String {
         let partials = target.table(PARTIALS_TABLE);
         let model = self.model;
         let (range, hour_range) = self.ranges();
-        let hours = self.hours.filter(|_| self.reads_hours());
-        let Some(level) = hours else {
+        let Some(level) = self.hours.filter(|_| self.reads_hours()) else {
             return format!(
                 "SELECT window_start, {} FROM {partials} WHERE model = '{model}'{range}{}",
                 self.columns.join(", "),
@@ -576,10 +596,7 @@ impl Rows {
                 )
             }
             None => {
-                let current = format!(
-                    "FROM {hours} WHERE model = '{model}'{hour_range} AND (window_start, covered) IN \
-                     (SELECT toStartOfHour(window_start) AS hour, count() FROM {partials} WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour)"
-                );
+                let current = self.current_compactions(target);
                 (
                     format!("(window_start, compaction) IN (SELECT window_start, min(compaction) {current} GROUP BY window_start)"),
                     format!("toStartOfHour(window_start) NOT IN (SELECT window_start {current})"),

@@ -223,28 +223,39 @@ fn hour_rows(hour: u32, merged: Vec<Merged>, now: u32) -> Option<(Vec<HourRow>, 
         return None;
     }
     let compaction = uuid::Uuid::new_v4().as_u64_pair().0;
-    let row = |model: &str, level: Level, dim1: String, dim2: String, sums: &[i64]| {
+    // One row of the compaction: `sums` are c1 to c6, the sets sorted.
+    let row = |model: &str,
+               level: Level,
+               dims: (String, String),
+               sums: &[i64],
+               sets: [Vec<String>; 2],
+               latencies: Vec<i32>| {
         let mut c = [0; 6];
         for (slot, sum) in c.iter_mut().zip(sums) {
             *slot = *sum;
         }
         let [c1, c2, c3, c4, c5, c6] = c;
+        let [set1, set2] = sets;
         HourRow {
             model: model.to_owned(),
             level: level as u8,
             window_start: hour,
-            dim1,
-            dim2,
+            dim1: dims.0,
+            dim2: dims.1,
             c1,
             c2,
             c3,
             c4,
             c5,
             c6,
+            d1: set1.len() as u64,
+            d2: set2.len() as u64,
+            set1,
+            set2,
+            latencies,
             covered: flushes,
             compaction,
             compacted_at: now,
-            ..HourRow::default()
         }
     };
     let mut by_model: BTreeMap<String, Vec<Merged>> = BTreeMap::new();
@@ -253,45 +264,39 @@ fn hour_rows(hour: u32, merged: Vec<Merged>, now: u32) -> Option<(Vec<HourRow>, 
     }
     let mut out = Vec::new();
     for (model, keys) in by_model.into_iter().filter(|(m, _)| compacted(m)) {
-        let mut all = row(&model, Level::All, String::new(), String::new(), &[]);
-        let (mut all_set1, mut all_set2) = (BTreeSet::new(), BTreeSet::new());
+        // The hour over every key: sums added, sets merged, latencies kept.
+        let mut sums = [0; 6];
+        let (mut set1, mut set2) = (BTreeSet::new(), BTreeSet::new());
+        let mut latencies = Vec::new();
         for m in keys {
-            let mut key = row(&model, Level::Key, m.dim1, m.dim2, &m.sums);
-            for (total, part) in [
-                &mut all.c1,
-                &mut all.c2,
-                &mut all.c3,
-                &mut all.c4,
-                &mut all.c5,
-                &mut all.c6,
-            ]
-            .into_iter()
-            .zip([key.c1, key.c2, key.c3, key.c4, key.c5, key.c6])
-            {
-                *total += part;
+            for (total, sum) in sums.iter_mut().zip(&m.sums) {
+                *total += sum;
             }
-            all_set1.extend(m.set1.iter().cloned());
-            all_set2.extend(m.set2.iter().cloned());
-            all.latencies.extend_from_slice(&m.latencies);
-            key.set1 = m.set1;
-            key.set2 = m.set2;
-            key.latencies = m.latencies;
-            out.push(counted(key));
+            set1.extend(m.set1.iter().cloned());
+            set2.extend(m.set2.iter().cloned());
+            latencies.extend_from_slice(&m.latencies);
+            // Its sets and latencies come sorted (`arraySort`).
+            out.push(row(
+                &model,
+                Level::Key,
+                (m.dim1, m.dim2),
+                &m.sums,
+                [m.set1, m.set2],
+                m.latencies,
+            ));
         }
-        all.set1 = all_set1.into_iter().collect();
-        all.set2 = all_set2.into_iter().collect();
-        out.push(counted(all));
+        latencies.sort_unstable();
+        let sets = [set1.into_iter().collect(), set2.into_iter().collect()];
+        out.push(row(
+            &model,
+            Level::All,
+            Default::default(),
+            &sums,
+            sets,
+            latencies,
+        ));
     }
     Some((out, flushes))
-}
-
-/// `row` with its distinct counts (its sets and latencies come sorted,
-/// the hour's row's from a `BTreeSet` and a sort here).
-fn counted(mut row: HourRow) -> HourRow {
-    row.latencies.sort_unstable();
-    row.d1 = row.set1.len() as u64;
-    row.d2 = row.set2.len() as u64;
-    row
 }
 
 #[cfg(test)]

@@ -233,10 +233,6 @@ impl<'a> Read<'a> {
             conditions,
             current,
         };
-        // Every group one compacted row: its numbers, no set to count; no
-        // compacted hour in the range: the partials' sets.
-        let only_hours = counts && rows.only_hours();
-        let counts = counts && rows.reads_hours();
         let time = self.granularity.map(|g| format!("{} AS t", g.bucket()));
         let selected: Vec<String> = time
             .into_iter()
@@ -245,14 +241,11 @@ impl<'a> Read<'a> {
                     .iter()
                     .map(|n| format!("{} AS {n}", column_of(n))),
             )
-            .chain(measures.iter().map(|m| {
-                let value = match (only_hours, counts) {
-                    (true, _) => &m.from_hours,
-                    (false, true) => &m.counted,
-                    (false, false) => &m.value,
-                };
-                format!("{value} AS {}", m.column)
-            }))
+            .chain(
+                measures
+                    .iter()
+                    .map(|m| format!("{} AS {}", rows.measure(m), m.column)),
+            )
             .chain(derived.iter().map(|(e, c)| format!("{e} AS {c}")))
             .collect();
         let grouped: Vec<&str> = self
