@@ -3,12 +3,13 @@
 //! shutdown. Nothing here is specific to one binary.
 
 pub mod admin;
-mod avro_reader;
+mod avro_datum;
 pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod events;
 pub mod headers;
+mod json_datum;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;

@@ -5,7 +5,7 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backbone::catalog::Catalog;
 use backbone::codec::{self, EncodeError, Encoding};
@@ -94,7 +94,9 @@ pub struct Pending {
     delivery: DeliveryFuture,
     topic: Arc<str>,
     bytes: usize,
-    enqueued: Instant,
+    /// Wall-clock time, the clock read that stamps the produced-at header
+    /// (one read per record instead of two).
+    enqueued: SystemTime,
 }
 
 impl std::fmt::Debug for Pending {
@@ -125,7 +127,7 @@ impl Pending {
                 partition: delivery.partition,
                 offset: delivery.offset,
                 bytes: self.bytes,
-                latency: self.enqueued.elapsed(),
+                latency: self.enqueued.elapsed().unwrap_or_default(),
             }),
             Ok(Err((error, _))) => Err(PublishError::Delivery {
                 topic: topic.to_string(),
@@ -265,14 +267,16 @@ impl Publisher {
                 field: route.key_field.clone(),
             })?;
         let payload = codec::encode(event, self.encoding)?;
+        let now = SystemTime::now();
         let headers = record_headers(
             E::TYPE,
             self.encoding,
             event.event_id(),
             event.occurred_at(),
             traceparent,
+            now,
         );
-        self.enqueue_bytes(&route.topic, key, payload, headers)
+        self.enqueue_bytes(&route.topic, key, payload, headers, now)
             .await
     }
 
@@ -352,14 +356,16 @@ impl Publisher {
                 bytes
             }
         };
+        let now = SystemTime::now();
         let headers = record_headers(
             kind,
             self.encoding,
             event.event_id(),
             event.occurred_at(),
             traceparent,
+            now,
         );
-        self.enqueue_bytes(&route.topic, key, payload, headers)
+        self.enqueue_bytes(&route.topic, key, payload, headers, now)
             .await
     }
 
@@ -369,6 +375,7 @@ impl Publisher {
         key: &str,
         payload: Vec<u8>,
         headers: OwnedHeaders,
+        mut enqueued: SystemTime,
     ) -> Result<Pending, PublishError> {
         let bytes = payload.len();
         let mut record = FutureRecord::to(topic)
@@ -383,7 +390,7 @@ impl Publisher {
                         delivery,
                         topic: topic.clone(),
                         bytes,
-                        enqueued: Instant::now(),
+                        enqueued,
                     })
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -391,6 +398,7 @@ impl Publisher {
                     record = back;
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_millis(20));
+                    enqueued = SystemTime::now();
                 }
                 Err((error, _)) => {
                     return Err(PublishError::Delivery {
@@ -428,9 +436,10 @@ fn record_headers(
     event_id: uuid::Uuid,
     occurred_at: i64,
     traceparent: Option<&str>,
+    produced_at: SystemTime,
 ) -> OwnedHeaders {
     let fingerprint = SchemaRegistry::global().current(event).fingerprint_hex();
-    let produced_at = SystemTime::now()
+    let produced_at = produced_at
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default();

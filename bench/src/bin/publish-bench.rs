@@ -51,6 +51,11 @@ struct Args {
     format: Encoding,
 }
 
+/// The allocator shopstream-publish ships (C's malloc included), for both
+/// contenders alike.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// In flight at most, for both contenders.
 const WINDOW: usize = 50_000;
 
