@@ -16,25 +16,25 @@ pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
     let mut o = Object::open(out);
     if let Some(e) = event.downcast_ref::<UserEvent>() {
         o.head(e.event_id, e.occurred_at);
-        o.string("kind", USER_KINDS[symbol_index(&USER_KINDS, e.kind)].1);
+        o.symbol("kind", USER_KINDS[symbol_index(&USER_KINDS, e.kind)].1);
         o.string("user_id", &e.user_id);
         o.string("session_id", &e.session_id);
         o.string("country", &e.country);
-        o.string(
+        o.symbol(
             "platform",
             PLATFORMS[symbol_index(&PLATFORMS, e.platform)].1,
         );
         o.optional_string("page", e.page.as_deref());
     } else if let Some(e) = event.downcast_ref::<OrderEvent>() {
         o.head(e.event_id, e.occurred_at);
-        o.string(
+        o.symbol(
             "status",
             ORDER_STATUSES[symbol_index(&ORDER_STATUSES, e.status)].1,
         );
         o.string("order_id", &e.order_id);
         o.string("user_id", &e.user_id);
         o.optional_string("session_id", e.session_id.as_deref());
-        o.key("items");
+        o.field("items");
         o.out.push(b'[');
         for (i, item) in e.items.iter().enumerate() {
             if i > 0 {
@@ -55,7 +55,7 @@ pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
         o.string("room_id", &e.room_id);
         o.string("user_id", &e.user_id);
         o.string("text", &e.text);
-        o.key("flagged");
+        o.field("flagged");
         o.out
             .extend_from_slice(if e.flagged { b"true" } else { b"false" });
     } else if let Some(e) = event.downcast_ref::<SearchQuery>() {
@@ -63,10 +63,11 @@ pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
         o.string("user_id", &e.user_id);
         o.string("session_id", &e.session_id);
         o.string("query", &e.query);
-        o.key("filters");
+        o.field("filters");
         let mut filters = Object::open(o.out);
         for (key, value) in &e.filters {
-            filters.string(key, value);
+            filters.key(key);
+            text(filters.out, value);
         }
         filters.out.push(b'}');
         o.number("results_count", i64::from(e.results_count));
@@ -90,6 +91,7 @@ impl<'a> Object<'a> {
         Object { out, empty: true }
     }
 
+    /// A member's key from the data (a map's), escaped.
     fn key(&mut self, key: &str) {
         if !std::mem::take(&mut self.empty) {
             self.out.push(b',');
@@ -98,23 +100,38 @@ impl<'a> Object<'a> {
         self.out.push(b':');
     }
 
-    fn string(&mut self, key: &str, value: &str) {
-        self.key(key);
+    /// A field's name: ours, with nothing to escape, so written as it is.
+    fn field(&mut self, name: &'static str) {
+        if !std::mem::take(&mut self.empty) {
+            self.out.push(b',');
+        }
+        plain(self.out, name);
+        self.out.push(b':');
+    }
+
+    fn string(&mut self, name: &'static str, value: &str) {
+        self.field(name);
         text(self.out, value);
     }
 
-    fn optional_string(&mut self, key: &str, value: Option<&str>) {
+    /// A string of ours with nothing to escape (an enum symbol, an id).
+    fn symbol(&mut self, name: &'static str, value: &str) {
+        self.field(name);
+        plain(self.out, value);
+    }
+
+    fn optional_string(&mut self, name: &'static str, value: Option<&str>) {
         match value {
-            Some(value) => self.string(key, value),
+            Some(value) => self.string(name, value),
             None => {
-                self.key(key);
+                self.field(name);
                 self.out.extend_from_slice(b"null");
             }
         }
     }
 
-    fn number(&mut self, key: &str, value: i64) {
-        self.key(key);
+    fn number(&mut self, name: &'static str, value: i64) {
+        self.field(name);
         self.out
             .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
@@ -122,9 +139,17 @@ impl<'a> Object<'a> {
     /// Every event's first two members: its id and its time.
     fn head(&mut self, event_id: Uuid, occurred_at: i64) {
         let mut id = Uuid::encode_buffer();
-        self.string("event_id", event_id.hyphenated().encode_lower(&mut id));
+        self.symbol("event_id", event_id.hyphenated().encode_lower(&mut id));
         self.number("occurred_at", occurred_at);
     }
+}
+
+/// `value` as a JSON string, nothing in it escaped.
+fn plain(out: &mut Vec<u8>, value: &str) {
+    out.reserve(value.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(value.as_bytes());
+    out.push(b'"');
 }
 
 /// `value` as a JSON string, escaped as serde_json escapes: quote, backslash
@@ -136,10 +161,11 @@ fn text(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
     // Most text has nothing to escape: one pass without branches (which
     // the compiler vectorises) decides, and it is copied whole.
-    let escapes = bytes.iter().fold(false, |any, &b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if !escapes {
+    let mut escapes = 0u8;
+    for &b in bytes {
+        escapes |= u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\');
+    }
+    if escapes == 0 {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
