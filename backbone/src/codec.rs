@@ -44,12 +44,6 @@ impl Encoding {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum EncodeError {
-    #[error("{event} cannot be written as JSON: {reason}")]
-    Json { event: EventType, reason: String },
-}
-
 /// Why bytes could not be read as an event. Every variant is permanent: the
 /// same bytes will never decode, so a consumer dead-letters them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -134,7 +128,7 @@ static FAST: LazyLock<[serde_avro_fast::Schema; 4]> = LazyLock::new(|| {
 });
 
 /// Encodes an event in the given format, with the current schema for Avro.
-pub fn encode<E: Event>(event: &E, encoding: Encoding) -> Result<Vec<u8>, EncodeError> {
+pub fn encode<E: Event>(event: &E, encoding: Encoding) -> Vec<u8> {
     // Room for every generated event (Avro at most 195 bytes, JSON 547):
     // growing the buffer reallocates, and glibc's realloc skips its thread
     // cache; with librdkafka freeing its copies on another thread, the 15%
@@ -143,27 +137,19 @@ pub fn encode<E: Event>(event: &E, encoding: Encoding) -> Result<Vec<u8>, Encode
         Encoding::Avro => 256,
         Encoding::Json => 768,
     });
-    encode_into(event, encoding, &mut out)?;
-    Ok(out)
+    encode_into(event, encoding, &mut out);
+    out
 }
 
 /// Like [`encode`], appending to a reusable buffer.
-pub fn encode_into<E: Event>(
-    event: &E,
-    encoding: Encoding,
-    out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
+pub fn encode_into<E: Event>(event: &E, encoding: Encoding, out: &mut Vec<u8>) {
     match encoding {
         Encoding::Avro => {
             let schema = SchemaRegistry::global().current(E::TYPE);
             out.extend_from_slice(&schema.single_object_header());
             crate::avro_datum::write(event, out);
-            Ok(())
         }
-        Encoding::Json => {
-            crate::json_datum::write(event, out);
-            Ok(())
-        }
+        Encoding::Json => crate::json_datum::write(event, out),
     }
 }
 
@@ -630,7 +616,7 @@ mod tests {
     fn round_trips<E: Event>(event: E) {
         let decoder = Decoder::default();
         for encoding in [Encoding::Avro, Encoding::Json] {
-            let bytes = encode(&event, encoding).unwrap();
+            let bytes = encode(&event, encoding);
             let back: E = decoder
                 .decode_as(&bytes, Some(encoding.content_type()))
                 .unwrap();
@@ -646,11 +632,11 @@ mod tests {
             );
         }
         assert_eq!(
-            encode(&event, Encoding::Json).unwrap(),
+            encode(&event, Encoding::Json),
             serde_json::to_vec(&event).unwrap(),
             "the JSON writer writes what serde_json writes"
         );
-        let bytes = encode(&event, Encoding::Avro).unwrap();
+        let bytes = encode(&event, Encoding::Avro);
         let schema = &SchemaRegistry::global().current(E::TYPE).schema;
         let value = GenericDatumReader::builder(schema)
             .build()
@@ -740,7 +726,7 @@ mod tests {
                 AnyEvent::Order(e) => encode(e, Encoding::Avro),
                 AnyEvent::Chat(e) => encode(e, Encoding::Avro),
                 AnyEvent::Search(e) => encode(e, Encoding::Avro),
-            }.unwrap();
+            };
             let datum = &encoded[10..];
             read_alike(datum)?;
             read_alike(&datum[..cut.index(datum.len() + 1)])?;
@@ -761,7 +747,7 @@ mod tests {
 
         #[test]
         fn corrupted_records_never_panic(event in order_event(), cut in any::<prop::sample::Index>(), flip in any::<(prop::sample::Index, u8)>()) {
-            let bytes = encode(&event, Encoding::Avro).unwrap();
+            let bytes = encode(&event, Encoding::Avro);
             let decoder = Decoder::default();
             let _ = decoder.decode(&bytes[..cut.index(bytes.len())], DecodeHint::default());
             let mut flipped = bytes.clone();
@@ -824,7 +810,7 @@ mod tests {
     #[test]
     fn confluent_wire_format_decodes_with_a_known_schema_id() {
         let event = chat();
-        let avro = encode(&event, Encoding::Avro).unwrap();
+        let avro = encode(&event, Encoding::Avro);
         let mut confluent = vec![0u8, 0, 0, 0, 42];
         confluent.extend_from_slice(&avro[10..]);
         let mut ids = ConfluentSchemaIds::default();
@@ -848,8 +834,8 @@ mod tests {
     #[test]
     fn self_describing_bytes_decode_whatever_the_content_type_says() {
         let decoder = Decoder::default();
-        let avro = encode(&chat(), Encoding::Avro).unwrap();
-        let json = encode(&chat(), Encoding::Json).unwrap();
+        let avro = encode(&chat(), Encoding::Avro);
+        let json = encode(&chat(), Encoding::Json);
         assert!(Decoder::self_describing(&avro));
         assert!(!Decoder::self_describing(&json));
         let declared_json = DecodeHint {
@@ -869,7 +855,7 @@ mod tests {
     fn bad_bytes_get_typed_errors() {
         let decoder = Decoder::default();
         let none = DecodeHint::default();
-        let avro = encode(&chat(), Encoding::Avro).unwrap();
+        let avro = encode(&chat(), Encoding::Avro);
 
         assert_eq!(decoder.decode(&[], none).unwrap_err(), DecodeError::Empty);
 
@@ -905,7 +891,7 @@ mod tests {
             total_minor: 100,
         };
         let mut mixed = avro[..10].to_vec();
-        mixed.extend_from_slice(&encode(&order, Encoding::Avro).unwrap()[10..]);
+        mixed.extend_from_slice(&encode(&order, Encoding::Avro)[10..]);
         let err = decoder.decode(&mixed, none).unwrap_err();
         assert!(
             matches!(err.class(), "schema_mismatch" | "truncated"),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backbone::catalog::Catalog;
-use backbone::codec::{self, EncodeError, Encoding};
+use backbone::codec::{self, Encoding};
 use backbone::events::{AnyEvent, Event, EventType};
 use backbone::headers::{self, Traceparent};
 use backbone::kafka::KafkaConnection;
@@ -45,8 +45,6 @@ pub enum PublishError {
     NoTopic(EventType),
     #[error("{event} has no string field {field:?} to use as the key")]
     NoKey { event: EventType, field: String },
-    #[error(transparent)]
-    Encode(#[from] EncodeError),
     #[error("cannot create the producer: {0}")]
     Client(KafkaError),
     #[error("cannot reach Kafka at {brokers} within {timeout:?}: {error}")]
@@ -94,8 +92,8 @@ pub struct Pending {
     delivery: DeliveryFuture,
     topic: Arc<str>,
     bytes: usize,
-    /// Wall-clock time, the clock read that stamps the produced-at header
-    /// (one read per record instead of two).
+    /// Wall-clock time: the clock read that also stamps the produced-at
+    /// header.
     enqueued: SystemTime,
 }
 
@@ -266,17 +264,9 @@ impl Publisher {
                 event: E::TYPE,
                 field: route.key_field.clone(),
             })?;
-        let payload = codec::encode(event, self.encoding)?;
-        let now = SystemTime::now();
-        let headers = record_headers(
-            E::TYPE,
-            self.encoding,
-            event.event_id(),
-            event.occurred_at(),
-            traceparent,
-            now,
-        );
-        self.enqueue_bytes(&route.topic, key, payload, headers, now)
+        let payload = codec::encode(event, self.encoding);
+        let ids = (event.event_id(), event.occurred_at());
+        self.enqueue_bytes(&route.topic, key, payload, E::TYPE, ids, traceparent)
             .await
     }
 
@@ -324,19 +314,19 @@ impl Publisher {
         let (key, good) = match event {
             AnyEvent::User(e) => (
                 e.string_field(&route.key_field),
-                codec::encode(e, self.encoding)?,
+                codec::encode(e, self.encoding),
             ),
             AnyEvent::Order(e) => (
                 e.string_field(&route.key_field),
-                codec::encode(e, self.encoding)?,
+                codec::encode(e, self.encoding),
             ),
             AnyEvent::Chat(e) => (
                 e.string_field(&route.key_field),
-                codec::encode(e, self.encoding)?,
+                codec::encode(e, self.encoding),
             ),
             AnyEvent::Search(e) => (
                 e.string_field(&route.key_field),
-                codec::encode(e, self.encoding)?,
+                codec::encode(e, self.encoding),
             ),
         };
         let key = key.ok_or_else(|| PublishError::NoKey {
@@ -356,27 +346,33 @@ impl Publisher {
                 bytes
             }
         };
-        let now = SystemTime::now();
-        let headers = record_headers(
-            kind,
-            self.encoding,
-            event.event_id(),
-            event.occurred_at(),
-            traceparent,
-            now,
-        );
-        self.enqueue_bytes(&route.topic, key, payload, headers, now)
+        let ids = (event.event_id(), event.occurred_at());
+        self.enqueue_bytes(&route.topic, key, payload, kind, ids, traceparent)
             .await
     }
 
+    /// Hands an encoded record with the standard headers to the client,
+    /// waiting while its local queue is full.
     async fn enqueue_bytes(
         &self,
         topic: &Arc<str>,
         key: &str,
         payload: Vec<u8>,
-        headers: OwnedHeaders,
-        mut enqueued: SystemTime,
+        event: EventType,
+        (event_id, occurred_at): (uuid::Uuid, i64),
+        traceparent: Option<&str>,
     ) -> Result<Pending, PublishError> {
+        // One clock read stamps the produced-at header and starts the
+        // delivery latency (read again only after waiting for room).
+        let mut enqueued = SystemTime::now();
+        let headers = record_headers(
+            event,
+            self.encoding,
+            event_id,
+            occurred_at,
+            traceparent,
+            enqueued,
+        );
         let bytes = payload.len();
         let mut record = FutureRecord::to(topic)
             .key(key)

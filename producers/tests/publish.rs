@@ -329,13 +329,10 @@ async fn generated_traffic_arrives_complete_in_order_and_reads_in_fastavro(broke
         );
         let key = std::str::from_utf8(record.key().unwrap()).unwrap();
         let (want_key, bytes_json) = match &event {
-            AnyEvent::User(e) => (e.user_id.clone(), codec::encode(e, Encoding::Json).unwrap()),
-            AnyEvent::Order(e) => (
-                e.order_id.clone(),
-                codec::encode(e, Encoding::Json).unwrap(),
-            ),
-            AnyEvent::Chat(e) => (e.room_id.clone(), codec::encode(e, Encoding::Json).unwrap()),
-            AnyEvent::Search(e) => (e.user_id.clone(), codec::encode(e, Encoding::Json).unwrap()),
+            AnyEvent::User(e) => (e.user_id.clone(), codec::encode(e, Encoding::Json)),
+            AnyEvent::Order(e) => (e.order_id.clone(), codec::encode(e, Encoding::Json)),
+            AnyEvent::Chat(e) => (e.room_id.clone(), codec::encode(e, Encoding::Json)),
+            AnyEvent::Search(e) => (e.user_id.clone(), codec::encode(e, Encoding::Json)),
         };
         assert_eq!(key, want_key);
         if let AnyEvent::Order(o) = &event {

@@ -12,12 +12,12 @@ use uuid::Uuid;
 fn write<E: Event>(dir: &std::path::Path, name: &str, event: &E) {
     std::fs::write(
         dir.join(format!("{name}.avro")),
-        encode(event, Encoding::Avro).expect("encodes"),
+        encode(event, Encoding::Avro),
     )
     .expect("writes the sample");
     std::fs::write(
         dir.join(format!("{name}.json")),
-        encode(event, Encoding::Json).expect("encodes"),
+        encode(event, Encoding::Json),
     )
     .expect("writes the sample");
 }

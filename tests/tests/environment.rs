@@ -173,7 +173,7 @@ async fn embedded_bootstrap_starts_a_cluster_with_every_catalog_topic() {
         &producer,
         &topic.name,
         &key,
-        &encode(&message, Encoding::Avro).unwrap(),
+        &encode(&message, Encoding::Avro),
     )
     .await
     .unwrap();

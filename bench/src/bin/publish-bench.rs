@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
                     encode(e, args.format),
                 ),
             };
-            Ok((topic?.to_owned(), key, payload?))
+            Ok((topic?.to_owned(), key, payload))
         })
         .collect::<anyhow::Result<_>>()?;
     let bytes: usize = encoded.iter().map(|(_, _, p)| p.len()).sum();
