@@ -159,8 +159,8 @@ fn text(out: &mut Vec<u8>, value: &str) {
     let bytes = value.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    // Most text has nothing to escape: one pass without branches (which
-    // the compiler vectorises) decides, and it is copied whole.
+    // Most text has nothing to escape: one pass over it without branches
+    // decides, and then it is copied whole.
     let mut escapes = 0u8;
     for &b in bytes {
         escapes |= u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\');
