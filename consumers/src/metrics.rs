@@ -48,6 +48,9 @@ pub struct Metrics {
     pub busy_partitions: BusyPartitions,
     /// ClickHouse insert attempts that failed (each is retried).
     pub clickhouse_insert_failures: Counter,
+    /// Queries for the positions an events table already holds: one per
+    /// partition's first rows, replays and retries, not one per insert.
+    pub position_lookups: Counter,
     /// Times a partition filled its in-flight bound and was held back.
     pub partitions_held_back: Counter,
     /// Partitions the group gave this worker, as of the last rebalance.
@@ -84,6 +87,7 @@ impl Default for Metrics {
             full_partitions: Gauge::default(),
             busy_partitions: BusyPartitions::default(),
             clickhouse_insert_failures: Counter::default(),
+            position_lookups: Counter::default(),
             partitions_held_back: Counter::default(),
             assigned_partitions: Gauge::default(),
             revoked_partitions: Counter::default(),
@@ -116,6 +120,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Changes when partitions are revoked (before their work is stopped)
+    /// and when an assignment arrives: while it stays the same, no other
+    /// member of the group has written this worker's partitions since.
+    pub fn assignment_epoch(&self) -> u64 {
+        self.revoked_partitions.get() + self.rebalances.get()
+    }
+
     /// A registry holding every metric of this worker (shared, not copied).
     pub fn registry(&self) -> Registry {
         let mut r = Registry::default();
@@ -179,6 +190,11 @@ impl Metrics {
             "shopstream_clickhouse_insert_failures",
             "ClickHouse insert attempts of the projections that failed (each retried with backoff; offsets wait)",
             self.clickhouse_insert_failures.clone(),
+        );
+        r.register(
+            "shopstream_clickhouse_position_lookups",
+            "Lookups of the Kafka positions an events table already holds (a partition's first rows after each rebalance, replays, retries)",
+            self.position_lookups.clone(),
         );
         r.register(
             "shopstream_busy_partitions",

@@ -702,3 +702,64 @@ async fn a_replayed_batch_adds_no_rows() {
     )
     .await;
 }
+
+/// A partition's next rows, past what the writer stored itself, are not
+/// looked up again; once a rebalance has let another worker write the
+/// partition, they are, and what that worker stored is not stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_another_worker_stored_during_a_rebalance_are_not_stored_twice() {
+    use consumers::handler::{Handler, Outcome, Record};
+    let db = clickhouse().await.database().await.expect("database");
+    let start = |metrics: Arc<Metrics>| {
+        let settings = clickhouse_settings(&db.url, &db.name);
+        async move {
+            Projections::start(
+                &settings,
+                &[Projection::EventsStore],
+                1,
+                metrics,
+                &Shutdown::new(),
+            )
+            .await
+            .expect("starts")
+        }
+    };
+    let ours = Arc::new(Metrics::default());
+    let (worker, other) = (start(ours.clone()).await, start(Arc::default()).await);
+    let records: Vec<Record> = generate(43, 400)
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| Record {
+            topic: Arc::from("moved"),
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            event,
+            attempts: 0,
+        })
+        .collect();
+    let events = |records: &[Record]| records.iter().map(|r| r.event.clone()).collect::<Vec<_>>();
+    let all_done = |outcomes: Vec<Outcome>| outcomes.iter().all(|o| *o == Outcome::Done);
+    assert!(all_done(worker.handle(&records[..100]).await));
+    let first = ours.position_lookups.get();
+    assert!((1..=4).contains(&first), "one per table: {first}");
+    for batch in records[100..300].chunks(50) {
+        assert!(all_done(worker.handle(batch).await));
+    }
+    assert_eq!(
+        ours.position_lookups.get(),
+        first,
+        "the partition's later batches were not looked up"
+    );
+    // The partition moves to the other worker, which stores some rows
+    // without committing them, and comes back: its first batch ends before
+    // the other worker's rows do.
+    ours.revoked_partitions.inc();
+    assert!(all_done(other.handle(&records[300..350]).await));
+    ours.rebalances.inc();
+    for batch in [&records[300..320], &records[320..]] {
+        assert!(all_done(worker.handle(batch).await));
+    }
+    assert!(ours.position_lookups.get() > first, "looked up again");
+    assert_eq!(counts(&db.client).await, expected_counts(&events(&records)));
+}

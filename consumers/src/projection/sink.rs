@@ -5,15 +5,18 @@
 //! is waiting: nothing else can arrive. A
 //! batch's offsets are stored only after that INSERT is acknowledged.
 //!
-//! Idempotence: event rows carry their Kafka position. Before each attempt
-//! the positions already in the table are looked up (the sorting key, so it
-//! is cheap) and left out, so a replay after a crash, or a retry after a
-//! response lost on the wire, adds nothing. One INSERT below a million rows
-//! into a table without PARTITION BY is one part: all or nothing.
+//! Idempotence: event rows carry their Kafka position. The positions already
+//! in the table are looked up (the sorting key) and left out, so a replay
+//! after a crash, or a retry after a response lost on the wire, adds
+//! nothing. A lookup also learns that nothing is stored past a partition's
+//! rows; the writer's own inserts then keep that knowledge current, so a
+//! partition's next rows, past what it knows, need no lookup until a
+//! rebalance or a failed insert makes it unsure. One INSERT below a million
+//! rows into a table without PARTITION BY is one part: all or nothing.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backbone::telemetry;
@@ -132,6 +135,7 @@ impl<T: RowOwned + RowWrite + Serialize + Send + Sync + 'static> Table<T> {
             guarded,
             limits,
             pacer: pacer.clone(),
+            known: Mutex::default(),
         };
         tokio::spawn(writer.run(inbox));
         Self { name, queue, pacer }
@@ -172,6 +176,34 @@ struct Writer {
     guarded: bool,
     limits: Limits,
     pacer: Arc<Pacer>,
+    known: Mutex<Known>,
+}
+
+/// Per partition, the offset from which the table holds none of its rows:
+/// learnt by a lookup, moved on by this writer's own inserts. Only another
+/// writer could make it wrong, and another writer of a partition means a
+/// rebalance (which changes the assignment epoch and empties it) or a
+/// replay of offsets below it (which is looked up).
+#[derive(Debug, Default)]
+struct Known {
+    epoch: u64,
+    empty_from: HashMap<(String, i32), i64>,
+}
+
+/// The lowest and highest offset of each partition among pending rows.
+type Ranges<'a> = BTreeMap<(&'a str, i32), (i64, i64)>;
+
+fn ranges<T>(pending: &[Submission<T>]) -> Ranges<'_> {
+    let mut ranges = Ranges::new();
+    for (position, _) in pending.iter().flat_map(|s| s.rows.iter()) {
+        let Some(p) = position else { continue };
+        let range = ranges
+            .entry((p.kafka_topic.as_str(), p.kafka_partition))
+            .or_insert((p.kafka_offset, p.kafka_offset));
+        range.0 = range.0.min(p.kafka_offset);
+        range.1 = range.1.max(p.kafka_offset);
+    }
+    ranges
 }
 
 impl Writer {
@@ -245,12 +277,20 @@ impl Writer {
     ) {
         let mut delay = Duration::from_millis(100);
         let started = std::time::Instant::now();
+        let mut trusted = true;
         loop {
             pending.retain(|s| !s.ack.is_closed());
             if pending.is_empty() {
                 return;
             }
-            let failure = match self.try_flush(&pending).await {
+            let attempt = self.try_flush(&pending, trusted).await;
+            if !matches!(attempt, Ok(Some(_))) {
+                // The attempt may have stored some rows: look every one up
+                // from now on, here and in later flushes.
+                self.known.lock().expect("not poisoned").empty_from.clear();
+                trusted = false;
+            }
+            let failure = match attempt {
                 Ok(Some(results)) => {
                     for (submission, results) in pending.into_iter().zip(results) {
                         let _ = submission.ack.send(results);
@@ -272,15 +312,40 @@ impl Writer {
 
     /// One attempt: the rows not yet stored, in one INSERT; when ClickHouse
     /// refuses the data, row by row to find the malformed ones. `Ok(None)`
-    /// when a transient error interrupted the row-by-row pass.
+    /// when a transient error interrupted the row-by-row pass. `trusted`:
+    /// partitions whose rows all lie where the table is known to hold
+    /// nothing are not looked up.
     async fn try_flush<T: RowOwned + RowWrite + Serialize + Send + Sync>(
         &self,
         pending: &[Submission<T>],
+        trusted: bool,
     ) -> Result<Option<Vec<RowResults>>, clickhouse::error::Error> {
-        let stored = if self.guarded {
-            self.stored_positions(pending).await?
+        let ranges = ranges(pending);
+        let epoch = self.pacer.metrics.assignment_epoch();
+        let (stored, found_past) = if self.guarded {
+            let unsure: Ranges<'_> = {
+                let mut known = self.known.lock().expect("not poisoned");
+                if known.epoch != epoch {
+                    *known = Known {
+                        epoch,
+                        ..Known::default()
+                    };
+                }
+                ranges
+                    .iter()
+                    .filter(|((topic, partition), (low, _))| {
+                        !trusted
+                            || known
+                                .empty_from
+                                .get(&(topic.to_string(), *partition))
+                                .is_none_or(|from| low < from)
+                    })
+                    .map(|(k, v)| (*k, *v))
+                    .collect()
+            };
+            self.stored_positions(&unsure).await?
         } else {
-            HashSet::new()
+            Default::default()
         };
         let fresh = |p: &Option<Position>| p.as_ref().is_none_or(|p| !stored.contains(p));
         let rows: Vec<&T> = pending
@@ -292,7 +357,10 @@ impl Writer {
         let ok =
             || -> Vec<RowResults> { pending.iter().map(|s| vec![Ok(()); s.rows.len()]).collect() };
         match self.insert(&rows).await {
-            Ok(()) => return Ok(Some(ok())),
+            Ok(()) => {
+                self.learn(&ranges, &found_past, epoch);
+                return Ok(Some(ok()));
+            }
             Err(error) if !is_data_error(&error) => return Err(error),
             Err(error) => {
                 tracing::warn!(table = self.name, %error, rows = rows.len(), "ClickHouse refused the data; inserting row by row to find the malformed rows.");
@@ -313,7 +381,30 @@ impl Writer {
                 }
             }
         }
+        // The rows refused are not stored either.
+        self.learn(&ranges, &found_past, epoch);
         Ok(Some(results))
+    }
+
+    /// After every pending row is stored (or refused): the table holds none
+    /// of a partition's rows past the highest just written, unless the
+    /// lookup found some there (a replay of what an earlier owner wrote).
+    fn learn(&self, ranges: &Ranges<'_>, found_past: &HashSet<(String, i32)>, epoch: u64) {
+        if !self.guarded {
+            return;
+        }
+        let mut known = self.known.lock().expect("not poisoned");
+        if known.epoch != epoch {
+            return;
+        }
+        for ((topic, partition), (_, high)) in ranges {
+            let key = (topic.to_string(), *partition);
+            if found_past.contains(&key) {
+                known.empty_from.remove(&key);
+            } else {
+                known.empty_from.insert(key, high + 1);
+            }
+        }
     }
 
     async fn insert<T: RowOwned + RowWrite + Serialize + Send + Sync>(
@@ -335,28 +426,21 @@ impl Writer {
         insert.end().await
     }
 
-    /// Which of the pending rows' positions the table already holds.
-    async fn stored_positions<T>(
+    /// Which of the positions in `ranges` the table already holds, and the
+    /// partitions it holds rows of past their range: asked from each
+    /// range's lowest offset on, with no upper bound, as that is what lets
+    /// the writer skip the next lookups.
+    async fn stored_positions(
         &self,
-        pending: &[Submission<T>],
-    ) -> Result<HashSet<Position>, clickhouse::error::Error> {
-        let mut ranges: std::collections::BTreeMap<(&str, i32), (i64, i64)> = Default::default();
-        for (position, _) in pending.iter().flat_map(|s| s.rows.iter()) {
-            let Some(p) = position else { continue };
-            let range = ranges
-                .entry((p.kafka_topic.as_str(), p.kafka_partition))
-                .or_insert((p.kafka_offset, p.kafka_offset));
-            range.0 = range.0.min(p.kafka_offset);
-            range.1 = range.1.max(p.kafka_offset);
-        }
+        ranges: &Ranges<'_>,
+    ) -> Result<(HashSet<Position>, HashSet<(String, i32)>), clickhouse::error::Error> {
         if ranges.is_empty() {
-            return Ok(HashSet::new());
+            return Ok(Default::default());
         }
-        let condition = vec![
-                "(kafka_topic = ? AND kafka_partition = ? AND kafka_offset BETWEEN ? AND ?)";
-                ranges.len()
-            ]
-        .join(" OR ");
+        self.pacer.metrics.position_lookups.inc();
+        let condition =
+            vec!["(kafka_topic = ? AND kafka_partition = ? AND kafka_offset >= ?)"; ranges.len()]
+                .join(" OR ");
         // The lowest offset asked for, as a PREWHERE: the parts written since
         // the last merge are a granule or two each, so the key cannot skip
         // their rows, and reading only the older rows' offsets (not their
@@ -370,13 +454,23 @@ impl Writer {
                 self.name
             ))
             .bind(lowest);
-        for ((topic, partition), (low, high)) in &ranges {
-            query = query.bind(*topic).bind(*partition).bind(*low).bind(*high);
+        for ((topic, partition), (low, _)) in ranges {
+            query = query.bind(*topic).bind(*partition).bind(*low);
         }
         let found = tokio::time::timeout(self.limits.timeout, query.fetch_all::<Position>())
             .await
             .map_err(|_| clickhouse::error::Error::TimedOut)??;
-        Ok(found.into_iter().collect())
+        let mut past = HashSet::new();
+        for p in &found {
+            let key = (p.kafka_topic.as_str(), p.kafka_partition);
+            if ranges
+                .get(&key)
+                .is_some_and(|(_, high)| p.kafka_offset > *high)
+            {
+                past.insert((p.kafka_topic.clone(), p.kafka_partition));
+            }
+        }
+        Ok((found.into_iter().collect(), past))
     }
 }
 
