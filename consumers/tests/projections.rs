@@ -648,12 +648,29 @@ async fn malformed_rows_go_to_the_dlq_and_replay_brings_them_back_once_fixed(bro
     );
 }
 
+/// `n` generated events as the records of partition 0 of `topic`, at
+/// offsets 0 to `n - 1`.
+fn partition_records(topic: &str, seed: u64, n: usize) -> Vec<consumers::handler::Record> {
+    generate(seed, n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| consumers::handler::Record {
+            topic: Arc::from(topic),
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            event,
+            attempts: 0,
+        })
+        .collect()
+}
+
 /// The idempotence the events store relies on, shown directly: the same
 /// batch handled twice (a replay after a crash before the commit) adds no
 /// row, and a replay that overlaps new records adds only the new ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_batch_adds_no_rows() {
-    use consumers::handler::{Handler, Outcome, Record};
+    use consumers::handler::{Handler, Outcome};
     let db = clickhouse().await.database().await.expect("database");
     let projections = Projections::start(
         &clickhouse_settings(&db.url, &db.name),
@@ -664,18 +681,7 @@ async fn a_replayed_batch_adds_no_rows() {
     )
     .await
     .expect("starts");
-    let records: Vec<Record> = generate(41, 300)
-        .into_iter()
-        .enumerate()
-        .map(|(i, event)| Record {
-            topic: Arc::from("replayed"),
-            partition: 0,
-            offset: i as i64,
-            key: None,
-            event,
-            attempts: 0,
-        })
-        .collect();
+    let records = partition_records("replayed", 41, 300);
     let first = projections.handle(&records[..200]).await;
     assert!(first.iter().all(|o| *o == Outcome::Done), "{first:?}");
     let before = counts(&db.client).await;
@@ -726,18 +732,7 @@ async fn rows_another_worker_stored_during_a_rebalance_are_not_stored_twice() {
     };
     let ours = Arc::new(Metrics::default());
     let (worker, other) = (start(ours.clone()).await, start(Arc::default()).await);
-    let records: Vec<Record> = generate(43, 400)
-        .into_iter()
-        .enumerate()
-        .map(|(i, event)| Record {
-            topic: Arc::from("moved"),
-            partition: 0,
-            offset: i as i64,
-            key: None,
-            event,
-            attempts: 0,
-        })
-        .collect();
+    let records = partition_records("moved", 43, 400);
     let events = |records: &[Record]| records.iter().map(|r| r.event.clone()).collect::<Vec<_>>();
     let all_done = |outcomes: Vec<Outcome>| outcomes.iter().all(|o| *o == Outcome::Done);
     assert!(all_done(worker.handle(&records[..100]).await));
