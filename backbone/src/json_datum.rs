@@ -101,6 +101,7 @@ impl<'a> Object<'a> {
     }
 
     /// A field's name: ours, with nothing to escape, so written as it is.
+    #[inline(always)]
     fn field(&mut self, name: &'static str) {
         if !std::mem::take(&mut self.empty) {
             self.out.push(b',');
@@ -109,17 +110,20 @@ impl<'a> Object<'a> {
         self.out.push(b':');
     }
 
+    #[inline(always)]
     fn string(&mut self, name: &'static str, value: &str) {
         self.field(name);
         text(self.out, value);
     }
 
     /// A string of ours with nothing to escape (an enum symbol, an id).
+    #[inline(always)]
     fn symbol(&mut self, name: &'static str, value: &str) {
         self.field(name);
         plain(self.out, value);
     }
 
+    #[inline(always)]
     fn optional_string(&mut self, name: &'static str, value: Option<&str>) {
         match value {
             Some(value) => self.string(name, value),
@@ -130,6 +134,7 @@ impl<'a> Object<'a> {
         }
     }
 
+    #[inline(always)]
     fn number(&mut self, name: &'static str, value: i64) {
         self.field(name);
         self.out
@@ -145,6 +150,7 @@ impl<'a> Object<'a> {
 }
 
 /// `value` as a JSON string, nothing in it escaped.
+#[inline(always)]
 fn plain(out: &mut Vec<u8>, value: &str) {
     out.reserve(value.len() + 2);
     out.push(b'"');
