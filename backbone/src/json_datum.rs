@@ -91,11 +91,17 @@ impl<'a> Object<'a> {
         Object { out, empty: true }
     }
 
-    /// A member's key from the data (a map's), escaped.
-    fn key(&mut self, key: &str) {
+    /// The comma before every member but the first.
+    #[inline(always)]
+    fn member(&mut self) {
         if !std::mem::take(&mut self.empty) {
             self.out.push(b',');
         }
+    }
+
+    /// A member's key from the data (a map's), escaped.
+    fn key(&mut self, key: &str) {
+        self.member();
         text(self.out, key);
         self.out.push(b':');
     }
@@ -103,9 +109,7 @@ impl<'a> Object<'a> {
     /// A field's name: ours, with nothing to escape, so written as it is.
     #[inline(always)]
     fn field(&mut self, name: &'static str) {
-        if !std::mem::take(&mut self.empty) {
-            self.out.push(b',');
-        }
+        self.member();
         plain(self.out, name);
         self.out.push(b':');
     }

@@ -277,18 +277,16 @@ impl Writer {
     ) {
         let mut delay = Duration::from_millis(100);
         let started = std::time::Instant::now();
-        let mut trusted = true;
         loop {
             pending.retain(|s| !s.ack.is_closed());
             if pending.is_empty() {
                 return;
             }
-            let attempt = self.try_flush(&pending, trusted).await;
+            let attempt = self.try_flush(&pending).await;
             if !matches!(attempt, Ok(Some(_))) {
-                // The attempt may have stored some rows: look every one up
-                // from now on, here and in later flushes.
+                // The attempt may have stored some rows: look every
+                // partition up again, in the retries and the flushes after.
                 self.known.lock().expect("not poisoned").empty_from.clear();
-                trusted = false;
             }
             let failure = match attempt {
                 Ok(Some(results)) => {
@@ -312,13 +310,12 @@ impl Writer {
 
     /// One attempt: the rows not yet stored, in one INSERT; when ClickHouse
     /// refuses the data, row by row to find the malformed ones. `Ok(None)`
-    /// when a transient error interrupted the row-by-row pass. `trusted`:
-    /// partitions whose rows all lie where the table is known to hold
-    /// nothing are not looked up.
+    /// when a transient error interrupted the row-by-row pass. Partitions
+    /// whose rows all lie where the table is known to hold nothing are not
+    /// looked up.
     async fn try_flush<T: RowOwned + RowWrite + Serialize + Send + Sync>(
         &self,
         pending: &[Submission<T>],
-        trusted: bool,
     ) -> Result<Option<Vec<RowResults>>, clickhouse::error::Error> {
         let ranges = ranges(pending);
         let epoch = self.pacer.metrics.assignment_epoch();
@@ -334,11 +331,10 @@ impl Writer {
                 ranges
                     .iter()
                     .filter(|((topic, partition), (low, _))| {
-                        !trusted
-                            || known
-                                .empty_from
-                                .get(&(topic.to_string(), *partition))
-                                .is_none_or(|from| low < from)
+                        known
+                            .empty_from
+                            .get(&(topic.to_string(), *partition))
+                            .is_none_or(|from| low < from)
                     })
                     .map(|(k, v)| (*k, *v))
                     .collect()
@@ -390,9 +386,6 @@ impl Writer {
     /// of a partition's rows past the highest just written, unless the
     /// lookup found some there (a replay of what an earlier owner wrote).
     fn learn(&self, ranges: &Ranges<'_>, found_past: &HashSet<(String, i32)>, epoch: u64) {
-        if !self.guarded {
-            return;
-        }
         let mut known = self.known.lock().expect("not poisoned");
         if known.epoch != epoch {
             return;
