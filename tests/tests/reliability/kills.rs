@@ -40,7 +40,11 @@ async fn sigkill_cycles(broker: Broker) {
     let proxy = ClickHouseProxy::start(server).await.expect("proxy");
     let system = System::new(broker, server, &proxy.url(), &[]).await;
     let cycles = 8 * soak();
-    let run = Run::new(72, 40_000 * soak() as usize, 1_000.0, 0.01);
+    // About a minute of publishing: on tansu 0.6.0 a member killed in the
+    // middle of its join holds its successor's join until the session
+    // times out (24 s once, README, compatibility), and at 40 s only four
+    // of the eight kills landed while the publisher was sending.
+    let run = Run::new(72, 40_000 * soak() as usize, 650.0, 0.01);
     let expected = run.expected();
     let seed: u64 = rand::rng().random();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
