@@ -128,20 +128,33 @@ impl<'a> Read<'a> {
         }
     }
 
-    /// The SELECT (with `t` first when a series, then the grouped dimensions,
-    /// then the model's columns) and its values to bind, in order. Whole
-    /// hours of a model with keys come from their compaction where it is
-    /// current (`pipelines::ddl::Rows`), except for a series per minute.
-    fn sql(&self, target: &Target, current: Option<Vec<(u32, u64)>>) -> (String, Vec<String>) {
+    /// `SELECT {outer} ... {tail}` over the read's columns (`t` when a
+    /// series, the grouped dimensions, the model's columns), named in a
+    /// WITH so that `outer` and `tail` pick and order them without another
+    /// level of SELECT (see `Rows::from`), and its values to bind, in
+    /// order. Whole hours of a model with keys come from their compaction
+    /// where it is current (`pipelines::ddl::Rows`), except for a series
+    /// per minute.
+    fn sql(
+        &self,
+        target: &Target,
+        current: Option<Vec<(u32, u64)>>,
+        outer: &str,
+        tail: &str,
+    ) -> (String, Vec<String>) {
         let (rows, selected, group, values) = self.plan(current);
         let values: Vec<String> = (0..rows.sources())
             .flat_map(|_| values.iter().cloned())
             .collect();
-        let sql = format!(
-            "SELECT {} FROM ({}){group}",
+        let mut sql = format!(
+            "WITH {} SELECT {outer} {}{group}",
             selected.join(", "),
-            rows.sql(target)
+            rows.from(target)
         );
+        if !tail.is_empty() {
+            sql.push(' ');
+            sql.push_str(tail);
+        }
         (sql, values)
     }
 
@@ -269,7 +282,11 @@ impl Store {
             .map_err(|e| format!("clickhouse.database: {e}"))?;
         let client = consumers::projection::client(settings, false)
             // ClickHouse stops the query itself too, not just our wait.
-            .with_setting("max_execution_time", timeout.as_secs().max(1).to_string());
+            .with_setting("max_execution_time", timeout.as_secs().max(1).to_string())
+            // The reads are small: under concurrent requests a thread each
+            // serves more of them than two each (query-bench at 8 clients:
+            // up to 1.6 times the requests per second of the day-long reads).
+            .with_setting("max_threads", "1");
         Ok(Self {
             client,
             target,
@@ -321,28 +338,44 @@ impl Store {
         }
     }
 
-    /// `read` wrapped as `SELECT {outer} FROM (read) {tail}`, values bound.
+    /// `read` as `SELECT {outer} ... {tail}` (see `Read::sql`), values
+    /// bound; `tail` comes after the GROUP BY.
     async fn query(
         &self,
         read: &Read<'_>,
         outer: &str,
         tail: &str,
     ) -> Result<clickhouse::query::Query, ApiError> {
-        let current = match read.current_sql(&self.target) {
-            Some(sql) => Some(
+        let current = self.current(read).await?;
+        Ok(self.bound(read, current, outer, tail))
+    }
+
+    /// The current compactions of the hours `read` may take from them.
+    async fn current(&self, read: &Read<'_>) -> Result<Option<Vec<(u32, u64)>>, ApiError> {
+        match read.current_sql(&self.target) {
+            Some(sql) => Ok(Some(
                 self.run(
                     "compacted hours",
                     self.client.query(&sql).fetch_all::<(u32, u64)>(),
                 )
                 .await?,
-            ),
-            None => None,
-        };
-        let (inner, binds) = read.sql(&self.target, current);
-        let sql = format!("SELECT {outer} FROM ({inner}) {tail}");
-        Ok(binds
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Store::query`] given the `current` compactions.
+    fn bound(
+        &self,
+        read: &Read<'_>,
+        current: Option<Vec<(u32, u64)>>,
+        outer: &str,
+        tail: &str,
+    ) -> clickhouse::query::Query {
+        let (sql, binds) = read.sql(&self.target, current, outer, tail);
+        binds
             .iter()
-            .fold(self.client.query(&sql), |query, value| query.bind(value)))
+            .fold(self.client.query(&sql), |query, value| query.bind(value))
     }
 
     /// Answers `SELECT 1`: whether ClickHouse is there.
@@ -448,20 +481,22 @@ impl Store {
 
     /// In two reads: the top rooms by messages (sums only), then their
     /// distinct chatters; over a day of 200 rooms the distinct counts of
-    /// every room cost more than ten times as much.
+    /// every room cost more than ten times as much. Both read the same
+    /// compacted hours, looked up once.
     pub async fn busiest_rooms(&self, range: TimeRange, limit: u32) -> Result<Vec<Room>, ApiError> {
         let sums = Read {
             group: &["room_id"],
             measures: Some(&["messages", "flagged"]),
             ..Read::new("chat", range, None)
         };
+        let current = self.current(&sums).await?;
         let query = self
-            .query(
+            .bound(
                 &sums,
+                current.clone(),
                 "room_id, messages, flagged",
                 "ORDER BY messages DESC, room_id LIMIT ?",
             )
-            .await?
             .bind(limit);
         let top = self
             .run("busiest rooms", query.fetch_all::<(String, i64, i64)>())
@@ -476,9 +511,7 @@ impl Store {
             measures: Some(&["unique_chatters"]),
             ..Read::new("chat", range, None)
         };
-        let query = self
-            .query(&distinct, "room_id, unique_chatters", "")
-            .await?;
+        let query = self.bound(&distinct, current, "room_id, unique_chatters", "");
         let chatters: HashMap<String, u64> = self
             .run(
                 "busiest rooms' chatters",
@@ -524,7 +557,7 @@ impl Store {
             range,
             limit,
             "query, zero_results, searches",
-            "WHERE zero_results > 0 ORDER BY zero_results DESC, query LIMIT ?",
+            "HAVING zero_results > 0 ORDER BY zero_results DESC, query LIMIT ?",
         )
         .await
     }
@@ -592,10 +625,15 @@ mod tests {
             "window_start >= toDateTime(1795996800) AND window_start < toDateTime(1796007600)";
         let hours_sql =
             "window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000)";
+        let sql_of = |read: &Read, current| read.sql(&target, current, "*", "");
         // Per minute: the partials only.
-        let (sql, values) =
-            Read::new("funnel", range, Some(Granularity::Minute)).sql(&target, None);
-        assert_eq!(sql, format!("SELECT toUInt32(window_start) AS t, sum(c1) AS created, sum(c2) AS paid, sum(c3) AS shipped, sum(c4) AS delivered, sum(c5) AS cancelled, sum(c6) AS refunded FROM (SELECT window_start, c1, c2, c3, c4, c5, c6 FROM `shop`.`analytics_partials` WHERE model = 'funnel' AND {range_sql}) GROUP BY t"));
+        let (sql, values) = Read::new("funnel", range, Some(Granularity::Minute)).sql(
+            &target,
+            None,
+            "t, created, paid",
+            "ORDER BY t",
+        );
+        assert_eq!(sql, format!("WITH toUInt32(window_start) AS t, sum(c1) AS created, sum(c2) AS paid, sum(c3) AS shipped, sum(c4) AS delivered, sum(c5) AS cancelled, sum(c6) AS refunded SELECT t, created, paid FROM `shop`.`analytics_partials` WHERE model = 'funnel' AND {range_sql} GROUP BY t ORDER BY t"));
         assert!(values.is_empty());
         // Per hour, every key grouped: one compacted row per group, its
         // distinct counts as numbers.
@@ -603,24 +641,24 @@ mod tests {
             group: &["category", "currency"],
             ..Read::new("orders", range, Some(Granularity::Hour))
         };
-        let (sql, _) = read.sql(&target, None);
+        let (sql, _) = sql_of(&read, None);
         assert!(
             sql.contains("if(max(grain) = 1, sum(d1), uniqExactArray(set1)) AS unique_buyers"),
             "{sql}"
         );
         // Every hour compacted: the numbers alone.
         let every = (0..3).map(|h| (1_795_996_800 + h * 3_600, 7)).collect();
-        let (numbers, _) = read.sql(&target, Some(every));
-        assert!(numbers.contains("sum(d1) AS unique_buyers FROM (SELECT window_start, dim1, dim2, c1, c2, c3, emptyArrayString() AS set1, d1, toUInt8(1) AS grain FROM `shop`.`analytics_hours`"), "{numbers}");
+        let (numbers, _) = sql_of(&read, Some(every));
+        assert!(numbers.contains("sum(d1) AS unique_buyers SELECT * FROM `shop`.`analytics_hours` WHERE model = 'orders' AND level = 0"), "{numbers}");
         assert!(!numbers.contains("UNION"), "{numbers}");
         // No compacted hour (the default range, the hour before now): the
         // partials' sets, no compaction's numbers.
-        let (sets, _) = read.sql(&target, Some(Vec::new()));
-        assert!(sets.contains("uniqExactArray(set1) AS unique_buyers FROM (SELECT window_start, dim1, dim2, c1, c2, c3, set1 FROM `shop`.`analytics_partials`"), "{sets}");
+        let (sets, _) = sql_of(&read, Some(Vec::new()));
+        assert!(sets.contains("uniqExactArray(set1) AS unique_buyers SELECT * FROM `shop`.`analytics_partials` WHERE model = 'orders'"), "{sets}");
         assert!(!sets.contains("grain") && !sets.contains("d1"), "{sets}");
         assert!(sql.contains(&format!("FROM `shop`.`analytics_hours` WHERE model = 'orders' AND {hours_sql} AND (window_start, covered) IN (SELECT toStartOfHour(window_start) AS hour, count() FROM `shop`.`analytics_partials` WHERE model = '_window' AND {range_sql} GROUP BY hour)")), "{sql}");
         // No dimension kept: the hours' rows for every key together.
-        let (sql, _) = Read::new("users", range, Some(Granularity::Hour)).sql(&target, None);
+        let (sql, _) = sql_of(&Read::new("users", range, Some(Granularity::Hour)), None);
         assert!(sql.contains("model = 'users' AND level = 1"), "{sql}");
         // Over the whole range, some rooms: the sets, the values bound in
         // both sources.
@@ -631,14 +669,14 @@ mod tests {
             measures: Some(&["unique_chatters"]),
             ..Read::new("chat", range, None)
         };
-        let (sql, values) = read.sql(&target, None);
-        assert!(sql.starts_with("SELECT dim1 AS room_id, uniqExactArray(set1) AS unique_chatters FROM (SELECT window_start, dim1, set1 FROM `shop`.`analytics_hours` WHERE model = 'chat' AND level = 0"), "{sql}");
+        let (sql, values) = sql_of(&read, None);
+        assert!(sql.starts_with("WITH dim1 AS room_id, uniqExactArray(set1) AS unique_chatters SELECT * FROM (SELECT window_start, dim1, set1 FROM `shop`.`analytics_hours` WHERE model = 'chat' AND level = 0"), "{sql}");
         assert_eq!(sql.matches(" AND dim1 IN (?, ?)").count(), 2, "{sql}");
         assert!(sql.ends_with("GROUP BY room_id"), "{sql}");
         assert_eq!(values, [rooms.clone(), rooms.clone()].concat());
         // The current compactions read beforehand: named, not counted again.
         assert!(read.current_sql(&target).is_some());
-        let (sql, values) = read.sql(&target, Some(vec![(1_795_996_800, 12)]));
+        let (sql, values) = sql_of(&read, Some(vec![(1_795_996_800, 12)]));
         assert!(sql.contains("AND level = 0 AND window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000) AND (toUInt32(window_start), compaction) IN ((1795996800, 12)) AND dim1 IN (?, ?)"), "{sql}");
         assert!(sql.contains("WHERE model = 'chat' AND (window_start >= toDateTime(1796000400) AND window_start < toDateTime(1796007600)) AND dim1 IN (?, ?) AND toUInt32(toStartOfHour(window_start)) NOT IN (1795996800)"), "{sql}");
         // Every hour compacted: the compactions alone.
@@ -648,7 +686,7 @@ mod tests {
             (1_796_003_600, 3),
             (1_796_007_200, 4),
         ];
-        let (only, bound) = read.sql(&target, Some(all));
+        let (only, bound) = sql_of(&read, Some(all));
         assert!(
             !only.contains("analytics_partials") && !only.contains("UNION"),
             "{only}"
@@ -657,7 +695,7 @@ mod tests {
         assert!(!sql.contains("count()"), "{sql}");
         assert_eq!(values.len(), 4);
         // None current: the partials alone.
-        let (sql, values) = read.sql(&target, Some(Vec::new()));
+        let (sql, values) = sql_of(&read, Some(Vec::new()));
         assert!(!sql.contains("analytics_hours"), "{sql}");
         assert_eq!(values, rooms);
         assert!(Read::new("funnel", range, Some(Granularity::Minute))

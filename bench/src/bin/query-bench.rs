@@ -225,6 +225,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             format!("/api/v1/searches/top?from={day_from}&to={day_to}"),
         ),
         (
+            "top zero-result searches, the day, top 10",
+            format!("/api/v1/searches/zero-results/top?from={day_from}&to={day_to}"),
+        ),
+        (
             "searches and zero results, the day per minute",
             format!("/api/v1/searches?from={day_from}&to={day_to}"),
         ),
