@@ -177,17 +177,7 @@ async fn answers_add_up_the_seeded_partials() {
                 "/api/v1/chat-rooms/busiest?from={from}&to={to}&limit=5"
             ))
             .await;
-        let got: Vec<(String, i64)> = answer["rooms"]
-            .as_array()
-            .expect("rooms")
-            .iter()
-            .map(|r| {
-                (
-                    r["room_id"].as_str().expect("id").to_owned(),
-                    r["messages"].as_i64().expect("n"),
-                )
-            })
-            .collect();
+        let got = common::named_counts(&answer, "rooms", "room_id", "messages");
         let want: Vec<(String, i64)> = ranked[..5]
             .iter()
             .map(|(r, n)| ((*r).to_owned(), *n))

@@ -196,17 +196,7 @@ async fn the_dashboard_shows_what_the_api_answers() {
     let top = service
         .json(&format!("/api/v1/searches/top?{range}&limit=10"))
         .await;
-    let want: Vec<(String, i64)> = top["queries"]
-        .as_array()
-        .expect("queries")
-        .iter()
-        .map(|q| {
-            (
-                q["query"].as_str().expect("q").to_owned(),
-                q["searches"].as_i64().expect("n"),
-            )
-        })
-        .collect();
+    let want = common::named_counts(&top, "queries", "query", "searches");
     let got: Vec<(String, i64)> = shown["queries"]
         .as_array()
         .expect("rows")

@@ -90,6 +90,26 @@ pub async fn seeded_with(seed: Seed, change: impl FnOnce(&mut QuerySettings)) ->
     }
 }
 
+/// (`name`, `count`) of each entry of the answer's `list`.
+pub fn named_counts(
+    answer: &serde_json::Value,
+    list: &str,
+    name: &str,
+    count: &str,
+) -> Vec<(String, i64)> {
+    answer[list]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|entry| {
+            (
+                entry[name].as_str().expect("a name").to_owned(),
+                entry[count].as_i64().expect("a count"),
+            )
+        })
+        .collect()
+}
+
 /// (query, zero results, searches) of a top zero-result searches answer.
 pub fn zero_result_queries(answer: &serde_json::Value) -> Vec<(String, i64, i64)> {
     answer["queries"]
