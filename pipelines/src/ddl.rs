@@ -556,8 +556,8 @@ impl Rows {
     /// The rows as the `FROM` of an aggregate over them: straight from the
     /// table when one source holds them all, else from their union.
     /// ClickHouse 18.16 analyzes a nested SELECT again for each level
-    /// around it: a flat read of a day's compacted hours takes about 40%
-    /// less of its CPU.
+    /// around it: a flat read of a day's compacted hours costs it about a
+    /// third less.
     pub fn from(&self, target: &Target) -> String {
         let partials = target.table(PARTIALS_TABLE);
         let model = self.model;
@@ -626,7 +626,7 @@ impl Rows {
     }
 
     /// The rows as a SELECT of `window_start` and `columns`.
-    pub fn sql(&self, target: &Target) -> String {
+    fn sql(&self, target: &Target) -> String {
         let partials = target.table(PARTIALS_TABLE);
         let model = self.model;
         let Some(level) = self.hours.filter(|_| self.reads_hours()) else {
