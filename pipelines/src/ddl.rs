@@ -416,12 +416,12 @@ fn closed_hours(target: &Target) -> Vec<String> {
             current: None,
         };
         statements.push(format!(
-            "CREATE VIEW IF NOT EXISTS {}{} AS SELECT toStartOfHour(window_start) AS hour{}, {} FROM ({}) GROUP BY hour{}",
+            "CREATE VIEW IF NOT EXISTS {}{} AS SELECT toStartOfHour(window_start) AS hour{}, {} {} GROUP BY hour{}",
             target.table(&view),
             target.on_cluster(),
             model.dims_select(),
             model.values_with(true),
-            rows.sql(target),
+            rows.from(target),
             model.dims_group(),
         ));
     }
@@ -568,11 +568,14 @@ impl Rows {
                 self.conditions
             );
         };
+        let (compacted, partials_range, not_compacted) = self.compacted(target, level);
         if self.only_hours() {
-            let (compacted, ..) = self.compacted(target, level);
             return format!("{compacted}{}", self.conditions);
         }
-        format!("FROM ({})", self.sql(target))
+        format!(
+            "FROM ({})",
+            self.union(&compacted, &partials_range, &not_compacted, target)
+        )
     }
 
     /// `FROM ... WHERE ...` of the hours' rows of the current compactions
@@ -625,18 +628,18 @@ impl Rows {
         (compacted, partials_range, not_compacted)
     }
 
-    /// The rows as a SELECT of `window_start` and `columns`.
-    fn sql(&self, target: &Target) -> String {
+    /// The compacted hours' rows and the partials' other rows (see
+    /// [`Rows::compacted`]), each as `window_start` and `columns`, in one
+    /// UNION ALL.
+    fn union(
+        &self,
+        compacted: &str,
+        partials_range: &str,
+        not_compacted: &str,
+        target: &Target,
+    ) -> String {
         let partials = target.table(PARTIALS_TABLE);
         let model = self.model;
-        let Some(level) = self.hours.filter(|_| self.reads_hours()) else {
-            return format!(
-                "SELECT window_start, {} {}",
-                self.columns.join(", "),
-                self.from(target)
-            );
-        };
-        let (compacted, partials_range, not_compacted) = self.compacted(target, level);
         let (mut from_hours, mut from_partials) = (Vec::new(), Vec::new());
         for column in &self.columns {
             match (self.counts, *column) {
@@ -655,16 +658,10 @@ impl Rows {
             from_hours.push("toUInt8(1) AS grain".to_owned());
             from_partials.push("toUInt8(0) AS grain".to_owned());
         }
-        let from_hours = format!(
-            "SELECT window_start, {} {compacted}{}",
-            from_hours.join(", "),
-            self.conditions
-        );
-        if self.only_hours() {
-            return from_hours;
-        }
         format!(
-            "{from_hours} UNION ALL SELECT window_start, {} FROM {partials} WHERE model = '{model}'{partials_range}{} AND {not_compacted}",
+            "SELECT window_start, {} {compacted}{} UNION ALL SELECT window_start, {} FROM {partials} WHERE model = '{model}'{partials_range}{} AND {not_compacted}",
+            from_hours.join(", "),
+            self.conditions,
             from_partials.join(", "),
             self.conditions,
         )

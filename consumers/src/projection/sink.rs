@@ -317,7 +317,12 @@ impl Writer {
         &self,
         pending: &[Submission<T>],
     ) -> Result<Option<Vec<RowResults>>, clickhouse::error::Error> {
-        let ranges = ranges(pending);
+        // An unguarded table's rows carry no positions: nothing to range.
+        let ranges = if self.guarded {
+            ranges(pending)
+        } else {
+            Ranges::new()
+        };
         let epoch = self.pacer.metrics.assignment_epoch();
         let (stored, found_past) = if self.guarded {
             let unsure: Ranges<'_> = {
