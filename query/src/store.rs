@@ -246,6 +246,8 @@ impl<'a> Read<'a> {
             conditions,
             current,
         };
+        let ungrouped =
+            rows.one_row_per_group() && measures.iter().all(|m| m.of_hour_row.is_some());
         let time = self.granularity.map(|g| format!("{} AS t", g.bucket()));
         let selected: Vec<String> = time
             .into_iter()
@@ -254,11 +256,10 @@ impl<'a> Read<'a> {
                     .iter()
                     .map(|n| format!("{} AS {n}", column_of(n))),
             )
-            .chain(
-                measures
-                    .iter()
-                    .map(|m| format!("{} AS {}", rows.measure(m), m.column)),
-            )
+            .chain(measures.iter().map(|m| match (&m.of_hour_row, ungrouped) {
+                (Some(row), true) => format!("{row} AS {}", m.column),
+                _ => format!("{} AS {}", rows.measure(m), m.column),
+            }))
             .chain(derived.iter().map(|(e, c)| format!("{e} AS {c}")))
             .collect();
         let grouped: Vec<&str> = self
@@ -267,7 +268,7 @@ impl<'a> Read<'a> {
             .into_iter()
             .chain(self.group.iter().copied())
             .collect();
-        let group = if grouped.is_empty() {
+        let group = if grouped.is_empty() || ungrouped {
             String::new()
         } else {
             format!(" GROUP BY {}", grouped.join(", "))
@@ -649,7 +650,12 @@ mod tests {
         // Every hour compacted: the numbers alone.
         let every = (0..3).map(|h| (1_795_996_800 + h * 3_600, 7)).collect();
         let (numbers, _) = sql_of(&read, Some(every));
-        assert!(numbers.contains("sum(d1) AS unique_buyers SELECT * FROM `shop`.`analytics_hours` WHERE model = 'orders' AND level = 0"), "{numbers}");
+        // One compacted row per group: its values, no aggregate.
+        assert!(numbers.contains("c3 AS revenue_minor, d1 AS unique_buyers SELECT * FROM `shop`.`analytics_hours` WHERE model = 'orders' AND level = 0"), "{numbers}");
+        assert!(
+            !numbers.contains("GROUP BY") && !numbers.contains("sum("),
+            "{numbers}"
+        );
         assert!(!numbers.contains("UNION"), "{numbers}");
         // No compacted hour (the default range, the hour before now): the
         // partials' sets, no compaction's numbers.
@@ -675,9 +681,11 @@ mod tests {
         assert!(sql.ends_with("GROUP BY room_id"), "{sql}");
         assert_eq!(values, [rooms.clone(), rooms.clone()].concat());
         // The current compactions read beforehand: named, not counted again.
-        assert!(read.current_sql(&target).is_some());
+        assert!(read
+            .current_sql(&target)
+            .is_some_and(|sql| sql.contains("WHERE model = 'chat' AND level = 1 AND")));
         let (sql, values) = sql_of(&read, Some(vec![(1_795_996_800, 12)]));
-        assert!(sql.contains("AND level = 0 AND window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000) AND (toUInt32(window_start), compaction) IN ((1795996800, 12)) AND dim1 IN (?, ?)"), "{sql}");
+        assert!(sql.contains("AND level = 0 AND window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000) AND compaction IN (12) AND dim1 IN (?, ?)"), "{sql}");
         assert!(sql.contains("WHERE model = 'chat' AND (window_start >= toDateTime(1796000400) AND window_start < toDateTime(1796007600)) AND dim1 IN (?, ?) AND toUInt32(toStartOfHour(window_start)) NOT IN (1795996800)"), "{sql}");
         // Every hour compacted: the compactions alone.
         let all = vec![

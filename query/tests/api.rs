@@ -159,6 +159,34 @@ async fn answers_add_up_the_seeded_partials() {
             .map(|(t, set)| (u64::from(*t), set.len() as u64))
             .collect();
         assert_eq!(got, want);
+        // And per hour: over whole hours each point is one compacted row.
+        let mut hours: BTreeMap<u32, (BTreeSet<&str>, i64, BTreeSet<&str>)> = BTreeMap::new();
+        for row in rows.iter().filter(|r| in_range(r, "users", from, to)) {
+            let hour = hours
+                .entry(row.window_start - row.window_start % 3_600)
+                .or_default();
+            hour.0.extend(row.set1.iter().map(String::as_str));
+            hour.1 += row.c1;
+            hour.2.extend(row.set2.iter().map(String::as_str));
+        }
+        let answer = service
+            .json(&format!(
+                "/api/v1/active-users?from={from}&to={to}&granularity=hour"
+            ))
+            .await;
+        let got: Vec<Value> = answer["points"].as_array().expect("points").clone();
+        let want: Vec<Value> = hours
+            .iter()
+            .map(|(t, (users, sign_ups, sessions))| {
+                serde_json::json!({
+                    "window_start": t,
+                    "unique_users": users.len(),
+                    "sign_ups": sign_ups,
+                    "sessions": sessions.len(),
+                })
+            })
+            .collect();
+        assert_eq!(got, want);
 
         // Busiest rooms: messages summed, ties by room id, limited.
         let mut rooms: BTreeMap<&str, i64> = BTreeMap::new();
