@@ -113,27 +113,27 @@ impl Model {
     }
 }
 
+/// The column of a compacted hour's row holding the distinct count of the
+/// set column `set` (`set1` -> `d1`).
+fn count_of(set: &str) -> String {
+    set.replace("set", "d")
+}
+
 impl Measure {
     fn value(&self) -> String {
         format!("{}{}({})", self.function, self.params, self.argument)
     }
 
-    /// Over [`Rows`] with `counts` where every row is a compacted hour's:
-    /// a distinct count is the hour's number.
+    /// Over one compacted hour's row of a key, for a read whose every
+    /// group is one such row ([`Rows::one_row_per_group`]): the row's own
+    /// value, a distinct count the hour's number. A compacted model has
+    /// only sums and distinct counts (tested); anything else stays its
+    /// aggregate.
     fn value_from_hours(&self) -> String {
-        match self.argument {
-            set @ ("set1" | "set2") => format!("sum({})", set.replace("set", "d")),
-            _ => self.value(),
-        }
-    }
-
-    /// Over one compacted hour's row of a key: the row's own value, for
-    /// a read with no group of more than one row ([`Rows::one_row_per_group`]).
-    fn value_of_hour_row(&self) -> Option<String> {
         match (self.function, self.argument) {
-            ("uniqExactArray", set @ ("set1" | "set2")) => Some(set.replace("set", "d")),
-            ("sum", column) => Some(column.to_owned()),
-            _ => None,
+            (_, set @ ("set1" | "set2")) => count_of(set),
+            ("sum", column) => column.to_owned(),
+            _ => self.value(),
         }
     }
 
@@ -143,7 +143,7 @@ impl Measure {
         match (counts, self.argument) {
             (true, set @ ("set1" | "set2")) => format!(
                 "if(max(grain) = 1, sum({}), {})",
-                set.replace("set", "d"),
+                count_of(set),
                 self.value()
             ),
             _ => self.value(),
@@ -288,11 +288,9 @@ pub struct MeasureSql {
     pub value: String,
     /// Over [`Rows`] with `counts`.
     pub counted: String,
-    /// The same when every row is a compacted hour's ([`Rows::only_hours`]).
+    /// The same when every row is a compacted hour's ([`Rows::only_hours`]),
+    /// each group one row: no aggregate.
     pub from_hours: String,
-    /// The same over one compacted hour's row, without an aggregate
-    /// (`None`: no such expression).
-    pub of_hour_row: Option<String>,
     /// The partials column it aggregates.
     pub argument: &'static str,
 }
@@ -316,7 +314,6 @@ pub fn model_columns(key: &str) -> Option<ModelColumns> {
                 value: m.value(),
                 counted: m.value_with(true),
                 from_hours: m.value_from_hours(),
-                of_hour_row: m.value_of_hour_row(),
                 argument: m.argument,
             })
             .collect(),
@@ -502,7 +499,7 @@ impl Rows {
 
     /// Whether every group of the aggregate is one row: `counts`, and
     /// every row a current compaction's (one per hour and key). Its
-    /// measures then need no aggregate (`MeasureSql::of_hour_row`), nor
+    /// measures then need no aggregate (`MeasureSql::from_hours`), nor
     /// the read a GROUP BY: a day of revenue per hour and category (2,400
     /// groups) costs ClickHouse 18.16 about a quarter less so.
     pub fn one_row_per_group(&self) -> bool {
@@ -568,12 +565,13 @@ impl Rows {
     }
 
     /// A measure's expression over these rows: the partials' sets when no
-    /// compacted hour is read, the hours' numbers when only they are (with
-    /// `counts`), either per group otherwise.
+    /// compacted hour is read, the hours' own values when only they are
+    /// (with `counts`: [`Rows::one_row_per_group`]), either per group
+    /// otherwise.
     pub fn measure<'a>(&self, m: &'a MeasureSql) -> &'a str {
         if !self.counts || !self.reads_hours() {
             &m.value
-        } else if self.only_hours() {
+        } else if self.one_row_per_group() {
             &m.from_hours
         } else {
             &m.counted
@@ -670,7 +668,7 @@ impl Rows {
         for column in &self.columns {
             match (self.counts, *column) {
                 (true, "set1" | "set2") => {
-                    let count = column.replace("set", "d");
+                    let count = count_of(column);
                     from_hours.push(format!("emptyArrayString() AS {column}, {count}"));
                     from_partials.push(format!("{column}, toUInt64(0) AS {count}"));
                 }
@@ -842,6 +840,23 @@ mod tests {
             .all(|s| s.contains("latency_sum_ms / searches AS mean_latency_ms")));
         for key in MODEL_KEYS {
             assert!(MODELS.iter().any(|m| m.key == key));
+        }
+    }
+
+    #[test]
+    fn a_compacted_model_has_only_sums_and_distinct_counts() {
+        // A read of compacted rows, one per group, takes each measure's
+        // row form (`value_from_hours`) with no GROUP BY.
+        for model in MODELS.iter().filter(|m| m.compacted()) {
+            for m in model.measures {
+                assert!(
+                    m.function == "sum" || m.function == "uniqExactArray",
+                    "{}.{}",
+                    model.key,
+                    m.column
+                );
+                assert!(!m.value_from_hours().contains('('), "{}", m.column);
+            }
         }
     }
 

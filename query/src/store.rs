@@ -246,8 +246,6 @@ impl<'a> Read<'a> {
             conditions,
             current,
         };
-        let ungrouped =
-            rows.one_row_per_group() && measures.iter().all(|m| m.of_hour_row.is_some());
         let time = self.granularity.map(|g| format!("{} AS t", g.bucket()));
         let selected: Vec<String> = time
             .into_iter()
@@ -256,10 +254,11 @@ impl<'a> Read<'a> {
                     .iter()
                     .map(|n| format!("{} AS {n}", column_of(n))),
             )
-            .chain(measures.iter().map(|m| match (&m.of_hour_row, ungrouped) {
-                (Some(row), true) => format!("{row} AS {}", m.column),
-                _ => format!("{} AS {}", rows.measure(m), m.column),
-            }))
+            .chain(
+                measures
+                    .iter()
+                    .map(|m| format!("{} AS {}", rows.measure(m), m.column)),
+            )
             .chain(derived.iter().map(|(e, c)| format!("{e} AS {c}")))
             .collect();
         let grouped: Vec<&str> = self
@@ -268,7 +267,8 @@ impl<'a> Read<'a> {
             .into_iter()
             .chain(self.group.iter().copied())
             .collect();
-        let group = if grouped.is_empty() || ungrouped {
+        // One compacted row per group: nothing to add up.
+        let group = if grouped.is_empty() || rows.one_row_per_group() {
             String::new()
         } else {
             format!(" GROUP BY {}", grouped.join(", "))

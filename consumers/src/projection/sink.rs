@@ -317,14 +317,11 @@ impl Writer {
         &self,
         pending: &[Submission<T>],
     ) -> Result<Option<Vec<RowResults>>, clickhouse::error::Error> {
-        // An unguarded table's rows carry no positions: nothing to range.
-        let ranges = if self.guarded {
-            ranges(pending)
-        } else {
-            Ranges::new()
-        };
         let epoch = self.pacer.metrics.assignment_epoch();
-        let (stored, found_past) = if self.guarded {
+        // An unguarded table's rows carry no positions: nothing to range
+        // or look up.
+        let (ranges, (stored, found_past)) = if self.guarded {
+            let ranges = ranges(pending);
             let unsure: Ranges<'_> = {
                 let mut known = self.known.lock().expect("not poisoned");
                 if known.epoch != epoch {
@@ -344,7 +341,8 @@ impl Writer {
                     .map(|(k, v)| (*k, *v))
                     .collect()
             };
-            self.stored_positions(&unsure).await?
+            let found = self.stored_positions(&unsure).await?;
+            (ranges, found)
         } else {
             Default::default()
         };
