@@ -91,9 +91,12 @@ pub async fn compact(
     unmarked: &mut Unmarked,
 ) -> Result<Compacted, clickhouse::error::Error> {
     let timeout_s = timeout.as_secs().max(1).to_string();
-    let stale: Vec<(u32, u64)> = client
+    // Each hour with its day as the table partitions it (the server's
+    // calendar day).
+    let stale: Vec<(u32, u64, u32)> = client
         .query(&format!(
-            "SELECT toUInt32(toStartOfHour(window_start)) AS hour, count() FROM {PARTIALS_TABLE} \
+            "SELECT toUInt32(toStartOfHour(window_start)) AS hour, count(), \
+             toYYYYMMDD(toDateTime(hour)) FROM {PARTIALS_TABLE} \
              WHERE model = '{WINDOW_MARKER}' AND window_start >= toStartOfHour(toDateTime({since})) \
              GROUP BY hour \
              HAVING max(flushed_at) < toDateTime({idle_before}) AND (hour, count()) NOT IN \
@@ -105,7 +108,8 @@ pub async fn compact(
         .fetch_all()
         .await?;
     let mut done = Compacted::default();
-    for (hour, markers) in stale {
+    let mut days = BTreeSet::new();
+    for (hour, markers, day) in stale {
         if unmarked.contains(&(hour, markers)) {
             done.unmarked += 1;
             continue;
@@ -142,8 +146,28 @@ pub async fn compact(
         insert.end().await?;
         done.hours += 1;
         done.flushes += flushes;
+        days.insert(day);
     }
+    merge_days(client, &days).await;
     Ok(done)
+}
+
+/// Merges the parts of each day (the table's partition) the round wrote
+/// to: each compaction is a part of its own, and ClickHouse 18.16 pays
+/// for every part in every read (a day's lookup and read ran 1.5-1.6 times
+/// as many requests/s on one part as on five, BENCHMARKS.md). Only reads
+/// are slower when it fails, so a failure is logged, not returned. A day
+/// already in one part is not rewritten.
+async fn merge_days(client: &clickhouse::Client, days: &BTreeSet<u32>) {
+    for day in days {
+        if let Err(error) = client
+            .query(&format!("OPTIMIZE TABLE {HOURS_TABLE} PARTITION {day}"))
+            .execute()
+            .await
+        {
+            tracing::warn!(%error, "Merging a day of compacted hours failed; its reads are slower until ClickHouse merges it.");
+        }
+    }
 }
 
 /// Compacts closed hours every `every` until `shutdown` (the job runs it

@@ -99,6 +99,15 @@ async fn current_compactions(db: &TestDatabase) -> u64 {
         .unwrap()
 }
 
+/// Active parts of the compacted hours (one day's here).
+async fn parts(db: &TestDatabase) -> u64 {
+    db.client
+        .query("SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 'analytics_hours' AND active")
+        .fetch_one::<u64>()
+        .await
+        .unwrap()
+}
+
 async fn compact_all(db: &TestDatabase, unmarked: &mut Unmarked) -> Compacted {
     compact(
         &db.client,
@@ -154,6 +163,11 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
         }
     );
     assert_eq!(current_compactions(&db).await, 2);
+    assert_eq!(
+        parts(&db).await,
+        1,
+        "the day's two compactions merged into one part"
+    );
     assert_eq!(per_hour(&db).await, want, "from the compacted hours");
     assert_eq!(
         compact_all(&db, &mut unmarked).await,
