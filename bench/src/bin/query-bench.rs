@@ -19,7 +19,12 @@ use backbone::config::{ClickHouseSettings, Config, QuerySettings};
 use backbone::shutdown::Shutdown;
 use bench::{Goal, Recorder};
 use clap::Parser;
+use pipelines::ddl::{PARTIALS_TABLE, WINDOW_MARKER};
 use query::seed::Seed;
+
+/// The allocator shopstream-query ships: the service runs in this process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(name = "query-bench")]
@@ -29,7 +34,7 @@ struct Args {
     /// Dropped and recreated unless --keep-data.
     #[arg(long, default_value = "shopstream_query_bench")]
     database: String,
-    /// Reuse the data a previous run seeded.
+    /// Reuse the data a previous run seeded, and read its day.
     #[arg(long)]
     keep_data: bool,
     #[arg(long, default_value_t = 1440)]
@@ -130,9 +135,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         database: args.database.clone(),
         ..ClickHouseSettings::default()
     };
-    // A day ending at the last whole hour.
+    // A day ending at the last whole hour; with --keep-data, the day that
+    // was seeded (past the next hour, a day ending now would read an hour
+    // the seed never wrote, from its partials).
     let now = u32::try_from(consumers::forward::now_ms() / 1000)?;
-    let end = now - now % 3_600;
+    let end = if args.keep_data {
+        let seeded: u32 = consumers::projection::client(&clickhouse, true)
+            .query(&format!(
+                "SELECT toUInt32(max(window_start)) FROM {PARTIALS_TABLE} WHERE model = '{WINDOW_MARKER}'"
+            ))
+            .fetch_one()
+            .await
+            .context("--keep-data: no seeded day to reuse")?;
+        anyhow::ensure!(seeded > 0, "--keep-data: no seeded day to reuse");
+        seeded - seeded % 3_600 + 3_600
+    } else {
+        now - now % 3_600
+    };
     let seed = Seed {
         start: end - args.minutes * 60,
         minutes: args.minutes,
