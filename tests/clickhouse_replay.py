@@ -7,9 +7,10 @@ URL is a private 18.16 server that logged every query (`log_queries`) and
 served one run on DATABASE. From its `system.query_log`:
 
 - every statement sent that is not a query or a row insert (CREATE, DROP,
-  ALTER, INSERT ... SELECT) runs on 26.9 exactly as sent, in the order the
-  statements finished on 18.16 (the schema loaded below, listed by name,
-  is run until nothing more applies);
+  ALTER, INSERT ... SELECT, OPTIMIZE) runs on 26.9 exactly as sent, in the
+  run's database once it exists, in the order the statements finished on
+  18.16 (the schema loaded below, listed by name, is run until nothing
+  more applies);
 - every SELECT sent is answered by both servers over the same rows: 18.16's
   schema (`SHOW CREATE`) and its rows (moved as `Native`) are loaded into a
   second database on 26.9, and each answer is compared as sorted TSV lines.
@@ -40,12 +41,18 @@ def old(url, sql, database=None):
         return response.read()
 
 
-def run_all(session, statements):
-    """Runs `statements` until none more succeeds; returns those refused."""
+def run_all(session, statements, database):
+    """Runs `statements` until none more succeeds, each in `database` once
+    it exists (as the binaries send them: their client names it, and the
+    analytics job's OPTIMIZE names its table alone); returns those refused."""
     pending, errors = list(statements), {}
     while pending:
         left = []
         for statement in pending:
+            try:
+                session.query(f"USE `{database}`")
+            except Exception:  # not created yet
+                pass
             try:
                 session.query(statement)
             except Exception as error:  # chdb raises one exception type for all
@@ -94,7 +101,7 @@ def main():
 
     session = chdb.session.Session(tempfile.mkdtemp())
     version = session.query("SELECT version()", "TabSeparated").data().strip()
-    refused = run_all(session, sent)
+    refused = run_all(session, sent, database)
 
     # The end state: 18.16's schema and rows, in a database of their own.
     answers_db = database + "_answers"
@@ -114,7 +121,7 @@ def main():
         old(url, f"SHOW CREATE TABLE `{database}`.`{o['name']}` FORMAT TabSeparatedRaw").decode().strip()
         for o in objects
     ]
-    refused += run_all(session, [there(s) for s in schema])
+    refused += run_all(session, [there(s) for s in schema], answers_db)
     rows = 0
     files = tempfile.mkdtemp()
     for o in objects:

@@ -538,14 +538,33 @@ impl Rows {
     }
 
     /// One compaction per whole hour of the range that covers every flush
-    /// of its hour now, as `(hour, compaction id)` rows; for
-    /// [`Rows::current`]. Each compaction of a model has one row of every
-    /// key together ([`Level::All`]): it alone names the compaction, not
-    /// the model's every key (200 rooms an hour for the chat).
+    /// of its hour now, as `(hour, flushes covered, compaction id)` rows;
+    /// for [`Rows::current`]. Each compaction of a model has one row of
+    /// every key together ([`Level::All`]): it alone names the compaction,
+    /// not the model's every key (200 rooms an hour for the chat).
     pub fn current_sql(&self, target: &Target) -> String {
         format!(
-            "SELECT toUInt32(window_start), min(compaction) {} GROUP BY window_start",
+            "SELECT toUInt32(window_start), covered, min(compaction) {} GROUP BY window_start, covered",
             self.current_compactions(target, Some(Level::All))
+        )
+    }
+
+    /// The window markers of each whole hour of the range now, as `(hour,
+    /// markers)` rows: a compaction of the hour is current while it covers
+    /// that many flushes. Half the cost of [`Rows::current_sql`] on 18.16,
+    /// for a reader that remembers which compaction covered each hour.
+    pub fn markers_sql(&self, target: &Target) -> String {
+        let (range, _) = self.ranges();
+        let whole = self.range.map_or(String::new(), |(from, to)| {
+            format!(
+                " HAVING hour >= {from} AND hour <= {}",
+                to.saturating_sub(3_600)
+            )
+        });
+        format!(
+            "SELECT toUInt32(toStartOfHour(window_start)) AS hour, count() FROM {} \
+             WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour{whole}",
+            target.table(PARTIALS_TABLE)
         )
     }
 

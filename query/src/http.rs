@@ -32,7 +32,7 @@ pub fn json<T: Serialize>(app: &App, body: &T) -> Response {
             return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
         }
     };
-    let etag = format!("\"{:016x}\"", XxHash3_64::oneshot(&bytes));
+    let etag = etag(&bytes);
     let mut response = Response::new(Body::from(bytes));
     let headers = response.headers_mut();
     headers.insert(
@@ -156,6 +156,13 @@ pub async fn reuse(State(app): State<App>, request: Request, next: Next) -> Resp
         }
         _ => response,
     }
+}
+
+/// XXH3 of the answer: a specified hash, so every build and replica tags an
+/// answer alike, at memory speed (FNV-1a, byte by byte, was a fifth of the
+/// service's CPU on a day's revenue per hour).
+fn etag(body: &[u8]) -> String {
+    format!("\"{:016x}\"", XxHash3_64::oneshot(body))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -322,9 +329,8 @@ mod tests {
 
     #[test]
     fn etags_are_xxh3_of_the_body() {
-        // As the reference implementation (Python's xxhash) gives them:
-        // every replica and build tags an answer alike.
-        assert_eq!(XxHash3_64::oneshot(b""), 0x2d06_8005_38d3_94c2);
-        assert_eq!(XxHash3_64::oneshot(b"a"), 0xe6c6_32b6_1e96_4e1f);
+        // As the reference implementation (Python's xxhash) gives them.
+        assert_eq!(etag(b""), "\"2d06800538d394c2\"");
+        assert_eq!(etag(b"a"), "\"e6c632b61e964e1f\"");
     }
 }
