@@ -462,12 +462,17 @@ impl Store {
         let Some((model, lookup, markers)) = read.lookups(&self.target) else {
             return Ok(None);
         };
-        let markers = self
+        let mut markers = self
             .run(
                 "window markers",
                 self.client.query(&markers).fetch_all::<(u32, u64)>(),
             )
             .await?;
+        // An hour not over yet is still flushed to, its markers change from
+        // one request to the next: it is read from its partials instead of
+        // looked up every time ("today" per hour).
+        let now = consumers::forward::now_ms() / 1000;
+        markers.retain(|&(hour, _)| i64::from(hour) + 3_600 <= now);
         if let Some(current) = self.compactions.recall(model, &markers) {
             return Ok(Some(current));
         }

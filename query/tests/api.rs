@@ -465,7 +465,7 @@ async fn lookups(service: &Service) -> u64 {
 /// The service remembers which compaction covered each hour and only
 /// counts the window markers again; a late flush into a compacted hour
 /// changes its count, so the next answer reads the hour from its partials
-/// at once.
+/// at once. An hour not over yet is never looked up.
 #[tokio::test]
 async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
     let service = common::seeded_with(SMALL, |q| q.cache_max_age_s = 0).await;
@@ -515,6 +515,34 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
         before["points"][1], after["points"][1],
         "the other hours alike"
     );
+
+    // An hour not over yet, flushed to again and again, is read from its
+    // partials rather than looked up on every request.
+    let now = || u32::try_from(consumers::forward::now_ms() / 1000).expect("a time");
+    if now() % 3_600 > 3_540 {
+        tokio::time::sleep(Duration::from_secs(u64::from(3_601 - now() % 3_600))).await;
+    }
+    let hour = now() - now() % 3_600;
+    let path = format!(
+        "/api/v1/revenue?from={hour}&to={}&granularity=hour&category=category-00&currency=EUR",
+        hour + 3_600
+    );
+    // (revenue flushed, the hour's revenue then)
+    for (flushed, revenue) in [(5, 5), (7, 12)] {
+        let mut live = vec![PartialRow {
+            window_start: hour,
+            c3: flushed,
+            flushed_at: now(),
+            ..late[0].clone()
+        }];
+        pipelines::store::mark_windows(&mut live, now());
+        pipelines::store::insert(&service.database.client, &live, Duration::from_secs(30))
+            .await
+            .expect("a flush of this hour");
+        let answer = service.json(&path).await;
+        assert_eq!(answer["points"][0]["revenue_minor"], revenue, "{answer}");
+    }
+    assert_eq!(lookups(&service).await, 2, "never looked up");
 }
 
 #[tokio::test]
