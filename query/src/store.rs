@@ -104,27 +104,18 @@ impl Compactions {
             known.clear();
         }
         let at = Instant::now();
-        for &(hour, markers) in markers {
-            let compaction = None;
-            known.insert(
-                (model, hour),
-                Known {
-                    markers,
-                    compaction,
-                    at,
-                },
-            );
-        }
-        for &(hour, markers, compaction) in found {
-            let compaction = Some(compaction);
-            known.insert(
-                (model, hour),
-                Known {
-                    markers,
-                    compaction,
-                    at,
-                },
-            );
+        let not_current = markers.iter().map(|&(hour, markers)| (hour, markers, None));
+        let current = found
+            .iter()
+            .map(|&(hour, covered, c)| (hour, covered, Some(c)));
+        // The current ones last: they replace their hours' entries.
+        for (hour, markers, compaction) in not_current.chain(current) {
+            let hour_known = Known {
+                markers,
+                compaction,
+                at,
+            };
+            known.insert((model, hour), hour_known);
         }
     }
 }
