@@ -528,13 +528,21 @@ impl Rows {
                 format!(
                     " AND window_start >= toDateTime({from}) AND window_start < toDateTime({to})"
                 ),
-                format!(
-                    " AND window_start >= toDateTime({from}) AND window_start <= toDateTime({})",
-                    to.saturating_sub(3_600)
-                ),
+                self.whole_hours("window_start"),
             ),
             None => (String::new(), String::new()),
         }
+    }
+
+    /// `AND ...` keeping the hours `column` starts that lie wholly in the
+    /// range.
+    fn whole_hours(&self, column: &str) -> String {
+        self.range.map_or(String::new(), |(from, to)| {
+            format!(
+                " AND {column} >= toDateTime({from}) AND {column} <= toDateTime({})",
+                to.saturating_sub(3_600)
+            )
+        })
     }
 
     /// One compaction per whole hour of the range that covers every flush
@@ -554,16 +562,18 @@ impl Rows {
     /// that many flushes. Half the cost of [`Rows::current_sql`] on 18.16,
     /// for a reader that remembers which compaction covered each hour.
     pub fn markers_sql(&self, target: &Target) -> String {
+        let whole = self.whole_hours("hour");
+        match whole.strip_prefix(" AND ") {
+            Some(whole) => format!("{} HAVING {whole}", self.markers_per_hour(target)),
+            None => self.markers_per_hour(target),
+        }
+    }
+
+    /// The SELECT of `(hour, window markers)` of the range's hours.
+    fn markers_per_hour(&self, target: &Target) -> String {
         let (range, _) = self.ranges();
-        let whole = self.range.map_or(String::new(), |(from, to)| {
-            format!(
-                " HAVING hour >= {from} AND hour <= {}",
-                to.saturating_sub(3_600)
-            )
-        });
         format!(
-            "SELECT toUInt32(toStartOfHour(window_start)) AS hour, count() FROM {} \
-             WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour{whole}",
+            "SELECT toStartOfHour(window_start) AS hour, count() FROM {} WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour",
             target.table(PARTIALS_TABLE)
         )
     }
@@ -572,14 +582,13 @@ impl Rows {
     /// all) of the range's whole hours whose flush count is the hour's
     /// window markers now.
     fn current_compactions(&self, target: &Target, level: Option<Level>) -> String {
-        let (range, hour_range) = self.ranges();
+        let (_, hour_range) = self.ranges();
         let level = level.map_or(String::new(), |l| format!(" AND level = {}", l as u8));
         format!(
-            "FROM {} WHERE model = '{}'{level}{hour_range} AND (window_start, covered) IN \
-             (SELECT toStartOfHour(window_start) AS hour, count() FROM {} WHERE model = '{WINDOW_MARKER}'{range} GROUP BY hour)",
+            "FROM {} WHERE model = '{}'{level}{hour_range} AND (window_start, covered) IN ({})",
             target.table(HOURS_TABLE),
             self.model,
-            target.table(PARTIALS_TABLE),
+            self.markers_per_hour(target),
         )
     }
 

@@ -522,7 +522,10 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
     if now() % 3_600 > 3_540 {
         tokio::time::sleep(Duration::from_secs(u64::from(3_601 - now() % 3_600))).await;
     }
-    let hour = now() - now() % 3_600;
+    let hour = {
+        let now = now();
+        now - now % 3_600
+    };
     let path = format!(
         "/api/v1/revenue?from={hour}&to={}&granularity=hour&category=category-00&currency=EUR",
         hour + 3_600
