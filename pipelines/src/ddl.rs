@@ -20,6 +20,15 @@ pub const MIGRATIONS_TABLE: &str = "analytics_migrations";
 pub const PARTIALS_TABLE: &str = "analytics_partials";
 /// Closed hours compacted from the partials (`crate::hours`).
 pub const HOURS_TABLE: &str = "analytics_hours";
+/// The minutes of the compacted hours, of the models read per minute
+/// ([`Level::KeyMinute`], [`Level::AllMinute`]).
+pub const MINUTES_TABLE: &str = "analytics_minutes";
+/// The columns of [`HOURS_TABLE`] and [`MINUTES_TABLE`] (`hours::HourRow`).
+const COMPACTED_COLUMNS: &str =
+    "model String, level UInt8, window_start DateTime, dim1 String, dim2 String, \
+     c1 Int64, c2 Int64, c3 Int64, c4 Int64, c5 Int64, c6 Int64, d1 UInt64, d2 UInt64, \
+     set1 Array(String), set2 Array(String), latencies Array(Int32), \
+     covered UInt64, compaction UInt64, compacted_at DateTime";
 
 /// A read model: its per-window view and the hourly rollup.
 struct Model {
@@ -32,6 +41,10 @@ struct Model {
     measures: &'static [Measure],
     /// (expression over the measures, column name), for both views.
     derived: &'static [(&'static str, &'static str)],
+    /// Whether its compactions also keep each minute of the hour
+    /// ([`Level::KeyMinute`], [`Level::AllMinute`]): the query API reads it
+    /// per minute.
+    minutes: bool,
 }
 
 /// A column computed by one aggregate function over a partials column: per
@@ -191,6 +204,7 @@ const MODELS: [Model; 6] = [
             distinct("unique_buyers", "set1"),
         ],
         derived: &[],
+        minutes: true,
     },
     Model {
         key: "funnel",
@@ -205,6 +219,7 @@ const MODELS: [Model; 6] = [
             sum("refunded", "c6"),
         ],
         derived: &[],
+        minutes: false,
     },
     Model {
         key: "users",
@@ -216,6 +231,7 @@ const MODELS: [Model; 6] = [
             distinct("sessions", "set2"),
         ],
         derived: &[],
+        minutes: true,
     },
     Model {
         key: "chat",
@@ -227,6 +243,7 @@ const MODELS: [Model; 6] = [
             sum("flagged", "c2"),
         ],
         derived: &[],
+        minutes: false,
     },
     Model {
         key: "search",
@@ -245,6 +262,7 @@ const MODELS: [Model; 6] = [
             },
         ],
         derived: &[("latency_sum_ms / searches", "mean_latency_ms")],
+        minutes: false,
     },
     Model {
         key: "queries",
@@ -253,6 +271,7 @@ const MODELS: [Model; 6] = [
         // Zero-result searches per query since migration 3 (0 before it).
         measures: &[sum("searches", "c1"), sum("zero_results", "c2")],
         derived: &[],
+        minutes: false,
     },
 ];
 
@@ -299,6 +318,13 @@ pub struct MeasureSql {
 /// keys, see `Model::compacted`).
 pub fn compacted(key: &str) -> bool {
     MODELS.iter().any(|m| m.key == key && m.compacted())
+}
+
+/// Whether the compactions of the model `key` keep its minutes too.
+pub fn compacted_per_minute(key: &str) -> bool {
+    MODELS
+        .iter()
+        .any(|m| m.key == key && m.compacted() && m.minutes)
 }
 
 /// The columns of the model `key` (see [`MODEL_KEYS`]).
@@ -393,6 +419,21 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
             name: "closed hours compacted from the partials",
             statements: closed_hours(target),
         },
+        Migration {
+            version: 5,
+            name: "the minutes of the compacted hours",
+            statements: vec![target.create_table(
+                MINUTES_TABLE,
+                COMPACTED_COLUMNS,
+                "MergeTree()",
+                // Time first: a read per minute takes every key of a few
+                // minutes, one run of rows (keys first, an hour of revenue
+                // per minute and category read 100 runs: a quarter of the
+                // requests per second).
+                "(model, level, window_start, dim1, dim2) PARTITION BY toYYYYMMDD(window_start) \
+                 SETTINGS index_granularity = 1024",
+            )],
+        },
     ]
 }
 
@@ -403,10 +444,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
 fn closed_hours(target: &Target) -> Vec<String> {
     let mut statements = vec![target.create_table(
         HOURS_TABLE,
-        "model String, level UInt8, window_start DateTime, dim1 String, dim2 String, \
-         c1 Int64, c2 Int64, c3 Int64, c4 Int64, c5 Int64, c6 Int64, d1 UInt64, d2 UInt64, \
-         set1 Array(String), set2 Array(String), latencies Array(Int32), \
-         covered UInt64, compaction UInt64, compacted_at DateTime",
+        COMPACTED_COLUMNS,
         "MergeTree()",
         // A day's partition (an hour's compaction is in one, so one part),
         // its keys in order and small granules: some rooms over a day
@@ -440,7 +478,7 @@ fn closed_hours(target: &Target) -> Vec<String> {
 }
 
 /// Which rows of a closed hour stand for it in [`HOURS_TABLE`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Level {
     /// One row per key (the model's dimensions).
@@ -448,6 +486,54 @@ pub enum Level {
     /// One row for the whole hour, every key together (models with
     /// dimensions only): distinct counts over all keys without their sets.
     All = 1,
+    /// One row per key and minute of the hour (models read per minute,
+    /// [`compacted_per_minute`]), in [`MINUTES_TABLE`], `window_start` the
+    /// minute: sums and
+    /// distinct counts as numbers, no sets, so only a read whose every
+    /// group is one such row takes them (`Rows::counts`). A day's revenue
+    /// per minute then reads numbers, not a row per flush with its buyers.
+    KeyMinute = 2,
+    /// One row per minute of the hour, every key together.
+    AllMinute = 3,
+    /// One row per minute of the hour and value of the second dimension,
+    /// every value of the first together (the revenue of every category
+    /// per currency).
+    SecondMinute = 4,
+}
+
+impl Level {
+    /// Whether a row stands for a minute of the hour, not the hour.
+    pub fn per_minute(self) -> bool {
+        matches!(self, Self::KeyMinute | Self::AllMinute | Self::SecondMinute)
+    }
+
+    /// The level whose rows name a compaction holding rows of this one:
+    /// a compaction made before the minutes were kept has none of them.
+    pub fn naming(self) -> Self {
+        if self.per_minute() {
+            Self::AllMinute
+        } else {
+            Self::All
+        }
+    }
+
+    /// The table holding its rows.
+    pub fn table(self) -> &'static str {
+        if self.per_minute() {
+            MINUTES_TABLE
+        } else {
+            HOURS_TABLE
+        }
+    }
+
+    /// The hour a row of this level stands in.
+    fn hour(self) -> &'static str {
+        if self.per_minute() {
+            "toStartOfHour(window_start)"
+        } else {
+            "window_start"
+        }
+    }
 }
 
 /// One model's rows shaped as partials (`window_start` first, then
@@ -471,7 +557,8 @@ pub struct Rows {
     pub hours: Option<Level>,
     /// Distinct counts as the compaction's numbers (`d1`, `d2` beside empty
     /// sets, and a `grain` column): only when every group of the aggregate
-    /// is one hour and one row of `hours`' level.
+    /// is one hour (one minute, at a minute level) and one row of `hours`'
+    /// level.
     pub counts: bool,
     /// Partials columns besides `window_start`.
     pub columns: Vec<&'static str>,
@@ -508,8 +595,10 @@ impl Rows {
 
     /// Whether any row may come from compacted hours: with `counts`, the
     /// aggregate then takes their numbers (else the partials' sets).
+    /// Rows of a minute are numbers only: read with `counts` alone.
     pub fn reads_hours(&self) -> bool {
-        self.hours.is_some() && self.current.as_ref().is_none_or(|c| !c.is_empty())
+        self.hours.is_some_and(|l| self.counts || !l.per_minute())
+            && self.current.as_ref().is_none_or(|c| !c.is_empty())
     }
 
     /// How many times `conditions` appears in [`Rows::sql`].
@@ -550,10 +639,13 @@ impl Rows {
     /// for [`Rows::current`]. Each compaction of a model has one row of
     /// every key together ([`Level::All`]): it alone names the compaction,
     /// not the model's every key (200 rooms an hour for the chat).
+    /// A read per minute looks up the compactions holding its minutes.
     pub fn current_sql(&self, target: &Target) -> String {
+        let naming = self.hours.map_or(Level::All, Level::naming);
         format!(
-            "SELECT toUInt32(window_start), covered, min(compaction) {} GROUP BY window_start, covered",
-            self.current_compactions(target, Some(Level::All))
+            "SELECT toUInt32({}) AS hour, covered, min(compaction) {} GROUP BY hour, covered",
+            naming.hour(),
+            self.current_compactions(target, Some(naming))
         )
     }
 
@@ -582,14 +674,27 @@ impl Rows {
     /// all) of the range's whole hours whose flush count is the hour's
     /// window markers now.
     fn current_compactions(&self, target: &Target, level: Option<Level>) -> String {
-        let (_, hour_range) = self.ranges();
+        let range = self.rows_range(level.unwrap_or(Level::Key));
+        let hour = level.map_or("window_start", Level::hour);
+        let table = level.map_or(HOURS_TABLE, Level::table);
         let level = level.map_or(String::new(), |l| format!(" AND level = {}", l as u8));
         format!(
-            "FROM {} WHERE model = '{}'{level}{hour_range} AND (window_start, covered) IN ({})",
-            target.table(HOURS_TABLE),
+            "FROM {} WHERE model = '{}'{level}{range} AND ({hour}, covered) IN ({})",
+            target.table(table),
             self.model,
             self.markers_per_hour(target),
         )
+    }
+
+    /// `AND ...` keeping the rows of `level` that stand in the range's
+    /// whole hours.
+    fn rows_range(&self, level: Level) -> String {
+        let (range, hour_range) = self.ranges();
+        if level.per_minute() {
+            format!("{range}{}", self.whole_hours(level.hour()))
+        } else {
+            hour_range
+        }
     }
 
     /// A measure's expression over these rows: the partials' sets when no
@@ -637,8 +742,8 @@ impl Rows {
     /// condition on the hour alone would read every partial of the range),
     /// and the condition leaving the compacted hours out of the partials.
     fn compacted(&self, target: &Target, level: Level) -> (String, String, String) {
-        let (range, hour_range) = self.ranges();
-        let mut partials_range = range;
+        let (mut partials_range, _) = self.ranges();
+        let rows_range = self.rows_range(level);
         let (chosen, not_compacted) = match &self.current {
             Some(current) => {
                 let ids: Vec<String> = current.iter().map(|(_, c)| c.to_string()).collect();
@@ -664,16 +769,18 @@ impl Rows {
                 )
             }
             None => {
-                let current = self.current_compactions(target, None);
+                let current =
+                    self.current_compactions(target, level.per_minute().then(|| level.naming()));
+                let hour = level.hour();
                 (
-                    format!("(window_start, compaction) IN (SELECT window_start, min(compaction) {current} GROUP BY window_start)"),
-                    format!("toStartOfHour(window_start) NOT IN (SELECT window_start {current})"),
+                    format!("({hour}, compaction) IN (SELECT {hour}, min(compaction) {current} GROUP BY {hour})"),
+                    format!("toStartOfHour(window_start) NOT IN (SELECT {hour} {current})"),
                 )
             }
         };
         let compacted = format!(
-            "FROM {} WHERE model = '{}' AND level = {}{hour_range} AND {chosen}",
-            target.table(HOURS_TABLE),
+            "FROM {} WHERE model = '{}' AND level = {}{rows_range} AND {chosen}",
+            target.table(level.table()),
             self.model,
             level as u8
         );
@@ -894,7 +1001,7 @@ mod tests {
         let all = migrations(&target);
         assert_eq!(
             all.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4]
+            [1, 2, 3, 4, 5]
         );
         let statements = &all[1].statements;
         // Per model: its materialized view dropped, its hourly view dropped

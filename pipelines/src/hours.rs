@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ddl::{compacted, Level, HOURS_TABLE, OFFSET_MODEL, PARTIALS_TABLE, WINDOW_MARKER};
+use crate::ddl::{
+    compacted, compacted_per_minute, Level, HOURS_TABLE, MINUTES_TABLE, MODEL_KEYS, OFFSET_MODEL,
+    PARTIALS_TABLE, WINDOW_MARKER,
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
 pub struct HourRow {
@@ -44,13 +47,15 @@ pub struct HourRow {
     pub compacted_at: u32,
 }
 
-/// One key's partials in an hour, merged by ClickHouse, sets and latencies
-/// sorted so that every server version answers alike. The window markers
-/// are a "model" of their own: `partials` counts them, `sums[0]` adds up
-/// the partial rows they announce.
+/// One key's partials in an hour or a minute of it, merged by ClickHouse,
+/// sets and latencies sorted so that every server version answers alike.
+/// The window markers are a "model" of their own: `partials` counts them,
+/// `sums[0]` adds up the partial rows they announce.
 #[derive(Debug, Deserialize, clickhouse::Row)]
 struct Merged {
     model: String,
+    /// The hour, or the minute.
+    window_start: u32,
     dim1: String,
     dim2: String,
     /// c1 to c6.
@@ -59,6 +64,31 @@ struct Merged {
     set2: Vec<String>,
     latencies: Vec<i32>,
     partials: u64,
+}
+
+/// The SELECT merging the partials of `hour` that `models` (a condition)
+/// keeps, per key and `window` (an expression grouped by: the hour or the
+/// minute), as [`Merged`] rows.
+fn merge_sql(hour: u32, window: &str, models: &str) -> String {
+    format!(
+        "SELECT model, {window} AS grain_start, dim1, dim2, \
+         [sum(c1), sum(c2), sum(c3), sum(c4), sum(c5), sum(c6)], \
+         arraySort(groupUniqArrayArray(set1)), arraySort(groupUniqArrayArray(set2)), \
+         arraySort(groupArrayArray(latencies)), count() \
+         FROM {PARTIALS_TABLE} WHERE {models} \
+         AND window_start >= toDateTime({hour}) AND window_start < toDateTime({}) \
+         AND toStartOfHour(window_start) = toDateTime({hour}) GROUP BY model, grain_start, dim1, dim2",
+        u64::from(hour) + 3_600
+    )
+}
+
+/// The rows of one compaction of an hour, per table.
+#[derive(Debug, Default)]
+struct Compaction {
+    /// [`HOURS_TABLE`]'s.
+    hours: Vec<HourRow>,
+    /// [`MINUTES_TABLE`]'s.
+    minutes: Vec<HourRow>,
 }
 
 /// What one round of the compactor did.
@@ -115,19 +145,37 @@ pub async fn compact(
             continue;
         }
         let merged: Vec<Merged> = client
-            .query(&format!(
-                "SELECT model, dim1, dim2, [sum(c1), sum(c2), sum(c3), sum(c4), sum(c5), sum(c6)], \
-                 arraySort(groupUniqArrayArray(set1)), arraySort(groupUniqArrayArray(set2)), \
-                 arraySort(groupArrayArray(latencies)), count() \
-                 FROM {PARTIALS_TABLE} WHERE model != '{OFFSET_MODEL}' \
-                 AND window_start >= toDateTime({hour}) AND window_start < toDateTime({}) \
-                 AND toStartOfHour(window_start) = toDateTime({hour}) GROUP BY model, dim1, dim2",
-                u64::from(hour) + 3_600
+            .query(&merge_sql(
+                hour,
+                &format!("toUInt32({hour})"),
+                &format!("model != '{OFFSET_MODEL}'"),
             ))
             .with_setting("max_execution_time", timeout_s.clone())
             .fetch_all()
             .await?;
-        let Some((rows, flushes)) = hour_rows(hour, merged, now) else {
+        // The minutes of the models read per minute, with the markers: a
+        // SELECT of its own, so it must have seen as many flushes.
+        let per_minute: Vec<String> = MODEL_KEYS
+            .iter()
+            .filter(|m| compacted_per_minute(m))
+            .chain([&WINDOW_MARKER])
+            .map(|m| format!("'{m}'"))
+            .collect();
+        let minutes: Vec<Merged> = client
+            .query(&merge_sql(
+                hour,
+                "toUInt32(window_start)",
+                &format!("model IN ({})", per_minute.join(", ")),
+            ))
+            .with_setting("max_execution_time", timeout_s.clone())
+            .fetch_all()
+            .await?;
+        let minute_flushes: u64 = minutes
+            .iter()
+            .filter(|m| m.model == WINDOW_MARKER)
+            .map(|m| m.partials)
+            .sum();
+        let Some((rows, flushes)) = hour_rows(merged, minutes, now) else {
             tracing::debug!(
                 hour,
                 "An hour with partials no marker announces stays on its partials."
@@ -136,14 +184,29 @@ pub async fn compact(
             done.unmarked += 1;
             continue;
         };
-        let mut insert = client
-            .insert::<HourRow>(HOURS_TABLE)
-            .await?
-            .with_timeouts(Some(timeout), Some(timeout));
-        for row in &rows {
-            insert.write(row).await?;
+        if minute_flushes != flushes {
+            tracing::debug!(
+                hour,
+                "A flush landed while the hour was merged; it is compacted once idle again."
+            );
+            continue;
         }
-        insert.end().await?;
+        // The minutes first: an hour stored is not compacted again, so its
+        // minutes must be there already (each table's insert is one part,
+        // and a read takes each table's compactions by that table's rows).
+        for (table, rows) in [(MINUTES_TABLE, &rows.minutes), (HOURS_TABLE, &rows.hours)] {
+            if rows.is_empty() {
+                continue;
+            }
+            let mut insert = client
+                .insert::<HourRow>(table)
+                .await?
+                .with_timeouts(Some(timeout), Some(timeout));
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await?;
+        }
         done.hours += 1;
         done.flushes += flushes;
         days.insert(day);
@@ -159,9 +222,12 @@ pub async fn compact(
 /// are slower when it fails, so a failure is logged, not returned. A day
 /// already in one part is not rewritten.
 async fn merge_days(client: &clickhouse::Client, days: &BTreeSet<u32>) {
-    for day in days {
+    for (day, table) in days
+        .iter()
+        .flat_map(|day| [(day, HOURS_TABLE), (day, MINUTES_TABLE)])
+    {
         if let Err(error) = client
-            .query(&format!("OPTIMIZE TABLE {HOURS_TABLE} PARTITION {day}"))
+            .query(&format!("OPTIMIZE TABLE {table} PARTITION {day}"))
             .execute()
             .await
         {
@@ -232,9 +298,9 @@ pub async fn compact_every(
 
 /// The rows standing for an hour's partials, merged by one SELECT (one
 /// snapshot: the markers counted are those of the partials merged), and
-/// how many flushes they cover; `None` when the markers do not announce
-/// every partial row.
-fn hour_rows(hour: u32, merged: Vec<Merged>, now: u32) -> Option<(Vec<HourRow>, u64)> {
+/// its `minutes` (of the models kept per minute), and how many flushes
+/// they cover; `None` when the markers do not announce every partial row.
+fn hour_rows(merged: Vec<Merged>, minutes: Vec<Merged>, now: u32) -> Option<(Compaction, u64)> {
     let (markers, merged): (Vec<Merged>, Vec<Merged>) =
         merged.into_iter().partition(|m| m.model == WINDOW_MARKER);
     let flushes: u64 = markers.iter().map(|m| m.partials).sum();
@@ -247,80 +313,147 @@ fn hour_rows(hour: u32, merged: Vec<Merged>, now: u32) -> Option<(Vec<HourRow>, 
         return None;
     }
     let compaction = uuid::Uuid::new_v4().as_u64_pair().0;
-    // One row of the compaction: `sums` are c1 to c6, the sets sorted.
-    let row = |model: &str,
-               level: Level,
-               dims: (String, String),
-               sums: &[i64],
-               sets: [Vec<String>; 2],
-               latencies: Vec<i32>| {
-        let mut c = [0; 6];
-        for (slot, sum) in c.iter_mut().zip(sums) {
-            *slot = *sum;
+    let mut out = Compaction::default();
+    // Per model and hour, then per model and minute: each key's row and
+    // one of every key together. A minute's rows keep their counts only.
+    let groups = |rows: Vec<Merged>| {
+        let mut groups: BTreeMap<(String, u32), Vec<Merged>> = BTreeMap::new();
+        for m in rows.into_iter().filter(|m| compacted(&m.model)) {
+            groups
+                .entry((m.model.clone(), m.window_start))
+                .or_default()
+                .push(m);
         }
-        let [c1, c2, c3, c4, c5, c6] = c;
-        let [set1, set2] = sets;
-        HourRow {
-            model: model.to_owned(),
-            level: level as u8,
-            window_start: hour,
-            dim1: dims.0,
-            dim2: dims.1,
-            c1,
-            c2,
-            c3,
-            c4,
-            c5,
-            c6,
-            d1: set1.len() as u64,
-            d2: set2.len() as u64,
-            set1,
-            set2,
-            latencies,
-            covered: flushes,
-            compaction,
-            compacted_at: now,
-        }
+        groups
     };
-    let mut by_model: BTreeMap<String, Vec<Merged>> = BTreeMap::new();
-    for m in merged {
-        by_model.entry(m.model.clone()).or_default().push(m);
-    }
-    let mut out = Vec::new();
-    for (model, keys) in by_model.into_iter().filter(|(m, _)| compacted(m)) {
-        // The hour over every key: sums added, sets merged, latencies kept.
-        let mut sums = [0; 6];
-        let (mut set1, mut set2) = (BTreeSet::new(), BTreeSet::new());
-        let mut latencies = Vec::new();
-        for m in keys {
-            for (total, sum) in sums.iter_mut().zip(&m.sums) {
-                *total += sum;
+    for ((levels, keep_sets), groups) in [
+        (((Level::Key, Level::All, None), true), groups(merged)),
+        (
+            (
+                (
+                    Level::KeyMinute,
+                    Level::AllMinute,
+                    Some(Level::SecondMinute),
+                ),
+                false,
+            ),
+            groups(
+                minutes
+                    .into_iter()
+                    .filter(|m| m.model != WINDOW_MARKER)
+                    .collect(),
+            ),
+        ),
+    ] {
+        for ((model, window_start), keys) in groups {
+            let out = if keep_sets {
+                &mut out.hours
+            } else {
+                &mut out.minutes
+            };
+            let at = out.len();
+            out.extend(key_rows(&model, window_start, keys, levels));
+            for row in &mut out[at..] {
+                row.covered = flushes;
+                row.compaction = compaction;
+                row.compacted_at = now;
+                if !keep_sets {
+                    row.set1.clear();
+                    row.set2.clear();
+                }
             }
-            set1.extend(m.set1.iter().cloned());
-            set2.extend(m.set2.iter().cloned());
-            latencies.extend_from_slice(&m.latencies);
-            // Its sets and latencies come sorted (`arraySort`).
-            out.push(row(
-                &model,
-                Level::Key,
-                (m.dim1, m.dim2),
-                &m.sums,
-                [m.set1, m.set2],
-                m.latencies,
-            ));
         }
-        latencies.sort_unstable();
-        let sets = [set1.into_iter().collect(), set2.into_iter().collect()];
-        out.push(row(
-            &model,
-            Level::All,
-            Default::default(),
-            &sums,
-            sets,
-            latencies,
-        ));
     }
     Some((out, flushes))
+}
+
+/// The levels of a compaction's rows at one grain: per key, every key
+/// together, and per value of the second dimension (every value of the
+/// first together).
+type Levels = (Level, Level, Option<Level>);
+
+/// Rows added together: sums added, sets merged, latencies kept.
+#[derive(Default)]
+struct Together {
+    sums: [i64; 6],
+    set1: BTreeSet<String>,
+    set2: BTreeSet<String>,
+    latencies: Vec<i32>,
+}
+
+impl Together {
+    fn add(&mut self, m: &Merged) {
+        for (total, sum) in self.sums.iter_mut().zip(&m.sums) {
+            *total += sum;
+        }
+        self.set1.extend(m.set1.iter().cloned());
+        self.set2.extend(m.set2.iter().cloned());
+        self.latencies.extend_from_slice(&m.latencies);
+    }
+}
+
+/// One model's rows at `window_start` (an hour or a minute), at `levels`:
+/// one per key, one per value of the second dimension if asked, then one
+/// of every key together, each with its distinct counts.
+fn key_rows(model: &str, window_start: u32, keys: Vec<Merged>, levels: Levels) -> Vec<HourRow> {
+    let row =
+        |level: Level, dims: (String, String), sums: &[i64], sets: [Vec<String>; 2], latencies| {
+            let mut c = [0; 6];
+            for (slot, sum) in c.iter_mut().zip(sums) {
+                *slot = *sum;
+            }
+            let [c1, c2, c3, c4, c5, c6] = c;
+            let [set1, set2] = sets;
+            HourRow {
+                model: model.to_owned(),
+                level: level as u8,
+                window_start,
+                dim1: dims.0,
+                dim2: dims.1,
+                c1,
+                c2,
+                c3,
+                c4,
+                c5,
+                c6,
+                d1: set1.len() as u64,
+                d2: set2.len() as u64,
+                set1,
+                set2,
+                latencies,
+                ..HourRow::default()
+            }
+        };
+    let together = |level: Level, dim2: String, mut t: Together| {
+        t.latencies.sort_unstable();
+        let sets = [t.set1.into_iter().collect(), t.set2.into_iter().collect()];
+        row(level, (String::new(), dim2), &t.sums, sets, t.latencies)
+    };
+    let (key, all, second) = levels;
+    let mut out = Vec::new();
+    let mut every = Together::default();
+    let mut per_second: BTreeMap<String, Together> = BTreeMap::new();
+    for m in keys {
+        every.add(&m);
+        if second.is_some() {
+            per_second.entry(m.dim2.clone()).or_default().add(&m);
+        }
+        // Its sets and latencies come sorted (`arraySort`).
+        out.push(row(
+            key,
+            (m.dim1, m.dim2),
+            &m.sums,
+            [m.set1, m.set2],
+            m.latencies,
+        ));
+    }
+    if let Some(level) = second {
+        for (dim2, t) in per_second {
+            out.push(together(level, dim2, t));
+        }
+    }
+    out.push(together(all, String::new(), every));
+    out
 }
 
 #[cfg(test)]
@@ -330,6 +463,7 @@ mod tests {
     fn merged(model: &str, dim1: &str, c1: i64, set1: &[&str], partials: u64) -> Merged {
         Merged {
             model: model.to_owned(),
+            window_start: 7_200,
             dim1: dim1.to_owned(),
             dim2: if dim1.is_empty() { "" } else { "EUR" }.to_owned(),
             sums: vec![c1, 0, 0, 0, 0, 0],
@@ -337,6 +471,13 @@ mod tests {
             set2: Vec::new(),
             latencies: Vec::new(),
             partials,
+        }
+    }
+
+    fn minute(at: u32, merged: Merged) -> Merged {
+        Merged {
+            window_start: at,
+            ..merged
         }
     }
 
@@ -349,25 +490,64 @@ mod tests {
             // Three flushes announcing the 11 partial rows above.
             merged(WINDOW_MARKER, "", 11, &[], 3),
         ];
-        let (rows, flushes) = hour_rows(7_200, hour, 9_000).unwrap();
+        let minutes = vec![
+            minute(7_200, merged("orders", "books", 1, &["u1"], 1)),
+            minute(7_200, merged("orders", "games", 2, &["u2"], 1)),
+            minute(
+                7_200,
+                Merged {
+                    dim2: "USD".to_owned(),
+                    ..merged("orders", "toys", 2, &["u2", "u3"], 2)
+                },
+            ),
+            minute(7_260, merged("orders", "books", 2, &["u1", "u2"], 2)),
+            minute(7_260, merged(WINDOW_MARKER, "", 11, &[], 3)),
+        ];
+        let (compaction, flushes) = hour_rows(hour, minutes, 9_000).unwrap();
+        assert!(compaction.hours.iter().all(|r| r.level < 2));
+        let rows: Vec<HourRow> = [compaction.hours, compaction.minutes].concat();
         assert_eq!(flushes, 3);
         assert!(rows.iter().all(|r| r.covered == 3
-            && r.window_start == 7_200
+            && r.compacted_at == 9_000
             && r.compaction == rows[0].compaction));
         // Orders, a row per key and the hour's; the funnel (no keys) none.
-        let shape: Vec<(&str, u8, &str, i64, u64)> = rows
+        // Then per minute a row per key, per currency and the minute's,
+        // counts only.
+        let shape: Vec<(u8, u32, &str, &str, i64, u64)> = rows
             .iter()
-            .map(|r| (r.model.as_str(), r.level, r.dim1.as_str(), r.c1, r.d1))
+            .filter(|r| r.model == "orders")
+            .map(|r| {
+                (
+                    r.level,
+                    r.window_start,
+                    r.dim1.as_str(),
+                    r.dim2.as_str(),
+                    r.c1,
+                    r.d1,
+                )
+            })
             .collect();
+        assert_eq!(rows.len(), shape.len());
         assert_eq!(
             shape,
             [
-                ("orders", 0, "books", 3, 2),
-                ("orders", 0, "toys", 2, 2),
-                ("orders", 1, "", 5, 3)
+                (0, 7_200, "books", "EUR", 3, 2),
+                (0, 7_200, "toys", "EUR", 2, 2),
+                (1, 7_200, "", "", 5, 3),
+                (2, 7_200, "books", "EUR", 1, 1),
+                (2, 7_200, "games", "EUR", 2, 1),
+                (2, 7_200, "toys", "USD", 2, 2),
+                (4, 7_200, "", "EUR", 3, 2),
+                (4, 7_200, "", "USD", 2, 2),
+                (3, 7_200, "", "", 5, 3),
+                (2, 7_260, "books", "EUR", 2, 2),
+                (4, 7_260, "", "EUR", 2, 2),
+                (3, 7_260, "", "", 2, 2),
             ]
         );
         assert_eq!(rows[0].set1, ["u1", "u2"]);
+        assert_eq!(rows[2].set1, ["u1", "u2", "u3"]);
+        assert!(rows[3..].iter().all(|r| r.set1.is_empty()));
     }
 
     #[test]
@@ -376,7 +556,12 @@ mod tests {
             merged("orders", "books", 3, &["u1"], 4),
             merged(WINDOW_MARKER, "", 3, &[], 1),
         ];
-        assert!(hour_rows(7_200, unmarked, 9_000).is_none());
-        assert!(hour_rows(7_200, vec![merged("orders", "books", 3, &["u1"], 4)], 9_000).is_none());
+        assert!(hour_rows(unmarked, Vec::new(), 9_000).is_none());
+        assert!(hour_rows(
+            vec![merged("orders", "books", 3, &["u1"], 4)],
+            Vec::new(),
+            9_000
+        )
+        .is_none());
     }
 }

@@ -564,7 +564,7 @@ async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
         migrate(&settings, MIGRATIONS_TABLE, migrations)
             .await
             .expect("v2"),
-        [2, 3, 4]
+        [2, 3, 4, 5]
     );
     let per_hour = actual(&db, "per_hour").await;
     assert_eq!(per_hour.hourly_sums(), hourly(first));
@@ -662,7 +662,7 @@ async fn zero_result_searches_per_query_migrate_in_place() {
         migrate(&settings, MIGRATIONS_TABLE, migrations)
             .await
             .expect("v3"),
-        [3, 4]
+        [3, 4, 5]
     );
     let want = expected(&events);
     assert!(

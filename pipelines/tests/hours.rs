@@ -99,11 +99,13 @@ async fn current_compactions(db: &TestDatabase) -> u64 {
         .unwrap()
 }
 
-/// Active parts of the compacted hours (one day's here).
-async fn parts(db: &TestDatabase) -> u64 {
+/// Active parts of the compacted hours and of their minutes (one day's
+/// here).
+async fn parts(db: &TestDatabase) -> Vec<(String, u64)> {
     db.client
-        .query("SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 'analytics_hours' AND active")
-        .fetch_one::<u64>()
+        .query("SELECT table, count() FROM system.parts WHERE database = currentDatabase() \
+                AND table IN ('analytics_hours', 'analytics_minutes') AND active GROUP BY table ORDER BY table")
+        .fetch_all::<(String, u64)>()
         .await
         .unwrap()
 }
@@ -165,8 +167,11 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
     assert_eq!(current_compactions(&db).await, 2);
     assert_eq!(
         parts(&db).await,
-        1,
-        "the day's two compactions merged into one part"
+        [
+            ("analytics_hours".to_owned(), 1),
+            ("analytics_minutes".to_owned(), 1)
+        ],
+        "the day's two compactions merged into one part in each table"
     );
     assert_eq!(per_hour(&db).await, want, "from the compacted hours");
     assert_eq!(

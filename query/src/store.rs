@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use backbone::config::ClickHouseSettings;
 use consumers::projection::ddl::Target;
-use pipelines::ddl::{compacted, model_columns, Level, MeasureSql, Rows};
+use pipelines::ddl::{compacted, compacted_per_minute, model_columns, Level, MeasureSql, Rows};
 use schemars::JsonSchema;
 use serde::Serialize;
 
@@ -42,7 +42,12 @@ pub struct Store {
 /// look up again. That is half the lookup's cost on ClickHouse 18.16: no
 /// answer is kept, only which rows hold it.
 #[derive(Debug, Default)]
-struct Compactions(Mutex<HashMap<(&'static str, u32), Known>>);
+struct Compactions(Mutex<HashMap<(Named, u32), Known>>);
+
+/// A model's compactions as a read names them, by the level of their rows
+/// that names them (`Level::naming`): a compaction made before the job
+/// kept minutes is current for a read per hour, not for one per minute.
+type Named = (&'static str, Level);
 
 /// An hour as last looked up: its compaction covering `markers` flushes,
 /// or none covering the `markers` it had.
@@ -77,7 +82,7 @@ impl Compactions {
 
     /// The current compactions of the hours with these `markers`, if every
     /// hour is known at its count.
-    fn recall(&self, model: &'static str, markers: &[(u32, u64)]) -> Option<Vec<(u32, u64)>> {
+    fn recall(&self, model: Named, markers: &[(u32, u64)]) -> Option<Vec<(u32, u64)>> {
         let known = self
             .0
             .lock()
@@ -95,7 +100,7 @@ impl Compactions {
 
     /// What a lookup `found` (`(hour, covered, compaction)`) for hours with
     /// these `markers` says.
-    fn learn(&self, model: &'static str, markers: &[(u32, u64)], found: &[(u32, u64, u64)]) {
+    fn learn(&self, model: Named, markers: &[(u32, u64)], found: &[(u32, u64, u64)]) {
         let mut known = self
             .0
             .lock()
@@ -221,7 +226,8 @@ impl<'a> Read<'a> {
     /// level of SELECT (see `Rows::from`), and its values to bind, in
     /// order. Whole hours of a model with keys come from their compaction
     /// where it is current (`pipelines::ddl::Rows`), except for a series
-    /// per minute.
+    /// per minute of a model whose minutes are not kept, or whose groups
+    /// span keys.
     fn sql(
         &self,
         target: &Target,
@@ -248,11 +254,11 @@ impl<'a> Read<'a> {
     /// The model, the query for its current compactions of the hours this
     /// read may take from them (`Rows::current`) and the one counting their
     /// window markers, if any.
-    fn lookups(&self, target: &Target) -> Option<(&'static str, String, String)> {
+    fn lookups(&self, target: &Target) -> Option<(Named, String, String)> {
         let (rows, ..) = self.plan(None);
-        rows.hours.map(|_| {
+        rows.hours.map(|level| {
             (
-                rows.model,
+                (rows.model, level.naming()),
                 rows.current_sql(target),
                 rows.markers_sql(target),
             )
@@ -282,27 +288,35 @@ impl<'a> Read<'a> {
             .iter()
             .filter(|m| self.measures.is_none_or(|names| names.contains(&m.column)))
             .collect();
-        let level = if !columns.dims.is_empty()
+        let every_key = !columns.dims.is_empty()
             && self.group.is_empty()
             && self.filters.is_empty()
-            && self.within.is_none()
-        {
-            Level::All
-        } else {
-            Level::Key
+            && self.within.is_none();
+        let per_minute = self.granularity == Some(Granularity::Minute);
+        let fixed =
+            |name: &str| self.group.contains(&name) || self.filters.iter().any(|(f, _)| *f == name);
+        // Every value of the first dimension together, per value of the
+        // second (every category per currency).
+        let second_only = self.within.is_none()
+            && matches!(columns.dims, [(_, first), (_, second)] if !fixed(first) && fixed(second));
+        let level = match (every_key, second_only, per_minute) {
+            (true, _, false) => Level::All,
+            (false, _, false) => Level::Key,
+            (true, _, true) => Level::AllMinute,
+            (false, true, true) => Level::SecondMinute,
+            (false, false, true) => Level::KeyMinute,
         };
+        // One row of the level per window and group: each key's dimension
+        // is grouped or fixed, or its rows add up the keys.
+        let one_row =
+            every_key || level == Level::SecondMinute || columns.dims.iter().all(|(_, n)| fixed(n));
+        // A minute's compacted rows hold numbers only: read per minute
+        // only where each group is one of them.
         let hours = (compacted(self.model)
-            && self.granularity != Some(Granularity::Minute)
+            && (!per_minute || (compacted_per_minute(self.model) && one_row))
             && self.range.to.saturating_sub(self.range.from) >= 3_600)
             .then_some(level);
-        // One row of the level per hour and group: each key's dimension is
-        // grouped or fixed, or every key is one row.
-        let counts = hours.is_some()
-            && self.granularity == Some(Granularity::Hour)
-            && (level == Level::All
-                || columns.dims.iter().all(|(_, n)| {
-                    self.group.contains(n) || self.filters.iter().any(|(f, _)| f == n)
-                }));
+        let counts = hours.is_some() && self.granularity.is_some() && one_row;
         let mut read: Vec<&'static str> = Vec::new();
         let used = self
             .group
@@ -729,18 +743,25 @@ mod tests {
 
     #[test]
     fn compactions_are_recalled_while_their_markers_match() {
+        const ORDERS: Named = ("orders", Level::All);
         let known = Compactions::default();
         let markers = [(3_600, 3), (7_200, 5)];
-        assert_eq!(known.recall("orders", &markers), None, "nothing known");
+        assert_eq!(known.recall(ORDERS, &markers), None, "nothing known");
         // The lookup found the first hour compacted, not the second.
-        known.learn("orders", &markers, &[(3_600, 3, 42)]);
-        assert_eq!(known.recall("orders", &markers), Some(vec![(3_600, 42)]));
-        assert_eq!(known.recall("chat", &markers), None, "per model");
+        known.learn(ORDERS, &markers, &[(3_600, 3, 42)]);
+        assert_eq!(known.recall(ORDERS, &markers), Some(vec![(3_600, 42)]));
+        assert_eq!(
+            known.recall(("chat", Level::All), &markers),
+            None,
+            "per model"
+        );
+        let minutes = ("orders", Level::AllMinute);
+        assert_eq!(known.recall(minutes, &markers), None, "per level");
         // A late flush into either hour, or an hour never looked up.
-        assert_eq!(known.recall("orders", &[(3_600, 4), (7_200, 5)]), None);
-        assert_eq!(known.recall("orders", &[(3_600, 3), (7_200, 6)]), None);
-        assert_eq!(known.recall("orders", &[(3_600, 3), (10_800, 1)]), None);
-        assert_eq!(known.recall("orders", &[]), Some(Vec::new()));
+        assert_eq!(known.recall(ORDERS, &[(3_600, 4), (7_200, 5)]), None);
+        assert_eq!(known.recall(ORDERS, &[(3_600, 3), (7_200, 6)]), None);
+        assert_eq!(known.recall(ORDERS, &[(3_600, 3), (10_800, 1)]), None);
+        assert_eq!(known.recall(ORDERS, &[]), Some(Vec::new()));
         // Each hour is looked up again in a while all the same: sooner
         // without a compaction.
         let ago = |d| {
@@ -754,21 +775,17 @@ mod tests {
                 compaction,
                 at,
             };
-            known
-                .0
-                .lock()
-                .expect("lock")
-                .insert(("orders", 7_200), hour);
+            known.0.lock().expect("lock").insert((ORDERS, 7_200), hour);
         };
         second(None, ago(Compactions::RECHECK));
-        assert_eq!(known.recall("orders", &markers), None);
+        assert_eq!(known.recall(ORDERS, &markers), None);
         second(Some(43), ago(Compactions::RECHECK));
         assert_eq!(
-            known.recall("orders", &markers),
+            known.recall(ORDERS, &markers),
             Some(vec![(3_600, 42), (7_200, 43)])
         );
         second(Some(43), ago(Compactions::RECHECK_COMPACTED));
-        assert_eq!(known.recall("orders", &markers), None);
+        assert_eq!(known.recall(ORDERS, &markers), None);
     }
 
     #[test]

@@ -32,38 +32,45 @@ async fn answers_add_up_the_seeded_partials() {
     // rollup, the edges from the partials.
     let (from, to) = (START + 600, START + 9_000);
 
-    // Revenue per hour and category: sums and distinct buyers. Also over a
-    // range holding no whole hour, so no compacted one (found by
-    // schemathesis: such a read took the compactions' numbers from rows
-    // that had none).
-    for (from, to) in [
+    // Revenue per hour and per minute, by category or every category
+    // together per currency: sums and distinct buyers (a whole hour's
+    // minutes from its compaction too). Also over a range holding no whole
+    // hour, so no compacted one (found by schemathesis: such a read took
+    // the compactions' numbers from rows that had none).
+    for ((from, to), (granularity, seconds), by_category) in [
         (from, to),
         (START + 600, START + 4_200),
         (START, START + 10_800),
-    ] {
-        let mut expected: BTreeMap<(u32, String, String), Figures> = BTreeMap::new();
+    ]
+    .into_iter()
+    .flat_map(|range| [("hour", 3_600), ("minute", 60)].map(|g| (range, g)))
+    .flat_map(|(range, g)| [true, false].map(|by| (range, g, by)))
+    {
+        let mut expected: BTreeMap<(u32, Option<String>, String), Figures> = BTreeMap::new();
         for row in rows.iter().filter(|r| in_range(r, "orders", from, to)) {
-            let hour = row.window_start - row.window_start % 3_600;
+            let window = row.window_start - row.window_start % seconds;
+            let category = by_category.then(|| row.dim1.clone());
             let slot = expected
-                .entry((hour, row.dim1.clone(), row.dim2.clone()))
+                .entry((window, category, row.dim2.clone()))
                 .or_default();
             slot.0 += row.c1;
             slot.1 += row.c2;
             slot.2 += row.c3;
             slot.3.extend(row.set1.iter().cloned());
         }
+        let group_by = if by_category { "category" } else { "none" };
         let revenue = service
             .json(&format!(
-                "/api/v1/revenue?from={from}&to={to}&granularity=hour"
+                "/api/v1/revenue?from={from}&to={to}&granularity={granularity}&group_by={group_by}"
             ))
             .await;
         let points = revenue["points"].as_array().expect("points");
         assert_eq!(points.len(), expected.len());
-        for (point, ((hour, category, currency), (orders, items, minor, buyers))) in
+        for (point, ((window, category, currency), (orders, items, minor, buyers))) in
             points.iter().zip(&expected)
         {
-            assert_eq!(point["window_start"], *hour);
-            assert_eq!(point["category"], category.as_str());
+            assert_eq!(point["window_start"], *window);
+            assert_eq!(point["category"], serde_json::json!(category));
             assert_eq!(point["currency"], currency.as_str());
             assert_eq!(point["orders"], *orders);
             assert_eq!(point["items"], *items);
@@ -483,6 +490,16 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
     assert_eq!(lookups(&service).await, 1);
     assert_eq!(service.json(&path).await, before, "recalled, the same");
     assert_eq!(lookups(&service).await, 1, "the markers alone counted");
+    // The same hour per minute, from the compaction's minutes: looked up
+    // once (a compaction without minutes must not be taken).
+    let minutes = format!(
+        "/api/v1/revenue?from={START}&to={}&category=category-00&currency=EUR",
+        START + 3_600
+    );
+    let second_minute = |answer: &Value| answer["points"][1]["revenue_minor"].as_i64();
+    let minutes_before = service.json(&minutes).await;
+    assert_eq!(service.json(&minutes).await, minutes_before);
+    assert_eq!(lookups(&service).await, 2, "the minutes looked up once");
 
     let mut late = vec![PartialRow {
         model: "orders".to_owned(),
@@ -510,11 +527,19 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
         (Some(minor + 1_000_000), Some(buyers + 1)),
         "{after}"
     );
-    assert_eq!(lookups(&service).await, 2, "looked up again");
+    assert_eq!(lookups(&service).await, 3, "looked up again");
     assert_eq!(
         before["points"][1], after["points"][1],
         "the other hours alike"
     );
+    let minutes_after = service.json(&minutes).await;
+    assert_eq!(minutes_before["points"][1]["window_start"], START + 60);
+    assert_eq!(
+        second_minute(&minutes_after),
+        second_minute(&minutes_before).map(|r| r + 1_000_000),
+        "{minutes_after}"
+    );
+    assert_eq!(lookups(&service).await, 4, "the minutes looked up again");
 
     // An hour not over yet, flushed to again and again, is read from its
     // partials rather than looked up on every request.
@@ -545,7 +570,60 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
         let answer = service.json(&path).await;
         assert_eq!(answer["points"][0]["revenue_minor"], revenue, "{answer}");
     }
-    assert_eq!(lookups(&service).await, 2, "never looked up");
+    assert_eq!(lookups(&service).await, 4, "never looked up");
+}
+
+/// Compactions made before the job kept minutes (here: their minutes
+/// deleted) still serve reads per hour; per minute they are not read, the
+/// partials are.
+#[tokio::test]
+async fn a_compaction_without_minutes_is_not_read_per_minute() {
+    let service = common::seeded_with(SMALL, |q| q.cache_max_age_s = 0).await;
+    let client = &service.database.client;
+    client
+        .query("ALTER TABLE analytics_minutes DELETE WHERE level >= 2")
+        .execute()
+        .await
+        .expect("minutes deleted");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .query("SELECT count() FROM analytics_minutes WHERE level >= 2")
+        .fetch_one::<u64>()
+        .await
+        .expect("count")
+        > 0
+    {
+        assert!(Instant::now() < deadline, "the mutation never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = seeded_rows();
+    let (from, to) = (START, START + 10_800);
+    let mut users: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
+    for row in rows.iter().filter(|r| in_range(r, "users", from, to)) {
+        users
+            .entry(row.window_start)
+            .or_default()
+            .extend(row.set1.iter().map(String::as_str));
+    }
+    let answer = service
+        .json(&format!("/api/v1/active-users?from={from}&to={to}"))
+        .await;
+    let got: Vec<(u64, usize)> = answer["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| {
+            (
+                p["window_start"].as_u64().expect("t"),
+                p["unique_users"].as_u64().expect("n") as usize,
+            )
+        })
+        .collect();
+    let want: Vec<(u64, usize)> = users
+        .iter()
+        .map(|(t, set)| (u64::from(*t), set.len()))
+        .collect();
+    assert_eq!(got, want);
 }
 
 #[tokio::test]
