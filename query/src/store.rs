@@ -538,7 +538,7 @@ impl Store {
                 &format!(
                     "t, {category_column}, currency, orders, items, revenue_minor, unique_buyers"
                 ),
-                "ORDER BY t, category, currency",
+                "",
             )
             .await?;
         let rows = self
@@ -547,6 +547,7 @@ impl Store {
                 query.fetch_all::<(u32, String, String, i64, i64, i64, u64)>(),
             )
             .await?;
+        let rows = in_order(rows, |a, b| (a.0, &a.1, &a.2).cmp(&(b.0, &b.1, &b.2)));
         Ok(rows
             .into_iter()
             .map(
@@ -600,10 +601,12 @@ impl Store {
             ..Read::new("users", range, Some(granularity))
         };
         let query = self
-            .query(&read, "t, unique_users, sign_ups, sessions", "ORDER BY t")
+            .query(&read, "t, unique_users, sign_ups, sessions", "")
             .await?;
-        self.run("active users", query.fetch_all::<UsersPoint>())
-            .await
+        let points = self
+            .run("active users", query.fetch_all::<UsersPoint>())
+            .await?;
+        Ok(in_order(points, |a, b| a.window_start.cmp(&b.window_start)))
     }
 
     /// In two reads: the top rooms by messages (sums only), then their
@@ -719,10 +722,13 @@ impl Store {
             .query(
                 &read,
                 "t, searches, zero_results, toInt32(p95_latency_ms), toFloat64(mean_latency_ms)",
-                "ORDER BY t",
+                "",
             )
             .await?;
-        self.run("searches", query.fetch_all::<SearchPoint>()).await
+        let points = self
+            .run("searches", query.fetch_all::<SearchPoint>())
+            .await?;
+        Ok(in_order(points, |a, b| a.window_start.cmp(&b.window_start)))
     }
 
     pub async fn order(&self, order_id: &str) -> Result<Option<OrderStatus>, ApiError> {
@@ -735,6 +741,15 @@ impl Store {
         self.run("order status", query.fetch_optional::<OrderStatus>())
             .await
     }
+}
+
+/// A series' points in window order (then by their keys), sorted here
+/// rather than by ClickHouse: 18.16 spent a quarter of a day's revenue per
+/// hour and category sorting 2,400 rows (351 -> 475 requests/s without the
+/// ORDER BY, BENCHMARKS.md).
+fn in_order<T>(mut points: Vec<T>, by: impl FnMut(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
+    points.sort_unstable_by(by);
+    points
 }
 
 #[cfg(test)]
