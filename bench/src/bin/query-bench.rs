@@ -135,26 +135,30 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         database: args.database.clone(),
         ..ClickHouseSettings::default()
     };
-    // A day ending at the last whole hour; with --keep-data, the day that
-    // was seeded (past the next hour, a day ending now would read an hour
-    // the seed never wrote, from its partials).
+    // A day ending at the last whole hour, then the minutes since: the
+    // endpoints' default range (the hour before now) holds a whole hour of
+    // data whatever the minute the bench starts at. With --keep-data, the
+    // day that was seeded (past the next hour, a day ending now would read
+    // an hour the seed never wrote, from its partials).
     let now = u32::try_from(consumers::forward::now_ms() / 1000)?;
-    let end = if args.keep_data {
+    let (start, minutes) = if args.keep_data {
         let seeded: u32 = consumers::projection::client(&clickhouse, true)
             .query(&format!(
-                "SELECT toUInt32(max(window_start)) FROM {PARTIALS_TABLE} WHERE model = '{WINDOW_MARKER}'"
+                "SELECT toUInt32(min(window_start)) FROM {PARTIALS_TABLE} WHERE model = '{WINDOW_MARKER}'"
             ))
             .fetch_one()
             .await
             .context("--keep-data: no seeded day to reuse")?;
         anyhow::ensure!(seeded > 0, "--keep-data: no seeded day to reuse");
-        seeded - seeded % 3_600 + 3_600
+        (seeded, args.minutes)
     } else {
-        now - now % 3_600
+        let hour = now - now % 3_600;
+        (hour - args.minutes * 60, args.minutes + (now - hour) / 60)
     };
+    let end = start + args.minutes * 60;
     let seed = Seed {
-        start: end - args.minutes * 60,
-        minutes: args.minutes,
+        start,
+        minutes,
         categories: args.categories,
         rooms: args.rooms,
         partitions: 2,
@@ -167,14 +171,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .execute()
             .await?;
         eprintln!(
-            "Seeding {} minutes x {} categories x {} rooms into {} ...",
-            args.minutes, args.categories, args.rooms, args.database
+            "Seeding {} minutes (a day of {} and the {} since) x {} categories x {} rooms into {} ...",
+            seed.minutes,
+            args.minutes,
+            seed.minutes - args.minutes,
+            args.categories,
+            args.rooms,
+            args.database
         );
         let started = std::time::Instant::now();
         let rows = seed
             .write(&clickhouse, |minutes| {
-                if minutes % 240 == 0 {
-                    eprintln!("  {minutes} of {} minutes written", args.minutes);
+                if minutes % 240 == 0 || minutes == seed.minutes {
+                    eprintln!("  {minutes} of {} minutes written", seed.minutes);
                 }
             })
             .await?;
