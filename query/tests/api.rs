@@ -140,32 +140,7 @@ async fn answers_add_up_the_seeded_partials() {
         assert!((rate - funnel[1] as f64 / funnel[0] as f64).abs() < 1e-12);
 
         // Active users: distinct over countries, platforms and partitions.
-        let mut users: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
-        for row in rows.iter().filter(|r| in_range(r, "users", from, to)) {
-            users
-                .entry(row.window_start)
-                .or_default()
-                .extend(row.set1.iter().map(String::as_str));
-        }
-        let answer = service
-            .json(&format!("/api/v1/active-users?from={from}&to={to}"))
-            .await;
-        let got: Vec<(u64, u64)> = answer["points"]
-            .as_array()
-            .expect("points")
-            .iter()
-            .map(|p| {
-                (
-                    p["window_start"].as_u64().expect("t"),
-                    p["unique_users"].as_u64().expect("n"),
-                )
-            })
-            .collect();
-        let want: Vec<(u64, u64)> = users
-            .iter()
-            .map(|(t, set)| (u64::from(*t), set.len() as u64))
-            .collect();
-        assert_eq!(got, want);
+        assert_users_per_minute(&service, &rows, from, to).await;
         // And per hour: over whole hours each point is one compacted row.
         let mut hours: BTreeMap<u32, (BTreeSet<&str>, i64, BTreeSet<&str>)> = BTreeMap::new();
         for row in rows.iter().filter(|r| in_range(r, "users", from, to)) {
@@ -596,8 +571,12 @@ async fn a_compaction_without_minutes_is_not_read_per_minute() {
         assert!(Instant::now() < deadline, "the mutation never ran");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let rows = seeded_rows();
-    let (from, to) = (START, START + 10_800);
+    assert_users_per_minute(&service, &seeded_rows(), START, START + 10_800).await;
+}
+
+/// Active users per minute over `[from, to)` as the service answers them,
+/// against the distinct users of the seeded rows.
+async fn assert_users_per_minute(service: &Service, rows: &[PartialRow], from: u32, to: u32) {
     let mut users: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
     for row in rows.iter().filter(|r| in_range(r, "users", from, to)) {
         users
@@ -608,20 +587,20 @@ async fn a_compaction_without_minutes_is_not_read_per_minute() {
     let answer = service
         .json(&format!("/api/v1/active-users?from={from}&to={to}"))
         .await;
-    let got: Vec<(u64, usize)> = answer["points"]
+    let got: Vec<(u64, u64)> = answer["points"]
         .as_array()
         .expect("points")
         .iter()
         .map(|p| {
             (
                 p["window_start"].as_u64().expect("t"),
-                p["unique_users"].as_u64().expect("n") as usize,
+                p["unique_users"].as_u64().expect("n"),
             )
         })
         .collect();
-    let want: Vec<(u64, usize)> = users
+    let want: Vec<(u64, u64)> = users
         .iter()
-        .map(|(t, set)| (u64::from(*t), set.len()))
+        .map(|(t, set)| (u64::from(*t), set.len() as u64))
         .collect();
     assert_eq!(got, want);
 }
