@@ -8,8 +8,8 @@ use consumers::projection::rows::OrderStatusRow;
 use pipelines::store::PartialRow;
 
 const CURRENCIES: [&str; 2] = ["EUR", "USD"];
-const COUNTRIES: [&str; 5] = ["DE", "US", "FR", "GB", "PL"];
-const PLATFORMS: [&str; 3] = ["web", "ios", "android"];
+pub const COUNTRIES: [&str; 5] = ["DE", "US", "FR", "GB", "PL"];
+pub const PLATFORMS: [&str; 3] = ["web", "ios", "android"];
 pub const STATUSES: [&str; 6] = [
     "created",
     "paid",

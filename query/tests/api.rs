@@ -139,8 +139,16 @@ async fn answers_add_up_the_seeded_partials() {
             .expect("rate");
         assert!((rate - funnel[1] as f64 / funnel[0] as f64).abs() < 1e-12);
 
-        // Active users: distinct over countries, platforms and partitions.
-        assert_users_per_minute(&service, &rows, from, to).await;
+        // Active users: distinct over countries, platforms and partitions;
+        // on one platform (its minutes compacted over every country), in
+        // one country (over every platform: from the partials).
+        for filter in [
+            None,
+            Some(("platform", query::seed::PLATFORMS[1])),
+            Some(("country", query::seed::COUNTRIES[2])),
+        ] {
+            assert_users_per_minute(&service, &rows, from, to, filter).await;
+        }
         // And per hour: over whole hours each point is one compacted row.
         let mut hours: BTreeMap<u32, (BTreeSet<&str>, i64, BTreeSet<&str>)> = BTreeMap::new();
         for row in rows.iter().filter(|r| in_range(r, "users", from, to)) {
@@ -571,21 +579,38 @@ async fn a_compaction_without_minutes_is_not_read_per_minute() {
         assert!(Instant::now() < deadline, "the mutation never ran");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_users_per_minute(&service, &seeded_rows(), START, START + 10_800).await;
+    assert_users_per_minute(&service, &seeded_rows(), START, START + 10_800, None).await;
 }
 
 /// Active users per minute over `[from, to)` as the service answers them,
-/// against the distinct users of the seeded rows.
-async fn assert_users_per_minute(service: &Service, rows: &[PartialRow], from: u32, to: u32) {
+/// with a `country` or `platform` filter if given, against the distinct
+/// users of the seeded rows.
+async fn assert_users_per_minute(
+    service: &Service,
+    rows: &[PartialRow],
+    from: u32,
+    to: u32,
+    filter: Option<(&str, &str)>,
+) {
+    let kept = |row: &PartialRow| match filter {
+        Some(("country", value)) => row.dim1 == value,
+        Some(("platform", value)) => row.dim2 == value,
+        Some((name, _)) => panic!("no filter {name}"),
+        None => true,
+    };
     let mut users: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
-    for row in rows.iter().filter(|r| in_range(r, "users", from, to)) {
+    for row in rows
+        .iter()
+        .filter(|r| in_range(r, "users", from, to) && kept(r))
+    {
         users
             .entry(row.window_start)
             .or_default()
             .extend(row.set1.iter().map(String::as_str));
     }
+    let filter = filter.map_or(String::new(), |(name, value)| format!("&{name}={value}"));
     let answer = service
-        .json(&format!("/api/v1/active-users?from={from}&to={to}"))
+        .json(&format!("/api/v1/active-users?from={from}&to={to}{filter}"))
         .await;
     let got: Vec<(u64, u64)> = answer["points"]
         .as_array()
