@@ -21,7 +21,7 @@ pub const PARTIALS_TABLE: &str = "analytics_partials";
 /// Closed hours compacted from the partials (`crate::hours`).
 pub const HOURS_TABLE: &str = "analytics_hours";
 /// The minutes of the compacted hours, of the models read per minute
-/// ([`Level::KeyMinute`], [`Level::AllMinute`]).
+/// ([`Level::per_minute`]).
 pub const MINUTES_TABLE: &str = "analytics_minutes";
 /// The columns of [`HOURS_TABLE`] and [`MINUTES_TABLE`] (`hours::HourRow`).
 const COMPACTED_COLUMNS: &str =
@@ -42,8 +42,7 @@ struct Model {
     /// (expression over the measures, column name), for both views.
     derived: &'static [(&'static str, &'static str)],
     /// Whether its compactions also keep each minute of the hour
-    /// ([`Level::KeyMinute`], [`Level::AllMinute`]): the query API reads it
-    /// per minute.
+    /// ([`Level::per_minute`]): the query API reads it per minute.
     minutes: bool,
 }
 
@@ -477,7 +476,7 @@ fn closed_hours(target: &Target) -> Vec<String> {
     statements
 }
 
-/// Which rows of a closed hour stand for it in [`HOURS_TABLE`].
+/// Which rows of a closed hour stand for it, in [`Level::table`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Level {
@@ -488,10 +487,10 @@ pub enum Level {
     All = 1,
     /// One row per key and minute of the hour (models read per minute,
     /// [`compacted_per_minute`]), in [`MINUTES_TABLE`], `window_start` the
-    /// minute: sums and
-    /// distinct counts as numbers, no sets, so only a read whose every
-    /// group is one such row takes them (`Rows::counts`). A day's revenue
-    /// per minute then reads numbers, not a row per flush with its buyers.
+    /// minute: sums and distinct counts as numbers, no sets, so only a
+    /// read whose every group is one such row takes them (`Rows::counts`).
+    /// An hour of revenue per minute then reads numbers, not a row per
+    /// flush with its buyers.
     KeyMinute = 2,
     /// One row per minute of the hour, every key together.
     AllMinute = 3,
@@ -595,9 +594,11 @@ impl Rows {
 
     /// Whether any row may come from compacted hours: with `counts`, the
     /// aggregate then takes their numbers (else the partials' sets).
-    /// Rows of a minute are numbers only: read with `counts` alone.
+    /// Rows of a minute are numbers only, read with `counts` and only of
+    /// the compactions looked up beforehand (`current`).
     pub fn reads_hours(&self) -> bool {
-        self.hours.is_some_and(|l| self.counts || !l.per_minute())
+        self.hours
+            .is_some_and(|l| !l.per_minute() || (self.counts && self.current.is_some()))
             && self.current.as_ref().is_none_or(|c| !c.is_empty())
     }
 
@@ -769,12 +770,10 @@ impl Rows {
                 )
             }
             None => {
-                let current =
-                    self.current_compactions(target, level.per_minute().then(|| level.naming()));
-                let hour = level.hour();
+                let current = self.current_compactions(target, None);
                 (
-                    format!("({hour}, compaction) IN (SELECT {hour}, min(compaction) {current} GROUP BY {hour})"),
-                    format!("toStartOfHour(window_start) NOT IN (SELECT {hour} {current})"),
+                    format!("(window_start, compaction) IN (SELECT window_start, min(compaction) {current} GROUP BY window_start)"),
+                    format!("toStartOfHour(window_start) NOT IN (SELECT window_start {current})"),
                 )
             }
         };
@@ -1034,6 +1033,37 @@ mod tests {
             [(0, 3_600), (7_200, 10_800)]
         );
         assert_eq!(gaps(0, 100, std::iter::empty()), [(0, 100)]);
+    }
+
+    #[test]
+    fn a_compacted_minute_is_read_only_as_counts_of_compactions_looked_up() {
+        let target = Target::new("shop", None).unwrap();
+        let rows = |counts, current: Option<Vec<(u32, u64)>>| Rows {
+            model: "orders",
+            range: Some((3_600, 10_800)),
+            hours: Some(Level::KeyMinute),
+            counts,
+            columns: vec!["dim1", "set1"],
+            conditions: String::new(),
+            current,
+        };
+        let whole = rows(true, Some(vec![(3_600, 41), (7_200, 42)]));
+        assert!(whole.reads_hours() && whole.one_row_per_group());
+        assert!(whole
+            .from(&target)
+            .starts_with("FROM `shop`.`analytics_minutes` WHERE model = 'orders' AND level = 2"));
+        // Minutes hold no sets, and no lookup in SQL names their compactions.
+        for partials in [rows(false, whole.current.clone()), rows(true, None)] {
+            assert!(!partials.reads_hours());
+            assert!(partials
+                .from(&target)
+                .starts_with("FROM `shop`.`analytics_partials`"));
+        }
+        // Their compactions are looked up by the minutes' own rows.
+        assert!(whole.current_sql(&target).starts_with(
+            "SELECT toUInt32(toStartOfHour(window_start)) AS hour, covered, min(compaction) \
+             FROM `shop`.`analytics_minutes` WHERE model = 'orders' AND level = 3"
+        ));
     }
 
     #[test]

@@ -251,9 +251,9 @@ impl<'a> Read<'a> {
         (sql, values)
     }
 
-    /// The model, the query for its current compactions of the hours this
-    /// read may take from them (`Rows::current`) and the one counting their
-    /// window markers, if any.
+    /// The compactions this read may take hours or minutes from
+    /// ([`Named`]), the query for the current ones (`Rows::current`) and
+    /// the one counting their hours' window markers, if any.
     fn lookups(&self, target: &Target) -> Option<(Named, String, String)> {
         let (rows, ..) = self.plan(None);
         rows.hours.map(|level| {
