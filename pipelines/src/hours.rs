@@ -139,6 +139,13 @@ pub async fn compact(
         .await?;
     let mut done = Compacted::default();
     let mut days = BTreeSet::new();
+    let per_minute: Vec<String> = MODEL_KEYS
+        .iter()
+        .filter(|m| compacted_per_minute(m))
+        .chain([&WINDOW_MARKER])
+        .map(|m| format!("'{m}'"))
+        .collect();
+    let per_minute = format!("model IN ({})", per_minute.join(", "));
     for (hour, markers, day) in stale {
         if unmarked.contains(&(hour, markers)) {
             done.unmarked += 1;
@@ -155,18 +162,8 @@ pub async fn compact(
             .await?;
         // The minutes of the models read per minute, with the markers: a
         // SELECT of its own, so it must have seen as many flushes.
-        let per_minute: Vec<String> = MODEL_KEYS
-            .iter()
-            .filter(|m| compacted_per_minute(m))
-            .chain([&WINDOW_MARKER])
-            .map(|m| format!("'{m}'"))
-            .collect();
         let minutes: Vec<Merged> = client
-            .query(&merge_sql(
-                hour,
-                "toUInt32(window_start)",
-                &format!("model IN ({})", per_minute.join(", ")),
-            ))
+            .query(&merge_sql(hour, "toUInt32(window_start)", &per_minute))
             .with_setting("max_execution_time", timeout_s.clone())
             .fetch_all()
             .await?;
@@ -326,38 +323,27 @@ fn hour_rows(merged: Vec<Merged>, minutes: Vec<Merged>, now: u32) -> Option<(Com
         }
         groups
     };
-    for ((levels, keep_sets), groups) in [
-        (((Level::Key, Level::All, None), true), groups(merged)),
-        (
-            (
-                (
-                    Level::KeyMinute,
-                    Level::AllMinute,
-                    Some(Level::SecondMinute),
-                ),
-                false,
-            ),
-            groups(
-                minutes
-                    .into_iter()
-                    .filter(|m| m.model != WINDOW_MARKER)
-                    .collect(),
-            ),
-        ),
-    ] {
+    let hour = (Level::Key, Level::All, None);
+    let minute = (
+        Level::KeyMinute,
+        Level::AllMinute,
+        Some(Level::SecondMinute),
+    );
+    for (levels, groups) in [(hour, groups(merged)), (minute, groups(minutes))] {
+        let per_minute = levels.0.per_minute();
+        let out = if per_minute {
+            &mut out.minutes
+        } else {
+            &mut out.hours
+        };
         for ((model, window_start), keys) in groups {
-            let out = if keep_sets {
-                &mut out.hours
-            } else {
-                &mut out.minutes
-            };
             let at = out.len();
             out.extend(key_rows(&model, window_start, keys, levels));
             for row in &mut out[at..] {
                 row.covered = flushes;
                 row.compaction = compaction;
                 row.compacted_at = now;
-                if !keep_sets {
+                if per_minute {
                     row.set1.clear();
                     row.set2.clear();
                 }
