@@ -391,6 +391,12 @@ async fn bad_input_gets_a_4xx_that_says_what_was_wrong() {
             Some("granularity"),
         ),
         (
+            "/api/v1/revenue?group_by=country",
+            400,
+            "unknown variant `country`, expected `category` or `none`",
+            Some("group_by"),
+        ),
+        (
             "/api/v1/active-users?from=0&to=864000",
             400,
             "at most 172800 s (2 days)",
