@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use backbone::config::ClickHouseSettings;
 use consumers::projection::ddl::Target;
-use pipelines::ddl::{compacted, compacted_per_minute, model_columns, Level, MeasureSql, Rows};
+use pipelines::ddl::{
+    compacted, compacted_per_minute, model_columns, Level, MeasureSql, ModelColumns, Part, Rows,
+};
 use schemars::JsonSchema;
 use serde::Serialize;
 
@@ -32,6 +34,11 @@ pub struct Store {
     url: String,
     timeout: Duration,
     compactions: Arc<Compactions>,
+    /// Where the server's time zone starts its hours: seconds past a
+    /// multiple of 3,600 since the epoch (0 in UTC, 1,800 in India).
+    /// Learned once; were it wrong, reads would only take fewer hours from
+    /// their compactions, never answer otherwise.
+    hour_phase: Arc<tokio::sync::OnceCell<u32>>,
 }
 
 /// Which compaction was current for each hour of a model when last looked
@@ -220,6 +227,15 @@ impl<'a> Read<'a> {
         }
     }
 
+    /// Whether an hour starting `hour_phase` seconds past a multiple of
+    /// 3,600 lies wholly in the range.
+    fn holds_whole_hour(&self, hour_phase: u32) -> bool {
+        let TimeRange { from, to } = self.range;
+        let first =
+            u64::from(from) + u64::from((hour_phase % 3_600 + 3_600 - from % 3_600) % 3_600);
+        first + 3_600 <= u64::from(to)
+    }
+
     /// `SELECT {outer} ... {tail}` over the read's columns (`t` when a
     /// series, the grouped dimensions, the model's columns), named in a
     /// WITH so that `outer` and `tail` pick and order them without another
@@ -232,10 +248,45 @@ impl<'a> Read<'a> {
         &self,
         target: &Target,
         current: Option<Vec<(u32, u64)>>,
+        hour_phase: u32,
         outer: &str,
         tail: &str,
     ) -> (String, Vec<String>) {
-        let (rows, selected, group, values) = self.plan(current);
+        let (rows, values) = self.plan(current, hour_phase);
+        self.statement(target, &rows, &values, outer, tail)
+    }
+
+    /// The read as [`Read::sql`] does, but a series taking windows from
+    /// compactions and from partials both as one statement on each
+    /// (`Rows::apart`): each window, so each point, comes from one of them.
+    fn statements(
+        &self,
+        target: &Target,
+        current: Option<Vec<(u32, u64)>>,
+        hour_phase: u32,
+        outer: &str,
+    ) -> Vec<(String, Vec<String>)> {
+        let (rows, values) = self.plan(current, hour_phase);
+        match rows.apart() {
+            Some(parts) if self.granularity.is_some() => parts
+                .iter()
+                .map(|rows| self.statement(target, rows, &values, outer, ""))
+                .collect(),
+            _ => vec![self.statement(target, &rows, &values, outer, "")],
+        }
+    }
+
+    /// `SELECT {outer} ... {tail}` over `rows`, and the `values` of its
+    /// conditions as often as they appear.
+    fn statement(
+        &self,
+        target: &Target,
+        rows: &Rows,
+        values: &[String],
+        outer: &str,
+        tail: &str,
+    ) -> (String, Vec<String>) {
+        let (selected, group) = self.shape(rows);
         let values: Vec<String> = (0..rows.sources())
             .flat_map(|_| values.iter().cloned())
             .collect();
@@ -254,8 +305,8 @@ impl<'a> Read<'a> {
     /// The compactions this read may take hours or minutes from
     /// ([`Named`]), the query for the current ones (`Rows::current`) and
     /// the one counting their hours' window markers, if any.
-    fn lookups(&self, target: &Target) -> Option<(Named, String, String)> {
-        let (rows, ..) = self.plan(None);
+    fn lookups(&self, target: &Target, hour_phase: u32) -> Option<(Named, String, String)> {
+        let (rows, _) = self.plan(None, hour_phase);
         rows.hours.map(|level| {
             (
                 (rows.model, level.naming()),
@@ -265,29 +316,38 @@ impl<'a> Read<'a> {
         })
     }
 
-    /// The rows to read (given the `current` compactions), the selected
-    /// columns, the GROUP BY, and the values of the rows' conditions.
-    fn plan(&self, current: Option<Vec<(u32, u64)>>) -> (Rows, Vec<String>, String, Vec<String>) {
-        let columns = model_columns(self.model)
-            .unwrap_or_else(|| panic!("no read model {:?} in pipelines::ddl", self.model));
-        let column_of = |name: &str| {
-            columns
-                .dims
-                .iter()
-                .find(|(_, n)| *n == name)
-                .map(|(c, _)| *c)
-                .unwrap_or_else(|| panic!("{} has no dimension {name}", self.model))
-        };
-        let derived: &[(&str, &str)] = if self.measures.is_none() {
-            columns.derived
-        } else {
-            &[]
-        };
-        let measures: Vec<&MeasureSql> = columns
+    /// The model's columns as `pipelines::ddl` names them.
+    fn columns(&self) -> ModelColumns {
+        model_columns(self.model)
+            .unwrap_or_else(|| panic!("no read model {:?} in pipelines::ddl", self.model))
+    }
+
+    /// The partials' column of the dimension `name`.
+    fn column_of(&self, columns: &ModelColumns, name: &str) -> &'static str {
+        columns
+            .dims
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(c, _)| *c)
+            .unwrap_or_else(|| panic!("{} has no dimension {name}", self.model))
+    }
+
+    /// The measures to compute of `columns`.
+    fn measures<'c>(&self, columns: &'c ModelColumns) -> Vec<&'c MeasureSql> {
+        columns
             .measures
             .iter()
             .filter(|m| self.measures.is_none_or(|names| names.contains(&m.column)))
-            .collect();
+            .collect()
+    }
+
+    /// The rows to read (given the `current` compactions, and hours
+    /// starting `hour_phase` seconds past a multiple of 3,600 since the
+    /// epoch) and the values of their conditions.
+    fn plan(&self, current: Option<Vec<(u32, u64)>>, hour_phase: u32) -> (Rows, Vec<String>) {
+        let columns = self.columns();
+        let column_of = |name: &str| self.column_of(&columns, name);
+        let measures = self.measures(&columns);
         let every_key = !columns.dims.is_empty()
             && self.group.is_empty()
             && self.filters.is_empty()
@@ -311,11 +371,19 @@ impl<'a> Read<'a> {
         let one_row =
             every_key || level == Level::SecondMinute || columns.dims.iter().all(|(_, n)| fixed(n));
         // A minute's compacted rows hold numbers only: read per minute
-        // only where each group is one of them.
+        // only where each group is one of them. Per hour or over the
+        // range, only a whole hour is taken from its compaction: a range
+        // holding none (the default, the hour before now) reads the
+        // partials without counting any window markers.
         let hours = (compacted(self.model)
-            && (!per_minute || (compacted_per_minute(self.model) && one_row))
-            && self.range.to.saturating_sub(self.range.from) >= 3_600)
-            .then_some(level);
+            && if per_minute {
+                compacted_per_minute(self.model)
+                    && one_row
+                    && self.range.to.saturating_sub(self.range.from) >= 3_600
+            } else {
+                self.holds_whole_hour(hour_phase)
+            })
+        .then_some(level);
         let counts = hours.is_some() && self.granularity.is_some() && one_row;
         let mut read: Vec<&'static str> = Vec::new();
         let used = self
@@ -353,6 +421,18 @@ impl<'a> Read<'a> {
             columns: read,
             conditions,
             current,
+            part: Part::Whole,
+        };
+        (rows, values)
+    }
+
+    /// The selected columns over `rows` and their GROUP BY.
+    fn shape(&self, rows: &Rows) -> (Vec<String>, String) {
+        let columns = self.columns();
+        let derived: &[(&str, &str)] = if self.measures.is_none() {
+            columns.derived
+        } else {
+            &[]
         };
         let time = self.granularity.map(|g| format!("{} AS t", g.bucket()));
         let selected: Vec<String> = time
@@ -360,10 +440,10 @@ impl<'a> Read<'a> {
             .chain(
                 self.group
                     .iter()
-                    .map(|n| format!("{} AS {n}", column_of(n))),
+                    .map(|n| format!("{} AS {n}", self.column_of(&columns, n))),
             )
             .chain(
-                measures
+                self.measures(&columns)
                     .iter()
                     .map(|m| format!("{} AS {}", rows.measure(m), m.column)),
             )
@@ -381,7 +461,7 @@ impl<'a> Read<'a> {
         } else {
             format!(" GROUP BY {}", grouped.join(", "))
         };
-        (rows, selected, group, values)
+        (selected, group)
     }
 }
 
@@ -408,6 +488,7 @@ impl Store {
             url: settings.url.clone(),
             timeout,
             compactions: Arc::default(),
+            hour_phase: Arc::default(),
         })
     }
 
@@ -470,7 +551,18 @@ impl Store {
     /// recalled while their hours' window markers number what they cover
     /// ([`Compactions`]), else looked up.
     async fn current(&self, read: &Read<'_>) -> Result<Option<Vec<(u32, u64)>>, ApiError> {
-        let Some((model, lookup, markers)) = read.lookups(&self.target) else {
+        let hour_phase = *self
+            .hour_phase
+            .get_or_try_init(|| {
+                self.run(
+                    "time zone",
+                    self.client
+                        .query("SELECT toUInt32(toUInt32(toStartOfHour(now())) % 3600)")
+                        .fetch_one::<u32>(),
+                )
+            })
+            .await?;
+        let Some((model, lookup, markers)) = read.lookups(&self.target, hour_phase) else {
             return Ok(None);
         };
         let mut markers = self
@@ -505,10 +597,36 @@ impl Store {
         outer: &str,
         tail: &str,
     ) -> clickhouse::query::Query {
-        let (sql, binds) = read.sql(&self.target, current, outer, tail);
+        let (sql, binds) = read.sql(&self.target, current, self.known_hour_phase(), outer, tail);
+        self.prepared(&sql, &binds)
+    }
+
+    /// A series' points (see [`Read::statements`]): from one statement, or
+    /// from one on the compactions and one on the partials, in no order.
+    async fn series<T>(&self, what: &str, read: &Read<'_>, outer: &str) -> Result<Vec<T>, ApiError>
+    where
+        T: clickhouse::Row + for<'b> clickhouse::RowRead<Value<'b> = T> + Send + 'static,
+    {
+        let current = self.current(read).await?;
+        let mut points = Vec::new();
+        for (sql, binds) in read.statements(&self.target, current, self.known_hour_phase(), outer) {
+            let query = self.prepared(&sql, &binds);
+            points.extend(self.run(what, query.fetch_all::<T>()).await?);
+        }
+        Ok(points)
+    }
+
+    /// Where the server starts its hours, as `current` learned it: every
+    /// read runs that first.
+    fn known_hour_phase(&self) -> u32 {
+        self.hour_phase.get().copied().unwrap_or(0)
+    }
+
+    /// `sql` with its values bound.
+    fn prepared(&self, sql: &str, binds: &[String]) -> clickhouse::query::Query {
         binds
             .iter()
-            .fold(self.client.query(&sql), |query, value| query.bind(value))
+            .fold(self.client.query(sql), |query, value| query.bind(value))
     }
 
     /// Answers `SELECT 1`: whether ClickHouse is there.
@@ -538,19 +656,13 @@ impl Store {
                 .collect(),
             ..Read::new("orders", range, Some(granularity))
         };
-        let query = self
-            .query(
+        let rows = self
+            .series::<(u32, String, String, i64, i64, i64, u64)>(
+                "revenue",
                 &read,
                 &format!(
                     "t, {category_column}, currency, orders, items, revenue_minor, unique_buyers"
                 ),
-                "",
-            )
-            .await?;
-        let rows = self
-            .run(
-                "revenue",
-                query.fetch_all::<(u32, String, String, i64, i64, i64, u64)>(),
             )
             .await?;
         let rows = in_order(rows, |a, b| (a.0, &a.1, &a.2).cmp(&(b.0, &b.1, &b.2)));
@@ -606,11 +718,8 @@ impl Store {
                 .collect(),
             ..Read::new("users", range, Some(granularity))
         };
-        let query = self
-            .query(&read, "t, unique_users, sign_ups, sessions", "")
-            .await?;
-        let points = self
-            .run("active users", query.fetch_all::<UsersPoint>())
+        let points: Vec<UsersPoint> = self
+            .series("active users", &read, "t, unique_users, sign_ups, sessions")
             .await?;
         Ok(in_order(points, |a, b| a.window_start.cmp(&b.window_start)))
     }
@@ -724,15 +833,12 @@ impl Store {
         granularity: Granularity,
     ) -> Result<Vec<SearchPoint>, ApiError> {
         let read = Read::new("search", range, Some(granularity));
-        let query = self
-            .query(
+        let points: Vec<SearchPoint> = self
+            .series(
+                "searches",
                 &read,
                 "t, searches, zero_results, toInt32(p95_latency_ms), toFloat64(mean_latency_ms)",
-                "",
             )
-            .await?;
-        let points = self
-            .run("searches", query.fetch_all::<SearchPoint>())
             .await?;
         Ok(in_order(points, |a, b| a.window_start.cmp(&b.window_start)))
     }
@@ -810,6 +916,50 @@ mod tests {
     }
 
     #[test]
+    fn only_a_range_holding_a_whole_hour_of_the_server_counts_window_markers() {
+        let target = Target::new("shop", None).unwrap();
+        let hour = 1_795_996_800;
+        let read = |from: u32, to: u32, granularity| {
+            Read::new("chat", TimeRange { from, to }, granularity)
+        };
+        // The hour before now, ragged, holds no whole hour in UTC: no
+        // markers counted, the partials read straight.
+        let ragged = read(hour + 600, hour + 4_200, None);
+        assert!(ragged.lookups(&target, 0).is_none());
+        let (sql, _) = ragged.sql(&target, None, 0, "*", "");
+        assert!(
+            !sql.contains("UNION") && !sql.contains("compaction"),
+            "{sql}"
+        );
+        // In a time zone whose hours start at ten past, it does.
+        assert!(ragged.lookups(&target, 600).is_some());
+        assert!(read(hour, hour + 3_600, None).lookups(&target, 0).is_some());
+        assert!(read(hour + 1, hour + 3_601, None)
+            .lookups(&target, 0)
+            .is_none());
+        assert!(read(hour - 1, hour + 3_600, None)
+            .lookups(&target, 0)
+            .is_some());
+        // Per hour alike; per minute the minutes of every hour the range
+        // overlaps may come from a compaction.
+        let per_hour = read(hour + 600, hour + 4_200, Some(Granularity::Hour));
+        assert!(per_hour.lookups(&target, 0).is_none());
+        let users = Read::new(
+            "users",
+            TimeRange {
+                from: hour + 600,
+                to: hour + 4_200,
+            },
+            Some(Granularity::Minute),
+        );
+        let (_, _, markers) = users.lookups(&target, 0).expect("minutes looked up");
+        assert!(
+            markers.contains("window_start >= toStartOfHour(toDateTime(1795997400)) AND window_start < toStartOfHour(toDateTime(1796000999)) + 3600"),
+            "{markers}"
+        );
+    }
+
+    #[test]
     fn a_read_filters_the_range_before_grouping_and_takes_whole_hours_from_their_compaction() {
         let target = Target::new("shop", None).unwrap();
         let range = TimeRange {
@@ -820,11 +970,12 @@ mod tests {
             "window_start >= toDateTime(1795996800) AND window_start < toDateTime(1796007600)";
         let hours_sql =
             "window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000)";
-        let sql_of = |read: &Read, current| read.sql(&target, current, "*", "");
+        let sql_of = |read: &Read, current| read.sql(&target, current, 0, "*", "");
         // Per minute: the partials only.
         let (sql, values) = Read::new("funnel", range, Some(Granularity::Minute)).sql(
             &target,
             None,
+            0,
             "t, created, paid",
             "ORDER BY t",
         );
@@ -876,11 +1027,14 @@ mod tests {
         assert_eq!(values, [rooms.clone(), rooms.clone()].concat());
         // The current compactions read beforehand: named, not counted again.
         assert!(read
-            .lookups(&target)
+            .lookups(&target, 0)
             .is_some_and(|(_, sql, _)| sql.contains("WHERE model = 'chat' AND level = 1 AND")));
         let (sql, values) = sql_of(&read, Some(vec![(1_795_996_800, 12)]));
         assert!(sql.contains("AND level = 0 AND window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000) AND compaction IN (12) AND dim1 IN (?, ?)"), "{sql}");
-        assert!(sql.contains("WHERE model = 'chat' AND (window_start >= toDateTime(1796000400) AND window_start < toDateTime(1796007600)) AND dim1 IN (?, ?) AND toUInt32(toStartOfHour(window_start)) NOT IN (1795996800)"), "{sql}");
+        // The partials' ranges leave the compacted hour out: no condition
+        // on each row's hour.
+        assert!(sql.contains("WHERE model = 'chat' AND (window_start >= toDateTime(1796000400) AND window_start < toDateTime(1796007600)) AND dim1 IN (?, ?))"), "{sql}");
+        assert!(!sql.contains("NOT IN"), "{sql}");
         // Every hour compacted: the compactions alone.
         let all = vec![
             (1_795_996_800, 1),
@@ -901,7 +1055,7 @@ mod tests {
         assert!(!sql.contains("analytics_hours"), "{sql}");
         assert_eq!(values, rooms);
         assert!(Read::new("funnel", range, Some(Granularity::Minute))
-            .lookups(&target)
+            .lookups(&target, 0)
             .is_none());
     }
 }

@@ -442,6 +442,11 @@ async fn bad_input_gets_a_4xx_that_says_what_was_wrong() {
 /// Statements this test's service sent that look compactions up in full
 /// (not only count the window markers).
 async fn lookups(service: &Service) -> u64 {
+    logged(service, "%covered, min(compaction)%").await
+}
+
+/// How many queries the service ran on its database matching `like`.
+async fn logged(service: &Service, like: &str) -> u64 {
     let client = &service.database.client;
     client
         .query("SYSTEM FLUSH LOGS")
@@ -451,8 +456,9 @@ async fn lookups(service: &Service) -> u64 {
     client
         .query(
             "SELECT count() FROM system.query_log WHERE type = 2 \
-             AND query LIKE '%covered, min(compaction)%' AND query LIKE concat('%`', currentDatabase(), '`%')",
+             AND query LIKE ? AND query LIKE concat('%`', currentDatabase(), '`%')",
         )
+        .bind(like)
         .fetch_one::<u64>()
         .await
         .expect("query log")
@@ -479,17 +485,31 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
     assert_eq!(lookups(&service).await, 1);
     assert_eq!(service.json(&path).await, before, "recalled, the same");
     assert_eq!(lookups(&service).await, 1, "the markers alone counted");
-    // The same hour per minute, from the compaction's minutes: looked up
-    // once (a compaction without minutes must not be taken).
+    // The second half of that hour and the first of the next per minute
+    // (no whole hour: the hour before now, as a dashboard reads it), from
+    // the compactions' minutes: looked up once (a compaction without
+    // minutes must not be taken).
     let minutes = format!(
-        "/api/v1/revenue?from={START}&to={}&category=category-00&currency=EUR",
-        START + 3_600
+        "/api/v1/revenue?from={}&to={}&category=category-00&currency=EUR",
+        START + 1_800,
+        START + 5_400
     );
     let second_minute = |answer: &Value| answer["points"][1]["revenue_minor"].as_i64();
     let minutes_before = service.json(&minutes).await;
     assert_eq!(service.json(&minutes).await, minutes_before);
     assert_eq!(lookups(&service).await, 2, "the minutes looked up once");
+    assert_eq!(
+        logged(
+            &service,
+            "%FROM `%`.`analytics_minutes` WHERE model = 'orders' AND level = 2 %"
+        )
+        .await,
+        2,
+        "both reads took the compactions' minutes"
+    );
 
+    // Late flushes into the first hour: before the range per minute and
+    // in it.
     let mut late = vec![PartialRow {
         model: "orders".to_owned(),
         window_start: START + 60,
@@ -503,6 +523,10 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
         flushed_at: START + 20_000,
         ..PartialRow::default()
     }];
+    late.push(PartialRow {
+        window_start: START + 1_860,
+        ..late[0].clone()
+    });
     pipelines::store::mark_windows(&mut late, START + 20_000);
     pipelines::store::insert(&service.database.client, &late, Duration::from_secs(30))
         .await
@@ -513,7 +537,7 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
     };
     assert_eq!(
         first_hour(&after),
-        (Some(minor + 1_000_000), Some(buyers + 1)),
+        (Some(minor + 2_000_000), Some(buyers + 1)),
         "{after}"
     );
     assert_eq!(lookups(&service).await, 3, "looked up again");
@@ -522,7 +546,7 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
         "the other hours alike"
     );
     let minutes_after = service.json(&minutes).await;
-    assert_eq!(minutes_before["points"][1]["window_start"], START + 60);
+    assert_eq!(minutes_before["points"][1]["window_start"], START + 1_860);
     assert_eq!(
         second_minute(&minutes_after),
         second_minute(&minutes_before).map(|r| r + 1_000_000),
@@ -809,9 +833,9 @@ async fn concurrent_requests_for_an_expired_answer_share_one_query() {
         "one answer for all"
     );
     // Busiest rooms is two reads (sums, then the top rooms' chatters),
-    // after counting the window markers and, the first time, asking which
-    // of their hours are compacted.
-    assert_eq!(proxy.requests(), 4, "16 requests, one set of queries");
+    // after counting the window markers and, the first time, asking where
+    // the server's hours start and which of their hours are compacted.
+    assert_eq!(proxy.requests(), 5, "16 requests, one set of queries");
 }
 
 async fn futures_join(http: &reqwest::Client, url: &str, n: usize) -> Vec<String> {

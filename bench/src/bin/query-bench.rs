@@ -260,8 +260,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "searches and zero results, the day per minute",
             format!("/api/v1/searches?from={day_from}&to={day_to}"),
         ),
-        // The endpoints' default range, the hour before now (revenue and
-        // active users per minute over an hour are measured above).
+        // The endpoints' default range, the hour before now: the minutes
+        // since the hour and the end of the hour before, a range no whole
+        // hour lies in.
+        (
+            "revenue, default range per minute, by category",
+            "/api/v1/revenue".to_owned(),
+        ),
+        (
+            "revenue, default range per minute, all categories",
+            "/api/v1/revenue?group_by=none".to_owned(),
+        ),
+        (
+            "active users, default range per minute",
+            "/api/v1/active-users".to_owned(),
+        ),
         ("funnel, default range", "/api/v1/funnel".to_owned()),
         (
             "busiest rooms, default range",
