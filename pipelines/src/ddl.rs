@@ -795,11 +795,7 @@ impl Rows {
         let model = self.model;
         let (range, _) = self.ranges();
         if let (Part::Partials, Some(level)) = (self.part, self.hours) {
-            let (_, partials_range, not_compacted) = self.compacted(target, level);
-            return format!(
-                "FROM {partials} WHERE model = '{model}'{partials_range}{}{not_compacted}",
-                self.conditions
-            );
+            return self.each_source(target, level).1;
         }
         let Some(level) = self.hours.filter(|_| self.reads_hours()) else {
             return format!(
@@ -807,23 +803,20 @@ impl Rows {
                 self.conditions
             );
         };
-        let (compacted, partials_range, not_compacted) = self.compacted(target, level);
+        let (compacted, partials) = self.each_source(target, level);
         if self.only_hours() {
-            return format!("{compacted}{}", self.conditions);
+            return compacted;
         }
-        format!(
-            "FROM ({})",
-            self.union(&compacted, &partials_range, &not_compacted, target)
-        )
+        format!("FROM ({})", self.union(&compacted, &partials))
     }
 
     /// `FROM ... WHERE ...` of the hours' rows of the current compactions
-    /// (`current`, else chosen by a subquery), then the partials' part of
-    /// the range less the compacted hours, as ranges the sort key serves (a
-    /// condition on the hour alone would read every partial of the range),
-    /// and, when those ranges do not already, the condition (`AND ...`)
-    /// leaving the compacted hours out of the partials.
-    fn compacted(&self, target: &Target, level: Level) -> (String, String, String) {
+    /// (`current`, else chosen by a subquery), and of the partials' other
+    /// rows: the range less the compacted hours, as ranges the sort key
+    /// serves (a condition on the hour alone would read every partial of
+    /// the range), and, when those ranges do not already, a condition
+    /// leaving the compacted hours out; both with the read's `conditions`.
+    fn each_source(&self, target: &Target, level: Level) -> (String, String) {
         let (mut partials_range, _) = self.ranges();
         let rows_range = self.rows_range(level);
         let (chosen, not_compacted) = match &self.current {
@@ -865,27 +858,24 @@ impl Rows {
                 )
             }
         };
+        let model = self.model;
+        let conditions = &self.conditions;
         let compacted = format!(
-            "FROM {} WHERE model = '{}' AND level = {}{rows_range} AND {chosen}",
+            "FROM {} WHERE model = '{model}' AND level = {}{rows_range} AND {chosen}{conditions}",
             target.table(level.table()),
-            self.model,
             level as u8
         );
-        (compacted, partials_range, not_compacted)
+        let partials = format!(
+            "FROM {} WHERE model = '{model}'{partials_range}{conditions}{not_compacted}",
+            target.table(PARTIALS_TABLE)
+        );
+        (compacted, partials)
     }
 
     /// The compacted hours' rows and the partials' other rows (see
-    /// [`Rows::compacted`]), each as `window_start` and `columns`, in one
+    /// [`Rows::each_source`]), each as `window_start` and `columns`, in one
     /// UNION ALL.
-    fn union(
-        &self,
-        compacted: &str,
-        partials_range: &str,
-        not_compacted: &str,
-        target: &Target,
-    ) -> String {
-        let partials = target.table(PARTIALS_TABLE);
-        let model = self.model;
+    fn union(&self, compacted: &str, partials: &str) -> String {
         let (mut from_hours, mut from_partials) = (Vec::new(), Vec::new());
         for column in &self.columns {
             match (self.counts, *column) {
@@ -905,11 +895,9 @@ impl Rows {
             from_partials.push("toUInt8(0) AS grain".to_owned());
         }
         format!(
-            "SELECT window_start, {} {compacted}{} UNION ALL SELECT window_start, {} FROM {partials} WHERE model = '{model}'{partials_range}{}{not_compacted}",
+            "SELECT window_start, {} {compacted} UNION ALL SELECT window_start, {} {partials}",
             from_hours.join(", "),
-            self.conditions,
             from_partials.join(", "),
-            self.conditions,
         )
     }
 }

@@ -132,6 +132,15 @@ impl Compactions {
     }
 }
 
+/// What a read learns before its statements: where the server starts its
+/// hours, and the current compactions of the hours it may take from them
+/// (`None` when it takes none).
+#[derive(Debug, Clone, Default)]
+struct Lookup {
+    hour_phase: u32,
+    current: Option<Vec<(u32, u64)>>,
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -247,12 +256,11 @@ impl<'a> Read<'a> {
     fn sql(
         &self,
         target: &Target,
-        current: Option<Vec<(u32, u64)>>,
-        hour_phase: u32,
+        lookup: Lookup,
         outer: &str,
         tail: &str,
     ) -> (String, Vec<String>) {
-        let (rows, values) = self.plan(current, hour_phase);
+        let (rows, values) = self.plan(lookup.current, lookup.hour_phase);
         self.statement(target, &rows, &values, outer, tail)
     }
 
@@ -262,11 +270,10 @@ impl<'a> Read<'a> {
     fn statements(
         &self,
         target: &Target,
-        current: Option<Vec<(u32, u64)>>,
-        hour_phase: u32,
+        lookup: Lookup,
         outer: &str,
     ) -> Vec<(String, Vec<String>)> {
-        let (rows, values) = self.plan(current, hour_phase);
+        let (rows, values) = self.plan(lookup.current, lookup.hour_phase);
         match rows.apart() {
             Some(parts) if self.granularity.is_some() => parts
                 .iter()
@@ -543,14 +550,15 @@ impl Store {
         outer: &str,
         tail: &str,
     ) -> Result<clickhouse::query::Query, ApiError> {
-        let current = self.current(read).await?;
-        Ok(self.bound(read, current, outer, tail))
+        let lookup = self.lookup(read).await?;
+        Ok(self.bound(read, lookup, outer, tail))
     }
 
-    /// The current compactions of the hours `read` may take from them:
-    /// recalled while their hours' window markers number what they cover
+    /// Where the server starts its hours (asked once), and the current
+    /// compactions of the hours `read` may take from them: recalled while
+    /// their hours' window markers number what they cover
     /// ([`Compactions`]), else looked up.
-    async fn current(&self, read: &Read<'_>) -> Result<Option<Vec<(u32, u64)>>, ApiError> {
+    async fn lookup(&self, read: &Read<'_>) -> Result<Lookup, ApiError> {
         let hour_phase = *self
             .hour_phase
             .get_or_try_init(|| {
@@ -562,8 +570,12 @@ impl Store {
                 )
             })
             .await?;
+        let current = |current| Lookup {
+            hour_phase,
+            current,
+        };
         let Some((model, lookup, markers)) = read.lookups(&self.target, hour_phase) else {
-            return Ok(None);
+            return Ok(current(None));
         };
         let mut markers = self
             .run(
@@ -576,8 +588,8 @@ impl Store {
         // looked up every time ("today" per hour).
         let now = consumers::forward::now_ms() / 1000;
         markers.retain(|&(hour, _)| i64::from(hour) + 3_600 <= now);
-        if let Some(current) = self.compactions.recall(model, &markers) {
-            return Ok(Some(current));
+        if let Some(recalled) = self.compactions.recall(model, &markers) {
+            return Ok(current(Some(recalled)));
         }
         let found = self
             .run(
@@ -586,18 +598,20 @@ impl Store {
             )
             .await?;
         self.compactions.learn(model, &markers, &found);
-        Ok(Some(found.into_iter().map(|(h, _, c)| (h, c)).collect()))
+        Ok(current(Some(
+            found.into_iter().map(|(h, _, c)| (h, c)).collect(),
+        )))
     }
 
-    /// [`Store::query`] given the `current` compactions.
+    /// [`Store::query`] given its `lookup`.
     fn bound(
         &self,
         read: &Read<'_>,
-        current: Option<Vec<(u32, u64)>>,
+        lookup: Lookup,
         outer: &str,
         tail: &str,
     ) -> clickhouse::query::Query {
-        let (sql, binds) = read.sql(&self.target, current, self.known_hour_phase(), outer, tail);
+        let (sql, binds) = read.sql(&self.target, lookup, outer, tail);
         self.prepared(&sql, &binds)
     }
 
@@ -607,19 +621,13 @@ impl Store {
     where
         T: clickhouse::Row + for<'b> clickhouse::RowRead<Value<'b> = T> + Send + 'static,
     {
-        let current = self.current(read).await?;
+        let lookup = self.lookup(read).await?;
         let mut points = Vec::new();
-        for (sql, binds) in read.statements(&self.target, current, self.known_hour_phase(), outer) {
+        for (sql, binds) in read.statements(&self.target, lookup, outer) {
             let query = self.prepared(&sql, &binds);
             points.extend(self.run(what, query.fetch_all::<T>()).await?);
         }
         Ok(points)
-    }
-
-    /// Where the server starts its hours, as `current` learned it: every
-    /// read runs that first.
-    fn known_hour_phase(&self) -> u32 {
-        self.hour_phase.get().copied().unwrap_or(0)
     }
 
     /// `sql` with its values bound.
@@ -734,11 +742,11 @@ impl Store {
             measures: Some(&["messages", "flagged"]),
             ..Read::new("chat", range, None)
         };
-        let current = self.current(&sums).await?;
+        let lookup = self.lookup(&sums).await?;
         let query = self
             .bound(
                 &sums,
-                current.clone(),
+                lookup.clone(),
                 "room_id, messages, flagged",
                 "ORDER BY messages DESC, room_id LIMIT ?",
             )
@@ -756,7 +764,7 @@ impl Store {
             measures: Some(&["unique_chatters"]),
             ..Read::new("chat", range, None)
         };
-        let query = self.bound(&distinct, current, "room_id, unique_chatters", "");
+        let query = self.bound(&distinct, lookup, "room_id, unique_chatters", "");
         let chatters: HashMap<String, u64> = self
             .run(
                 "busiest rooms' chatters",
@@ -926,7 +934,7 @@ mod tests {
         // markers counted, the partials read straight.
         let ragged = read(hour + 600, hour + 4_200, None);
         assert!(ragged.lookups(&target, 0).is_none());
-        let (sql, _) = ragged.sql(&target, None, 0, "*", "");
+        let (sql, _) = ragged.sql(&target, Lookup::default(), "*", "");
         assert!(
             !sql.contains("UNION") && !sql.contains("compaction"),
             "{sql}"
@@ -970,12 +978,17 @@ mod tests {
             "window_start >= toDateTime(1795996800) AND window_start < toDateTime(1796007600)";
         let hours_sql =
             "window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000)";
-        let sql_of = |read: &Read, current| read.sql(&target, current, 0, "*", "");
+        let sql_of = |read: &Read, current| {
+            let lookup = Lookup {
+                hour_phase: 0,
+                current,
+            };
+            read.sql(&target, lookup, "*", "")
+        };
         // Per minute: the partials only.
         let (sql, values) = Read::new("funnel", range, Some(Granularity::Minute)).sql(
             &target,
-            None,
-            0,
+            Lookup::default(),
             "t, created, paid",
             "ORDER BY t",
         );
