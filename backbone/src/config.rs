@@ -102,7 +102,9 @@ pub struct AnalyticsSettings {
     pub metrics_address: String,
     /// How often closed hours are compacted for fast day-long reads; 0: never.
     pub compact_every_ms: u64,
-    /// An hour is compacted once none of its partials was flushed for this long.
+    /// An hour is compacted once none of its partials was flushed for this
+    /// long; so is each minute of the hour not over yet and of the one
+    /// before, on its own, for the reads per minute of the hour before now.
     pub compact_after_idle_ms: u64,
     /// Hours starting this long ago or later are compacted; older ones are read
     /// from their partials.

@@ -462,6 +462,7 @@ fn closed_hours(target: &Target) -> Vec<String> {
             columns: model.columns(),
             conditions: String::new(),
             current: None,
+            minutes: Vec::new(),
             part: Part::Whole,
         };
         statements.push(format!(
@@ -476,6 +477,9 @@ fn closed_hours(target: &Target) -> Vec<String> {
     }
     statements
 }
+
+/// What [`Level::of_own_minute`] adds to a level.
+pub const OWN_MINUTE: u8 = 8;
 
 /// Which rows of a closed hour stand for it, in [`Level::table`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -526,6 +530,14 @@ impl Level {
         }
     }
 
+    /// This level's value in the rows of a minute's own compaction (a
+    /// minute of an hour no compaction covers yet, `crate::hours`): apart
+    /// from the minutes of an hour's compaction, which reads look up by the
+    /// hour.
+    pub fn of_own_minute(self) -> u8 {
+        self as u8 + OWN_MINUTE
+    }
+
     /// The hour a row of this level stands in.
     fn hour(self) -> &'static str {
         if self.per_minute() {
@@ -570,6 +582,11 @@ pub struct Rows {
     /// (the SQL alone counts them twice). Each hour is then as it was when
     /// they were read.
     pub current: Option<Vec<(u32, u64)>>,
+    /// The (minute, compaction id) of the minutes' own compactions
+    /// ([`Level::of_own_minute`]) current now, looked up beforehand by
+    /// [`Rows::minutes_sql`], none in a current hour: a read per minute takes
+    /// them as it takes a compacted hour's minutes.
+    pub minutes: Vec<(u32, u64)>,
     /// Which of the rows: see [`Rows::apart`].
     pub part: Part,
 }
@@ -616,11 +633,20 @@ impl Rows {
             return self.part == Part::Compacted;
         }
         match (self.hours, &self.current, self.range) {
-            (Some(_), Some(current), Some((from, to))) => {
-                !current.is_empty() && gaps(from, to, current.iter().map(|(h, _)| *h)).is_empty()
+            (Some(_), Some(_), Some((from, to))) => {
+                let spans = self.compacted_spans();
+                !spans.is_empty() && gaps(from, to, spans.into_iter()).is_empty()
             }
             _ => false,
         }
+    }
+
+    /// `(start, seconds)` of the current compactions' hours and minutes.
+    fn compacted_spans(&self) -> Vec<(u32, u32)> {
+        let hours = self.current.iter().flatten().map(|(h, _)| (*h, 3_600));
+        hours
+            .chain(self.minutes.iter().map(|(m, _)| (*m, 60)))
+            .collect()
     }
 
     /// Whether every group of the aggregate is one row: `counts`, and
@@ -641,7 +667,7 @@ impl Rows {
             && self
                 .hours
                 .is_some_and(|l| !l.per_minute() || (self.counts && self.current.is_some()))
-            && self.current.as_ref().is_none_or(|c| !c.is_empty())
+            && (self.current.as_ref().is_none_or(|c| !c.is_empty()) || !self.minutes.is_empty())
     }
 
     /// How many times `conditions` appears in [`Rows::sql`].
@@ -718,16 +744,38 @@ impl Rows {
     /// (see [`Rows::markers_range`]) now, as `(hour, markers)` rows: a
     /// compaction of the hour is current while it covers that many flushes.
     /// Half the cost of [`Rows::current_sql`] on 18.16, for a reader that
-    /// remembers which compaction covered each hour.
+    /// remembers which compaction covered each hour. A read per minute
+    /// counts them per minute, as `(hour, minute, markers)` rows: the
+    /// minutes' own compactions ([`Rows::minutes_sql`]) are current by them.
     pub fn markers_sql(&self, target: &Target) -> String {
         if self.by_minute() {
-            return self.markers_per_hour(target);
+            return format!(
+                "SELECT toUInt32(toStartOfHour(window_start)) AS hour, toUInt32(window_start) AS minute, count() FROM {} WHERE model = '{WINDOW_MARKER}'{} GROUP BY window_start",
+                target.table(PARTIALS_TABLE),
+                self.markers_range()
+            );
         }
         let whole = self.whole_hours("hour");
         match whole.strip_prefix(" AND ") {
             Some(whole) => format!("{} HAVING {whole}", self.markers_per_hour(target)),
             None => self.markers_per_hour(target),
         }
+    }
+
+    /// The minutes' own compactions of the model in the range, as `(minute,
+    /// flushes covered, compaction id)` rows, one per minute and count: one
+    /// is current while it covers as many flushes as the minute has window
+    /// markers (counted per minute by [`Rows::markers_sql`]). Each names its
+    /// minute by the row of every key together, as an hour's compaction
+    /// does ([`Level::naming`]).
+    pub fn minutes_sql(&self, target: &Target) -> String {
+        format!(
+            "SELECT toUInt32(window_start) AS minute, covered, min(compaction) FROM {} WHERE model = '{}' AND level = {}{} GROUP BY minute, covered",
+            target.table(MINUTES_TABLE),
+            self.model,
+            Level::AllMinute.of_own_minute(),
+            self.ranges().0
+        )
     }
 
     /// The SELECT of `(hour, window markers)` of the range's hours.
@@ -821,10 +869,14 @@ impl Rows {
         let rows_range = self.rows_range(level);
         let (chosen, not_compacted) = match &self.current {
             Some(current) => {
-                let ids: Vec<String> = current.iter().map(|(_, c)| c.to_string()).collect();
+                let ids: Vec<String> = current
+                    .iter()
+                    .chain(&self.minutes)
+                    .map(|(_, c)| c.to_string())
+                    .collect();
                 let not_compacted = match self.range {
                     Some((from, to)) => {
-                        let gaps: Vec<String> = gaps(from, to, current.iter().map(|(h, _)| *h))
+                        let gaps: Vec<String> = gaps(from, to, self.compacted_spans().into_iter())
                             .into_iter()
                             .map(|(a, b)| {
                                 format!("window_start >= toDateTime({a}) AND window_start < toDateTime({b})")
@@ -860,10 +912,14 @@ impl Rows {
         };
         let model = self.model;
         let conditions = &self.conditions;
+        let levels = if self.minutes.is_empty() {
+            format!("level = {}", level as u8)
+        } else {
+            format!("level IN ({}, {})", level as u8, level.of_own_minute())
+        };
         let compacted = format!(
-            "FROM {} WHERE model = '{model}' AND level = {}{rows_range} AND {chosen}{conditions}",
+            "FROM {} WHERE model = '{model}' AND {levels}{rows_range} AND {chosen}{conditions}",
             target.table(level.table()),
-            level as u8
         );
         let partials = format!(
             "FROM {} WHERE model = '{model}'{partials_range}{conditions}{not_compacted}",
@@ -902,18 +958,18 @@ impl Rows {
     }
 }
 
-/// `[from, to)` less the hours `[h, h + 3600)` starting at `hours`, as
+/// `[from, to)` less the `spans` (`(start, seconds)`: hours, minutes), as
 /// ranges in order.
-fn gaps(from: u32, to: u32, hours: impl Iterator<Item = u32>) -> Vec<(u32, u32)> {
-    let mut hours: Vec<u32> = hours.collect();
-    hours.sort_unstable();
+fn gaps(from: u32, to: u32, spans: impl Iterator<Item = (u32, u32)>) -> Vec<(u32, u32)> {
+    let mut spans: Vec<(u32, u32)> = spans.collect();
+    spans.sort_unstable();
     let mut out = Vec::new();
     let mut at = from;
-    for hour in hours {
-        if hour > at {
-            out.push((at, hour.min(to)));
+    for (start, seconds) in spans {
+        if start > at {
+            out.push((at, start.min(to)));
         }
-        at = at.max(hour.saturating_add(3_600));
+        at = at.max(start.saturating_add(seconds));
     }
     if at < to {
         out.push((at, to));
@@ -1095,20 +1151,30 @@ mod tests {
     }
 
     #[test]
-    fn the_partials_are_read_around_the_compacted_hours() {
+    fn the_partials_are_read_around_the_compacted_hours_and_minutes() {
+        let hours = |starts: &[u32]| starts.iter().map(|h| (*h, 3_600)).collect::<Vec<_>>();
         assert_eq!(
-            gaps(600, 11_000, [3_600, 7_200].into_iter()),
+            gaps(600, 11_000, hours(&[3_600, 7_200]).into_iter()),
             [(600, 3_600), (10_800, 11_000)]
         );
         assert_eq!(
-            gaps(3_600, 10_800, [7_200, 3_600].into_iter()),
+            gaps(3_600, 10_800, hours(&[7_200, 3_600]).into_iter()),
             Vec::<(u32, u32)>::new()
         );
         assert_eq!(
-            gaps(0, 10_800, [3_600].into_iter()),
+            gaps(0, 10_800, hours(&[3_600]).into_iter()),
             [(0, 3_600), (7_200, 10_800)]
         );
         assert_eq!(gaps(0, 100, std::iter::empty()), [(0, 100)]);
+        // Minutes of their own beside an hour.
+        assert_eq!(
+            gaps(
+                3_000,
+                7_300,
+                [(3_600, 3_600), (3_120, 60), (3_000, 60), (7_200, 60)].into_iter()
+            ),
+            [(3_060, 3_120), (3_180, 3_600), (7_260, 7_300)]
+        );
     }
 
     #[test]
@@ -1122,6 +1188,7 @@ mod tests {
             columns: vec!["dim1", "set1"],
             conditions: String::new(),
             current,
+            minutes: Vec::new(),
             part: Part::Whole,
         };
         let whole = rows(true, Some(vec![(3_600, 41), (7_200, 42)]));
@@ -1141,6 +1208,36 @@ mod tests {
             "SELECT toUInt32(toStartOfHour(window_start)) AS hour, covered, min(compaction) \
              FROM `shop`.`analytics_minutes` WHERE model = 'orders' AND level = 3"
         ));
+        // An hour and two minutes of their own compactions: both levels,
+        // every compaction by id, the rest of the range from the partials.
+        let minutes = Rows {
+            range: Some((3_600, 7_320)),
+            minutes: vec![(7_200, 51), (7_260, 52)],
+            ..rows(true, Some(vec![(3_600, 41)]))
+        };
+        assert!(minutes.one_row_per_group());
+        assert_eq!(
+            minutes.from(&target),
+            "FROM `shop`.`analytics_minutes` WHERE model = 'orders' AND level IN (2, 10) \
+             AND window_start >= toDateTime(3600) AND window_start < toDateTime(7320) \
+             AND compaction IN (41, 51, 52)"
+        );
+        assert_eq!(
+            minutes.minutes_sql(&target),
+            "SELECT toUInt32(window_start) AS minute, covered, min(compaction) \
+             FROM `shop`.`analytics_minutes` WHERE model = 'orders' AND level = 11 \
+             AND window_start >= toDateTime(3600) AND window_start < toDateTime(7320) \
+             GROUP BY minute, covered"
+        );
+        let [_, partials] = Rows {
+            minutes: vec![(7_200, 51)],
+            ..minutes
+        }
+        .apart()
+        .expect("from both");
+        assert!(partials
+            .from(&target)
+            .ends_with("WHERE model = 'orders' AND (window_start >= toDateTime(7260) AND window_start < toDateTime(7320))"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ddl::{
     compacted, compacted_per_minute, Level, HOURS_TABLE, MINUTES_TABLE, MODEL_KEYS, OFFSET_MODEL,
-    PARTIALS_TABLE, WINDOW_MARKER,
+    OWN_MINUTE, PARTIALS_TABLE, WINDOW_MARKER,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
@@ -70,15 +70,25 @@ struct Merged {
 /// keeps, per key and `window` (an expression grouped by: the hour or the
 /// minute), as [`Merged`] rows.
 fn merge_sql(hour: u32, window: &str, models: &str) -> String {
+    merge_select(
+        window,
+        &format!(
+            "{models} AND window_start >= toDateTime({hour}) AND window_start < toDateTime({}) \
+             AND toStartOfHour(window_start) = toDateTime({hour})",
+            u64::from(hour) + 3_600
+        ),
+    )
+}
+
+/// The SELECT merging the partials `rows` (a condition) keeps, per model,
+/// key and `window`, as [`Merged`] rows.
+fn merge_select(window: &str, rows: &str) -> String {
     format!(
         "SELECT model, {window} AS grain_start, dim1, dim2, \
          [sum(c1), sum(c2), sum(c3), sum(c4), sum(c5), sum(c6)], \
          arraySort(groupUniqArrayArray(set1)), arraySort(groupUniqArrayArray(set2)), \
          arraySort(groupArrayArray(latencies)), count() \
-         FROM {PARTIALS_TABLE} WHERE {models} \
-         AND window_start >= toDateTime({hour}) AND window_start < toDateTime({}) \
-         AND toStartOfHour(window_start) = toDateTime({hour}) GROUP BY model, grain_start, dim1, dim2",
-        u64::from(hour) + 3_600
+         FROM {PARTIALS_TABLE} WHERE {rows} GROUP BY model, grain_start, dim1, dim2"
     )
 }
 
@@ -102,6 +112,9 @@ pub struct Compacted {
     /// (written before the markers were, by an older job), so a later
     /// flush of the same kind could not be told from the compaction.
     pub unmarked: usize,
+    /// Minutes of hours not compacted yet given a compaction of their own
+    /// ([`compact_minutes`]).
+    pub minutes: usize,
 }
 
 /// Hours (with their flushes) found to hold partials no marker announces:
@@ -192,24 +205,89 @@ pub async fn compact(
         // minutes must be there already (each table's insert is one part,
         // and a read takes each table's compactions by that table's rows).
         for (table, rows) in [(MINUTES_TABLE, &rows.minutes), (HOURS_TABLE, &rows.hours)] {
-            if rows.is_empty() {
-                continue;
-            }
-            let mut insert = client
-                .insert::<HourRow>(table)
-                .await?
-                .with_timeouts(Some(timeout), Some(timeout));
-            for row in rows {
-                insert.write(row).await?;
-            }
-            insert.end().await?;
+            insert_rows(client, table, rows, timeout).await?;
         }
         done.hours += 1;
         done.flushes += flushes;
         days.insert(day);
     }
+    done.minutes = compact_minutes(client, since, idle_before, now, timeout).await?;
     merge_days(client, &days).await;
     Ok(done)
+}
+
+/// Writes `rows` into `table` in one insert (one part), if any.
+async fn insert_rows(
+    client: &clickhouse::Client,
+    table: &str,
+    rows: &[HourRow],
+    timeout: Duration,
+) -> Result<(), clickhouse::error::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client
+        .insert::<HourRow>(table)
+        .await?
+        .with_timeouts(Some(timeout), Some(timeout));
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+/// Compacts each minute of the hour not over yet at `now` and of the hour
+/// before (reads take neither from an hour's compaction yet: the one
+/// before until it is idle and compacted), from `since` on, whose flushes
+/// none of its own compactions covers and none of which landed at or after
+/// `idle_before`. Each such minute gets a compaction of its own of the
+/// models read per minute ([`minute_rows`]), all in one insert; a read of
+/// the hour before now per minute then takes its idle minutes as numbers,
+/// not as a row per flush and key with its sets. Returns how many minutes.
+async fn compact_minutes(
+    client: &clickhouse::Client,
+    since: u32,
+    idle_before: u32,
+    now: u32,
+    timeout: Duration,
+) -> Result<usize, clickhouse::error::Error> {
+    let timeout_s = timeout.as_secs().max(1).to_string();
+    let from = format!("greatest(toDateTime({since}), toStartOfHour(toDateTime({now})) - 3600)");
+    let stale: Vec<u32> = client
+        .query(&format!(
+            "SELECT toUInt32(window_start) AS minute FROM {PARTIALS_TABLE} \
+             WHERE model = '{WINDOW_MARKER}' AND window_start >= {from} \
+             GROUP BY minute \
+             HAVING max(flushed_at) < toDateTime({idle_before}) AND (minute, count()) NOT IN \
+             (SELECT toUInt32(window_start), covered FROM {MINUTES_TABLE} \
+              WHERE model = '{WINDOW_MARKER}' AND level = {} AND window_start >= {from}) \
+             ORDER BY minute",
+            Level::AllMinute.of_own_minute()
+        ))
+        .with_setting("max_execution_time", timeout_s.clone())
+        .fetch_all()
+        .await?;
+    let (Some(first), Some(last)) = (stale.first(), stale.last()) else {
+        return Ok(0);
+    };
+    let listed: Vec<String> = stale.iter().map(u32::to_string).collect();
+    // Every model's partials of those minutes, with their markers: one
+    // snapshot, so each minute's markers count the partials merged.
+    let merged: Vec<Merged> = client
+        .query(&merge_select(
+            "toUInt32(window_start)",
+            &format!(
+                "model != '{OFFSET_MODEL}' AND window_start >= toDateTime({first}) \
+                 AND window_start <= toDateTime({last}) AND toUInt32(window_start) IN ({})",
+                listed.join(", ")
+            ),
+        ))
+        .with_setting("max_execution_time", timeout_s)
+        .fetch_all()
+        .await?;
+    let (rows, minutes) = minute_rows(merged, now);
+    insert_rows(client, MINUTES_TABLE, &rows, timeout).await?;
+    Ok(minutes)
 }
 
 /// Merges the parts of each day (the table's partition) the round wrote
@@ -277,6 +355,12 @@ pub async fn compact_every(
                         "Compacted closed hours."
                     );
                 }
+                if done.minutes > 0 {
+                    tracing::debug!(
+                        minutes = done.minutes,
+                        "Compacted idle minutes of hours not compacted yet."
+                    );
+                }
                 if done.unmarked != unmarked_seen {
                     unmarked_seen = done.unmarked;
                     tracing::info!(
@@ -300,15 +384,7 @@ pub async fn compact_every(
 fn hour_rows(merged: Vec<Merged>, minutes: Vec<Merged>, now: u32) -> Option<(Compaction, u64)> {
     let (markers, merged): (Vec<Merged>, Vec<Merged>) =
         merged.into_iter().partition(|m| m.model == WINDOW_MARKER);
-    let flushes: u64 = markers.iter().map(|m| m.partials).sum();
-    let announced: i64 = markers
-        .iter()
-        .map(|m| m.sums.first().copied().unwrap_or(0))
-        .sum();
-    let partials: u64 = merged.iter().map(|m| m.partials).sum();
-    if flushes == 0 || u64::try_from(announced).ok() != Some(partials) {
-        return None;
-    }
+    let flushes = flushes_announcing(&markers, &merged)?;
     let compaction = uuid::Uuid::new_v4().as_u64_pair().0;
     let mut out = Compaction::default();
     // Per model and hour, then per model and minute: each key's row and
@@ -339,18 +415,89 @@ fn hour_rows(merged: Vec<Merged>, minutes: Vec<Merged>, now: u32) -> Option<(Com
         for ((model, window_start), keys) in groups {
             let at = out.len();
             out.extend(key_rows(&model, window_start, keys, levels));
-            for row in &mut out[at..] {
-                row.covered = flushes;
-                row.compaction = compaction;
-                row.compacted_at = now;
-                if per_minute {
-                    row.set1.clear();
-                    row.set2.clear();
-                }
-            }
+            stamp(&mut out[at..], flushes, compaction, now, per_minute);
         }
     }
     Some((out, flushes))
+}
+
+/// How many flushes `markers` (an hour's or a minute's) count, if they
+/// announce every one of the `partials` merged with them: partials no
+/// marker announces (written by an older job) could not be told from a
+/// later flush of the same kind.
+fn flushes_announcing(markers: &[Merged], partials: &[Merged]) -> Option<u64> {
+    let flushes: u64 = markers.iter().map(|m| m.partials).sum();
+    let announced: i64 = markers
+        .iter()
+        .map(|m| m.sums.first().copied().unwrap_or(0))
+        .sum();
+    let merged: u64 = partials.iter().map(|m| m.partials).sum();
+    (flushes > 0 && u64::try_from(announced).ok() == Some(merged)).then_some(flushes)
+}
+
+/// Marks `rows` as one compaction's covering `flushes`; rows of a minute
+/// keep their counts only.
+fn stamp(rows: &mut [HourRow], flushes: u64, compaction: u64, now: u32, per_minute: bool) {
+    for row in rows {
+        row.covered = flushes;
+        row.compaction = compaction;
+        row.compacted_at = now;
+        if per_minute {
+            row.set1.clear();
+            row.set2.clear();
+        }
+    }
+}
+
+/// The rows of each minute's own compaction ([`compact_minutes`]), from
+/// every model's partials merged per minute with their markers, and how
+/// many minutes they hold. A minute whose markers announce every partial
+/// row of it gets, under an id of its own, the models read per minute at
+/// the minute levels made its own ([`Level::of_own_minute`]) and a
+/// marker's row naming it, all covering its flushes.
+fn minute_rows(merged: Vec<Merged>, now: u32) -> (Vec<HourRow>, usize) {
+    let mut per_minute: BTreeMap<u32, Vec<Merged>> = BTreeMap::new();
+    for m in merged {
+        per_minute.entry(m.window_start).or_default().push(m);
+    }
+    let (mut out, mut minutes) = (Vec::new(), 0);
+    let levels = (
+        Level::KeyMinute,
+        Level::AllMinute,
+        Some(Level::SecondMinute),
+    );
+    for (minute, rows) in per_minute {
+        let (markers, rows): (Vec<Merged>, Vec<Merged>) =
+            rows.into_iter().partition(|m| m.model == WINDOW_MARKER);
+        let Some(flushes) = flushes_announcing(&markers, &rows) else {
+            tracing::debug!(
+                minute,
+                "A minute with partials no marker announces stays on its partials."
+            );
+            continue;
+        };
+        let at = out.len();
+        let mut models: BTreeMap<String, Vec<Merged>> = BTreeMap::new();
+        for m in rows.into_iter().filter(|m| compacted_per_minute(&m.model)) {
+            models.entry(m.model.clone()).or_default().push(m);
+        }
+        for (model, keys) in models {
+            out.extend(key_rows(&model, minute, keys, levels));
+        }
+        out.push(HourRow {
+            model: WINDOW_MARKER.to_owned(),
+            level: Level::AllMinute as u8,
+            window_start: minute,
+            ..HourRow::default()
+        });
+        for row in &mut out[at..] {
+            row.level += OWN_MINUTE;
+        }
+        let compaction = uuid::Uuid::new_v4().as_u64_pair().0;
+        stamp(&mut out[at..], flushes, compaction, now, true);
+        minutes += 1;
+    }
+    (out, minutes)
 }
 
 /// The levels of a compaction's rows at one grain: per key, every key
@@ -534,6 +681,59 @@ mod tests {
         assert_eq!(rows[0].set1, ["u1", "u2"]);
         assert_eq!(rows[2].set1, ["u1", "u2", "u3"]);
         assert!(rows[3..].iter().all(|r| r.set1.is_empty()));
+    }
+
+    #[test]
+    fn each_idle_minute_is_a_compaction_of_its_own_covering_its_flushes() {
+        let merged = vec![
+            minute(7_200, merged("orders", "books", 1, &["u1"], 1)),
+            minute(7_200, merged("orders", "toys", 2, &["u1", "u2"], 2)),
+            // Counted, not kept: rooms are not read per minute.
+            minute(7_200, merged("chat", "room-1", 4, &["u3"], 1)),
+            minute(7_200, merged(WINDOW_MARKER, "", 4, &[], 2)),
+            minute(7_260, merged("orders", "books", 3, &["u4"], 1)),
+            minute(7_260, merged(WINDOW_MARKER, "", 1, &[], 1)),
+            // A partial no marker announces: the minute stays on them.
+            minute(7_320, merged("orders", "books", 3, &["u4"], 2)),
+            minute(7_320, merged(WINDOW_MARKER, "", 1, &[], 1)),
+        ];
+        let (rows, minutes) = minute_rows(merged, 9_000);
+        assert_eq!(minutes, 2);
+        let shape: Vec<(u8, u32, &str, &str, i64, u64, u64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.level,
+                    r.window_start,
+                    r.model.as_str(),
+                    r.dim1.as_str(),
+                    r.c1,
+                    r.d1,
+                    r.covered,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (10, 7_200, "orders", "books", 1, 1, 2),
+                (10, 7_200, "orders", "toys", 2, 2, 2),
+                (12, 7_200, "orders", "", 3, 2, 2),
+                (11, 7_200, "orders", "", 3, 2, 2),
+                (11, 7_200, WINDOW_MARKER, "", 0, 0, 2),
+                (10, 7_260, "orders", "books", 3, 1, 1),
+                (12, 7_260, "orders", "", 3, 1, 1),
+                (11, 7_260, "orders", "", 3, 1, 1),
+                (11, 7_260, WINDOW_MARKER, "", 0, 0, 1),
+            ]
+        );
+        // An id per minute, shared by its rows; counts only, no sets.
+        assert!(rows[..5].iter().all(|r| r.compaction == rows[0].compaction));
+        assert!(rows[5..].iter().all(|r| r.compaction == rows[5].compaction));
+        assert_ne!(rows[0].compaction, rows[5].compaction);
+        assert!(rows
+            .iter()
+            .all(|r| r.set1.is_empty() && r.compacted_at == 9_000));
     }
 
     #[test]

@@ -155,13 +155,15 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
     assert_eq!(per_hour(&db).await, want, "from the partials");
 
     let done = compact_all(&db, &mut unmarked).await;
-    // Six windows marked, three in each hour.
+    // Six windows marked, three in each hour; the second hour is the one
+    // before `now`'s, so its three minutes also get their own.
     assert_eq!(
         done,
         Compacted {
             hours: 2,
             flushes: 6,
-            unmarked: 0
+            unmarked: 0,
+            minutes: 3
         }
     );
     assert_eq!(current_compactions(&db).await, 2);
@@ -209,7 +211,8 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
         Compacted {
             hours: 1,
             flushes: 4,
-            unmarked: 0
+            unmarked: 0,
+            minutes: 0
         }
     );
     assert_eq!(current_compactions(&db).await, 2);
@@ -235,7 +238,8 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
         Compacted {
             hours: 0,
             flushes: 0,
-            unmarked: 1
+            unmarked: 1,
+            minutes: 1
         }
     );
     assert_eq!(

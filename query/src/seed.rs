@@ -33,6 +33,10 @@ pub struct Seed {
     pub rooms: usize,
     pub partitions: i32,
     pub orders: usize,
+    /// Flushes per window and partition, each with rows of its own (more
+    /// events): the job flushes every second, so a busy minute holds a row
+    /// per flush and key, not one.
+    pub flushes: u32,
 }
 
 /// splitmix64: a well-mixed number per key, no RNG state to thread through.
@@ -55,10 +59,15 @@ fn ids(prefix: &str, seed: u64, n: u64, universe: u64) -> Vec<String> {
 
 impl Seed {
     /// The partial rows of one window (`minute` counted from `start`) and
-    /// source partition.
+    /// source partition: its first flush's.
     pub fn window(&self, minute: u32, partition: i32) -> Vec<PartialRow> {
+        self.flush(minute, partition, 0)
+    }
+
+    /// The partial rows of one flush of a window and source partition.
+    pub fn flush(&self, minute: u32, partition: i32, flush: u32) -> Vec<PartialRow> {
         let window_start = self.start + minute * 60;
-        let key = (u64::from(minute) << 20) ^ (partition as u64) << 8;
+        let key = (u64::from(minute) << 20) ^ (partition as u64) << 8 ^ u64::from(flush) << 56;
         let row = |model: &str| PartialRow {
             model: model.to_owned(),
             window_start,
@@ -183,22 +192,33 @@ impl Seed {
         let mut written = 0;
         // A day in inserts of an hour: few parts, bounded memory.
         for hour in (0..self.minutes).step_by(60) {
-            let mut rows: Vec<PartialRow> = (hour..(hour + 60).min(self.minutes))
-                .flat_map(|m| (0..self.partitions).flat_map(move |p| self.window(m, p)))
+            // Each flush of a minute marked as flushed when the minute
+            // ended: the minutes before now are idle at once.
+            let rows: Vec<PartialRow> = (hour..(hour + 60).min(self.minutes))
+                .flat_map(|m| (0..self.flushes.max(1)).map(move |f| (m, f)))
+                .flat_map(|(m, f)| {
+                    let mut rows: Vec<PartialRow> = (0..self.partitions)
+                        .flat_map(move |p| self.flush(m, p, f))
+                        .collect();
+                    pipelines::store::mark_windows(&mut rows, self.start + (m + 1) * 60);
+                    rows
+                })
                 .collect();
-            pipelines::store::mark_windows(&mut rows, self.start + (hour + 60) * 60);
             pipelines::store::insert(&client, &rows, timeout).await?;
             written += rows.len();
             progress((hour + 60).min(self.minutes));
         }
-        // As a deployed job does once the hours are idle.
+        // As a deployed job with the default settings does: the hours and
+        // minutes idle for `compact_after_idle_ms` (the last minutes before
+        // now stay on their partials).
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as u32);
+        let idle_s = backbone::config::AnalyticsSettings::default().compact_after_idle_ms / 1000;
         pipelines::hours::compact(
             &client,
             self.start,
-            u32::MAX,
+            now.saturating_sub(u32::try_from(idle_s).unwrap_or(u32::MAX)),
             now,
             timeout,
             &mut pipelines::hours::Unmarked::new(),

@@ -7,7 +7,7 @@
 //! which quotes them; identifiers and numbers come from this code or from
 //! the validated database name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,8 @@ pub struct Store {
     url: String,
     timeout: Duration,
     compactions: Arc<Compactions>,
+    /// The same of the minutes' own compactions, by minute.
+    own_minutes: Arc<Compactions>,
     /// Where the server's time zone starts its hours: seconds past a
     /// multiple of 3,600 since the epoch (0 in UTC, 1,800 in India).
     /// Learned once; were it wrong, reads would only take fewer hours from
@@ -133,12 +135,27 @@ impl Compactions {
 }
 
 /// What a read learns before its statements: where the server starts its
-/// hours, and the current compactions of the hours it may take from them
-/// (`None` when it takes none).
+/// hours, the current compactions of the hours it may take from them
+/// (`None` when it takes none), and of a read per minute the current own
+/// compactions of its minutes in no current hour (`Rows::minutes`).
 #[derive(Debug, Clone, Default)]
 struct Lookup {
     hour_phase: u32,
     current: Option<Vec<(u32, u64)>>,
+    minutes: Vec<(u32, u64)>,
+}
+
+/// The statements a read asks before its own (see [`Store::lookup`]).
+struct Lookups {
+    named: Named,
+    /// The current compactions of its hours (`Rows::current_sql`).
+    current: String,
+    /// Its hours' window markers (`Rows::markers_sql`): per minute, with
+    /// each minute's hour, for a read per minute.
+    markers: String,
+    /// Of a read per minute, its minutes' own compactions
+    /// (`Rows::minutes_sql`).
+    minutes: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -260,7 +277,7 @@ impl<'a> Read<'a> {
         outer: &str,
         tail: &str,
     ) -> (String, Vec<String>) {
-        let (rows, values) = self.plan(lookup.current, lookup.hour_phase);
+        let (rows, values) = self.plan(lookup);
         self.statement(target, &rows, &values, outer, tail)
     }
 
@@ -273,7 +290,7 @@ impl<'a> Read<'a> {
         lookup: Lookup,
         outer: &str,
     ) -> Vec<(String, Vec<String>)> {
-        let (rows, values) = self.plan(lookup.current, lookup.hour_phase);
+        let (rows, values) = self.plan(lookup);
         match rows.apart() {
             Some(parts) if self.granularity.is_some() => parts
                 .iter()
@@ -309,17 +326,18 @@ impl<'a> Read<'a> {
         (sql, values)
     }
 
-    /// The compactions this read may take hours or minutes from
-    /// ([`Named`]), the query for the current ones (`Rows::current`) and
-    /// the one counting their hours' window markers, if any.
-    fn lookups(&self, target: &Target, hour_phase: u32) -> Option<(Named, String, String)> {
-        let (rows, _) = self.plan(None, hour_phase);
-        rows.hours.map(|level| {
-            (
-                (rows.model, level.naming()),
-                rows.current_sql(target),
-                rows.markers_sql(target),
-            )
+    /// What this read asks before its own statements, if it may take
+    /// hours or minutes from compactions.
+    fn lookups(&self, target: &Target, hour_phase: u32) -> Option<Lookups> {
+        let (rows, _) = self.plan(Lookup {
+            hour_phase,
+            ..Lookup::default()
+        });
+        rows.hours.map(|level| Lookups {
+            named: (rows.model, level.naming()),
+            current: rows.current_sql(target),
+            markers: rows.markers_sql(target),
+            minutes: level.per_minute().then(|| rows.minutes_sql(target)),
         })
     }
 
@@ -348,10 +366,15 @@ impl<'a> Read<'a> {
             .collect()
     }
 
-    /// The rows to read (given the `current` compactions, and hours
+    /// The rows to read (given the current compactions, and hours
     /// starting `hour_phase` seconds past a multiple of 3,600 since the
-    /// epoch) and the values of their conditions.
-    fn plan(&self, current: Option<Vec<(u32, u64)>>, hour_phase: u32) -> (Rows, Vec<String>) {
+    /// epoch, as `lookup` found them) and the values of their conditions.
+    fn plan(&self, lookup: Lookup) -> (Rows, Vec<String>) {
+        let Lookup {
+            hour_phase,
+            current,
+            minutes,
+        } = lookup;
         let columns = self.columns();
         let column_of = |name: &str| self.column_of(&columns, name);
         let measures = self.measures(&columns);
@@ -428,6 +451,7 @@ impl<'a> Read<'a> {
             columns: read,
             conditions,
             current,
+            minutes,
             part: Part::Whole,
         };
         (rows, values)
@@ -495,6 +519,7 @@ impl Store {
             url: settings.url.clone(),
             timeout,
             compactions: Arc::default(),
+            own_minutes: Arc::default(),
             hour_phase: Arc::default(),
         })
     }
@@ -570,37 +595,107 @@ impl Store {
                 )
             })
             .await?;
-        let current = |current| Lookup {
-            hour_phase,
-            current,
+        let Some(asked) = read.lookups(&self.target, hour_phase) else {
+            return Ok(Lookup {
+                hour_phase,
+                ..Lookup::default()
+            });
         };
-        let Some((model, lookup, markers)) = read.lookups(&self.target, hour_phase) else {
-            return Ok(current(None));
+        let markers = self.client.query(&asked.markers);
+        let (mut markers, per_minute) = if asked.minutes.is_some() {
+            let per_minute = self
+                .run("window markers", markers.fetch_all::<(u32, u32, u64)>())
+                .await?;
+            let mut hours: BTreeMap<u32, u64> = BTreeMap::new();
+            for (hour, _, count) in &per_minute {
+                *hours.entry(*hour).or_default() += count;
+            }
+            (hours.into_iter().collect(), per_minute)
+        } else {
+            let per_hour = self
+                .run("window markers", markers.fetch_all::<(u32, u64)>())
+                .await?;
+            (per_hour, Vec::new())
         };
-        let mut markers = self
-            .run(
-                "window markers",
-                self.client.query(&markers).fetch_all::<(u32, u64)>(),
-            )
-            .await?;
         // An hour not over yet is still flushed to, its markers change from
-        // one request to the next: it is read from its partials instead of
-        // looked up every time ("today" per hour).
+        // one request to the next: it is read from its partials (or its
+        // minutes' own compactions) instead of looked up every time
+        // ("today" per hour).
         let now = consumers::forward::now_ms() / 1000;
         markers.retain(|&(hour, _)| i64::from(hour) + 3_600 <= now);
-        if let Some(recalled) = self.compactions.recall(model, &markers) {
-            return Ok(current(Some(recalled)));
+        let current = match self.compactions.recall(asked.named, &markers) {
+            Some(recalled) => recalled,
+            None => {
+                let found = self
+                    .run(
+                        "compacted hours",
+                        self.client
+                            .query(&asked.current)
+                            .fetch_all::<(u32, u64, u64)>(),
+                    )
+                    .await?;
+                self.compactions.learn(asked.named, &markers, &found);
+                found.into_iter().map(|(h, _, c)| (h, c)).collect()
+            }
+        };
+        let minutes = match asked.minutes {
+            Some(sql) => {
+                self.own_minutes(asked.named, read.range, &current, &per_minute, &sql)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        Ok(Lookup {
+            hour_phase,
+            current: Some(current),
+            minutes,
+        })
+    }
+
+    /// The current own compactions (`(minute, id)`) of the minutes of
+    /// `range` in no `current` hour, each covering as many flushes as the
+    /// minute's window `markers` (`(hour, minute, count)`) count now: the
+    /// partials only grow, so the same count means the same partials.
+    /// Recalled while every such minute's count is what it was when last
+    /// looked up by `sql` ([`Compactions`]); not asked when every minute is
+    /// in a current hour.
+    async fn own_minutes(
+        &self,
+        named: Named,
+        range: TimeRange,
+        current: &[(u32, u64)],
+        markers: &[(u32, u32, u64)],
+        sql: &str,
+    ) -> Result<Vec<(u32, u64)>, ApiError> {
+        let wanted: BTreeMap<u32, u64> = markers
+            .iter()
+            .filter(|(hour, minute, _)| {
+                (range.from..range.to).contains(minute) && current.iter().all(|(h, _)| h != hour)
+            })
+            .map(|(_, minute, count)| (*minute, *count))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted_counts: Vec<(u32, u64)> = wanted.iter().map(|(m, n)| (*m, *n)).collect();
+        if let Some(recalled) = self.own_minutes.recall(named, &wanted_counts) {
+            return Ok(recalled);
         }
         let found = self
             .run(
-                "compacted hours",
-                self.client.query(&lookup).fetch_all::<(u32, u64, u64)>(),
+                "compacted minutes",
+                self.client.query(sql).fetch_all::<(u32, u64, u64)>(),
             )
             .await?;
-        self.compactions.learn(model, &markers, &found);
-        Ok(current(Some(
-            found.into_iter().map(|(h, _, c)| (h, c)).collect(),
-        )))
+        let mut minutes: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for (minute, covered, compaction) in found {
+            if wanted.get(&minute) == Some(&covered) {
+                minutes.entry(minute).or_insert((covered, compaction));
+            }
+        }
+        let found: Vec<(u32, u64, u64)> = minutes.iter().map(|(m, (n, c))| (*m, *n, *c)).collect();
+        self.own_minutes.learn(named, &wanted_counts, &found);
+        Ok(found.into_iter().map(|(m, _, c)| (m, c)).collect())
     }
 
     /// [`Store::query`] given its `lookup`.
@@ -960,7 +1055,9 @@ mod tests {
             },
             Some(Granularity::Minute),
         );
-        let (_, _, markers) = users.lookups(&target, 0).expect("minutes looked up");
+        let asked = users.lookups(&target, 0).expect("minutes looked up");
+        assert!(asked.minutes.is_some());
+        let markers = asked.markers;
         assert!(
             markers.contains("window_start >= toStartOfHour(toDateTime(1795997400)) AND window_start < toStartOfHour(toDateTime(1796000999)) + 3600"),
             "{markers}"
@@ -980,8 +1077,8 @@ mod tests {
             "window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000)";
         let sql_of = |read: &Read, current| {
             let lookup = Lookup {
-                hour_phase: 0,
                 current,
+                ..Lookup::default()
             };
             read.sql(&target, lookup, "*", "")
         };
@@ -1039,9 +1136,10 @@ mod tests {
         assert!(sql.ends_with("GROUP BY room_id"), "{sql}");
         assert_eq!(values, [rooms.clone(), rooms.clone()].concat());
         // The current compactions read beforehand: named, not counted again.
-        assert!(read
-            .lookups(&target, 0)
-            .is_some_and(|(_, sql, _)| sql.contains("WHERE model = 'chat' AND level = 1 AND")));
+        assert!(read.lookups(&target, 0).is_some_and(|asked| asked
+            .current
+            .contains("WHERE model = 'chat' AND level = 1 AND")
+            && asked.minutes.is_none()));
         let (sql, values) = sql_of(&read, Some(vec![(1_795_996_800, 12)]));
         assert!(sql.contains("AND level = 0 AND window_start >= toDateTime(1795996800) AND window_start <= toDateTime(1796004000) AND compaction IN (12) AND dim1 IN (?, ?)"), "{sql}");
         // The partials' ranges leave the compacted hour out: no condition

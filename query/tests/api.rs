@@ -46,37 +46,14 @@ async fn answers_add_up_the_seeded_partials() {
     .flat_map(|range| [("hour", 3_600), ("minute", 60)].map(|g| (range, g)))
     .flat_map(|(range, g)| [true, false].map(|by| (range, g, by)))
     {
-        let mut expected: BTreeMap<(u32, Option<String>, String), Figures> = BTreeMap::new();
-        for row in rows.iter().filter(|r| in_range(r, "orders", from, to)) {
-            let window = row.window_start - row.window_start % seconds;
-            let category = by_category.then(|| row.dim1.clone());
-            let slot = expected
-                .entry((window, category, row.dim2.clone()))
-                .or_default();
-            slot.0 += row.c1;
-            slot.1 += row.c2;
-            slot.2 += row.c3;
-            slot.3.extend(row.set1.iter().cloned());
-        }
-        let group_by = if by_category { "category" } else { "none" };
-        let revenue = service
-            .json(&format!(
-                "/api/v1/revenue?from={from}&to={to}&granularity={granularity}&group_by={group_by}"
-            ))
-            .await;
-        let points = revenue["points"].as_array().expect("points");
-        assert_eq!(points.len(), expected.len());
-        for (point, ((window, category, currency), (orders, items, minor, buyers))) in
-            points.iter().zip(&expected)
-        {
-            assert_eq!(point["window_start"], *window);
-            assert_eq!(point["category"], serde_json::json!(category));
-            assert_eq!(point["currency"], currency.as_str());
-            assert_eq!(point["orders"], *orders);
-            assert_eq!(point["items"], *items);
-            assert_eq!(point["revenue_minor"], *minor);
-            assert_eq!(point["unique_buyers"], buyers.len());
-        }
+        assert_revenue(
+            &service,
+            &rows,
+            (from, to),
+            (granularity, seconds),
+            by_category,
+        )
+        .await;
     }
     // One category, per minute, all categories added up per currency.
     let one = service
@@ -439,10 +416,53 @@ async fn bad_input_gets_a_4xx_that_says_what_was_wrong() {
     assert!(body.contains("order_id: 1 to 128 bytes, got 129"), "{body}");
 }
 
-/// Statements this test's service sent that look compactions up in full
-/// (not only count the window markers).
+/// Revenue over `[from, to)` per `granularity` (`seconds` long), by
+/// category or every category together per currency, as the service
+/// answers it, against the seeded `rows` added up.
+async fn assert_revenue(
+    service: &Service,
+    rows: &[PartialRow],
+    (from, to): (u32, u32),
+    (granularity, seconds): (&str, u32),
+    by_category: bool,
+) {
+    let mut expected: BTreeMap<(u32, Option<String>, String), Figures> = BTreeMap::new();
+    for row in rows.iter().filter(|r| in_range(r, "orders", from, to)) {
+        let window = row.window_start - row.window_start % seconds;
+        let category = by_category.then(|| row.dim1.clone());
+        let slot = expected
+            .entry((window, category, row.dim2.clone()))
+            .or_default();
+        slot.0 += row.c1;
+        slot.1 += row.c2;
+        slot.2 += row.c3;
+        slot.3.extend(row.set1.iter().cloned());
+    }
+    let group_by = if by_category { "category" } else { "none" };
+    let revenue = service
+        .json(&format!(
+            "/api/v1/revenue?from={from}&to={to}&granularity={granularity}&group_by={group_by}"
+        ))
+        .await;
+    let points = revenue["points"].as_array().expect("points");
+    assert_eq!(points.len(), expected.len());
+    for (point, ((window, category, currency), (orders, items, minor, buyers))) in
+        points.iter().zip(&expected)
+    {
+        assert_eq!(point["window_start"], *window);
+        assert_eq!(point["category"], serde_json::json!(category));
+        assert_eq!(point["currency"], currency.as_str());
+        assert_eq!(point["orders"], *orders);
+        assert_eq!(point["items"], *items);
+        assert_eq!(point["revenue_minor"], *minor);
+        assert_eq!(point["unique_buyers"], buyers.len());
+    }
+}
+
+/// Statements this test's service sent that look hours' compactions up
+/// in full (not only count the window markers).
 async fn lookups(service: &Service) -> u64 {
-    logged(service, "%covered, min(compaction)%").await
+    logged(service, "%AS hour, covered, min(compaction)%").await
 }
 
 /// How many queries the service ran on its database matching `like`.
@@ -584,6 +604,106 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
         assert_eq!(answer["points"][0]["revenue_minor"], revenue, "{answer}");
     }
     assert_eq!(lookups(&service).await, 4, "never looked up");
+}
+
+/// The minutes of an hour no compaction covers (the hour not over yet, or
+/// here one a late flush made stale) are read per minute from their own
+/// compactions, each while the minute's window markers number what it
+/// covers: a late flush into one is read at once, and the minute is taken
+/// from its compaction again once compacted anew.
+#[tokio::test]
+async fn the_minutes_of_an_hour_not_compacted_are_read_from_their_own() {
+    let service = common::seeded_with(SMALL, |q| q.cache_max_age_s = 0).await;
+    let client = &service.database.client;
+    let mut rows = seeded_rows();
+    let timeout = Duration::from_secs(30);
+    let flush = |rows: &mut Vec<PartialRow>, window_start: u32, flushed_at: u32| {
+        let mut late = vec![PartialRow {
+            model: "orders".to_owned(),
+            window_start,
+            dim1: "category-00".to_owned(),
+            dim2: "EUR".to_owned(),
+            c1: 1,
+            c2: 1,
+            c3: 1_000_000,
+            set1: vec!["a-late-buyer".to_owned()],
+            source_topic: "orders".to_owned(),
+            flushed_at,
+            ..PartialRow::default()
+        }];
+        rows.extend(late.iter().cloned());
+        pipelines::store::mark_windows(&mut late, flushed_at);
+        late
+    };
+    // The third hour stale: a late flush into its second minute.
+    let late = flush(&mut rows, START + 7_260, START + 20_000);
+    pipelines::store::insert(client, &late, timeout)
+        .await
+        .expect("late flush");
+    // As at START + 9_000, with everything idle before START + 15_000 but
+    // that flush: no hour to compact, every minute of the last two hours
+    // but the late flush's.
+    let compacted = || async {
+        pipelines::hours::compact(
+            client,
+            START,
+            START + 15_000,
+            START + 9_000,
+            timeout,
+            &mut pipelines::hours::Unmarked::new(),
+        )
+        .await
+        .map(|done| (done.hours, done.minutes))
+        .expect("compacted")
+    };
+    assert_eq!(compacted().await, (0, 119));
+    let range = (START + 5_400, START + 9_000);
+    let check = |rows: Vec<PartialRow>| {
+        let service = &service;
+        async move {
+            for by_category in [true, false] {
+                assert_revenue(service, &rows, range, ("minute", 60), by_category).await;
+            }
+            assert_users_per_minute(service, &rows, range.0, range.1, None).await;
+        }
+    };
+    check(rows.clone()).await;
+    // Looked up once per model, then recalled while the minutes' window
+    // markers number the same.
+    let minute_lookups = || logged(&service, "%AS minute, covered, min(compaction)%");
+    assert_eq!(minute_lookups().await, 2);
+    let own =
+        |levels: &str| format!("%`analytics_minutes` WHERE model = '%' AND level IN ({levels})%");
+    for levels in ["2, 10", "4, 12", "3, 11"] {
+        assert_eq!(logged(&service, &own(levels)).await, 1, "{levels}");
+    }
+    // Only the late flush's minute from the partials.
+    let partials_of = |from: u32, to: u32| {
+        format!("%`analytics_partials` WHERE model = 'orders' AND (window_start >= toDateTime({from}) AND window_start < toDateTime({to}))%")
+    };
+    let late_minute = partials_of(START + 7_260, START + 7_320);
+    assert_eq!(logged(&service, &late_minute).await, 2);
+
+    // A late flush into a minute compacted: read at once, from the
+    // partials with the minute before it.
+    let late = flush(&mut rows, START + 7_320, START + 10_000);
+    pipelines::store::insert(client, &late, timeout)
+        .await
+        .expect("late flush");
+    check(rows.clone()).await;
+    assert_eq!(
+        logged(&service, &partials_of(START + 7_260, START + 7_380)).await,
+        2
+    );
+    assert_eq!(minute_lookups().await, 4);
+    // Compacted anew, it is taken from its compaction again once looked
+    // up again: a minute found without one is for 10 s.
+    assert_eq!(compacted().await, (0, 1));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    check(rows).await;
+    assert_eq!(minute_lookups().await, 6);
+    assert_eq!(logged(&service, &late_minute).await, 4);
+    assert_eq!(logged(&service, &own("2, 10")).await, 3);
 }
 
 /// Compactions made before the job kept minutes (here: their minutes

@@ -43,6 +43,11 @@ struct Args {
     categories: usize,
     #[arg(long, default_value_t = 200)]
     rooms: usize,
+    /// Flushes per minute and partition, each with rows of its own: the
+    /// analytics job flushes every second, so a busy minute holds up to 60
+    /// (90 with late events) rows per key.
+    #[arg(long, default_value_t = 1)]
+    flushes_per_minute: u32,
     /// Seconds of load per endpoint.
     #[arg(long, default_value_t = 10)]
     duration_s: u32,
@@ -163,6 +168,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         rooms: args.rooms,
         partitions: 2,
         orders: 10_000,
+        flushes: args.flushes_per_minute,
     };
     if !args.keep_data {
         let client = consumers::projection::client(&clickhouse, false);
@@ -171,12 +177,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .execute()
             .await?;
         eprintln!(
-            "Seeding {} minutes (a day of {} and the {} since) x {} categories x {} rooms into {} ...",
+            "Seeding {} minutes (a day of {} and the {} since) x {} categories x {} rooms, {} flush(es) a minute, into {} ...",
             seed.minutes,
             args.minutes,
             seed.minutes - args.minutes,
             args.categories,
             args.rooms,
+            seed.flushes,
             args.database
         );
         let started = std::time::Instant::now();

@@ -20,6 +20,7 @@ pub const SMALL: Seed = Seed {
     rooms: 20,
     partitions: 2,
     orders: 50,
+    flushes: 1,
 };
 
 #[derive(Debug)]
