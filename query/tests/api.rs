@@ -459,6 +459,24 @@ async fn assert_revenue(
     }
 }
 
+/// A late order of category-00 in EUR: revenue 1,000,000, a buyer of its
+/// own.
+fn late_order(window_start: u32, flushed_at: u32) -> PartialRow {
+    PartialRow {
+        model: "orders".to_owned(),
+        window_start,
+        dim1: "category-00".to_owned(),
+        dim2: "EUR".to_owned(),
+        c1: 1,
+        c2: 1,
+        c3: 1_000_000,
+        set1: vec!["a-late-buyer".to_owned()],
+        source_topic: "orders".to_owned(),
+        flushed_at,
+        ..PartialRow::default()
+    }
+}
+
 /// Statements this test's service sent that look hours' compactions up
 /// in full (not only count the window markers).
 async fn lookups(service: &Service) -> u64 {
@@ -530,19 +548,7 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
 
     // Late flushes into the first hour: before the range per minute and
     // in it.
-    let mut late = vec![PartialRow {
-        model: "orders".to_owned(),
-        window_start: START + 60,
-        dim1: "category-00".to_owned(),
-        dim2: "EUR".to_owned(),
-        c1: 1,
-        c2: 1,
-        c3: 1_000_000,
-        set1: vec!["a-late-buyer".to_owned()],
-        source_topic: "orders".to_owned(),
-        flushed_at: START + 20_000,
-        ..PartialRow::default()
-    }];
+    let mut late = vec![late_order(START + 60, START + 20_000)];
     late.push(PartialRow {
         window_start: START + 1_860,
         ..late[0].clone()
@@ -618,19 +624,7 @@ async fn the_minutes_of_an_hour_not_compacted_are_read_from_their_own() {
     let mut rows = seeded_rows();
     let timeout = Duration::from_secs(30);
     let flush = |rows: &mut Vec<PartialRow>, window_start: u32, flushed_at: u32| {
-        let mut late = vec![PartialRow {
-            model: "orders".to_owned(),
-            window_start,
-            dim1: "category-00".to_owned(),
-            dim2: "EUR".to_owned(),
-            c1: 1,
-            c2: 1,
-            c3: 1_000_000,
-            set1: vec!["a-late-buyer".to_owned()],
-            source_topic: "orders".to_owned(),
-            flushed_at,
-            ..PartialRow::default()
-        }];
+        let mut late = vec![late_order(window_start, flushed_at)];
         rows.extend(late.iter().cloned());
         pipelines::store::mark_windows(&mut late, flushed_at);
         late
