@@ -601,10 +601,10 @@ impl Store {
                 ..Lookup::default()
             });
         };
-        let markers = self.client.query(&asked.markers);
+        let counting = self.client.query(&asked.markers);
         let (mut markers, per_minute) = if asked.minutes.is_some() {
             let per_minute = self
-                .run("window markers", markers.fetch_all::<(u32, u32, u64)>())
+                .run("window markers", counting.fetch_all::<(u32, u32, u64)>())
                 .await?;
             let mut hours: BTreeMap<u32, u64> = BTreeMap::new();
             for (hour, _, count) in &per_minute {
@@ -613,7 +613,7 @@ impl Store {
             (hours.into_iter().collect(), per_minute)
         } else {
             let per_hour = self
-                .run("window markers", markers.fetch_all::<(u32, u64)>())
+                .run("window markers", counting.fetch_all::<(u32, u64)>())
                 .await?;
             (per_hour, Vec::new())
         };
