@@ -222,6 +222,8 @@ async fn converge_then_stop(
     system.stop(consumers);
     let after_stop = system.check(expected, &system.checks()).await;
     assert!(after_stop.passed(), "after SIGTERM: {after_stop}");
+    let own_minutes = system.assert_reads_per_minute_exact().await;
+    println!("the query API's reads per minute exact, {own_minutes} of them from minutes' own compactions");
     (report, converged)
 }
 

@@ -12,7 +12,9 @@ use backbone::events::EventType;
 use checker::{Checks, Expected, Observed, Report};
 use producers::cli::Traffic;
 use producers::generator::Mix;
-use shopstream_tests::{bin_dir, clickhouse_client, free_port, unique_name, Broker, EventTopics};
+use shopstream_tests::{
+    bin_dir, clickhouse_client, free_port, unique_name, Broker, Children, EventTopics,
+};
 
 /// How much longer and heavier the scenarios run: `RELIABILITY_SOAK=10`
 /// multiplies events, kills and faults by ten (see the README). Not under
@@ -309,6 +311,159 @@ impl System {
 
     pub fn config_path(&self) -> &std::path::Path {
         &self.config
+    }
+
+    /// `shopstream-query` on this system's config, every answer read from
+    /// ClickHouse, once it answers (30 s at most), killed when dropped;
+    /// its port.
+    pub async fn query_service(&self) -> (Children, u16) {
+        let port = free_port().expect("port");
+        let query = Command::new(bin_dir().join("shopstream-query"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(["--set", &format!("query.listen_address=127.0.0.1:{port}")])
+            .args(["--set", "query.cache_max_age_s=0"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("shopstream-query starts");
+        let query = Children(vec![query]);
+        for _ in 0..300 {
+            if bench::scrape::http_get(port, "/readyz").await.is_some() {
+                return (query, port);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the query service did not answer within 30 s");
+    }
+
+    /// The query API's reads per minute over the run's minutes (revenue
+    /// by category and over every category, active users) against the
+    /// per-minute view and the partials the checker found exact: the
+    /// compactions they take (of hours, and of single minutes of the hour
+    /// not over yet), made while the job was killed, answer the same.
+    /// Returns how many of the reads took minutes' own compactions.
+    pub async fn assert_reads_per_minute_exact(&self) -> u64 {
+        let (first, last): (u32, u32) = self
+            .client
+            .query(
+                "SELECT toUInt32(min(window_start)), toUInt32(max(window_start)) \
+                 FROM analytics_partials WHERE model = 'orders'",
+            )
+            .fetch_one()
+            .await
+            .expect("the run's minutes");
+        // Reads per minute take compactions over an hour or more.
+        let to = last + 60;
+        let from = first.min(to - 3_600);
+        let range =
+            format!("window_start >= toDateTime({from}) AND window_start < toDateTime({to})");
+        type Revenue = (u32, String, String, i64, i64, i64, u64);
+        let by_category: Vec<Revenue> = self
+            .rows(&format!(
+                "SELECT toUInt32(window_start), category, currency, orders, items, revenue_minor, \
+                 unique_buyers FROM orders_per_minute WHERE {range} ORDER BY window_start, category, currency"
+            ))
+            .await;
+        let every_category: Vec<Revenue> = self
+            .rows(&format!(
+                "SELECT toUInt32(window_start) AS t, '', dim2, sum(c1), sum(c2), sum(c3), \
+                 uniqExactArray(set1) FROM analytics_partials WHERE model = 'orders' AND {range} \
+                 GROUP BY t, dim2 ORDER BY t, dim2"
+            ))
+            .await;
+        let users: Vec<(u32, u64, i64, u64)> = self
+            .rows(&format!(
+                "SELECT toUInt32(window_start) AS t, uniqExactArray(set1), sum(c1), uniqExactArray(set2) \
+                 FROM analytics_partials WHERE model = 'users' AND {range} GROUP BY t ORDER BY t"
+            ))
+            .await;
+        assert!(
+            !by_category.is_empty() && !users.is_empty(),
+            "the run wrote no orders or users"
+        );
+
+        let (query, port) = self.query_service().await;
+        let points = |path: String| async move {
+            let response = bench::scrape::http_get(port, &path)
+                .await
+                .unwrap_or_default();
+            let (head, body) = response.split_once("\r\n\r\n").unwrap_or_default();
+            assert!(head.starts_with("HTTP/1.1 200"), "{path}: {response}");
+            let answer: serde_json::Value = serde_json::from_str(body).expect("JSON");
+            answer["points"].as_array().expect("points").clone()
+        };
+        let revenue = |points: Vec<serde_json::Value>| -> Vec<Revenue> {
+            points
+                .iter()
+                .map(|p| {
+                    (
+                        p["window_start"].as_u64().unwrap_or_default() as u32,
+                        p["category"].as_str().unwrap_or_default().to_owned(),
+                        p["currency"].as_str().unwrap_or_default().to_owned(),
+                        p["orders"].as_i64().unwrap_or_default(),
+                        p["items"].as_i64().unwrap_or_default(),
+                        p["revenue_minor"].as_i64().unwrap_or_default(),
+                        p["unique_buyers"].as_u64().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+        let path =
+            |endpoint: &str, extra: &str| format!("/api/v1/{endpoint}?from={from}&to={to}{extra}");
+        assert_eq!(
+            revenue(points(path("revenue", "")).await),
+            by_category,
+            "revenue per minute by category"
+        );
+        assert_eq!(
+            revenue(points(path("revenue", "&group_by=none")).await),
+            every_category,
+            "revenue per minute over every category"
+        );
+        let answered: Vec<(u32, u64, i64, u64)> = points(path("active-users", ""))
+            .await
+            .iter()
+            .map(|p| {
+                (
+                    p["window_start"].as_u64().unwrap_or_default() as u32,
+                    p["unique_users"].as_u64().unwrap_or_default(),
+                    p["sign_ups"].as_i64().unwrap_or_default(),
+                    p["sessions"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(answered, users, "active users per minute");
+        drop(query);
+
+        // Not vacuous: the reads took compacted minutes.
+        let logged = |like: &'static str| async move {
+            self.client
+                .query("SYSTEM FLUSH LOGS")
+                .execute()
+                .await
+                .expect("logs flushed");
+            self.client
+                .query(
+                    "SELECT count() FROM system.query_log WHERE type = 2 AND query LIKE ? \
+                     AND query LIKE concat('%`', currentDatabase(), '`%')",
+                )
+                .bind(like)
+                .fetch_one::<u64>()
+                .await
+                .expect("query log")
+        };
+        let compacted = logged("%`analytics_minutes` WHERE model = %compaction IN (%").await;
+        assert!(compacted > 0, "no read took compacted minutes");
+        logged("%`analytics_minutes` WHERE model = %level IN (%").await
+    }
+
+    /// Every row of `sql`.
+    async fn rows<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: clickhouse::Row + for<'b> clickhouse::RowRead<Value<'b> = T> + Send + 'static,
+    {
+        self.client.query(sql).fetch_all::<T>().await.expect(sql)
     }
 
     fn log(&self, name: &str) -> std::fs::File {

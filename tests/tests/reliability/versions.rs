@@ -9,7 +9,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use shopstream_tests::{bin_dir, free_port, repo_root, Broker, StoppableClickHouse};
+use shopstream_tests::{bin_dir, repo_root, Broker, StoppableClickHouse};
 
 use crate::{Run, System};
 
@@ -100,31 +100,18 @@ async fn every_statement_a_run_sends_runs_on_clickhouse_26_with_the_same_answers
     );
 }
 
-/// Starts `shopstream-query` on the run's database and asks every endpoint
-/// of its OpenAPI document once, with its default parameters (an order of
-/// the run for the order endpoint), the answer cache off.
+/// Asks every endpoint of the query service's OpenAPI document once, with
+/// its default parameters (an order of the run for the order endpoint),
+/// the answer cache off.
 async fn query_every_endpoint(system: &System) {
-    let port = free_port().expect("port");
-    let mut query = Command::new(bin_dir().join("shopstream-query"))
-        .arg("--config")
-        .arg(system.config_path())
-        .args(["--set", &format!("query.listen_address=127.0.0.1:{port}")])
-        .args(["--set", "query.cache_max_age_s=0"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("shopstream-query starts");
-    let mut document = None;
-    for _ in 0..300 {
-        if let Some(response) = bench::scrape::http_get(port, "/api/v1/openapi.json").await {
-            if let Some((_, body)) = response.split_once("\r\n\r\n") {
-                document = serde_json::from_str::<serde_json::Value>(body).ok();
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let document = document.expect("the query service answers within 30 s");
+    let (_query, port) = system.query_service().await;
+    let response = bench::scrape::http_get(port, "/api/v1/openapi.json")
+        .await
+        .unwrap_or_default();
+    let document = response
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
+        .expect("the OpenAPI document");
     let order: String = system
         .client
         .query("SELECT min(order_id) FROM order_status")
@@ -140,6 +127,4 @@ async fn query_every_endpoint(system: &System) {
             .unwrap_or_default();
         assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
     }
-    let _ = query.kill();
-    let _ = query.wait();
 }
