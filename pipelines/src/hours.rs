@@ -391,16 +391,7 @@ fn hour_rows(merged: Vec<Merged>, minutes: Vec<Merged>, now: u32) -> Option<(Com
     let mut out = Compaction::default();
     // Per model and hour, then per model and minute: each key's row and
     // one of every key together. A minute's rows keep their counts only.
-    let groups = |rows: Vec<Merged>| {
-        let mut groups: BTreeMap<(String, u32), Vec<Merged>> = BTreeMap::new();
-        for m in rows.into_iter().filter(|m| compacted(&m.model)) {
-            groups
-                .entry((m.model.clone(), m.window_start))
-                .or_default()
-                .push(m);
-        }
-        groups
-    };
+    let groups = |rows: Vec<Merged>| per_model_and_window(rows, compacted);
     let hour = (Level::Key, Level::All, None);
     let minute = (
         Level::KeyMinute,
@@ -421,6 +412,21 @@ fn hour_rows(merged: Vec<Merged>, minutes: Vec<Merged>, now: u32) -> Option<(Com
         }
     }
     Some((out, flushes))
+}
+
+/// The `rows` of the models `kept`, per model and window.
+fn per_model_and_window(
+    rows: Vec<Merged>,
+    kept: fn(&str) -> bool,
+) -> BTreeMap<(String, u32), Vec<Merged>> {
+    let mut groups: BTreeMap<(String, u32), Vec<Merged>> = BTreeMap::new();
+    for m in rows.into_iter().filter(|m| kept(&m.model)) {
+        groups
+            .entry((m.model.clone(), m.window_start))
+            .or_default()
+            .push(m);
+    }
+    groups
 }
 
 /// How many flushes `markers` (an hour's or a minute's) count, if they
@@ -479,11 +485,7 @@ fn minute_rows(merged: Vec<Merged>, now: u32) -> (Vec<HourRow>, usize) {
             continue;
         };
         let at = out.len();
-        let mut models: BTreeMap<String, Vec<Merged>> = BTreeMap::new();
-        for m in rows.into_iter().filter(|m| compacted_per_minute(&m.model)) {
-            models.entry(m.model.clone()).or_default().push(m);
-        }
-        for (model, keys) in models {
+        for ((model, _), keys) in per_model_and_window(rows, compacted_per_minute) {
             out.extend(key_rows(&model, minute, keys, levels));
         }
         out.push(HourRow {

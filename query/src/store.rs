@@ -146,7 +146,7 @@ struct Lookup {
 }
 
 /// The statements a read asks before its own (see [`Store::lookup`]).
-struct Lookups {
+struct LookupSql {
     named: Named,
     /// The current compactions of its hours (`Rows::current_sql`).
     current: String,
@@ -328,12 +328,12 @@ impl<'a> Read<'a> {
 
     /// What this read asks before its own statements, if it may take
     /// hours or minutes from compactions.
-    fn lookups(&self, target: &Target, hour_phase: u32) -> Option<Lookups> {
+    fn lookups(&self, target: &Target, hour_phase: u32) -> Option<LookupSql> {
         let (rows, _) = self.plan(Lookup {
             hour_phase,
             ..Lookup::default()
         });
-        rows.hours.map(|level| Lookups {
+        rows.hours.map(|level| LookupSql {
             named: (rows.model, level.naming()),
             current: rows.current_sql(target),
             markers: rows.markers_sql(target),
@@ -667,7 +667,8 @@ impl Store {
         markers: &[(u32, u32, u64)],
         sql: &str,
     ) -> Result<Vec<(u32, u64)>, ApiError> {
-        let wanted: BTreeMap<u32, u64> = markers
+        // `(minute, markers)`, in order: one row per minute.
+        let mut wanted: Vec<(u32, u64)> = markers
             .iter()
             .filter(|(hour, minute, _)| {
                 (range.from..range.to).contains(minute) && current.iter().all(|(h, _)| h != hour)
@@ -677,8 +678,8 @@ impl Store {
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
-        let wanted_counts: Vec<(u32, u64)> = wanted.iter().map(|(m, n)| (*m, *n)).collect();
-        if let Some(recalled) = self.own_minutes.recall(named, &wanted_counts) {
+        wanted.sort_unstable();
+        if let Some(recalled) = self.own_minutes.recall(named, &wanted) {
             return Ok(recalled);
         }
         let found = self
@@ -687,14 +688,13 @@ impl Store {
                 self.client.query(sql).fetch_all::<(u32, u64, u64)>(),
             )
             .await?;
-        let mut minutes: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
-        for (minute, covered, compaction) in found {
-            if wanted.get(&minute) == Some(&covered) {
-                minutes.entry(minute).or_insert((covered, compaction));
-            }
-        }
-        let found: Vec<(u32, u64, u64)> = minutes.iter().map(|(m, (n, c))| (*m, *n, *c)).collect();
-        self.own_minutes.learn(named, &wanted_counts, &found);
+        // One row per minute and count: at most one matches the markers.
+        let mut found: Vec<(u32, u64, u64)> = found
+            .into_iter()
+            .filter(|(minute, covered, _)| wanted.binary_search(&(*minute, *covered)).is_ok())
+            .collect();
+        found.sort_unstable();
+        self.own_minutes.learn(named, &wanted, &found);
         Ok(found.into_iter().map(|(m, _, c)| (m, c)).collect())
     }
 
