@@ -961,9 +961,11 @@ impl Store {
 /// A series' points in window order (then by their keys), sorted here
 /// rather than by ClickHouse: 18.16 spent a quarter of a day's revenue per
 /// hour and category sorting 2,400 rows (351 -> 475 requests/s without the
-/// ORDER BY, BENCHMARKS.md).
+/// ORDER BY, BENCHMARKS.md). A stable sort, as it takes runs already in
+/// order in one pass: the compacted minutes come in their table's order,
+/// which is this one, and only the partials' few groups are out of it.
 fn in_order<T>(mut points: Vec<T>, by: impl FnMut(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
-    points.sort_unstable_by(by);
+    points.sort_by(by);
     points
 }
 
