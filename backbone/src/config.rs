@@ -103,9 +103,13 @@ pub struct AnalyticsSettings {
     /// How often closed hours are compacted for fast day-long reads; 0: never.
     pub compact_every_ms: u64,
     /// An hour is compacted once none of its partials was flushed for this
-    /// long; so is each minute of the hour not over yet and of the one
-    /// before, on its own, for the reads per minute of the hour before now.
+    /// long.
     pub compact_after_idle_ms: u64,
+    /// Each minute of the hour not over yet and of the one before is
+    /// compacted on its own once none of its partials was flushed for this
+    /// long: the reads per minute of the hour before now take the minutes
+    /// since from the partials, a row per flush and key with its sets.
+    pub compact_minutes_after_idle_ms: u64,
     /// Hours starting this long ago or later are compacted; older ones are read
     /// from their partials.
     pub compact_lookback_h: u32,
@@ -123,6 +127,7 @@ impl Default for AnalyticsSettings {
             metrics_address: "127.0.0.1:9465".into(),
             compact_every_ms: 60_000,
             compact_after_idle_ms: 300_000,
+            compact_minutes_after_idle_ms: 60_000,
             compact_lookback_h: 48,
         }
     }
@@ -758,14 +763,19 @@ impl Config {
                 ),
             );
         }
-        if a.compact_after_idle_ms > 86_400_000 {
-            problem(
-                "analytics.compact_after_idle_ms",
-                format!(
-                    "must be at most 86400000 (a day), got {}",
-                    a.compact_after_idle_ms
-                ),
-            );
+        for (field, idle) in [
+            ("analytics.compact_after_idle_ms", a.compact_after_idle_ms),
+            (
+                "analytics.compact_minutes_after_idle_ms",
+                a.compact_minutes_after_idle_ms,
+            ),
+        ] {
+            if idle > 86_400_000 {
+                problem(
+                    field,
+                    format!("must be at most 86400000 (a day), got {idle}"),
+                );
+            }
         }
         if !(1..=1_000_000).contains(&a.compact_lookback_h) {
             problem(
@@ -1005,7 +1015,7 @@ mod tests {
             err.contains("shopstream.yaml:10: worker.metrics_address: must be host:port"),
             "{err}"
         );
-        let (_dir, args) = with_file("analytics:\n  window_ms: 1500\n  allowed_lateness_ms: -1\n  flush_interval_ms: 0\n  metrics_address: nowhere\n  compact_every_ms: 5\n  compact_after_idle_ms: 90000000\n  compact_lookback_h: 0\n");
+        let (_dir, args) = with_file("analytics:\n  window_ms: 1500\n  allowed_lateness_ms: -1\n  flush_interval_ms: 0\n  metrics_address: nowhere\n  compact_every_ms: 5\n  compact_after_idle_ms: 90000000\n  compact_lookback_h: 0\n  compact_minutes_after_idle_ms: 86400001\n");
         let err = error(&args, &[]);
         for expected in [
             "shopstream.yaml:2: analytics.window_ms: must be whole seconds from 1000 to 86400000, got 1500",
@@ -1015,6 +1025,7 @@ mod tests {
             "shopstream.yaml:6: analytics.compact_every_ms: must be 0 (never) or from 100 to 86400000, got 5",
             "shopstream.yaml:7: analytics.compact_after_idle_ms: must be at most 86400000 (a day), got 90000000",
             "shopstream.yaml:8: analytics.compact_lookback_h: must be from 1 to 1000000, got 0",
+            "shopstream.yaml:9: analytics.compact_minutes_after_idle_ms: must be at most 86400000 (a day), got 86400001",
         ] {
             assert!(err.contains(expected), "{expected} in {err}");
         }

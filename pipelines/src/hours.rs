@@ -121,14 +121,24 @@ pub struct Compacted {
 /// not merged again while they have as many flushes.
 pub type Unmarked = std::collections::HashSet<(u32, u64)>;
 
+/// How long an hour, and a minute compacted on its own, goes without a
+/// flush before it is compacted: as durations, or as the instant (epoch
+/// seconds) its last flush must have landed before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Idle<T> {
+    pub hours: T,
+    pub minutes: T,
+}
+
 /// Compacts every hour starting at or after `since` (an hour start is
 /// taken whole) whose flushes no compaction covers and none of which
-/// landed at or after `idle_before`: an hour still being written would be
-/// compacted again at once.
+/// landed at or after `idle_before.hours`: an hour still being written
+/// would be compacted again at once. Then the minutes idle before
+/// `idle_before.minutes` ([`compact_minutes`]).
 pub async fn compact(
     client: &clickhouse::Client,
     since: u32,
-    idle_before: u32,
+    idle_before: Idle<u32>,
     now: u32,
     timeout: Duration,
     unmarked: &mut Unmarked,
@@ -142,10 +152,11 @@ pub async fn compact(
              toYYYYMMDD(toDateTime(hour)) FROM {PARTIALS_TABLE} \
              WHERE model = '{WINDOW_MARKER}' AND window_start >= toStartOfHour(toDateTime({since})) \
              GROUP BY hour \
-             HAVING max(flushed_at) < toDateTime({idle_before}) AND (hour, count()) NOT IN \
+             HAVING max(flushed_at) < toDateTime({}) AND (hour, count()) NOT IN \
              (SELECT toUInt32(window_start), covered FROM {HOURS_TABLE} \
               WHERE window_start >= toStartOfHour(toDateTime({since}))) \
-             ORDER BY hour"
+             ORDER BY hour",
+            idle_before.hours
         ))
         .with_setting("max_execution_time", timeout_s.clone())
         .fetch_all()
@@ -212,7 +223,7 @@ pub async fn compact(
         days.insert(day);
     }
     // The days written to are merged whatever became of the minutes.
-    let minutes = compact_minutes(client, since, idle_before, now, timeout).await;
+    let minutes = compact_minutes(client, since, idle_before.minutes, now, timeout).await;
     merge_days(client, &days).await;
     done.minutes = minutes?;
     Ok(done)
@@ -322,7 +333,7 @@ async fn merge_days(client: &clickhouse::Client, days: &BTreeSet<u32>) {
 pub async fn compact_every(
     client: clickhouse::Client,
     every: Duration,
-    after_idle: Duration,
+    after_idle: Idle<Duration>,
     lookback: Duration,
     timeout: Duration,
     compacted: backbone::metrics::Counter,
@@ -341,7 +352,10 @@ pub async fn compact_every(
         match compact(
             &client,
             now.saturating_sub(seconds(lookback)),
-            now.saturating_sub(seconds(after_idle)),
+            Idle {
+                hours: now.saturating_sub(seconds(after_idle.hours)),
+                minutes: now.saturating_sub(seconds(after_idle.minutes)),
+            },
             now,
             timeout,
             &mut unmarked,

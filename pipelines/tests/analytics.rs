@@ -69,6 +69,8 @@ fn start_job(setup: &EventTopics, db: &TestDatabase, extra: &[&str]) -> Job {
             "analytics.compact_every_ms=300",
             "--set",
             "analytics.compact_after_idle_ms=0",
+            "--set",
+            "analytics.compact_minutes_after_idle_ms=0",
             // The tests' events are older than the default 48 hours.
             "--set",
             "analytics.compact_lookback_h=1000000",

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use backbone::config::ClickHouseSettings;
-use pipelines::hours::{compact, Compacted, Unmarked};
+use pipelines::hours::{compact, Compacted, Idle, Unmarked};
 use pipelines::store::{mark_windows, PartialRow};
 use shopstream_tests::{clickhouse, TestDatabase};
 
@@ -114,7 +114,10 @@ async fn compact_all(db: &TestDatabase, unmarked: &mut Unmarked) -> Compacted {
     compact(
         &db.client,
         HOUR - 3_600,
-        u32::MAX,
+        Idle {
+            hours: u32::MAX,
+            minutes: u32::MAX,
+        },
         HOUR + 7_200,
         TIMEOUT,
         unmarked,
@@ -249,4 +252,68 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
     );
     assert_eq!(compact_all(&db, &mut unmarked).await.unmarked, 1);
     assert_eq!(per_hour(&db).await, want, "an hour of an older job");
+}
+
+#[tokio::test]
+async fn a_minute_idle_for_its_own_setting_is_compacted_before_its_hour() {
+    let db = clickhouse().await.database().await.unwrap();
+    let settings = ClickHouseSettings {
+        url: db.url.clone(),
+        database: db.name.clone(),
+        ..ClickHouseSettings::default()
+    };
+    consumers::projection::migrate(
+        &settings,
+        pipelines::ddl::MIGRATIONS_TABLE,
+        pipelines::ddl::migrations,
+    )
+    .await
+    .unwrap();
+    // Three minutes of the second hour, each flushed as it ended.
+    for minute in [60, 61, 119] {
+        let mut rows = vec![order_partial(minute, 0, "books", &["u1"])];
+        mark_windows(&mut rows, HOUR + (minute + 1) * 60);
+        pipelines::store::insert(&db.client, &rows, TIMEOUT)
+            .await
+            .unwrap();
+    }
+    let now = HOUR + 7_230;
+    let round = |idle: Idle<u32>| {
+        let db = &db;
+        async move {
+            compact(&db.client, HOUR, idle, now, TIMEOUT, &mut Unmarked::new())
+                .await
+                .unwrap()
+        }
+    };
+    // An hour must be idle for an hour, a minute for 100 s: every minute
+    // was flushed within the hour, the last within 100 s, so only the
+    // first two are compacted, on their own.
+    let sooner = Idle {
+        hours: now - 3_600,
+        minutes: now - 100,
+    };
+    assert_eq!(
+        round(sooner).await,
+        Compacted {
+            minutes: 2,
+            ..Compacted::default()
+        }
+    );
+    assert_eq!(round(sooner).await, Compacted::default(), "nothing new");
+    // Idle long enough: the hour, and the last minute on its own.
+    let later = Idle {
+        hours: now,
+        minutes: now,
+    };
+    assert_eq!(
+        round(later).await,
+        Compacted {
+            hours: 1,
+            flushes: 3,
+            unmarked: 0,
+            minutes: 1
+        }
+    );
+    assert_eq!(current_compactions(&db).await, 1);
 }

@@ -208,17 +208,23 @@ impl Seed {
             written += rows.len();
             progress((hour + 60).min(self.minutes));
         }
-        // As a deployed job with the default settings does: the hours and
-        // minutes idle for `compact_after_idle_ms` (the last minutes before
-        // now stay on their partials).
+        // As a deployed job with the default settings does: the hours idle
+        // for `compact_after_idle_ms` and the minutes idle for
+        // `compact_minutes_after_idle_ms` (the last minutes before now stay
+        // on their partials).
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as u32);
-        let idle_s = backbone::config::AnalyticsSettings::default().compact_after_idle_ms / 1000;
+        let defaults = backbone::config::AnalyticsSettings::default();
+        let before =
+            |idle_ms: u64| now.saturating_sub(u32::try_from(idle_ms / 1000).unwrap_or(u32::MAX));
         pipelines::hours::compact(
             &client,
             self.start,
-            now.saturating_sub(u32::try_from(idle_s).unwrap_or(u32::MAX)),
+            pipelines::hours::Idle {
+                hours: before(defaults.compact_after_idle_ms),
+                minutes: before(defaults.compact_minutes_after_idle_ms),
+            },
             now,
             timeout,
             &mut pipelines::hours::Unmarked::new(),

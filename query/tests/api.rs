@@ -641,7 +641,10 @@ async fn the_minutes_of_an_hour_not_compacted_are_read_from_their_own() {
         pipelines::hours::compact(
             client,
             START,
-            START + 15_000,
+            pipelines::hours::Idle {
+                hours: START + 15_000,
+                minutes: START + 15_000,
+            },
             START + 9_000,
             timeout,
             &mut pipelines::hours::Unmarked::new(),

@@ -266,6 +266,7 @@ impl System {
                     // under load and crashes: the checker's hours meet them.
                     "compact_every_ms: 500".into(),
                     "compact_after_idle_ms: 0".into(),
+                    "compact_minutes_after_idle_ms: 0".into(),
                     "compact_lookback_h: 1000000".into(),
                 ],
             ),
