@@ -130,6 +130,27 @@ pub struct Idle<T> {
     pub minutes: T,
 }
 
+impl Idle<Duration> {
+    /// The job's settings (`compact_after_idle_ms`,
+    /// `compact_minutes_after_idle_ms`).
+    pub fn of(settings: &backbone::config::AnalyticsSettings) -> Self {
+        Self {
+            hours: Duration::from_millis(settings.compact_after_idle_ms),
+            minutes: Duration::from_millis(settings.compact_minutes_after_idle_ms),
+        }
+    }
+
+    /// The instants before which the last flushes must have landed at
+    /// `now` (epoch seconds).
+    pub fn before(self, now: u32) -> Idle<u32> {
+        let ago = |d: Duration| now.saturating_sub(u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        Idle {
+            hours: ago(self.hours),
+            minutes: ago(self.minutes),
+        }
+    }
+}
+
 /// Compacts every hour starting at or after `since` (an hour start is
 /// taken whole) whose flushes no compaction covers and none of which
 /// landed at or after `idle_before.hours`: an hour still being written
@@ -352,10 +373,7 @@ pub async fn compact_every(
         match compact(
             &client,
             now.saturating_sub(seconds(lookback)),
-            Idle {
-                hours: now.saturating_sub(seconds(after_idle.hours)),
-                minutes: now.saturating_sub(seconds(after_idle.minutes)),
-            },
+            after_idle.before(now),
             now,
             timeout,
             &mut unmarked,

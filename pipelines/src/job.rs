@@ -417,10 +417,7 @@ pub fn run(
         runtime.spawn(crate::hours::compact_every(
             client.clone(),
             Duration::from_millis(settings.compact_every_ms),
-            crate::hours::Idle {
-                hours: Duration::from_millis(settings.compact_after_idle_ms),
-                minutes: Duration::from_millis(settings.compact_minutes_after_idle_ms),
-            },
+            crate::hours::Idle::of(settings),
             Duration::from_secs(u64::from(settings.compact_lookback_h) * 3_600),
             timeout,
             metrics.hours_compacted.clone(),

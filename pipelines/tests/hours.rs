@@ -135,8 +135,8 @@ async fn flush(db: &TestDatabase, rows: &[PartialRow]) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() {
+/// A database of its own with the analytics schema.
+async fn migrated() -> TestDatabase {
     let db = clickhouse().await.database().await.unwrap();
     let settings = ClickHouseSettings {
         url: db.url.clone(),
@@ -150,6 +150,12 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
     )
     .await
     .unwrap();
+    db
+}
+
+#[tokio::test]
+async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() {
+    let db = migrated().await;
     let mut unmarked = Unmarked::new();
     let mut rows = partials();
     flush(&db, &rows).await;
@@ -256,19 +262,7 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
 
 #[tokio::test]
 async fn a_minute_idle_for_its_own_setting_is_compacted_before_its_hour() {
-    let db = clickhouse().await.database().await.unwrap();
-    let settings = ClickHouseSettings {
-        url: db.url.clone(),
-        database: db.name.clone(),
-        ..ClickHouseSettings::default()
-    };
-    consumers::projection::migrate(
-        &settings,
-        pipelines::ddl::MIGRATIONS_TABLE,
-        pipelines::ddl::migrations,
-    )
-    .await
-    .unwrap();
+    let db = migrated().await;
     // Three minutes of the second hour, each flushed as it ended.
     for minute in [60, 61, 119] {
         let mut rows = vec![order_partial(minute, 0, "books", &["u1"])];

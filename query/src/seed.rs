@@ -215,16 +215,10 @@ impl Seed {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as u32);
-        let defaults = backbone::config::AnalyticsSettings::default();
-        let before =
-            |idle_ms: u64| now.saturating_sub(u32::try_from(idle_ms / 1000).unwrap_or(u32::MAX));
         pipelines::hours::compact(
             &client,
             self.start,
-            pipelines::hours::Idle {
-                hours: before(defaults.compact_after_idle_ms),
-                minutes: before(defaults.compact_minutes_after_idle_ms),
-            },
+            pipelines::hours::Idle::of(&backbone::config::AnalyticsSettings::default()).before(now),
             now,
             timeout,
             &mut pipelines::hours::Unmarked::new(),
