@@ -143,12 +143,16 @@ impl Idle<Duration> {
     /// The instants before which the last flushes must have landed at
     /// `now` (epoch seconds).
     pub fn before(self, now: u32) -> Idle<u32> {
-        let ago = |d: Duration| now.saturating_sub(u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
         Idle {
-            hours: ago(self.hours),
-            minutes: ago(self.minutes),
+            hours: seconds_before(now, self.hours),
+            minutes: seconds_before(now, self.minutes),
         }
     }
+}
+
+/// `now` (epoch seconds) less `ago`, not before the epoch.
+fn seconds_before(now: u32, ago: Duration) -> u32 {
+    now.saturating_sub(u32::try_from(ago.as_secs()).unwrap_or(u32::MAX))
 }
 
 /// Compacts every hour starting at or after `since` (an hour start is
@@ -369,10 +373,9 @@ pub async fn compact_every(
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
-        let seconds = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
         match compact(
             &client,
-            now.saturating_sub(seconds(lookback)),
+            seconds_before(now, lookback),
             after_idle.before(now),
             now,
             timeout,

@@ -438,25 +438,37 @@ impl System {
         drop(query);
 
         // Not vacuous: the reads took compacted minutes.
-        let logged = |like: &'static str| async move {
-            self.client
-                .query("SYSTEM FLUSH LOGS")
-                .execute()
-                .await
-                .expect("logs flushed");
-            self.client
-                .query(
-                    "SELECT count() FROM system.query_log WHERE type = 2 AND query LIKE ? \
-                     AND query LIKE concat('%`', currentDatabase(), '`%')",
-                )
-                .bind(like)
-                .fetch_one::<u64>()
-                .await
-                .expect("query log")
-        };
-        let compacted = logged("%`analytics_minutes` WHERE model = %compaction IN (%").await;
+        let compacted = self
+            .logged_reads("%`analytics_minutes` WHERE model = %compaction IN (%")
+            .await;
         assert!(compacted > 0, "no read took compacted minutes");
-        logged("%`analytics_minutes` WHERE model = %level IN (%").await
+        self.own_minute_reads().await
+    }
+
+    /// How many reads of this run took minutes' own compactions (both
+    /// levels of a read per minute, `level IN (..)`).
+    pub async fn own_minute_reads(&self) -> u64 {
+        self.logged_reads("%`analytics_minutes` WHERE model = %level IN (%")
+            .await
+    }
+
+    /// How many finished statements on the run's database ClickHouse's
+    /// query log holds `LIKE like`.
+    async fn logged_reads(&self, like: &str) -> u64 {
+        self.client
+            .query("SYSTEM FLUSH LOGS")
+            .execute()
+            .await
+            .expect("logs flushed");
+        self.client
+            .query(
+                "SELECT count() FROM system.query_log WHERE type = 2 AND query LIKE ? \
+                 AND query LIKE concat('%`', currentDatabase(), '`%')",
+            )
+            .bind(like)
+            .fetch_one::<u64>()
+            .await
+            .expect("query log")
     }
 
     /// Every row of `sql`.

@@ -49,22 +49,10 @@ async fn every_statement_a_run_sends_runs_on_clickhouse_26_with_the_same_answers
     query_every_endpoint(&system).await;
     // Not vacuous for the hour not over yet either: its minutes were read
     // per minute from their own compactions.
-    system
-        .client
-        .query("SYSTEM FLUSH LOGS")
-        .execute()
-        .await
-        .expect("logs flushed");
-    let own_minutes: u64 = system
-        .client
-        .query(
-            "SELECT count() FROM system.query_log WHERE type = 2 \
-             AND query LIKE '%`analytics_minutes` WHERE model = %level IN (%'",
-        )
-        .fetch_one()
-        .await
-        .expect("query log");
-    assert!(own_minutes > 0, "no read of minutes' own compactions");
+    assert!(
+        system.own_minute_reads().await > 0,
+        "no read of minutes' own compactions"
+    );
 
     let output = Command::new("python3")
         .arg(repo_root().join("tests/clickhouse_replay.py"))
