@@ -9,7 +9,8 @@
 //! - aggregates that differ from an independent recomputation
 //!   ([`read_models::ReadModels`]);
 //! - dead letters that are missing, doubled, unexpected, lack a header, or
-//!   whose key, payload or headers differ from the original record.
+//!   whose key, payload or headers differ from the original record;
+//! - when asked, an event the event topics hold more than once.
 //!
 //! [`Expected`] is what the run produced; [`Observed`] is read from
 //! ClickHouse and Kafka; [`check`] compares the two into a [`Report`].
@@ -48,6 +49,24 @@ pub struct Checks {
     /// A dead letter written twice is counted, not a finding: for DLQs
     /// written before the forwarding ledger made them exactly once.
     pub dead_letters_at_least_once: bool,
+    /// What an event the event topics hold more than once means.
+    pub stored_twice: StoredTwice,
+}
+
+/// An event the event topics hold more than once: each copy is a record of
+/// its own, which the consumers, exactly once per record, count once each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredTwice {
+    /// Not looked for: the event topics are not read.
+    Unchecked,
+    /// A finding: the broker answers an idempotent producer's retry of a
+    /// batch it stored as a duplicate, so each event is stored once.
+    Finding,
+    /// Expected once per copy downstream, and counted: librdkafka's mock
+    /// cluster checks the sequence numbers of transactional producers
+    /// only, and stores again a retried batch whose answer was lost
+    /// (`producers/tests/idempotence.rs`).
+    Counted,
 }
 
 /// The events-store tables, by event type.
@@ -159,6 +178,9 @@ pub struct Observed {
     /// each partition holding an origin that was not found: an origin below
     /// it was deleted by retention, not changed.
     pub log_starts: BTreeMap<(String, i32), i64>,
+    /// Event id -> the records of it in the event topics, for the events
+    /// held more than once (read unless `StoredTwice::Unchecked`).
+    pub stored: BTreeMap<String, usize>,
 }
 
 fn header_map(message: &OwnedMessage) -> BTreeMap<String, String> {
@@ -289,6 +311,18 @@ impl Observed {
                 }
             }
         }
+        if checks.stored_twice != StoredTwice::Unchecked {
+            let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+            for topic in &catalog.topics {
+                for m in consumers::dlq::read_all(connection, &topic.name)? {
+                    if let Some(id) = event_of(&header_map(&m)) {
+                        *copies.entry(id.to_string()).or_default() += 1;
+                    }
+                }
+            }
+            copies.retain(|_, n| *n > 1);
+            out.stored = copies;
+        }
         Ok(out)
     }
 }
@@ -344,6 +378,10 @@ pub enum Finding {
         at: String,
         what: String,
     },
+    StoredTwice {
+        event_id: String,
+        copies: usize,
+    },
 }
 
 impl Finding {
@@ -360,6 +398,7 @@ impl Finding {
             Self::DeadLetterUnexpected { .. } => "dead_letter_unexpected",
             Self::DeadLetterHeaders { .. } => "dead_letter_headers",
             Self::DeadLetterChanged { .. } => "dead_letter_changed",
+            Self::StoredTwice { .. } => "stored_twice",
         }
     }
 }
@@ -397,6 +436,9 @@ impl fmt::Display for Finding {
                 write!(f, "dead letter headers: {at} lacks {}", missing.join(", "))
             }
             Self::DeadLetterChanged { at, what } => write!(f, "dead letter changed: {at}: {what}"),
+            Self::StoredTwice { event_id, copies } => {
+                write!(f, "stored twice: event {event_id} is in its topic {copies} times")
+            }
         }
     }
 }
@@ -419,6 +461,9 @@ pub struct Report {
     /// Dead letters whose original retention had deleted from its topic:
     /// counted and checked, but not compared with it.
     pub dead_letters_past_retention: usize,
+    /// Events the event topics hold more than once, expected once per copy
+    /// (`StoredTwice::Counted`).
+    pub stored_twice: usize,
     pub findings: Vec<Finding>,
 }
 
@@ -447,6 +492,13 @@ impl fmt::Display for Report {
                 f,
                 "{} dead letters not compared with their originals: retention had deleted them from the source topic.",
                 self.dead_letters_past_retention
+            )?;
+        }
+        if self.stored_twice > 0 {
+            writeln!(
+                f,
+                "{} events are in their topics more than once (the broker stored a producer's retry again): each copy is expected downstream.",
+                self.stored_twice
             )?;
         }
         let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
@@ -484,6 +536,38 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         events_poisoned: expected.poisoned.len(),
         ..Report::default()
     };
+    let counted = checks.stored_twice == StoredTwice::Counted;
+    // The records the event topics hold of an event: what the consumers,
+    // exactly once per record, are expected to show of it.
+    let stored = |id: &str| {
+        if counted {
+            observed.stored.get(id).copied().unwrap_or(1)
+        } else {
+            1
+        }
+    };
+    if counted {
+        report.stored_twice = observed.stored.len();
+    } else if checks.stored_twice == StoredTwice::Finding {
+        for (id, n) in &observed.stored {
+            report.findings.push(Finding::StoredTwice {
+                event_id: id.clone(),
+                copies: *n,
+            });
+        }
+    }
+    let good: Vec<AnyEvent>;
+    let good = if counted && !observed.stored.is_empty() {
+        good = expected
+            .good
+            .iter()
+            .flat_map(|e| std::iter::repeat_n(e, stored(&e.event_id().to_string())))
+            .cloned()
+            .collect();
+        &good
+    } else {
+        &expected.good
+    };
     let findings = &mut report.findings;
     if checks.events {
         let mut want: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
@@ -514,7 +598,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
                         table: (*table).to_owned(),
                         event_id: id.clone(),
                     });
-                } else if shown > 1 {
+                } else if shown > stored(id) as u64 {
                     findings.push(Finding::Duplicate {
                         table: (*table).to_owned(),
                         event_id: id.clone(),
@@ -562,7 +646,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         }
     }
     if checks.analytics {
-        let want = ReadModels::compute(&expected.good);
+        let want = ReadModels::compute(good);
         let got = &observed.per_minute;
         report.aggregate_rows = got.orders.len()
             + got.funnel.len()
@@ -598,7 +682,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         );
         // Per hour, distinct counts and percentiles included: whole hours
         // come from their compaction where it is current (pipelines::hours).
-        let want = ReadModels::hourly(&expected.good);
+        let want = ReadModels::hourly(good);
         let got = &observed.per_hour;
         compare("orders_per_hour", &want.orders, &got.orders, findings);
         compare("order_funnel_per_hour", &want.funnel, &got.funnel, findings);
@@ -613,7 +697,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         );
     }
     if !checks.dead_letter_groups.is_empty() {
-        check_dead_letters(expected, observed, checks, &mut report);
+        check_dead_letters(expected, observed, checks, &stored, &mut report);
     }
     report
 }
@@ -642,9 +726,8 @@ fn compare<K: Ord + fmt::Debug, V: PartialEq + fmt::Debug>(
 }
 
 /// The event id in a `traceparent` whose trace id is the event id.
-fn event_of(letter: &DeadLetter) -> Option<Uuid> {
-    let trace = letter
-        .headers
+fn event_of(record_headers: &BTreeMap<String, String>) -> Option<Uuid> {
+    let trace = record_headers
         .get(headers::TRACEPARENT)?
         .split('-')
         .nth(1)?;
@@ -655,6 +738,7 @@ fn check_dead_letters(
     expected: &Expected,
     observed: &Observed,
     checks: &Checks,
+    stored: &dyn Fn(&str) -> usize,
     report: &mut Report,
 ) {
     let mut findings = Vec::new();
@@ -680,7 +764,7 @@ fn check_dead_letters(
             continue;
         }
         report.dead_letters += 1;
-        let id = event_of(letter);
+        let id = event_of(&letter.headers);
         match id {
             Some(id) if expected.poisoned.contains(&id) => {
                 *copies.entry((id, group)).or_default() += 1;
@@ -746,12 +830,14 @@ fn check_dead_letters(
     }
     for group in &checks.dead_letter_groups {
         for id in &expected.poisoned {
+            // One dead letter per record the event topics hold of it.
+            let want = stored(&id.to_string());
             match copies.get(&(*id, group.as_str())).copied().unwrap_or(0) {
-                1 => {}
-                n if n > 1 && checks.dead_letters_at_least_once => {
-                    report.dead_letter_duplicates += n - 1;
+                n if n == want => {}
+                n if n > want && checks.dead_letters_at_least_once => {
+                    report.dead_letter_duplicates += n - want;
                 }
-                0 => findings.push(Finding::DeadLetterMissing {
+                n if n < want => findings.push(Finding::DeadLetterMissing {
                     event_id: id.to_string(),
                     group: group.clone(),
                 }),
@@ -804,6 +890,7 @@ mod tests {
             dead_letter_groups: Vec::new(),
             exact_raw: false,
             dead_letters_at_least_once: false,
+            stored_twice: StoredTwice::Finding,
         }
     }
 
@@ -834,6 +921,39 @@ mod tests {
         let report = check(&expected, &observed, &checks());
         let kinds: Vec<&str> = report.findings.iter().map(Finding::kind).collect();
         assert_eq!(kinds, ["lost", "duplicate"], "{report}");
+    }
+
+    /// An event its topic holds twice is shown twice by the consumers (once
+    /// per record): expected where the broker stores retries again, a
+    /// finding where it should not.
+    #[test]
+    fn an_event_stored_twice_is_expected_twice_only_where_counted() {
+        let expected = run();
+        let mut observed = perfect(&expected);
+        let event = expected.good[9].event_id().to_string();
+        let table = table_of(&expected.good[9]);
+        let (raw, visible) = observed.events.get_mut(table).expect("table");
+        *raw.get_mut(&event).expect("row") = 2;
+        *visible.get_mut(&event).expect("row") = 2;
+        observed.stored.insert(event.clone(), 2);
+        let counted = Checks {
+            stored_twice: StoredTwice::Counted,
+            ..checks()
+        };
+        let report = check(&expected, &observed, &counted);
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.stored_twice, 1);
+        let kinds = |report: &Report| -> Vec<&'static str> {
+            report.findings.iter().map(Finding::kind).collect()
+        };
+        let report = check(&expected, &observed, &checks());
+        assert_eq!(kinds(&report), ["stored_twice", "duplicate"], "{report}");
+        // Counted, a third row is still a duplicate.
+        let (raw, visible) = observed.events.get_mut(table).expect("table");
+        *raw.get_mut(&event).expect("row") = 3;
+        *visible.get_mut(&event).expect("row") = 3;
+        let report = check(&expected, &observed, &counted);
+        assert_eq!(kinds(&report), ["duplicate"], "{report}");
     }
 
     #[test]

@@ -626,6 +626,11 @@ impl EventTopics {
         &self.bootstrap_servers
     }
 
+    /// Whether the topics are on a mock cluster rather than a real broker.
+    pub fn on_mock_cluster(&self) -> bool {
+        self.mock.is_some()
+    }
+
     /// Creates `name` beside the event topics (an existing one is kept).
     pub fn create_topic(&self, name: &str, partitions: i32) {
         if let Some(cluster) = &self.mock {

@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use backbone::events::EventType;
-use checker::{Checks, Expected, Observed, Report};
+use checker::{Checks, Expected, Observed, Report, StoredTwice};
 use producers::cli::Traffic;
 use producers::generator::Mix;
 use shopstream_tests::{
@@ -742,6 +742,18 @@ impl System {
             dead_letter_groups: vec![self.worker_group.clone(), self.analytics_group.clone()],
             exact_raw: false,
             dead_letters_at_least_once: false,
+            stored_twice: self.stored_twice(),
+        }
+    }
+
+    /// What an event its topic holds twice means here: a retry the broker
+    /// stored again, expected downstream, on the mock cluster (see
+    /// [`StoredTwice::Counted`]); a finding on a real broker.
+    pub fn stored_twice(&self) -> StoredTwice {
+        if self.topics.on_mock_cluster() {
+            StoredTwice::Counted
+        } else {
+            StoredTwice::Finding
         }
     }
 
