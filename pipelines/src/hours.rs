@@ -150,6 +150,13 @@ impl Idle<Duration> {
     }
 }
 
+/// The time now in epoch seconds, as the compactor and the reads take it.
+pub fn epoch_seconds() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
 /// `now` (epoch seconds) less `ago`, not before the epoch.
 fn seconds_before(now: u32, ago: Duration) -> u32 {
     now.saturating_sub(u32::try_from(ago.as_secs()).unwrap_or(u32::MAX))
@@ -370,9 +377,7 @@ pub async fn compact_every(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        let now = epoch_seconds();
         match compact(
             &client,
             seconds_before(now, lookback),

@@ -10,8 +10,6 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use backbone::config::KafkaSettings;
@@ -23,39 +21,16 @@ use shopstream_tests::outage::UnreachableTansu;
 use shopstream_tests::EventTopics;
 use uuid::Uuid;
 
-/// librdkafka's log (its `eos` debug context), shared by the tests of this
-/// binary: each counts the lines naming its own topic.
-fn librdkafka_log() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
-        tracing_subscriber::fmt()
-            .with_max_level(tracing_subscriber::filter::LevelFilter::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || LogSink(Arc::clone(&sink)))
-            .init();
-        log
-    })
-}
-
-struct LogSink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// The process's log with librdkafka's (its `eos` debug context), shared
+/// by the tests of this binary: each counts the lines naming its own topic.
+fn librdkafka_log() -> &'static shopstream_tests::CapturedLog {
+    shopstream_tests::captured_log(tracing::Level::DEBUG)
 }
 
 /// The lines of librdkafka's log holding both `what` and `topic`.
 fn logged(what: &str, topic: &str) -> usize {
-    let log = librdkafka_log().lock().unwrap();
-    String::from_utf8_lossy(&log)
+    librdkafka_log()
+        .text()
         .lines()
         .filter(|l| l.contains(what) && l.contains(topic))
         .count()

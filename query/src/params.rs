@@ -1,7 +1,7 @@
 //! Query parameters: parsed strictly (an unknown or repeated parameter is an
 //! error naming it), with defaults and caps, before any of them nears SQL.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
@@ -84,7 +84,7 @@ impl TimeRange {
     pub fn parse(from: Option<&str>, to: Option<&str>, max_s: u32) -> Result<Self, ApiError> {
         let to = match to {
             Some(text) => instant("to", text)?,
-            None => now_s(),
+            None => pipelines::hours::epoch_seconds(),
         };
         let from = match from {
             Some(text) => instant("from", text)?,
@@ -108,12 +108,6 @@ impl TimeRange {
         }
         Ok(Self { from, to })
     }
-}
-
-fn now_s() -> u32 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
 /// Latest time accepted: 2100-01-01, well inside ClickHouse's DateTime

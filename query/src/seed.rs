@@ -212,9 +212,7 @@ impl Seed {
         // for `compact_after_idle_ms` and the minutes idle for
         // `compact_minutes_after_idle_ms` (the last minutes before now stay
         // on their partials).
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as u32);
+        let now = pipelines::hours::epoch_seconds();
         pipelines::hours::compact(
             &client,
             self.start,

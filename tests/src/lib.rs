@@ -10,9 +10,11 @@
 //! their own from [`mock_cluster`].
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -90,6 +92,45 @@ pub async fn clickhouse() -> &'static TestClickHouse {
 /// request errors, leader moves). It is not `Send`: keep it in the test body.
 pub fn mock_cluster(brokers: i32) -> MockCluster<'static, DefaultProducerContext> {
     MockCluster::new(brokers).expect("librdkafka mock cluster")
+}
+
+/// What this test process logs through `tracing`, librdkafka's log
+/// included (rdkafka's `tracing` feature).
+#[derive(Debug, Clone, Default)]
+pub struct CapturedLog(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLog {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+}
+
+impl Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The process's log from the first call on, at `level` and above: the
+/// first call installs the process's subscriber, later ones share it.
+pub fn captured_log(level: tracing::Level) -> &'static CapturedLog {
+    static LOG: OnceLock<CapturedLog> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        log
+    })
 }
 
 /// Whether a Docker engine answers (the client alone is not enough).

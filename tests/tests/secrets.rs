@@ -1,8 +1,6 @@
 //! A sentinel password set everywhere a secret can be set never reaches the
 //! logs, at any level, including librdkafka's own configuration dump.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backbone::config::{Config, ConfigArgs};
@@ -10,27 +8,9 @@ use rdkafka::producer::{BaseProducer, Producer};
 
 const SENTINEL: &str = "sentinel-Pa55w0rd-c0ffee";
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("capture lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn a_sentinel_password_never_appears_in_any_log() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .init();
+    let captured = shopstream_tests::captured_log(tracing::Level::TRACE);
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("shopstream.yaml");
@@ -62,7 +42,7 @@ fn a_sentinel_password_never_appears_in_any_log() {
         .fetch_metadata(None, Duration::from_secs(2));
     drop(producer);
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     // The capture works, librdkafka's debug output included.
     assert!(logs.contains("Configuration loaded."), "{logs}");
     assert!(
