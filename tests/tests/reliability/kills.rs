@@ -262,6 +262,7 @@ async fn mixed_kills(broker: Broker) {
     rand::seq::SliceRandom::shuffle(victims.as_mut_slice(), &mut rng);
     let (mut worker, mut analytics) = system.consumers().await;
     let mut publisher = system.publish(&run);
+    let publishing = std::time::Instant::now();
     system.consuming().await;
     let started = std::time::Instant::now();
     let mut under_load = 0;
@@ -293,8 +294,9 @@ async fn mixed_kills(broker: Broker) {
     let kills = |kind: Victim| victims.iter().filter(|v| **v == kind).count();
     assert!(
         under_load as usize >= victims.len() / 2,
-        "only {under_load} of {} kills landed while the publisher was sending: raise the events",
-        victims.len()
+        "only {under_load} of {} kills landed while the publisher was sending: raise the events (the consumers stored their first records {:.1} s after it started)",
+        victims.len(),
+        (started - publishing).as_secs_f64()
     );
     let (report, converged) = converge_then_stop(
         &system,
