@@ -395,11 +395,11 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
          source_topic String, source_partition Int32, last_offset Int64, flushed_at DateTime",
         "MergeTree()",
         // Granules of 1,024 rows, not 8,192: every read of compacted hours
-        // or minutes first counts a few minutes' window markers, and a read
-        // per minute takes the minutes since the last compaction from here,
-        // a few hundred rows of each part (ClickHouse 18.16, each statement
-        // alone: 1.25-1.35 times the requests/s for the markers, 1.4-1.6
-        // for the partials). A setting a table is created with: a database
+        // or minutes first counts its window markers here, and a read per
+        // minute takes the minutes since the last compaction from here, a
+        // few hundred rows of each part (ClickHouse 18.16, each statement
+        // alone: 1.2-1.3 times the requests/s for the markers, 1.4-1.6 for
+        // the partials). A setting a table is created with: a database
         // made before keeps 8,192 (README: how to rebuild it).
         "(model, window_start, dim1, dim2) SETTINGS index_granularity = 1024",
     )];
