@@ -17,6 +17,7 @@
 
 pub mod read_models;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
@@ -255,8 +256,9 @@ impl Observed {
                 .await
                 .context("reading top_queries_per_minute")?;
         }
+        // Origin topic -> the positions of its dead letters' originals.
+        let mut wanted: BTreeMap<String, BTreeSet<(i32, i64)>> = BTreeMap::new();
         if !checks.dead_letter_groups.is_empty() {
-            let mut wanted: BTreeMap<String, BTreeSet<(i32, i64)>> = BTreeMap::new();
             for topic in &catalog.topics {
                 let Some(dlq) = &topic.dead_letter else {
                     continue;
@@ -286,43 +288,47 @@ impl Observed {
                     out.dead_letters.push(letter);
                 }
             }
-            for (topic, mut positions) in wanted {
-                if catalog.topic(&topic).is_none() {
-                    continue;
-                }
-                for m in consumers::dlq::read_all(connection, &topic)? {
-                    if positions.remove(&(m.partition(), m.offset())) {
-                        out.originals.insert(
-                            (topic.clone(), m.partition(), m.offset()),
-                            Original {
-                                key: m.key().map(<[u8]>::to_vec),
-                                payload: m.payload().map(<[u8]>::to_vec),
-                                headers: header_map(&m),
-                            },
-                        );
-                    }
-                }
-                // What is left was not found.
-                let unfound: BTreeSet<i32> = positions.iter().map(|&(p, _)| p).collect();
-                for (partition, start) in
-                    consumers::readback::log_starts(&connection.client_config(), &topic, &unfound)?
-                {
-                    out.log_starts.insert((topic.clone(), partition), start);
-                }
-            }
         }
-        if checks.stored_twice != StoredTwice::Unchecked {
-            let mut copies: BTreeMap<String, usize> = BTreeMap::new();
-            for topic in &catalog.topics {
-                for m in consumers::dlq::read_all(connection, &topic.name)? {
-                    if let Some(id) = event_of(&header_map(&m)) {
+        // Each event topic read once: for the originals of its dead letters
+        // and, when asked, for the events it holds more than once.
+        let count_copies = checks.stored_twice != StoredTwice::Unchecked;
+        let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+        for topic in &catalog.topics {
+            let topic = &topic.name;
+            let Some(mut positions) = wanted
+                .remove(topic)
+                .or_else(|| count_copies.then(BTreeSet::new))
+            else {
+                continue;
+            };
+            for m in consumers::dlq::read_all(connection, topic)? {
+                let record_headers = header_map(&m);
+                if count_copies {
+                    if let Some(id) = event_of(&record_headers) {
                         *copies.entry(id.to_string()).or_default() += 1;
                     }
                 }
+                if positions.remove(&(m.partition(), m.offset())) {
+                    out.originals.insert(
+                        (topic.clone(), m.partition(), m.offset()),
+                        Original {
+                            key: m.key().map(<[u8]>::to_vec),
+                            payload: m.payload().map(<[u8]>::to_vec),
+                            headers: record_headers,
+                        },
+                    );
+                }
             }
-            copies.retain(|_, n| *n > 1);
-            out.stored = copies;
+            // What is left was not found.
+            let unfound: BTreeSet<i32> = positions.iter().map(|&(p, _)| p).collect();
+            for (partition, start) in
+                consumers::readback::log_starts(&connection.client_config(), topic, &unfound)?
+            {
+                out.log_starts.insert((topic.clone(), partition), start);
+            }
         }
+        copies.retain(|_, n| *n > 1);
+        out.stored = copies;
         Ok(out)
     }
 }
@@ -556,17 +562,15 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
             });
         }
     }
-    let good: Vec<AnyEvent>;
-    let good = if counted && !observed.stored.is_empty() {
-        good = expected
+    let good: Cow<[AnyEvent]> = if counted && !observed.stored.is_empty() {
+        expected
             .good
             .iter()
             .flat_map(|e| std::iter::repeat_n(e, stored(&e.event_id().to_string())))
             .cloned()
-            .collect();
-        &good
+            .collect()
     } else {
-        &expected.good
+        Cow::Borrowed(&expected.good)
     };
     let findings = &mut report.findings;
     if checks.events {
@@ -646,7 +650,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         }
     }
     if checks.analytics {
-        let want = ReadModels::compute(good);
+        let want = ReadModels::compute(good.iter());
         let got = &observed.per_minute;
         report.aggregate_rows = got.orders.len()
             + got.funnel.len()
@@ -682,7 +686,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         );
         // Per hour, distinct counts and percentiles included: whole hours
         // come from their compaction where it is current (pipelines::hours).
-        let want = ReadModels::hourly(good);
+        let want = ReadModels::hourly(good.iter());
         let got = &observed.per_hour;
         compare("orders_per_hour", &want.orders, &got.orders, findings);
         compare("order_funnel_per_hour", &want.funnel, &got.funnel, findings);

@@ -150,11 +150,10 @@ impl Idle<Duration> {
     }
 }
 
-/// The time now in epoch seconds, as the compactor and the reads take it.
+/// The time now in epoch seconds (`consumers::forward::now_ms`), as the
+/// compactor and the reads take it.
 pub fn epoch_seconds() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+    u32::try_from(consumers::forward::now_ms() / 1000).unwrap_or(u32::MAX)
 }
 
 /// `now` (epoch seconds) less `ago`, not before the epoch.
