@@ -566,7 +566,7 @@ async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
         migrate(&settings, MIGRATIONS_TABLE, migrations)
             .await
             .expect("v2"),
-        [2, 3, 4, 5]
+        [2, 3, 4, 5, 6]
     );
     let per_hour = actual(&db, "per_hour").await;
     assert_eq!(per_hour.hourly_sums(), hourly(first));
@@ -664,7 +664,7 @@ async fn zero_result_searches_per_query_migrate_in_place() {
         migrate(&settings, MIGRATIONS_TABLE, migrations)
             .await
             .expect("v3"),
-        [3, 4, 5]
+        [3, 4, 5, 6]
     );
     let want = expected(&events);
     assert!(
@@ -790,12 +790,7 @@ fn a_partials_insert_made_again_lands_once_on_clickhouse_26() {
     use pipelines::store::{deduplication_token, takes_deduplication_tokens};
 
     let target = consumers::projection::ddl::Target::new("shop", None).expect("target");
-    let mut statements = vec![target.create_database()];
-    statements.extend(
-        pipelines::ddl::migrations(&target)
-            .into_iter()
-            .flat_map(|m| m.statements),
-    );
+    let mut statements = migrated_on_26(&target);
     statements.push(pipelines::ddl::deduplicating_retries(&target));
     let key = |topic: &str, partition| (topic.to_owned(), partition);
     let first = [(key("orders", 0), 200), (key("chat", 3), 50)];
@@ -817,16 +812,7 @@ fn a_partials_insert_made_again_lands_once_on_clickhouse_26() {
     statements.push("SELECT version()".into());
     statements.push("SELECT source_topic, source_partition, last_offset FROM `shop`.`analytics_partials` ORDER BY last_offset, source_topic".into());
 
-    let mut python = Command::new("python3")
-        .arg(shopstream_tests::repo_root().join("tests/chdb_session.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 runs (scripts/test installs it with chdb-core)");
-    serde_json::to_writer(python.stdin.take().expect("stdin"), &statements).expect("statements");
-    let output = python.wait_with_output().expect("chdb answers");
-    assert!(output.status.success(), "a statement was refused (above)");
-    let answers: Vec<String> = serde_json::from_slice(&output.stdout).expect("JSON");
+    let answers = on_clickhouse_26(&statements);
     let version = answers[answers.len() - 2].trim();
     assert!(version.starts_with("26."), "{version}");
     assert!(takes_deduplication_tokens(version), "{version}");
@@ -835,4 +821,85 @@ fn a_partials_insert_made_again_lands_once_on_clickhouse_26() {
         "chat\t3\t50\nchat\t3\t50\norders\t0\t200\norders\t0\t201\n",
         "the first insert and the next, each once"
     );
+}
+
+/// The database and every migration's SQL as the job runs them on a new
+/// database, each migration's added columns after its statements.
+fn migrated_on_26(target: &consumers::projection::ddl::Target) -> Vec<String> {
+    let mut statements = vec![target.create_database()];
+    for migration in pipelines::ddl::migrations(target) {
+        statements.extend(migration.statements);
+        statements.extend(migration.columns.iter().map(|c| target.add_column(c)));
+    }
+    statements
+}
+
+/// Each answer of `statements`, run in order in one ClickHouse 26.9
+/// session (chdb, in process), as TabSeparated text.
+fn on_clickhouse_26(statements: &[String]) -> Vec<String> {
+    let mut python = Command::new("python3")
+        .arg(shopstream_tests::repo_root().join("tests/chdb_session.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test installs it with chdb-core)");
+    serde_json::to_writer(python.stdin.take().expect("stdin"), statements).expect("statements");
+    let output = python.wait_with_output().expect("chdb answers");
+    assert!(output.status.success(), "a statement was refused (above)");
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+/// On ClickHouse 26.9, the compacted hours' keys (migration 6): a read of
+/// two hours, one compacted (its keys, stored with the row) and one from
+/// the partials (their ids made keys), counts what the ids count; so does
+/// a read of the compacted hour alone, straight from its table.
+#[test]
+fn the_compacted_hours_keys_count_what_the_ids_count_on_clickhouse_26() {
+    use pipelines::ddl::{model_columns, Level, Part, Rows};
+
+    let target = consumers::projection::ddl::Target::new("shop", None).expect("target");
+    let mut statements = migrated_on_26(&target);
+    let hour: u32 = 1_795_960_800;
+    statements.push(format!(
+        "INSERT INTO `shop`.`analytics_hours` (model, level, window_start, dim1, set1, covered, compaction) \
+         VALUES ('chat', 0, toDateTime({hour}), 'r1', ['u1', 'u2', 'u3'], 1, 7), \
+         ('chat', 0, toDateTime({hour}), 'r2', ['u1'], 1, 7)"
+    ));
+    statements.push(format!(
+        "INSERT INTO `shop`.`analytics_partials` (model, window_start, dim1, set1) \
+         VALUES ('chat', toDateTime({}), 'r1', ['u3', 'u4']), ('chat', toDateTime({}), 'r2', ['u2'])",
+        hour + 3_660,
+        hour + 3_720
+    ));
+    let chatters = model_columns("chat")
+        .expect("chat")
+        .measures
+        .into_iter()
+        .find(|m| m.column == "unique_chatters")
+        .expect("chatters");
+    for hours in [2, 1] {
+        let rows = Rows {
+            model: "chat",
+            range: Some((hour, hour + hours * 3_600)),
+            hours: Some(Level::Key),
+            counts: false,
+            columns: vec!["dim1", "set1"],
+            conditions: String::new(),
+            current: Some(vec![(hour, 7)]),
+            minutes: Vec::new(),
+            part: Part::Whole,
+        };
+        assert!(rows.measure(&chatters).contains("key1"));
+        statements.push(format!(
+            "SELECT dim1, {} {} GROUP BY dim1 ORDER BY dim1",
+            rows.measure(&chatters),
+            rows.from(&target)
+        ));
+    }
+    statements.push("SELECT version()".into());
+    let answers = on_clickhouse_26(&statements);
+    let n = answers.len();
+    assert!(answers[n - 1].starts_with("26."), "{}", answers[n - 1]);
+    assert_eq!(answers[n - 3], "r1\t4\nr2\t2\n", "two hours");
+    assert_eq!(answers[n - 2], "r1\t3\nr2\t1\n", "the compacted hour");
 }

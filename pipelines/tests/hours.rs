@@ -311,3 +311,95 @@ async fn a_minute_idle_for_its_own_setting_is_compacted_before_its_hour() {
     );
     assert_eq!(current_compactions(&db).await, 1);
 }
+
+/// Per category over every compacted hour: distinct buyers counted over
+/// the ids, and over their keys (migration 6).
+async fn buyers_by_ids_and_keys(db: &TestDatabase) -> Vec<(String, u64, u64)> {
+    db.client
+        .query(
+            "SELECT dim1, uniqExactArray(set1), uniqExactArray(key1) FROM analytics_hours \
+             WHERE model = 'orders' AND level = 0 GROUP BY dim1 ORDER BY dim1",
+        )
+        .fetch_all()
+        .await
+        .unwrap()
+}
+
+/// Migration 6 on a database with hours compacted before it: the keys of
+/// those hours (computed as they are read) and of an hour compacted after
+/// it (stored with the row) count exactly what the ids count, and the
+/// migration runs again, on the columns it added, unharmed.
+#[tokio::test]
+async fn the_compacted_hours_keys_migrate_in_place_and_count_what_the_ids_count() {
+    use consumers::projection::ddl::{Migration, Target};
+    use consumers::projection::migrate;
+    use pipelines::ddl::{migrations, MIGRATIONS_TABLE};
+
+    let db = clickhouse().await.database().await.unwrap();
+    let settings = ClickHouseSettings {
+        url: db.url.clone(),
+        database: db.name.clone(),
+        ..ClickHouseSettings::default()
+    };
+    fn before_6(target: &Target) -> Vec<Migration> {
+        migrations(target).into_iter().take(5).collect()
+    }
+    let applied = migrate(&settings, MIGRATIONS_TABLE, before_6).await;
+    assert_eq!(applied.unwrap(), [1, 2, 3, 4, 5]);
+    let mut unmarked = Unmarked::new();
+    let mut rows = partials();
+    flush(&db, &rows).await;
+    assert_eq!(compact_all(&db, &mut unmarked).await.hours, 2);
+
+    let applied = migrate(&settings, MIGRATIONS_TABLE, migrations).await;
+    assert_eq!(applied.unwrap(), [6]);
+    // Over both hours, per category (u1, u2; u0 to u119 and u1).
+    let distinct = |category: &str| {
+        let ids: BTreeSet<&String> = rows
+            .iter()
+            .filter(|r| r.dim1 == category)
+            .flat_map(|r| &r.set1)
+            .collect();
+        ids.len() as u64
+    };
+    let want: Vec<(String, u64, u64)> = ["books", "toys"]
+        .map(|c| (c.to_owned(), distinct(c), distinct(c)))
+        .into();
+    assert_eq!(
+        buyers_by_ids_and_keys(&db).await,
+        want,
+        "hours compacted before the migration"
+    );
+    assert_eq!(distinct("toys"), 6);
+
+    // A late partial in the first hour, compacted again after the
+    // migration: its keys are stored with its rows.
+    let late = order_partial(30, 1, "books", &["u9"]);
+    flush(&db, std::slice::from_ref(&late)).await;
+    rows.push(late);
+    assert_eq!(compact_all(&db, &mut unmarked).await.hours, 1);
+    let current: Vec<(String, u64, u64)> = db
+        .client
+        .query(
+            "SELECT dim1, uniqExactArray(set1), uniqExactArray(key1) FROM analytics_hours \
+             WHERE model = 'orders' AND level = 0 AND window_start = toDateTime(?) AND covered = 4 \
+             GROUP BY dim1 ORDER BY dim1",
+        )
+        .bind(HOUR)
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(current[0], ("books".to_owned(), 3, 3), "compacted after");
+    assert_eq!(current.len(), 2);
+    assert!(current.iter().all(|(_, ids, keys)| ids == keys));
+
+    // Run again (a replica's migration cut short before it was recorded):
+    // the columns are there, so none is added, and it succeeds.
+    fn again(target: &Target) -> Vec<Migration> {
+        let mut sixth = migrations(target).remove(5);
+        sixth.version = 60;
+        vec![sixth]
+    }
+    let applied = migrate(&settings, MIGRATIONS_TABLE, again).await;
+    assert_eq!(applied.unwrap(), [60]);
+}

@@ -1133,7 +1133,9 @@ mod tests {
             ..Read::new("chat", range, None)
         };
         let (sql, values) = sql_of(&read, None);
-        assert!(sql.starts_with("WITH dim1 AS room_id, uniqExactArray(set1) AS unique_chatters SELECT * FROM (SELECT window_start, dim1, set1 FROM `shop`.`analytics_hours` WHERE model = 'chat' AND level = 0"), "{sql}");
+        // The hours' keys, and the partials' ids made keys beside them.
+        assert!(sql.starts_with("WITH dim1 AS room_id, uniqExactArray(key1) AS unique_chatters SELECT * FROM (SELECT window_start, dim1, key1 FROM `shop`.`analytics_hours` WHERE model = 'chat' AND level = 0"), "{sql}");
+        assert!(sql.contains("UNION ALL SELECT window_start, dim1, arrayMap(id -> toUUID(UUIDNumToString(sipHash128(id))), set1) AS key1 FROM `shop`.`analytics_partials`"), "{sql}");
         assert_eq!(sql.matches(" AND dim1 IN (?, ?)").count(), 2, "{sql}");
         assert!(sql.ends_with("GROUP BY room_id"), "{sql}");
         assert_eq!(values, [rooms.clone(), rooms.clone()].concat());

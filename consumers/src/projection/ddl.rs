@@ -67,6 +67,32 @@ impl Target {
         )
     }
 
+    /// `ALTER TABLE ... ADD COLUMN` of `column`; not idempotent (18.16 has no
+    /// `IF NOT EXISTS` there): run only where [`Target::column_count`] finds
+    /// none.
+    pub fn add_column(&self, column: &AddedColumn) -> String {
+        format!(
+            "ALTER TABLE {}{} ADD COLUMN {} {}",
+            self.table(column.table),
+            self.on_cluster(),
+            column.name,
+            column.definition
+        )
+    }
+
+    /// How many columns named as `column` its table has (0 or 1), as
+    /// `SELECT count()` over `system.columns` with the values to bind.
+    pub fn column_count(&self, column: &AddedColumn) -> (&'static str, [String; 3]) {
+        (
+            "SELECT count() FROM system.columns WHERE database = ? AND table = ? AND name = ?",
+            [
+                self.database_name.clone(),
+                column.table.to_owned(),
+                column.name.clone(),
+            ],
+        )
+    }
+
     pub fn create_table(&self, table: &str, columns: &str, engine: &str, order_by: &str) -> String {
         format!(
             "CREATE TABLE IF NOT EXISTS {}{} ({columns}) ENGINE = {} ORDER BY {order_by}",
@@ -96,12 +122,24 @@ const POSITION_COLUMNS: &str =
     "kafka_topic String, kafka_partition Int32, kafka_offset Int64, ingested_at DateTime";
 const POSITION_KEY: &str = "(kafka_topic, kafka_partition, kafka_offset)";
 
-/// One migration: a version, a name and its statements.
+/// One migration: a version, a name, its statements and then the columns
+/// it adds to tables that exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
     pub version: u32,
     pub name: &'static str,
     pub statements: Vec<String>,
+    /// Each added where the table lacks it, so the migration can run again.
+    pub columns: Vec<AddedColumn>,
+}
+
+/// A column a migration adds to a table it created before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddedColumn {
+    pub table: &'static str,
+    pub name: String,
+    /// Its type and any `DEFAULT`/`MATERIALIZED` expression.
+    pub definition: String,
 }
 
 /// Every migration in order. Never edit one that has shipped: add the next.
@@ -147,6 +185,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
                      clicked_sku Nullable(String), latency_ms Int32",
                 ),
             ],
+            columns: Vec::new(),
         },
         Migration {
             version: 2,
@@ -169,6 +208,7 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
                     target.table("order_status")
                 ),
             ],
+            columns: Vec::new(),
         },
     ]
 }
@@ -222,6 +262,21 @@ mod tests {
             "CREATE VIEW IF NOT EXISTS `shop`.`order_status_current` ON CLUSTER `prod` AS SELECT"
         ));
         assert!(target.create_migrations_table(MIGRATIONS_TABLE).contains("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/shop/schema_migrations', '{replica}')"));
+        // An added column: on the cluster, and asked for by the database's
+        // own name, bound.
+        let column = AddedColumn {
+            table: "order_status",
+            name: "note".into(),
+            definition: "String DEFAULT ''".into(),
+        };
+        assert_eq!(
+            target.add_column(&column),
+            "ALTER TABLE `shop`.`order_status` ON CLUSTER `prod` ADD COLUMN note String DEFAULT ''"
+        );
+        assert_eq!(
+            target.column_count(&column).1,
+            ["shop", "order_status", "note"]
+        );
     }
 
     #[test]

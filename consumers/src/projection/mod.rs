@@ -96,6 +96,19 @@ async fn apply(
         for statement in &migration.statements {
             client.query(statement).execute().await.map_err(failed)?;
         }
+        for column in &migration.columns {
+            let (count, values) = target.column_count(column);
+            let query = values.iter().fold(client.query(count), |q, v| q.bind(v));
+            if query.fetch_one::<u64>().await.map_err(failed)? == 0 {
+                // A replica adding it at the same moment makes this fail:
+                // the migration runs again and finds it.
+                client
+                    .query(&target.add_column(column))
+                    .execute()
+                    .await
+                    .map_err(failed)?;
+            }
+        }
         if !applied.contains(&migration.version) {
             client
                 .query(&format!(
