@@ -790,7 +790,7 @@ fn a_partials_insert_made_again_lands_once_on_clickhouse_26() {
     use pipelines::store::{deduplication_token, takes_deduplication_tokens};
 
     let target = consumers::projection::ddl::Target::new("shop", None).expect("target");
-    let mut statements = migrated_on_26(&target);
+    let mut statements = migration_sql(&target);
     statements.push(pipelines::ddl::deduplicating_retries(&target));
     let key = |topic: &str, partition| (topic.to_owned(), partition);
     let first = [(key("orders", 0), 200), (key("chat", 3), 50)];
@@ -825,7 +825,7 @@ fn a_partials_insert_made_again_lands_once_on_clickhouse_26() {
 
 /// The database and every migration's SQL as the job runs them on a new
 /// database, each migration's added columns after its statements.
-fn migrated_on_26(target: &consumers::projection::ddl::Target) -> Vec<String> {
+fn migration_sql(target: &consumers::projection::ddl::Target) -> Vec<String> {
     let mut statements = vec![target.create_database()];
     for migration in pipelines::ddl::migrations(target) {
         statements.extend(migration.statements);
@@ -858,7 +858,7 @@ fn the_compacted_hours_keys_count_what_the_ids_count_on_clickhouse_26() {
     use pipelines::ddl::{model_columns, Level, Part, Rows};
 
     let target = consumers::projection::ddl::Target::new("shop", None).expect("target");
-    let mut statements = migrated_on_26(&target);
+    let mut statements = migration_sql(&target);
     let hour: u32 = 1_795_960_800;
     statements.push(format!(
         "INSERT INTO `shop`.`analytics_hours` (model, level, window_start, dim1, set1, covered, compaction) \

@@ -1,6 +1,7 @@
 //! The read-model DDL as versioned, idempotent migrations. Every statement is
-//! `IF NOT EXISTS`, so a migration cut short by a crash is simply run again;
-//! `schema_migrations` records what is done. The SQL works from ClickHouse
+//! `IF NOT EXISTS` and a column is added only where the table lacks it, so a
+//! migration cut short by a crash is simply run again; `schema_migrations`
+//! records what is done. The SQL works from ClickHouse
 //! 18.16 (no TTL, LowCardinality, DateTime64 or Map) to current releases.
 
 use backbone::sql::quote_identifier;
