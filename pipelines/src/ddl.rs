@@ -148,16 +148,19 @@ fn keys_expression(set: &str) -> String {
 
 impl Measure {
     fn value(&self) -> String {
-        format!("{}{}({})", self.function, self.params, self.argument)
+        self.over(self.argument)
+    }
+
+    /// Its aggregate over `column` in place of its argument.
+    fn over(&self, column: &str) -> String {
+        format!("{}{}({column})", self.function, self.params)
     }
 
     /// Over compacted hours' rows, several per group (and the partials'
     /// rows as keys beside them): a distinct count over their keys.
     fn value_over_keys(&self) -> String {
         match self.argument {
-            set @ ("set1" | "set2") => {
-                format!("{}{}({})", self.function, self.params, keys_of(set))
-            }
+            set @ ("set1" | "set2") => self.over(&keys_of(set)),
             _ => self.value(),
         }
     }

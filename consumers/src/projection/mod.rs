@@ -97,9 +97,15 @@ async fn apply(
             client.query(statement).execute().await.map_err(failed)?;
         }
         for column in &migration.columns {
-            let (count, values) = target.column_count(column);
-            let query = values.iter().fold(client.query(count), |q, v| q.bind(v));
-            if query.fetch_one::<u64>().await.map_err(failed)? == 0 {
+            let present: u64 = client
+                .query("SELECT count() FROM system.columns WHERE database = ? AND table = ? AND name = ?")
+                .bind(target.database_name())
+                .bind(column.table)
+                .bind(&column.name)
+                .fetch_one()
+                .await
+                .map_err(failed)?;
+            if present == 0 {
                 // A replica adding it at the same moment makes this fail:
                 // the migration runs again and finds it.
                 client
