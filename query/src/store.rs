@@ -517,8 +517,8 @@ impl Store {
             // already skips the granules a PREWHERE would (either reads
             // whole granules). Choosing one cost 18.16 two more analyses of
             // each WHERE (`MergeTreeWhereOptimizer`, 6% of its CPU under
-            // query-bench); without, its statements served 6-16% more
-            // requests/s (BENCHMARKS.md).
+            // query-bench); without, its statements served up to 17% more
+            // requests/s, none fewer (BENCHMARKS.md).
             .with_setting("optimize_move_to_prewhere", "0");
         Ok(Self {
             client,
