@@ -513,12 +513,11 @@ impl Store {
             // `uncompressed_cache_size` bounds it, and a read of more than
             // `merge_tree_max_rows_to_use_cache` rows bypasses it.
             .with_setting("use_uncompressed_cache", "1")
-            // The reads narrow by their tables' sort keys, so the index
-            // already skips the granules a PREWHERE would (either reads
-            // whole granules). Choosing one cost 18.16 two more analyses of
-            // each WHERE (`MergeTreeWhereOptimizer`, 6% of its CPU under
-            // query-bench); without, its statements served up to 17% more
-            // requests/s, none fewer (BENCHMARKS.md).
+            // The reads narrow by their tables' sort keys, which leaves a
+            // PREWHERE little to skip. Choosing one cost 18.16 two more
+            // analyses of each WHERE (`MergeTreeWhereOptimizer`, 6% of its
+            // CPU under query-bench); without, its statements served up to
+            // 17% more requests/s, none fewer (BENCHMARKS.md).
             .with_setting("optimize_move_to_prewhere", "0");
         Ok(Self {
             client,
