@@ -583,9 +583,7 @@ async fn a_late_flush_into_a_compacted_hour_is_read_at_once() {
     // An hour not over yet, flushed to again and again, is read from its
     // partials rather than looked up on every request.
     let now = || u32::try_from(consumers::forward::now_ms() / 1000).expect("a time");
-    if now() % 3_600 > 3_540 {
-        tokio::time::sleep(Duration::from_secs(u64::from(3_601 - now() % 3_600))).await;
-    }
+    shopstream_tests::within_one_hour(u64::from(now() % 3_600), Duration::from_secs(60)).await;
     let hour = {
         let now = now();
         now - now % 3_600

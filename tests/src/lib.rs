@@ -948,6 +948,18 @@ pub fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::E
     }
 }
 
+/// Waits for the next hour when fewer than `needed` are left in this one
+/// (`into_hour` seconds past its start): for a test whose reads must fall
+/// in the hour its data was written in, as an hour not over yet is read
+/// otherwise than a closed one.
+pub async fn within_one_hour(into_hour: u64, needed: Duration) {
+    let left = 3_600u64.saturating_sub(into_hour);
+    if left < needed.as_secs() {
+        eprintln!("{left} s left in the hour: waiting for the next one");
+        tokio::time::sleep(Duration::from_secs(left + 2)).await;
+    }
+}
+
 /// SIGTERM to `child`, then its exit status if it exits within `limit`.
 pub fn terminate_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     // A process that has already exited refuses the signal; its status is

@@ -104,11 +104,7 @@ async fn within_one_hour(system: &System) {
         .fetch_one()
         .await
         .expect("the server's time");
-    let left = 3_600u64.saturating_sub(into_hour);
-    if left < RUN_AND_READS {
-        eprintln!("{left} s left in the server's hour: waiting for the next one");
-        tokio::time::sleep(Duration::from_secs(left + 2)).await;
-    }
+    shopstream_tests::within_one_hour(into_hour, Duration::from_secs(RUN_AND_READS)).await;
 }
 
 /// Asks every endpoint of the query service's OpenAPI document once, with
