@@ -1,7 +1,8 @@
 //! The reliability checker: recomputes the events a seeded run produced and
 //! compares them with the system's end state, the way Jepsen's Kafka checker
 //! and Kafka's system tests do. It reports
-//! - lost events: a produced event missing from its events-store table;
+//! - lost events: a produced event missing from its events-store table
+//!   (and, with the event topics read, whether its topic holds it);
 //! - duplicates: an event visible more than once to queries (after `FINAL`),
 //!   or, when asked, stored more than once in the raw table;
 //! - order violations: an order whose current status in `order_status_current`
@@ -10,7 +11,8 @@
 //!   ([`read_models::ReadModels`]);
 //! - dead letters that are missing, doubled, unexpected, lack a header, or
 //!   whose key, payload or headers differ from the original record;
-//! - when asked, an event the event topics hold more than once.
+//! - when asked, an event the event topics hold more than once (or, where
+//!   the broker is known to, counts those and the ones they lack).
 //!
 //! [`Expected`] is what the run produced; [`Observed`] is read from
 //! ClickHouse and Kafka; [`check`] compares the two into a [`Report`].
@@ -18,7 +20,7 @@
 pub mod read_models;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use backbone::catalog::Catalog;
@@ -50,22 +52,27 @@ pub struct Checks {
     /// A dead letter written twice is counted, not a finding: for DLQs
     /// written before the forwarding ledger made them exactly once.
     pub dead_letters_at_least_once: bool,
-    /// What an event the event topics hold more than once means.
-    pub stored_twice: StoredTwice,
+    /// What an event the event topics hold other than once means.
+    pub topic_copies: TopicCopies,
 }
 
-/// An event the event topics hold more than once: each copy is a record of
-/// its own, which the consumers, exactly once per record, count once each.
+/// An event the event topics hold more than once, or not at all though its
+/// publisher was acknowledged: each copy is a record of its own, which the
+/// consumers, exactly once per record, count once each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoredTwice {
+pub enum TopicCopies {
     /// Not looked for: the event topics are not read.
     Unchecked,
-    /// A finding: the broker answers an idempotent producer's retry of a
-    /// batch it stored as a duplicate, so each event is stored once.
+    /// A copy more is a finding, and a lost event says whether its topic
+    /// holds it: a real broker checks an idempotent producer's sequence
+    /// numbers, so it stores a retried batch once and refuses a batch
+    /// behind a failed one.
     Finding,
-    /// Expected once per copy downstream, and counted: librdkafka's mock
-    /// cluster checks the sequence numbers of transactional producers
-    /// only, and stores again a retried batch whose answer was lost
+    /// Expected once per copy downstream (none for an event absent), and
+    /// counted: librdkafka's mock cluster checks the sequence numbers of
+    /// transactional producers only. It stores again a retried batch whose
+    /// answer was lost, and stores a batch behind one it failed, from which
+    /// librdkafka concludes the failed one was stored too
     /// (`producers/tests/idempotence.rs`).
     Counted,
 }
@@ -180,8 +187,12 @@ pub struct Observed {
     /// it was deleted by retention, not changed.
     pub log_starts: BTreeMap<(String, i32), i64>,
     /// Event id -> the records of it in the event topics, for the events
-    /// held more than once (read unless `StoredTwice::Unchecked`).
+    /// held more than once (read unless `TopicCopies::Unchecked`).
     pub stored: BTreeMap<String, usize>,
+    /// Every event id the event topics hold (read unless
+    /// `TopicCopies::Unchecked`): a lost event absent from its topic was
+    /// lost before any consumer could read it.
+    pub in_topics: Option<HashSet<String>>,
 }
 
 fn header_map(message: &OwnedMessage) -> BTreeMap<String, String> {
@@ -291,7 +302,7 @@ impl Observed {
         }
         // Each event topic read once: for the originals of its dead letters
         // and, when asked, for the events it holds more than once.
-        let count_copies = checks.stored_twice != StoredTwice::Unchecked;
+        let count_copies = checks.topic_copies != TopicCopies::Unchecked;
         let mut copies: BTreeMap<String, usize> = BTreeMap::new();
         for topic in &catalog.topics {
             let topic = &topic.name;
@@ -327,6 +338,9 @@ impl Observed {
                 out.log_starts.insert((topic.clone(), partition), start);
             }
         }
+        if count_copies {
+            out.in_topics = Some(copies.keys().cloned().collect());
+        }
         copies.retain(|_, n| *n > 1);
         out.stored = copies;
         Ok(out)
@@ -340,6 +354,8 @@ pub enum Finding {
     Lost {
         table: String,
         event_id: String,
+        /// Whether the event topics hold it, when they were read.
+        in_topic: Option<bool>,
     },
     Duplicate {
         table: String,
@@ -412,7 +428,15 @@ impl Finding {
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Lost { table, event_id } => write!(f, "lost: event {event_id} is not in {table}"),
+            Self::Lost { table, event_id, in_topic } => write!(
+                f,
+                "lost: event {event_id} is not in {table}{}",
+                match in_topic {
+                    Some(true) => " (its topic holds it: lost downstream of the broker)",
+                    Some(false) => " (its topic does not hold it: the broker acknowledged it and lost it, or it was never acknowledged)",
+                    None => "",
+                }
+            ),
             Self::Duplicate { table, event_id, copies, visible } => write!(
                 f,
                 "duplicate: event {event_id} is in {table} {copies} times{}",
@@ -468,8 +492,11 @@ pub struct Report {
     /// counted and checked, but not compared with it.
     pub dead_letters_past_retention: usize,
     /// Events the event topics hold more than once, expected once per copy
-    /// (`StoredTwice::Counted`).
+    /// (`TopicCopies::Counted`).
     pub stored_twice: usize,
+    /// Events acknowledged to the publisher that no event topic holds,
+    /// expected nowhere downstream (`TopicCopies::Counted`).
+    pub absent_from_topics: usize,
     pub findings: Vec<Finding>,
 }
 
@@ -507,6 +534,13 @@ impl fmt::Display for Report {
                 self.stored_twice
             )?;
         }
+        if self.absent_from_topics > 0 {
+            writeln!(
+                f,
+                "{} events acknowledged to the publisher are in no topic (the broker stored a batch behind one it failed, and the producer took that for both): none is expected downstream.",
+                self.absent_from_topics
+            )?;
+        }
         let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
         for finding in &self.findings {
             *kinds.entry(finding.kind()).or_default() += 1;
@@ -542,19 +576,31 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         events_poisoned: expected.poisoned.len(),
         ..Report::default()
     };
-    let counted = checks.stored_twice == StoredTwice::Counted;
+    let counted = checks.topic_copies == TopicCopies::Counted;
+    let absent = |id: &str| {
+        observed
+            .in_topics
+            .as_ref()
+            .is_some_and(|ids| !ids.contains(id))
+    };
     // The records the event topics hold of an event: what the consumers,
     // exactly once per record, are expected to show of it.
-    let stored = |id: &str| {
-        if counted {
-            observed.stored.get(id).copied().unwrap_or(1)
-        } else {
-            1
-        }
+    let stored = |id: &str| match observed.stored.get(id) {
+        _ if !counted => 1,
+        Some(&copies) => copies,
+        None if absent(id) => 0,
+        None => 1,
     };
     if counted {
         report.stored_twice = observed.stored.len();
-    } else if checks.stored_twice == StoredTwice::Finding {
+        report.absent_from_topics = expected
+            .good
+            .iter()
+            .map(|e| e.event_id())
+            .chain(expected.poisoned.iter().copied())
+            .filter(|id| absent(&id.to_string()))
+            .count();
+    } else if checks.topic_copies == TopicCopies::Finding {
         for (id, n) in &observed.stored {
             report.findings.push(Finding::StoredTwice {
                 event_id: id.clone(),
@@ -562,7 +608,8 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
             });
         }
     }
-    let good: Cow<[AnyEvent]> = if counted && !observed.stored.is_empty() {
+    let good: Cow<[AnyEvent]> = if counted && (report.stored_twice + report.absent_from_topics) > 0
+    {
         expected
             .good
             .iter()
@@ -575,7 +622,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
     let findings = &mut report.findings;
     if checks.events {
         let mut want: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-        for event in &expected.good {
+        for event in good.iter() {
             want.entry(table_of(event))
                 .or_default()
                 .insert(event.event_id().to_string());
@@ -590,6 +637,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
                     findings.push(Finding::Lost {
                         table: (*table).to_owned(),
                         event_id: id.clone(),
+                        in_topic: observed.in_topics.as_ref().map(|ids| ids.contains(id)),
                     });
                 }
             }
@@ -894,7 +942,7 @@ mod tests {
             dead_letter_groups: Vec::new(),
             exact_raw: false,
             dead_letters_at_least_once: false,
-            stored_twice: StoredTwice::Finding,
+            topic_copies: TopicCopies::Finding,
         }
     }
 
@@ -925,6 +973,29 @@ mod tests {
         let report = check(&expected, &observed, &checks());
         let kinds: Vec<&str> = report.findings.iter().map(Finding::kind).collect();
         assert_eq!(kinds, ["lost", "duplicate"], "{report}");
+        // With the topics read, the finding says which side lost it.
+        let dropped_id = dropped.event_id().to_string();
+        for in_topic in [true, false] {
+            let mut ids: HashSet<String> = expected
+                .good
+                .iter()
+                .map(|e| e.event_id().to_string())
+                .collect();
+            if !in_topic {
+                ids.remove(&dropped_id);
+            }
+            observed.in_topics = Some(ids);
+            let report = check(&expected, &observed, &checks());
+            assert_eq!(
+                report.findings[0],
+                Finding::Lost {
+                    table: table_of(dropped).to_owned(),
+                    event_id: dropped_id.clone(),
+                    in_topic: Some(in_topic),
+                },
+                "{report}"
+            );
+        }
     }
 
     /// An event its topic holds twice is shown twice by the consumers (once
@@ -941,7 +1012,7 @@ mod tests {
         *visible.get_mut(&event).expect("row") = 2;
         observed.stored.insert(event.clone(), 2);
         let counted = Checks {
-            stored_twice: StoredTwice::Counted,
+            topic_copies: TopicCopies::Counted,
             ..checks()
         };
         let report = check(&expected, &observed, &counted);
@@ -958,6 +1029,50 @@ mod tests {
         *visible.get_mut(&event).expect("row") = 3;
         let report = check(&expected, &observed, &counted);
         assert_eq!(kinds(&report), ["duplicate"], "{report}");
+    }
+
+    /// An acknowledged event no topic holds is expected nowhere downstream
+    /// where the broker is known to lose such batches, and lost elsewhere.
+    #[test]
+    fn an_event_absent_from_its_topic_is_expected_nowhere_only_where_counted() {
+        let expected = run();
+        let mut observed = perfect(&expected);
+        let event = &expected.good[4];
+        let id = event.event_id().to_string();
+        let (raw, visible) = observed.events.get_mut(table_of(event)).expect("table");
+        raw.remove(&id);
+        visible.remove(&id);
+        let mut in_topics: HashSet<String> = expected
+            .good
+            .iter()
+            .map(|e| e.event_id().to_string())
+            .collect();
+        in_topics.remove(&id);
+        observed.in_topics = Some(in_topics);
+        let counted = Checks {
+            topic_copies: TopicCopies::Counted,
+            ..checks()
+        };
+        let report = check(&expected, &observed, &counted);
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.absent_from_topics, 1);
+        let report = check(&expected, &observed, &checks());
+        assert_eq!(
+            report.findings,
+            [Finding::Lost {
+                table: table_of(event).to_owned(),
+                event_id: id.clone(),
+                in_topic: Some(false),
+            }],
+            "{report}"
+        );
+        // Counted, a row of it downstream came from nowhere.
+        let (raw, visible) = observed.events.get_mut(table_of(event)).expect("table");
+        raw.insert(id.clone(), 1);
+        visible.insert(id.clone(), 1);
+        let report = check(&expected, &observed, &counted);
+        let kinds: Vec<&str> = report.findings.iter().map(Finding::kind).collect();
+        assert_eq!(kinds, ["unexpected"], "{report}");
     }
 
     #[test]

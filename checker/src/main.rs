@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use backbone::config::{Config, ConfigArgs};
 use backbone::kafka::KafkaConnection;
-use checker::{Checks, Expected, Observed, StoredTwice};
+use checker::{Checks, Expected, Observed, TopicCopies};
 use clap::{Parser, ValueEnum};
 use producers::cli::Traffic;
 
@@ -103,7 +103,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         },
         exact_raw: args.exact_raw,
         dead_letters_at_least_once: args.dead_letters_at_least_once,
-        stored_twice: StoredTwice::Unchecked,
+        topic_copies: TopicCopies::Unchecked,
     };
     let expected = Expected::new(args.traffic.generator(start_ms).take(args.count));
     let client = consumers::projection::client(&config.clickhouse, true);

@@ -4,7 +4,8 @@
 //! duplicate and stores the events once; librdkafka's mock cluster checks
 //! the sequence numbers of transactional producers only, and stores them
 //! again, which the reliability checker expects there
-//! (`checker::StoredTwice::Counted`).
+//! (`checker::TopicCopies::Counted`). The same unchecked numbers let it
+//! store a batch behind one it failed, which librdkafka takes for both.
 
 #![allow(clippy::unwrap_used)]
 
@@ -17,6 +18,7 @@ use backbone::events::*;
 use backbone::kafka::KafkaConnection;
 use producers::publisher::{PublishOptions, Publisher};
 use rdkafka::message::Message;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use shopstream_tests::outage::UnreachableTansu;
 use shopstream_tests::EventTopics;
 use uuid::Uuid;
@@ -67,11 +69,12 @@ fn order(i: u64) -> OrderEvent {
     }
 }
 
-/// Publishes an order (each its own key) every 500 µs until `faults` ends;
+/// Publishes an order (each its own key) every `every` until `faults` ends;
 /// then every acknowledgement must have come. The order topic's records
 /// per key, and what `faults` returned.
 async fn publish_through<T>(
     topics: &EventTopics,
+    every: Duration,
     faults: impl std::future::Future<Output = T>,
 ) -> (HashMap<Vec<u8>, usize>, usize, T) {
     let (_connection, publisher) = publisher(topics);
@@ -85,7 +88,7 @@ async fn publish_through<T>(
             if done.get() {
                 break;
             }
-            tokio::time::sleep_until(started + Duration::from_micros(500 * i)).await;
+            tokio::time::sleep_until(started + every * i as u32).await;
             pending.push(publisher.enqueue(&order(i), None).await.unwrap());
         }
         let sent = pending.len() + 1;
@@ -120,7 +123,6 @@ async fn publish_through<T>(
     for record in &records {
         *copies.entry(record.key().unwrap().to_vec()).or_default() += 1;
     }
-    assert_eq!(copies.len(), sent, "every event sent is stored");
     (copies, sent, faulted)
 }
 
@@ -151,12 +153,14 @@ fn a_real_broker_stores_a_retried_batch_once() {
             }
             cuts
         };
-        let (copies, sent, cuts) = publish_through(&topics, faults).await;
+        let (copies, sent, cuts) =
+            publish_through(&topics, Duration::from_micros(500), faults).await;
         println!(
             "tansu: {sent} events through {cuts} cuts, {} retries answered as duplicates, {} stored twice",
             logged("DUPSEQ", &name),
             stored_twice(&copies)
         );
+        assert_eq!(copies.len(), sent, "every event sent is stored");
         assert_eq!(stored_twice(&copies), 0);
     });
 }
@@ -164,7 +168,7 @@ fn a_real_broker_stores_a_retried_batch_once() {
 /// The same on the mock cluster (two brokers, answers 200 ms late, so
 /// batches are in flight; the second broker down for 1 s, three times):
 /// it stores the retried batches again. If this fails, the mock cluster
-/// has learnt to deduplicate, and `StoredTwice::Counted` can go.
+/// has learnt to deduplicate, and `TopicCopies::Counted` can go.
 #[test]
 fn the_mock_cluster_stores_a_retried_batch_again() {
     shopstream_tests::run_scenario(async {
@@ -189,11 +193,56 @@ fn the_mock_cluster_stores_a_retried_batch_again() {
                 cluster.broker_up(2).unwrap();
             }
         };
-        let (copies, sent, ()) = publish_through(&topics, faults).await;
+        let (copies, sent, ()) = publish_through(&topics, Duration::from_micros(500), faults).await;
         println!(
             "mock cluster: {sent} events, {} stored twice",
             stored_twice(&copies)
         );
+        assert_eq!(copies.len(), sent, "every event sent is stored");
         assert!(stored_twice(&copies) > 0);
+    });
+}
+
+/// The mock cluster answers an error to a Produce and then stores the
+/// next batch of the same partition, already in flight behind it: a real
+/// broker refuses that batch (its sequence numbers skip the failed one's),
+/// the mock cluster checks them for transactional producers only. From the
+/// success librdkafka concludes that the failed batch was stored too
+/// (`IMPLICITACK`) and acknowledges its events, which no topic holds. On
+/// the mock cluster the reliability checker therefore expects such an
+/// event nowhere downstream (`checker::TopicCopies::Counted`). If this
+/// fails, the mock cluster checks sequence numbers, and that can go.
+#[test]
+fn the_mock_cluster_stores_a_batch_behind_a_failed_one_and_the_failed_one_is_lost() {
+    shopstream_tests::run_scenario(async {
+        // One partition: the batches in flight behind a failed one are its.
+        let topics = EventTopics::with_brokers(1, "    partitions: 1\n");
+        let cluster = topics.cluster();
+        let name = topics.topic(EventType::Order).to_owned();
+        cluster
+            .broker_round_trip_time(1, Duration::from_millis(200))
+            .unwrap();
+        let faults = async {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                cluster.request_errors(
+                    RDKafkaApiKey::Produce,
+                    &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS],
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Read back promptly: the mock cluster serves a batch a fetch.
+            cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
+        };
+        // An event every 50 ms: batches of one, four in flight (librdkafka
+        // sends no batch more while five events of the partition are).
+        let (copies, sent, ()) = publish_through(&topics, Duration::from_millis(50), faults).await;
+        println!(
+            "mock cluster: {sent} events acknowledged, {} stored, {} batches acknowledged implicitly",
+            copies.len(),
+            logged("IMPLICITACK", &name)
+        );
+        assert!(logged("IMPLICITACK", &name) > 0);
+        assert!(copies.len() < sent, "an event acknowledged is not stored");
     });
 }

@@ -86,7 +86,7 @@ async fn replaced_replica_writes_nothing(broker: Broker) {
         dead_letter_groups: vec![system.analytics_group.clone()],
         exact_raw: false,
         dead_letters_at_least_once: false,
-        stored_twice: system.stored_twice(),
+        topic_copies: system.topic_copies(),
     };
     let started = Instant::now();
     let report = system

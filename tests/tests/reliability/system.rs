@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use backbone::events::EventType;
-use checker::{Checks, Expected, Observed, Report, StoredTwice};
+use checker::{Checks, Expected, Observed, Report, TopicCopies};
 use producers::cli::Traffic;
 use producers::generator::Mix;
 use shopstream_tests::{
@@ -723,13 +723,23 @@ impl System {
         self.log_files().into_iter().map(|(_, text)| text).collect()
     }
 
-    /// The end of every process's log, for a failing assertion.
+    /// The end of every process's log, for a failing assertion, after
+    /// every line where a consumer found records missing from a fetch (a
+    /// lost record's likeliest trail, and long gone from the end).
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for (path, text) in self.log_files() {
+            let mut lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("consumers::continuity"))
+                .collect();
+            if !lines.is_empty() {
+                lines.push("...");
+            }
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            lines.extend(tail.iter().rev());
             out.push_str(&format!("--- {}\n", path.display()));
-            for line in tail.iter().rev() {
+            for line in lines {
                 out.push_str(line);
                 out.push('\n');
             }
@@ -746,18 +756,19 @@ impl System {
             dead_letter_groups: vec![self.worker_group.clone(), self.analytics_group.clone()],
             exact_raw: false,
             dead_letters_at_least_once: false,
-            stored_twice: self.stored_twice(),
+            topic_copies: self.topic_copies(),
         }
     }
 
-    /// What an event its topic holds twice means here: a retry the broker
-    /// stored again, expected downstream, on the mock cluster (see
-    /// [`StoredTwice::Counted`]); a finding on a real broker.
-    pub fn stored_twice(&self) -> StoredTwice {
+    /// What an event its topic holds twice, or not at all, means here: on
+    /// the mock cluster, which checks no sequence numbers, the broker's own
+    /// doing, expected downstream copy for copy (see
+    /// [`TopicCopies::Counted`]); a finding on a real broker.
+    pub fn topic_copies(&self) -> TopicCopies {
         if self.topics.on_mock_cluster() {
-            StoredTwice::Counted
+            TopicCopies::Counted
         } else {
-            StoredTwice::Finding
+            TopicCopies::Finding
         }
     }
 
