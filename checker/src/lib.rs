@@ -214,6 +214,11 @@ fn header_map(message: &OwnedMessage) -> BTreeMap<String, String> {
 }
 
 impl Observed {
+    /// Whether the event topics hold event `id`, when they were read.
+    pub fn in_topic(&self, id: &str) -> Option<bool> {
+        self.in_topics.as_ref().map(|ids| ids.contains(id))
+    }
+
     /// Reads what `checks` needs from ClickHouse (`client`, bound to the
     /// database) and from Kafka (the catalog's DLQs and their origins).
     pub async fn read(
@@ -381,6 +386,8 @@ pub enum Finding {
     DeadLetterMissing {
         event_id: String,
         group: String,
+        /// Whether the event topics hold it, when they were read.
+        in_topic: Option<bool>,
     },
     DeadLetterDuplicate {
         event_id: String,
@@ -431,11 +438,7 @@ impl fmt::Display for Finding {
             Self::Lost { table, event_id, in_topic } => write!(
                 f,
                 "lost: event {event_id} is not in {table}{}",
-                match in_topic {
-                    Some(true) => " (its topic holds it: lost downstream of the broker)",
-                    Some(false) => " (its topic does not hold it: the broker acknowledged it and lost it, or it was never acknowledged)",
-                    None => "",
-                }
+                where_lost(*in_topic)
             ),
             Self::Duplicate { table, event_id, copies, visible } => write!(
                 f,
@@ -452,9 +455,11 @@ impl fmt::Display for Finding {
             Self::Aggregate { model, key, expected, found } => {
                 write!(f, "aggregate: {model} {key} is {found}, recomputed {expected}")
             }
-            Self::DeadLetterMissing { event_id, group } => {
-                write!(f, "dead letter missing: poisoned event {event_id} is not in a DLQ for group {group}")
-            }
+            Self::DeadLetterMissing { event_id, group, in_topic } => write!(
+                f,
+                "dead letter missing: poisoned event {event_id} is not in a DLQ for group {group}{}",
+                where_lost(*in_topic)
+            ),
             Self::DeadLetterDuplicate { event_id, group, copies } => {
                 write!(f, "dead letter duplicate: event {event_id} is in the DLQ {copies} times for group {group}")
             }
@@ -470,6 +475,15 @@ impl fmt::Display for Finding {
                 write!(f, "stored twice: event {event_id} is in its topic {copies} times")
             }
         }
+    }
+}
+
+/// Which side of the broker lost an event, as far as its topic tells.
+fn where_lost(in_topic: Option<bool>) -> &'static str {
+    match in_topic {
+        Some(true) => " (its topic holds it: lost downstream of the broker)",
+        Some(false) => " (its topic does not hold it: the broker acknowledged it and lost it, or it was never acknowledged)",
+        None => "",
     }
 }
 
@@ -577,12 +591,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         ..Report::default()
     };
     let counted = checks.topic_copies == TopicCopies::Counted;
-    let absent = |id: &str| {
-        observed
-            .in_topics
-            .as_ref()
-            .is_some_and(|ids| !ids.contains(id))
-    };
+    let absent = |id: &str| observed.in_topic(id) == Some(false);
     // The records the event topics hold of an event: what the consumers,
     // exactly once per record, are expected to show of it.
     let stored = |id: &str| match observed.stored.get(id) {
@@ -637,7 +646,7 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
                     findings.push(Finding::Lost {
                         table: (*table).to_owned(),
                         event_id: id.clone(),
-                        in_topic: observed.in_topics.as_ref().map(|ids| ids.contains(id)),
+                        in_topic: observed.in_topic(id),
                     });
                 }
             }
@@ -892,6 +901,7 @@ fn check_dead_letters(
                 n if n < want => findings.push(Finding::DeadLetterMissing {
                     event_id: id.to_string(),
                     group: group.clone(),
+                    in_topic: observed.in_topic(&id.to_string()),
                 }),
                 n => findings.push(Finding::DeadLetterDuplicate {
                     event_id: id.to_string(),
@@ -1087,6 +1097,45 @@ mod tests {
             ..checks()
         };
         assert!(!check(&expected, &observed, &exact).passed());
+    }
+
+    /// A missing dead letter says whether its original's topic holds it;
+    /// where the broker is known to lose acknowledged records, one whose
+    /// original is in no topic is expected nowhere.
+    #[test]
+    fn a_missing_dead_letter_says_whether_its_topic_holds_the_original() {
+        let poisoned = Uuid::new_v4();
+        let expected = Expected {
+            good: Vec::new(),
+            poisoned: BTreeSet::from([poisoned]),
+        };
+        let checks = Checks {
+            events: false,
+            order_status: false,
+            dead_letter_groups: vec!["g".into()],
+            ..checks()
+        };
+        let mut observed = Observed {
+            in_topics: Some(HashSet::from([poisoned.to_string()])),
+            ..Observed::default()
+        };
+        let missing = |in_topic| Finding::DeadLetterMissing {
+            event_id: poisoned.to_string(),
+            group: "g".into(),
+            in_topic,
+        };
+        let report = check(&expected, &observed, &checks);
+        assert_eq!(report.findings, [missing(Some(true))], "{report}");
+        observed.in_topics = Some(HashSet::new());
+        let report = check(&expected, &observed, &checks);
+        assert_eq!(report.findings, [missing(Some(false))], "{report}");
+        let counted = Checks {
+            topic_copies: TopicCopies::Counted,
+            ..checks
+        };
+        let report = check(&expected, &observed, &counted);
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.absent_from_topics, 1);
     }
 
     /// A dead letter whose original is gone from its topic is a finding,

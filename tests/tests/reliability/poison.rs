@@ -73,7 +73,10 @@ fn position_of(system: &System, topic: &str, event_id: Uuid) -> (i32, i64) {
 fn trail(system: &System, report: &checker::Report) -> String {
     let mut out = String::new();
     for finding in &report.findings {
-        let checker::Finding::DeadLetterMissing { event_id, group } = finding else {
+        let checker::Finding::DeadLetterMissing {
+            event_id, group, ..
+        } = finding
+        else {
             continue;
         };
         let Ok(id) = event_id.parse::<Uuid>() else {
