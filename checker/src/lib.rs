@@ -20,7 +20,7 @@
 pub mod read_models;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use backbone::catalog::Catalog;
@@ -186,13 +186,10 @@ pub struct Observed {
     /// each partition holding an origin that was not found: an origin below
     /// it was deleted by retention, not changed.
     pub log_starts: BTreeMap<(String, i32), i64>,
-    /// Event id -> the records of it in the event topics, for the events
-    /// held more than once (read unless `TopicCopies::Unchecked`).
-    pub stored: BTreeMap<String, usize>,
-    /// Every event id the event topics hold (read unless
+    /// Event id -> its records in the event topics (read unless
     /// `TopicCopies::Unchecked`): a lost event absent from its topic was
     /// lost before any consumer could read it.
-    pub in_topics: Option<HashSet<String>>,
+    pub in_topics: Option<HashMap<String, usize>>,
 }
 
 fn header_map(message: &OwnedMessage) -> BTreeMap<String, String> {
@@ -214,9 +211,30 @@ fn header_map(message: &OwnedMessage) -> BTreeMap<String, String> {
 }
 
 impl Observed {
+    /// The records the event topics hold of event `id`, when they were read.
+    pub fn copies_in_topics(&self, id: &str) -> Option<usize> {
+        self.in_topics
+            .as_ref()
+            .map(|copies| copies.get(id).copied().unwrap_or(0))
+    }
+
     /// Whether the event topics hold event `id`, when they were read.
     pub fn in_topic(&self, id: &str) -> Option<bool> {
-        self.in_topics.as_ref().map(|ids| ids.contains(id))
+        self.copies_in_topics(id).map(|n| n > 0)
+    }
+
+    /// The events the event topics hold more than once, by id, with their
+    /// copies.
+    pub fn stored_twice(&self) -> Vec<(&str, usize)> {
+        let mut twice: Vec<(&str, usize)> = self
+            .in_topics
+            .iter()
+            .flatten()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, n)| (id.as_str(), *n))
+            .collect();
+        twice.sort_unstable();
+        twice
     }
 
     /// Reads what `checks` needs from ClickHouse (`client`, bound to the
@@ -306,9 +324,9 @@ impl Observed {
             }
         }
         // Each event topic read once: for the originals of its dead letters
-        // and, when asked, for the events it holds more than once.
+        // and, when asked, for the copies it holds of each event.
         let count_copies = checks.topic_copies != TopicCopies::Unchecked;
-        let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+        let mut copies: HashMap<String, usize> = HashMap::new();
         for topic in &catalog.topics {
             let topic = &topic.name;
             let Some(mut positions) = wanted
@@ -343,11 +361,7 @@ impl Observed {
                 out.log_starts.insert((topic.clone(), partition), start);
             }
         }
-        if count_copies {
-            out.in_topics = Some(copies.keys().cloned().collect());
-        }
-        copies.retain(|_, n| *n > 1);
-        out.stored = copies;
+        out.in_topics = count_copies.then_some(copies);
         Ok(out)
     }
 }
@@ -591,29 +605,27 @@ pub fn check(expected: &Expected, observed: &Observed, checks: &Checks) -> Repor
         ..Report::default()
     };
     let counted = checks.topic_copies == TopicCopies::Counted;
-    let absent = |id: &str| observed.in_topic(id) == Some(false);
     // The records the event topics hold of an event: what the consumers,
     // exactly once per record, are expected to show of it.
-    let stored = |id: &str| match observed.stored.get(id) {
-        _ if !counted => 1,
-        Some(&copies) => copies,
-        None if absent(id) => 0,
-        None => 1,
+    let stored = |id: &str| match observed.copies_in_topics(id) {
+        Some(copies) if counted => copies,
+        _ => 1,
     };
+    let stored_twice = observed.stored_twice();
     if counted {
-        report.stored_twice = observed.stored.len();
+        report.stored_twice = stored_twice.len();
         report.absent_from_topics = expected
             .good
             .iter()
             .map(|e| e.event_id())
             .chain(expected.poisoned.iter().copied())
-            .filter(|id| absent(&id.to_string()))
+            .filter(|id| stored(&id.to_string()) == 0)
             .count();
     } else if checks.topic_copies == TopicCopies::Finding {
-        for (id, n) in &observed.stored {
+        for (id, copies) in stored_twice {
             report.findings.push(Finding::StoredTwice {
-                event_id: id.clone(),
-                copies: *n,
+                event_id: id.to_owned(),
+                copies,
             });
         }
     }
@@ -944,13 +956,14 @@ mod tests {
         observed
     }
 
-    /// The event topics holding every event of the run but `absent`.
-    fn in_topics_but(expected: &Expected, absent: &str) -> HashSet<String> {
+    /// The event topics holding every event of the run once but `absent`.
+    fn in_topics_but(expected: &Expected, absent: &str) -> HashMap<String, usize> {
         expected
             .good
             .iter()
             .map(|e| e.event_id().to_string())
             .filter(|id| id != absent)
+            .map(|id| (id, 1))
             .collect()
     }
 
@@ -1023,7 +1036,9 @@ mod tests {
         let (raw, visible) = observed.events.get_mut(table).expect("table");
         *raw.get_mut(&event).expect("row") = 2;
         *visible.get_mut(&event).expect("row") = 2;
-        observed.stored.insert(event.clone(), 2);
+        let mut in_topics = in_topics_but(&expected, "");
+        in_topics.insert(event.clone(), 2);
+        observed.in_topics = Some(in_topics);
         let counted = Checks {
             topic_copies: TopicCopies::Counted,
             ..checks()
@@ -1116,7 +1131,7 @@ mod tests {
             ..checks()
         };
         let mut observed = Observed {
-            in_topics: Some(HashSet::from([poisoned.to_string()])),
+            in_topics: Some(HashMap::from([(poisoned.to_string(), 1)])),
             ..Observed::default()
         };
         let missing = |in_topic| Finding::DeadLetterMissing {
@@ -1126,7 +1141,7 @@ mod tests {
         };
         let report = check(&expected, &observed, &checks);
         assert_eq!(report.findings, [missing(Some(true))], "{report}");
-        observed.in_topics = Some(HashSet::new());
+        observed.in_topics = Some(HashMap::new());
         let report = check(&expected, &observed, &checks);
         assert_eq!(report.findings, [missing(Some(false))], "{report}");
         let counted = Checks {
