@@ -1,7 +1,7 @@
-//! Events as JSON, written field by field: the bytes `serde_json` writes
-//! (tested on arbitrary events), without its serializer's per-field and
-//! per-string calls through `io::Write`, which cost the publisher a fifth
-//! of its thread.
+//! Events as JSON, written field by field ([`crate::json_object`]): the
+//! bytes `serde_json` writes (tested on arbitrary events), without its
+//! serializer's per-field and per-string calls through `io::Write`, which
+//! cost the publisher a fifth of its thread.
 
 use std::any::Any;
 
@@ -9,13 +9,14 @@ use uuid::Uuid;
 
 use crate::avro_datum::{symbol_index, ORDER_STATUSES, PLATFORMS, USER_KINDS};
 use crate::events::{ChatMessage, Event, OrderEvent, SearchQuery, UserEvent};
+use crate::json_object::{text, Object};
 
 /// Appends `event` as a JSON object to `out`.
 pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
     let event: &dyn Any = event;
     let mut o = Object::open(out);
     if let Some(e) = event.downcast_ref::<UserEvent>() {
-        o.head(e.event_id, e.occurred_at);
+        head(&mut o, e.event_id, e.occurred_at);
         o.symbol("kind", USER_KINDS[symbol_index(&USER_KINDS, e.kind)].1);
         o.string("user_id", &e.user_id);
         o.string("session_id", &e.session_id);
@@ -26,7 +27,7 @@ pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
         );
         o.optional_string("page", e.page.as_deref());
     } else if let Some(e) = event.downcast_ref::<OrderEvent>() {
-        o.head(e.event_id, e.occurred_at);
+        head(&mut o, e.event_id, e.occurred_at);
         o.symbol(
             "status",
             ORDER_STATUSES[symbol_index(&ORDER_STATUSES, e.status)].1,
@@ -51,7 +52,7 @@ pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
         o.string("currency", &e.currency);
         o.number("total_minor", e.total_minor);
     } else if let Some(e) = event.downcast_ref::<ChatMessage>() {
-        o.head(e.event_id, e.occurred_at);
+        head(&mut o, e.event_id, e.occurred_at);
         o.string("room_id", &e.room_id);
         o.string("user_id", &e.user_id);
         o.string("text", &e.text);
@@ -59,7 +60,7 @@ pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
         o.out
             .extend_from_slice(if e.flagged { b"true" } else { b"false" });
     } else if let Some(e) = event.downcast_ref::<SearchQuery>() {
-        o.head(e.event_id, e.occurred_at);
+        head(&mut o, e.event_id, e.occurred_at);
         o.string("user_id", &e.user_id);
         o.string("session_id", &e.session_id);
         o.string("query", &e.query);
@@ -79,133 +80,11 @@ pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
     o.out.push(b'}');
 }
 
-/// An object being written: its members so far, and where they go.
-struct Object<'a> {
-    out: &'a mut Vec<u8>,
-    empty: bool,
-}
-
-impl<'a> Object<'a> {
-    fn open(out: &'a mut Vec<u8>) -> Self {
-        out.push(b'{');
-        Object { out, empty: true }
-    }
-
-    /// The comma before every member but the first.
-    #[inline(always)]
-    fn member(&mut self) {
-        if !std::mem::take(&mut self.empty) {
-            self.out.push(b',');
-        }
-    }
-
-    /// A member's key from the data (a map's), escaped.
-    fn key(&mut self, key: &str) {
-        self.member();
-        text(self.out, key);
-        self.out.push(b':');
-    }
-
-    /// A field's name: ours, with nothing to escape, so written as it is.
-    #[inline(always)]
-    fn field(&mut self, name: &'static str) {
-        self.member();
-        plain(self.out, name);
-        self.out.push(b':');
-    }
-
-    #[inline(always)]
-    fn string(&mut self, name: &'static str, value: &str) {
-        self.field(name);
-        text(self.out, value);
-    }
-
-    /// A string of ours with nothing to escape (an enum symbol, an id).
-    #[inline(always)]
-    fn symbol(&mut self, name: &'static str, value: &str) {
-        self.field(name);
-        plain(self.out, value);
-    }
-
-    #[inline(always)]
-    fn optional_string(&mut self, name: &'static str, value: Option<&str>) {
-        match value {
-            Some(value) => self.string(name, value),
-            None => {
-                self.field(name);
-                self.out.extend_from_slice(b"null");
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn number(&mut self, name: &'static str, value: i64) {
-        self.field(name);
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
-    }
-
-    /// Every event's first two members: its id and its time.
-    fn head(&mut self, event_id: Uuid, occurred_at: i64) {
-        let mut id = Uuid::encode_buffer();
-        self.symbol("event_id", event_id.hyphenated().encode_lower(&mut id));
-        self.number("occurred_at", occurred_at);
-    }
-}
-
-/// `value` as a JSON string, nothing in it escaped.
-#[inline(always)]
-fn plain(out: &mut Vec<u8>, value: &str) {
-    out.reserve(value.len() + 2);
-    out.push(b'"');
-    out.extend_from_slice(value.as_bytes());
-    out.push(b'"');
-}
-
-/// `value` as a JSON string, escaped as serde_json escapes: quote, backslash
-/// and the control characters, the rest as it is.
-fn text(out: &mut Vec<u8>, value: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = value.as_bytes();
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
-    // Most text has nothing to escape: one pass over it without branches
-    // decides, and then it is copied whole.
-    let mut escapes = 0u8;
-    for &b in bytes {
-        escapes |= u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\');
-    }
-    if escapes == 0 {
-        out.extend_from_slice(bytes);
-        out.push(b'"');
-        return;
-    }
-    let mut plain = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            0x09 => b"\\t",
-            0x0a => b"\\n",
-            0x0c => b"\\f",
-            0x0d => b"\\r",
-            0x00..=0x1f => &[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ],
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[plain..i]);
-        out.extend_from_slice(short);
-        plain = i + 1;
-    }
-    out.extend_from_slice(&bytes[plain..]);
-    out.push(b'"');
+/// Every event's first two members: its id and its time.
+fn head(o: &mut Object<'_>, event_id: Uuid, occurred_at: i64) {
+    let mut id = Uuid::encode_buffer();
+    o.symbol("event_id", event_id.hyphenated().encode_lower(&mut id));
+    o.number("occurred_at", occurred_at);
 }
 
 #[cfg(test)]

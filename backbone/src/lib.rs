@@ -10,6 +10,7 @@ pub mod config;
 pub mod events;
 pub mod headers;
 mod json_datum;
+pub mod json_object;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;

@@ -2,11 +2,12 @@
 
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
+use backbone::json_object::Object;
 use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::error::ApiError;
-use crate::http::json;
+use crate::http::{json, written};
 use crate::params::{
     self, Granularity, NoParams, RangeParams, RevenueParams, SeriesParams, TopParams, UsersParams,
 };
@@ -23,6 +24,39 @@ pub struct Revenue {
     pub granularity: Granularity,
     /// By window, then category, then currency.
     pub points: Vec<RevenuePoint>,
+}
+
+impl Revenue {
+    /// Appends the bytes `serde_json` writes for it (tested), member by
+    /// member: revenue per minute by category is 6,000 points an hour, and
+    /// serde_json's escaping of every member's name took a sixth of the
+    /// service's CPU.
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let mut answer = Object::open(out);
+        answer.number("from", self.from);
+        answer.number("to", self.to);
+        answer.field("granularity");
+        serde_json::to_writer(&mut *answer.out, &self.granularity)?;
+        answer.field("points");
+        answer.out.push(b'[');
+        for (i, p) in self.points.iter().enumerate() {
+            if i > 0 {
+                answer.out.push(b',');
+            }
+            let mut point = Object::open(answer.out);
+            point.number("window_start", p.window_start);
+            point.optional_string("category", p.category.as_deref());
+            point.string("currency", &p.currency);
+            point.number("orders", p.orders);
+            point.number("items", p.items);
+            point.number("revenue_minor", p.revenue_minor);
+            point.number("unique_buyers", p.unique_buyers);
+            point.close();
+        }
+        answer.out.push(b']');
+        answer.close();
+        Ok(())
+    }
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -123,15 +157,13 @@ pub async fn revenue(
             currency.as_deref(),
         )
         .await?;
-    Ok(json(
-        &app,
-        &Revenue {
-            from: range.from,
-            to: range.to,
-            granularity: p.granularity,
-            points,
-        },
-    ))
+    let answer = Revenue {
+        from: range.from,
+        to: range.to,
+        granularity: p.granularity,
+        points,
+    };
+    Ok(written(&app, |out| answer.write_json(out)))
 }
 
 pub async fn funnel(
@@ -279,4 +311,49 @@ pub async fn searches(
             points,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revenue_is_written_as_serde_json_writes_it() {
+        let text: String = (0u8..0x80)
+            .map(char::from)
+            .chain("é€😀\u{2028}".chars())
+            .collect();
+        let point = |category: Option<String>, currency: String| RevenuePoint {
+            window_start: u32::MAX,
+            category,
+            currency,
+            orders: i64::MIN,
+            items: -1,
+            revenue_minor: i64::MAX,
+            unique_buyers: u64::MAX,
+        };
+        for granularity in [Granularity::Minute, Granularity::Hour] {
+            for points in [
+                Vec::new(),
+                vec![
+                    point(Some(text.clone()), "EUR".into()),
+                    point(None, text.clone()),
+                    point(Some(String::new()), String::new()),
+                ],
+            ] {
+                let answer = Revenue {
+                    from: 0,
+                    to: 60,
+                    granularity,
+                    points,
+                };
+                let mut out = b"kept".to_vec();
+                answer.write_json(&mut out).unwrap();
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    format!("kept{}", serde_json::to_string(&answer).unwrap())
+                );
+            }
+        }
+    }
 }
