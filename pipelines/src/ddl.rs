@@ -23,6 +23,13 @@ pub const HOURS_TABLE: &str = "analytics_hours";
 /// The minutes of the compacted hours, of the models read per minute
 /// ([`Level::per_minute`]).
 pub const MINUTES_TABLE: &str = "analytics_minutes";
+/// Each chat room's distinct chatters over 24 compacted hours
+/// (`hours::DayRow`), the day ending at each closed hour.
+pub const DAYS_TABLE: &str = "analytics_days";
+/// The model [`DAYS_TABLE`] keeps: the one read over a range as one number
+/// per key from sets (the busiest rooms' chatters); the others' day-long
+/// reads add up numbers per hour.
+pub const DAY_MODEL: &str = "chat";
 /// The columns of [`HOURS_TABLE`] and [`MINUTES_TABLE`] (`hours::HourRow`).
 const COMPACTED_COLUMNS: &str =
     "model String, level UInt8, window_start DateTime, dim1 String, dim2 String, \
@@ -137,7 +144,7 @@ fn count_of(set: &str) -> String {
 /// keys gives the same number, without hashing every id of every hour read
 /// again (ClickHouse 18.16, a day of ten rooms' chatters: 1.8-2.0 times the
 /// requests/s of that statement).
-fn keys_of(set: &str) -> String {
+pub(crate) fn keys_of(set: &str) -> String {
     set.replace("set", "key")
 }
 
@@ -489,6 +496,19 @@ pub fn migrations(target: &Target) -> Vec<Migration> {
                     definition: format!("Array(UUID) MATERIALIZED {}", keys_expression(set)),
                 })
                 .into(),
+        },
+        Migration {
+            version: 7,
+            name: "the rooms' chatters over each day of compacted hours",
+            statements: vec![target.create_table(
+                DAYS_TABLE,
+                "model String, window_start DateTime, dim1 String, d1 UInt64, \
+                 covered UInt64, compacted_at DateTime",
+                "MergeTree()",
+                "(model, window_start, dim1) PARTITION BY toYYYYMMDD(window_start) \
+                 SETTINGS index_granularity = 256",
+            )],
+            columns: Vec::new(),
         },
     ]
 }
@@ -1195,7 +1215,7 @@ mod tests {
         let all = migrations(&target);
         assert_eq!(
             all.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6]
+            [1, 2, 3, 4, 5, 6, 7]
         );
         let statements = &all[1].statements;
         // Per model: its materialized view dropped, its hourly view dropped

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ddl::{
-    compacted, compacted_per_minute, Level, HOURS_TABLE, MINUTES_TABLE, MODEL_KEYS, OFFSET_MODEL,
-    OWN_MINUTE, PARTIALS_TABLE, WINDOW_MARKER,
+    compacted, compacted_per_minute, Level, DAYS_TABLE, DAY_MODEL, HOURS_TABLE, MINUTES_TABLE,
+    MODEL_KEYS, OFFSET_MODEL, OWN_MINUTE, PARTIALS_TABLE, WINDOW_MARKER,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
@@ -46,6 +46,25 @@ pub struct HourRow {
     pub compaction: u64,
     pub compacted_at: u32,
 }
+
+/// One key's distinct count over the 24 hours from `window_start`, counted
+/// over their compactions ([`compact_days`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct DayRow {
+    pub model: String,
+    pub window_start: u32,
+    pub dim1: String,
+    /// Distinct values of the key's `set1` over the day.
+    pub d1: u64,
+    /// Flushes of the day (its hours' window markers) the compactions
+    /// counted covered: a read takes the row while the day has exactly
+    /// that many, as it takes an hour's compaction.
+    pub covered: u64,
+    pub compacted_at: u32,
+}
+
+/// A day's length, in seconds.
+pub const DAY: u32 = 86_400;
 
 /// One key's partials in an hour or a minute of it, merged by ClickHouse,
 /// sets and latencies sorted so that every server version answers alike.
@@ -115,6 +134,8 @@ pub struct Compacted {
     /// Minutes of hours not compacted yet given a compaction of their own
     /// ([`compact_minutes`]).
     pub minutes: usize,
+    /// Days of compacted hours counted ([`compact_days`]).
+    pub days: usize,
 }
 
 /// Hours (with their flushes) found to hold partials no marker announces:
@@ -251,13 +272,149 @@ pub async fn compact(
         }
         done.hours += 1;
         done.flushes += flushes;
-        days.insert(day);
+        days.extend([(HOURS_TABLE, day), (MINUTES_TABLE, day)]);
     }
     // The days written to are merged whatever became of the minutes.
     let minutes = compact_minutes(client, since, idle_before.minutes, now, timeout).await;
+    // A day not counted is read from its hours: slower, as exact.
+    done.days = compact_days(client, since, now, timeout, &mut days)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "Counting days of compacted hours failed; they are read from their hours until the next round.");
+            0
+        });
     merge_days(client, &days).await;
     done.minutes = minutes?;
     Ok(done)
+}
+
+/// Counts [`DAY_MODEL`]'s distinct values per key over each 24 hours
+/// ending at a closed hour from `since` on whose every hour with flushes
+/// has a compaction covering them all, unless counted so already: one
+/// [`DayRow`] per key, in one insert. A read of the busiest rooms over
+/// such a day (the last 24 hours to the hour, a calendar day) then takes
+/// ten numbers instead of hashing 24 hours of each room's chatters. The
+/// count is the one a read over the hours' keys gives, from the same
+/// compactions. Adds the partitions written to `days`.
+async fn compact_days(
+    client: &clickhouse::Client,
+    since: u32,
+    now: u32,
+    timeout: Duration,
+    days: &mut BTreeSet<(&'static str, u32)>,
+) -> Result<usize, clickhouse::error::Error> {
+    let timeout_s = timeout.as_secs().max(1).to_string();
+    let first = format!("toStartOfHour(toDateTime({since})) - {}", DAY - 3_600);
+    // (hour, flushes) of every hour with flushes a day before `since` on,
+    // and the hours holding the model's partials: one no marker announces
+    // (an older job's) is read from there, so its day is not counted.
+    // With the partition of the day ending at the hour.
+    let hours: Vec<(u32, u64, u64, u32)> = client
+        .query(&format!(
+            "SELECT toUInt32(toStartOfHour(window_start)) AS hour, countIf(model = '{WINDOW_MARKER}'), \
+             countIf(model = '{DAY_MODEL}'), toYYYYMMDD(toDateTime(hour - {})) \
+             FROM {PARTIALS_TABLE} \
+             WHERE model IN ('{WINDOW_MARKER}', '{DAY_MODEL}') AND window_start >= {first} GROUP BY hour",
+            DAY - 3_600
+        ))
+        .with_setting("max_execution_time", timeout_s.clone())
+        .fetch_all()
+        .await?;
+    let chatty: Vec<u32> = hours
+        .iter()
+        .filter(|(_, _, rows, _)| *rows > 0)
+        .map(|(hour, ..)| *hour)
+        .collect();
+    let unannounced: Vec<u32> = hours
+        .iter()
+        .filter(|(_, flushes, rows, _)| *flushes == 0 && *rows > 0)
+        .map(|(hour, ..)| *hour)
+        .collect();
+    let partitions: BTreeMap<u32, u32> = hours.iter().map(|(h, _, _, p)| (*h, *p)).collect();
+    let markers: BTreeMap<u32, u64> = hours
+        .into_iter()
+        .filter(|(_, flushes, ..)| *flushes > 0)
+        .map(|(hour, flushes, ..)| (hour, flushes))
+        .collect();
+    // (hour, flushes covered) -> a compaction of it.
+    let compactions: BTreeMap<(u32, u64), u64> = client
+        .query(&format!(
+            "SELECT toUInt32(window_start), covered, min(compaction) FROM {HOURS_TABLE} \
+             WHERE window_start >= {first} GROUP BY window_start, covered"
+        ))
+        .with_setting("max_execution_time", timeout_s.clone())
+        .fetch_all::<(u32, u64, u64)>()
+        .await?
+        .into_iter()
+        .map(|(hour, covered, id)| ((hour, covered), id))
+        .collect();
+    let counted: BTreeSet<(u32, u64)> = client
+        .query(&format!(
+            "SELECT toUInt32(window_start), covered FROM {DAYS_TABLE} \
+             WHERE model = '{DAY_MODEL}' AND window_start >= {first} GROUP BY window_start, covered"
+        ))
+        .with_setting("max_execution_time", timeout_s.clone())
+        .fetch_all::<(u32, u64)>()
+        .await?
+        .into_iter()
+        .collect();
+    let mut rows = Vec::new();
+    for &end in markers.keys().filter(|&&h| h >= since && h + 3_600 <= now) {
+        let start = end + 3_600 - DAY;
+        let within = |hours: &[u32]| hours.iter().any(|h| (start..=end).contains(h));
+        if !within(&chatty) || within(&unannounced) {
+            continue;
+        }
+        let hours: Vec<(u32, u64)> = markers.range(start..=end).map(|(h, n)| (*h, *n)).collect();
+        let covered: u64 = hours.iter().map(|(_, n)| n).sum();
+        let Some(ids) = hours
+            .iter()
+            .map(|hour| compactions.get(hour).map(u64::to_string))
+            .collect::<Option<Vec<String>>>()
+        else {
+            continue;
+        };
+        if counted.contains(&(start, covered)) {
+            continue;
+        }
+        let keys: Vec<(String, u64)> = client
+            .query(&format!(
+                "SELECT dim1, uniqExactArray({}) FROM {HOURS_TABLE} \
+                 WHERE model = '{DAY_MODEL}' AND level = {} AND window_start >= toDateTime({start}) \
+                 AND window_start < toDateTime({}) AND compaction IN ({}) GROUP BY dim1",
+                crate::ddl::keys_of("set1"),
+                Level::Key as u8,
+                start + DAY,
+                ids.join(", ")
+            ))
+            .with_setting("max_execution_time", timeout_s.clone())
+            .fetch_all()
+            .await?;
+        days.insert((DAYS_TABLE, partitions[&end]));
+        rows.extend(keys.into_iter().map(|(dim1, d1)| DayRow {
+            model: DAY_MODEL.to_owned(),
+            window_start: start,
+            dim1,
+            d1,
+            covered,
+            compacted_at: now,
+        }));
+    }
+    if !rows.is_empty() {
+        let mut insert = client
+            .insert::<DayRow>(DAYS_TABLE)
+            .await?
+            .with_timeouts(Some(timeout), Some(timeout));
+        for row in &rows {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+    }
+    Ok(rows
+        .iter()
+        .map(|r| r.window_start)
+        .collect::<BTreeSet<_>>()
+        .len())
 }
 
 /// Writes `rows` into `table` in one insert (one part), if any.
@@ -334,17 +491,14 @@ async fn compact_minutes(
     Ok(minutes)
 }
 
-/// Merges the parts of each day (the table's partition) the round wrote
+/// Merges the parts of each day (a table's partition) the round wrote
 /// to: each compaction is a part of its own, and ClickHouse 18.16 pays
 /// for every part in every read (a day's lookup and read ran 1.5-1.6 times
 /// as many requests/s on one part as on five, BENCHMARKS.md). Only reads
 /// are slower when it fails, so a failure is logged, not returned. A day
 /// already in one part is not rewritten.
-async fn merge_days(client: &clickhouse::Client, days: &BTreeSet<u32>) {
-    for (day, table) in days
-        .iter()
-        .flat_map(|day| [(day, HOURS_TABLE), (day, MINUTES_TABLE)])
-    {
+async fn merge_days(client: &clickhouse::Client, days: &BTreeSet<(&'static str, u32)>) {
+    for (table, day) in days {
         if let Err(error) = client
             .query(&format!("OPTIMIZE TABLE {table} PARTITION {day}"))
             .execute()
@@ -400,6 +554,12 @@ pub async fn compact_every(
                     tracing::debug!(
                         minutes = done.minutes,
                         "Compacted idle minutes of hours not compacted yet."
+                    );
+                }
+                if done.days > 0 {
+                    tracing::debug!(
+                        days = done.days,
+                        "Counted the rooms' chatters over days of compacted hours."
                     );
                 }
                 if done.unmarked != unmarked_seen {

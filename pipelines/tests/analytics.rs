@@ -566,7 +566,7 @@ async fn hourly_rollups_migrate_in_place_to_exact_views_over_the_partials() {
         migrate(&settings, MIGRATIONS_TABLE, migrations)
             .await
             .expect("v2"),
-        [2, 3, 4, 5, 6]
+        [2, 3, 4, 5, 6, 7]
     );
     let per_hour = actual(&db, "per_hour").await;
     assert_eq!(per_hour.hourly_sums(), hourly(first));
@@ -664,7 +664,7 @@ async fn zero_result_searches_per_query_migrate_in_place() {
         migrate(&settings, MIGRATIONS_TABLE, migrations)
             .await
             .expect("v3"),
-        [3, 4, 5, 6]
+        [3, 4, 5, 6, 7]
     );
     let want = expected(&events);
     assert!(

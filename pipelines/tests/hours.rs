@@ -172,7 +172,8 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
             hours: 2,
             flushes: 6,
             unmarked: 0,
-            minutes: 3
+            minutes: 3,
+            days: 0
         }
     );
     assert_eq!(current_compactions(&db).await, 2);
@@ -221,7 +222,8 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
             hours: 1,
             flushes: 4,
             unmarked: 0,
-            minutes: 0
+            minutes: 0,
+            days: 0
         }
     );
     assert_eq!(current_compactions(&db).await, 2);
@@ -248,7 +250,8 @@ async fn hours_answer_alike_compacted_or_not_and_a_late_partial_is_never_lost() 
             hours: 0,
             flushes: 0,
             unmarked: 1,
-            minutes: 1
+            minutes: 1,
+            days: 0
         }
     );
     assert_eq!(
@@ -306,7 +309,8 @@ async fn a_minute_idle_for_its_own_setting_is_compacted_before_its_hour() {
             hours: 1,
             flushes: 3,
             unmarked: 0,
-            minutes: 1
+            minutes: 1,
+            days: 0
         }
     );
     assert_eq!(current_compactions(&db).await, 1);

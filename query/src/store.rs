@@ -15,6 +15,7 @@ use backbone::config::ClickHouseSettings;
 use consumers::projection::ddl::Target;
 use pipelines::ddl::{
     compacted, compacted_per_minute, model_columns, Level, MeasureSql, ModelColumns, Part, Rows,
+    DAYS_TABLE, DAY_MODEL,
 };
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -141,6 +142,8 @@ impl Compactions {
 #[derive(Debug, Clone, Default)]
 struct Lookup {
     hour_phase: u32,
+    /// `(hour, flushes)` of the range's closed hours with flushes.
+    markers: Vec<(u32, u64)>,
     current: Option<Vec<(u32, u64)>>,
     minutes: Vec<(u32, u64)>,
 }
@@ -373,6 +376,7 @@ impl<'a> Read<'a> {
         let Lookup {
             hour_phase,
             current,
+            markers: _,
             minutes,
         } = lookup;
         let columns = self.columns();
@@ -653,6 +657,7 @@ impl Store {
         };
         Ok(Lookup {
             hour_phase,
+            markers,
             current: Some(current),
             minutes,
         })
@@ -859,21 +864,25 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids: Vec<String> = top.iter().map(|(id, _, _)| id.clone()).collect();
-        let distinct = Read {
-            group: &["room_id"],
-            within: Some(("room_id", &ids)),
-            measures: Some(&["unique_chatters"]),
-            ..Read::new("chat", range, None)
+        let chatters = match self.day_chatters(range, &lookup, &ids).await? {
+            Some(counted) => counted,
+            None => {
+                let distinct = Read {
+                    group: &["room_id"],
+                    within: Some(("room_id", &ids)),
+                    measures: Some(&["unique_chatters"]),
+                    ..Read::new("chat", range, None)
+                };
+                let query = self.bound(&distinct, lookup, "room_id, unique_chatters", "");
+                self.run(
+                    "busiest rooms' chatters",
+                    query.fetch_all::<(String, u64)>(),
+                )
+                .await?
+                .into_iter()
+                .collect()
+            }
         };
-        let query = self.bound(&distinct, lookup, "room_id, unique_chatters", "");
-        let chatters: HashMap<String, u64> = self
-            .run(
-                "busiest rooms' chatters",
-                query.fetch_all::<(String, u64)>(),
-            )
-            .await?
-            .into_iter()
-            .collect();
         Ok(top
             .into_iter()
             .map(|(room_id, messages, flagged)| Room {
@@ -883,6 +892,51 @@ impl Store {
                 flagged,
             })
             .collect())
+    }
+
+    /// The distinct chatters of `rooms` over `range` as counted for that
+    /// day of compacted hours ([`pipelines::hours::DayRow`]), when `range`
+    /// is 24 closed hours and the count covers every flush they have now
+    /// (they only grow, so the same count is the same partials); `None`
+    /// when any room has no such row, and the rooms are read otherwise.
+    async fn day_chatters(
+        &self,
+        range: TimeRange,
+        lookup: &Lookup,
+        rooms: &[String],
+    ) -> Result<Option<HashMap<String, u64>>, ApiError> {
+        let now = consumers::forward::now_ms() / 1000;
+        if range.to - range.from != pipelines::hours::DAY
+            || range.from % 3_600 != lookup.hour_phase % 3_600
+            || i64::from(range.to) > now
+        {
+            return Ok(None);
+        }
+        let covered: u64 = lookup
+            .markers
+            .iter()
+            .filter(|(hour, _)| (range.from..range.to).contains(hour))
+            .map(|(_, flushes)| flushes)
+            .sum();
+        let sql = format!(
+            "SELECT dim1, any(d1) FROM {} WHERE model = '{DAY_MODEL}' \
+             AND window_start = toDateTime(?) AND covered = ? AND dim1 IN ({}) GROUP BY dim1",
+            self.target.table(DAYS_TABLE),
+            vec!["?"; rooms.len()].join(", ")
+        );
+        let query = rooms.iter().fold(
+            self.client.query(&sql).bind(range.from).bind(covered),
+            |query, room| query.bind(room),
+        );
+        let counted: HashMap<String, u64> = self
+            .run(
+                "busiest rooms' chatters",
+                query.fetch_all::<(String, u64)>(),
+            )
+            .await?
+            .into_iter()
+            .collect();
+        Ok((counted.len() == rooms.len()).then_some(counted))
     }
 
     pub async fn top_queries(

@@ -156,32 +156,7 @@ async fn answers_add_up_the_seeded_partials() {
         assert_eq!(got, want);
 
         // Busiest rooms: messages summed, ties by room id, limited.
-        let mut rooms: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut chatters: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for row in rows.iter().filter(|r| in_range(r, "chat", from, to)) {
-            *rooms.entry(&row.dim1).or_default() += row.c1;
-            chatters
-                .entry(&row.dim1)
-                .or_default()
-                .extend(row.set1.iter().map(String::as_str));
-        }
-        let mut ranked: Vec<(&str, i64)> = rooms.into_iter().collect();
-        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-        let answer = service
-            .json(&format!(
-                "/api/v1/chat-rooms/busiest?from={from}&to={to}&limit=5"
-            ))
-            .await;
-        let got = common::named_counts(&answer, "rooms", "room_id", "messages");
-        let want: Vec<(String, i64)> = ranked[..5]
-            .iter()
-            .map(|(r, n)| ((*r).to_owned(), *n))
-            .collect();
-        assert_eq!(got, want);
-        for room in answer["rooms"].as_array().expect("rooms") {
-            let id = room["room_id"].as_str().expect("id");
-            assert_eq!(room["unique_chatters"], chatters[id].len(), "{id}");
-        }
+        assert_busiest_rooms(&service, &rows, from, to).await;
 
         // Top searches and zero-result searches.
         let mut queries: BTreeMap<&str, i64> = BTreeMap::new();
@@ -239,6 +214,104 @@ async fn answers_add_up_the_seeded_partials() {
     assert_eq!(answer["status"], order.status.as_str());
     assert_eq!(answer["total_minor"], order.total_minor);
     assert_eq!(answer["updated_at_ms"], order.updated_at_ms);
+}
+
+/// Asks for the five busiest rooms over `[from, to)` and checks them
+/// against `rows` added up here: messages summed, ties by room id, each
+/// room's distinct chatters.
+async fn assert_busiest_rooms(service: &Service, rows: &[PartialRow], from: u32, to: u32) {
+    let mut rooms: BTreeMap<&str, (i64, BTreeSet<&str>)> = BTreeMap::new();
+    for row in rows.iter().filter(|r| in_range(r, "chat", from, to)) {
+        let room = rooms.entry(&row.dim1).or_default();
+        room.0 += row.c1;
+        room.1.extend(row.set1.iter().map(String::as_str));
+    }
+    let mut ranked: Vec<(String, i64, usize)> = rooms
+        .into_iter()
+        .map(|(id, (messages, chatters))| (id.to_owned(), messages, chatters.len()))
+        .collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(5);
+    let answer = service
+        .json(&format!(
+            "/api/v1/chat-rooms/busiest?from={from}&to={to}&limit=5"
+        ))
+        .await;
+    let got: Vec<(String, i64, usize)> = answer["rooms"]
+        .as_array()
+        .expect("rooms")
+        .iter()
+        .map(|room| {
+            (
+                room["room_id"].as_str().expect("id").to_owned(),
+                room["messages"].as_i64().expect("messages"),
+                room["unique_chatters"].as_u64().expect("chatters") as usize,
+            )
+        })
+        .collect();
+    assert_eq!(got, ranked, "{answer}");
+}
+
+/// The busiest rooms over 24 closed hours take each room's chatters as
+/// counted for that day of compacted hours, not from the hours' keys;
+/// after a late flush into one of the hours they are read from the hours
+/// (exact at once) until the day is counted again.
+#[tokio::test]
+async fn the_busiest_rooms_over_a_day_of_compacted_hours_take_its_count() {
+    let service = common::seeded_with(SMALL, |q| q.cache_max_age_s = 0).await;
+    let mut rows = seeded_rows();
+    // The day ending with the seed's last hour.
+    let to = START + SMALL.minutes * 60;
+    let from = to - pipelines::hours::DAY;
+    let from_hours = || logged(&service, "%uniqExactArray(key1) AS unique_chatters%");
+    let from_days = || logged(&service, "%FROM `%`.`analytics_days`%");
+    assert_busiest_rooms(&service, &rows, from, to).await;
+    assert_eq!((from_hours().await, from_days().await), (0, 1));
+    // An hour short or late by one: from the hours.
+    assert_busiest_rooms(&service, &rows, from + 3_600, to).await;
+    assert_busiest_rooms(&service, &rows, from - 60, to - 60).await;
+    assert_eq!((from_hours().await, from_days().await), (2, 1));
+
+    let room = rows
+        .iter()
+        .find(|r| r.model == "chat" && r.window_start == START + 3_660)
+        .expect("a chat row")
+        .clone();
+    let mut late = vec![PartialRow {
+        c1: 1_000,
+        set1: vec!["a-late-chatter".to_owned()],
+        flushed_at: START + 20_000,
+        ..room
+    }];
+    pipelines::store::mark_windows(&mut late, START + 20_000);
+    pipelines::store::insert(&service.database.client, &late, Duration::from_secs(30))
+        .await
+        .expect("late flush");
+    rows.extend(late.into_iter().filter(|r| r.model == "chat"));
+    assert_busiest_rooms(&service, &rows, from, to).await;
+    assert_eq!(
+        (from_hours().await, from_days().await),
+        (3, 2),
+        "the day's count asked, not taken"
+    );
+
+    // Compacted again, as the job does: the hour, then its day.
+    let now = pipelines::hours::epoch_seconds();
+    pipelines::hours::compact(
+        &service.database.client,
+        START,
+        pipelines::hours::Idle {
+            hours: now,
+            minutes: now,
+        },
+        now,
+        Duration::from_secs(30),
+        &mut pipelines::hours::Unmarked::new(),
+    )
+    .await
+    .expect("compacted again");
+    assert_busiest_rooms(&service, &rows, from, to).await;
+    assert_eq!((from_hours().await, from_days().await), (3, 3));
 }
 
 /// An example value for each documented parameter.
