@@ -306,47 +306,31 @@ async fn compact_days(
     let timeout_s = timeout.as_secs().max(1).to_string();
     let first = format!("toStartOfHour(toDateTime({since})) - {}", DAY - 3_600);
     // (hour, flushes) of every hour with flushes a day before `since` on,
-    // and the hours holding the model's partials: one no marker announces
-    // (an older job's) is read from there, so its day is not counted.
-    // With the partition of the day ending at the hour.
-    let hours: Vec<(u32, u64, u64, u32)> = client
+    // with the partition of the day ending at the hour.
+    let hours: Vec<(u32, u64, u32)> = client
         .query(&format!(
-            "SELECT toUInt32(toStartOfHour(window_start)) AS hour, countIf(model = '{WINDOW_MARKER}'), \
-             countIf(model = '{DAY_MODEL}'), toYYYYMMDD(toDateTime(hour - {})) \
-             FROM {PARTIALS_TABLE} \
-             WHERE model IN ('{WINDOW_MARKER}', '{DAY_MODEL}') AND window_start >= {first} GROUP BY hour",
+            "SELECT toUInt32(toStartOfHour(window_start)) AS hour, count(), \
+             toYYYYMMDD(toDateTime(hour - {})) FROM {PARTIALS_TABLE} \
+             WHERE model = '{WINDOW_MARKER}' AND window_start >= {first} GROUP BY hour",
             DAY - 3_600
         ))
         .with_setting("max_execution_time", timeout_s.clone())
         .fetch_all()
         .await?;
-    let chatty: Vec<u32> = hours
-        .iter()
-        .filter(|(_, _, rows, _)| *rows > 0)
-        .map(|(hour, ..)| *hour)
-        .collect();
-    let unannounced: Vec<u32> = hours
-        .iter()
-        .filter(|(_, flushes, rows, _)| *flushes == 0 && *rows > 0)
-        .map(|(hour, ..)| *hour)
-        .collect();
-    let partitions: BTreeMap<u32, u32> = hours.iter().map(|(h, _, _, p)| (*h, *p)).collect();
-    let markers: BTreeMap<u32, u64> = hours
-        .into_iter()
-        .filter(|(_, flushes, ..)| *flushes > 0)
-        .map(|(hour, flushes, ..)| (hour, flushes))
-        .collect();
-    // (hour, flushes covered) -> a compaction of it.
-    let compactions: BTreeMap<(u32, u64), u64> = client
+    let partitions: BTreeMap<u32, u32> = hours.iter().map(|(h, _, p)| (*h, *p)).collect();
+    let markers: BTreeMap<u32, u64> = hours.into_iter().map(|(h, n, _)| (h, n)).collect();
+    // (hour, flushes covered) -> a compaction of it, and whether it holds
+    // the model's rows.
+    let compactions: BTreeMap<(u32, u64), (u64, bool)> = client
         .query(&format!(
-            "SELECT toUInt32(window_start), covered, min(compaction) FROM {HOURS_TABLE} \
-             WHERE window_start >= {first} GROUP BY window_start, covered"
+            "SELECT toUInt32(window_start), covered, min(compaction), countIf(model = '{DAY_MODEL}') > 0 \
+             FROM {HOURS_TABLE} WHERE window_start >= {first} GROUP BY window_start, covered"
         ))
         .with_setting("max_execution_time", timeout_s.clone())
-        .fetch_all::<(u32, u64, u64)>()
+        .fetch_all::<(u32, u64, u64, bool)>()
         .await?
         .into_iter()
-        .map(|(hour, covered, id)| ((hour, covered), id))
+        .map(|(hour, covered, id, held)| ((hour, covered), (id, held)))
         .collect();
     let counted: BTreeSet<(u32, u64)> = client
         .query(&format!(
@@ -358,25 +342,69 @@ async fn compact_days(
         .await?
         .into_iter()
         .collect();
-    let mut rows = Vec::new();
-    for &end in markers.keys().filter(|&&h| h >= since && h + 3_600 <= now) {
+    // (day start, flushes covered, a compaction of each hour with flushes)
+    // of each day to count: ending at a closed hour, every hour with
+    // flushes compacted, some with the model's rows, not counted so yet.
+    let mut wanted: Vec<(u32, u64, Vec<u64>)> = Vec::new();
+    for (&end, _) in markers.range(since..) {
         let start = end + 3_600 - DAY;
-        let within = |hours: &[u32]| hours.iter().any(|h| (start..=end).contains(h));
-        if !within(&chatty) || within(&unannounced) {
+        if end + 3_600 > now {
             continue;
         }
         let hours: Vec<(u32, u64)> = markers.range(start..=end).map(|(h, n)| (*h, *n)).collect();
         let covered: u64 = hours.iter().map(|(_, n)| n).sum();
-        let Some(ids) = hours
+        let Some(held) = hours
             .iter()
-            .map(|hour| compactions.get(hour).map(u64::to_string))
-            .collect::<Option<Vec<String>>>()
+            .map(|hour| compactions.get(hour).copied())
+            .collect::<Option<Vec<(u64, bool)>>>()
         else {
             continue;
         };
-        if counted.contains(&(start, covered)) {
+        if held.iter().any(|(_, chat)| *chat) && !counted.contains(&(start, covered)) {
+            wanted.push((start, covered, held.into_iter().map(|(id, _)| id).collect()));
+        }
+    }
+    // Hours of those days without flushes (marked ones, that is) but with
+    // the model's partials: an older job's, read from there, so their days
+    // are not counted. Usually no hour is asked about.
+    let unmarked: BTreeSet<u32> = wanted
+        .iter()
+        .flat_map(|(start, ..)| (*start..start + DAY).step_by(3_600))
+        .filter(|hour| !markers.contains_key(hour))
+        .collect();
+    let unannounced: Vec<u32> = if unmarked.is_empty() {
+        Vec::new()
+    } else {
+        // Runs of hours, each one range of the sort key.
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for &hour in &unmarked {
+            match runs.last_mut() {
+                Some((_, end)) if *end == hour => *end += 3_600,
+                _ => runs.push((hour, hour + 3_600)),
+            }
+        }
+        let hours: Vec<String> = runs
+            .iter()
+            .map(|(from, to)| {
+                format!("(window_start >= toDateTime({from}) AND window_start < toDateTime({to}))")
+            })
+            .collect();
+        client
+            .query(&format!(
+                "SELECT DISTINCT toUInt32(toStartOfHour(window_start)) FROM {PARTIALS_TABLE} \
+                 WHERE model = '{DAY_MODEL}' AND ({})",
+                hours.join(" OR ")
+            ))
+            .with_setting("max_execution_time", timeout_s.clone())
+            .fetch_all()
+            .await?
+    };
+    let mut rows = Vec::new();
+    for (start, covered, ids) in wanted {
+        if unannounced.iter().any(|h| (start..start + DAY).contains(h)) {
             continue;
         }
+        let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
         let keys: Vec<(String, u64)> = client
             .query(&format!(
                 "SELECT dim1, uniqExactArray({}) FROM {HOURS_TABLE} \
@@ -390,7 +418,7 @@ async fn compact_days(
             .with_setting("max_execution_time", timeout_s.clone())
             .fetch_all()
             .await?;
-        days.insert((DAYS_TABLE, partitions[&end]));
+        days.insert((DAYS_TABLE, partitions[&(start + DAY - 3_600)]));
         rows.extend(keys.into_iter().map(|(dim1, d1)| DayRow {
             model: DAY_MODEL.to_owned(),
             window_start: start,
