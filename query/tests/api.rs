@@ -226,9 +226,9 @@ async fn assert_busiest_rooms(service: &Service, rows: &[PartialRow], from: u32,
         room.0 += row.c1;
         room.1.extend(row.set1.iter().map(String::as_str));
     }
-    let mut ranked: Vec<(String, i64, usize)> = rooms
+    let mut ranked: Vec<(String, i64, i64)> = rooms
         .into_iter()
-        .map(|(id, (messages, chatters))| (id.to_owned(), messages, chatters.len()))
+        .map(|(id, (messages, chatters))| (id.to_owned(), messages, chatters.len() as i64))
         .collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     ranked.truncate(5);
@@ -237,18 +237,7 @@ async fn assert_busiest_rooms(service: &Service, rows: &[PartialRow], from: u32,
             "/api/v1/chat-rooms/busiest?from={from}&to={to}&limit=5"
         ))
         .await;
-    let got: Vec<(String, i64, usize)> = answer["rooms"]
-        .as_array()
-        .expect("rooms")
-        .iter()
-        .map(|room| {
-            (
-                room["room_id"].as_str().expect("id").to_owned(),
-                room["messages"].as_i64().expect("messages"),
-                room["unique_chatters"].as_u64().expect("chatters") as usize,
-            )
-        })
-        .collect();
+    let got = common::rooms(&answer);
     assert_eq!(got, ranked, "{answer}");
 }
 
@@ -558,21 +547,7 @@ async fn lookups(service: &Service) -> u64 {
 
 /// How many queries the service ran on its database matching `like`.
 async fn logged(service: &Service, like: &str) -> u64 {
-    let client = &service.database.client;
-    client
-        .query("SYSTEM FLUSH LOGS")
-        .execute()
-        .await
-        .expect("flush logs");
-    client
-        .query(
-            "SELECT count() FROM system.query_log WHERE type = 2 \
-             AND query LIKE ? AND query LIKE concat('%`', currentDatabase(), '`%')",
-        )
-        .bind(like)
-        .fetch_one::<u64>()
-        .await
-        .expect("query log")
+    shopstream_tests::logged(&service.database.client, like).await
 }
 
 /// The service remembers which compaction covered each hour and only

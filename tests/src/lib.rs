@@ -948,6 +948,56 @@ pub fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::E
     }
 }
 
+/// How many finished statements on `client`'s database ClickHouse's
+/// query log holds `LIKE like`, once it holds every statement finished
+/// before the call. 18.16 logs from a queue a thread of its own empties,
+/// and `SYSTEM FLUSH LOGS` writes only what that thread took from it: on
+/// a fresh server a count came out one short. So a statement of ours is
+/// sent first, and the log flushed until it holds it (the queue is in
+/// order: every earlier statement is there too).
+pub async fn logged(client: &clickhouse::Client, like: &str) -> u64 {
+    let sentinel = format!("logged up to {}", uuid::Uuid::new_v4());
+    client
+        .query(&format!("SELECT '{sentinel}'"))
+        .fetch_one::<String>()
+        .await
+        .expect("a statement to wait for");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        client
+            .query("SYSTEM FLUSH LOGS")
+            .execute()
+            .await
+            .expect("logs flushed");
+        let seen = client
+            .query(
+                "SELECT count() FROM system.query_log WHERE type = 2 AND query LIKE ? \
+                 AND query NOT LIKE '%system.query_log%'",
+            )
+            .bind(format!("%{sentinel}%"))
+            .fetch_one::<u64>()
+            .await
+            .expect("query log");
+        if seen > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ClickHouse's query log never held {sentinel:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+        .query(
+            "SELECT count() FROM system.query_log WHERE type = 2 AND query LIKE ? \
+             AND query LIKE concat('%`', currentDatabase(), '`%')",
+        )
+        .bind(like)
+        .fetch_one::<u64>()
+        .await
+        .expect("query log")
+}
+
 /// Waits for the next hour when fewer than `needed` are left in this one
 /// (`into_hour` seconds past its start): for a test whose reads must fall
 /// in the hour its data was written in, as an hour not over yet is read

@@ -455,20 +455,7 @@ impl System {
     /// How many finished statements on the run's database ClickHouse's
     /// query log holds `LIKE like`.
     async fn logged_reads(&self, like: &str) -> u64 {
-        self.client
-            .query("SYSTEM FLUSH LOGS")
-            .execute()
-            .await
-            .expect("logs flushed");
-        self.client
-            .query(
-                "SELECT count() FROM system.query_log WHERE type = 2 AND query LIKE ? \
-                 AND query LIKE concat('%`', currentDatabase(), '`%')",
-            )
-            .bind(like)
-            .fetch_one::<u64>()
-            .await
-            .expect("query log")
+        shopstream_tests::logged(&self.client, like).await
     }
 
     /// Every row of `sql`.
