@@ -166,18 +166,7 @@ async fn the_dashboard_shows_what_the_api_answers() {
     let rooms = service
         .json(&format!("/api/v1/chat-rooms/busiest?{range}&limit=10"))
         .await;
-    let want: Vec<(String, i64, i64)> = rooms["rooms"]
-        .as_array()
-        .expect("rooms")
-        .iter()
-        .map(|r| {
-            (
-                r["room_id"].as_str().expect("id").to_owned(),
-                r["messages"].as_i64().expect("n"),
-                r["unique_chatters"].as_i64().expect("n"),
-            )
-        })
-        .collect();
+    let want = common::rooms(&rooms);
     let got: Vec<(String, i64, i64)> = shown["rooms"]
         .as_array()
         .expect("rows")

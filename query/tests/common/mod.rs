@@ -111,6 +111,22 @@ pub fn named_counts(
         .collect()
 }
 
+/// (room, messages, distinct chatters) of a busiest rooms answer.
+pub fn rooms(answer: &serde_json::Value) -> Vec<(String, i64, i64)> {
+    answer["rooms"]
+        .as_array()
+        .expect("rooms")
+        .iter()
+        .map(|r| {
+            (
+                r["room_id"].as_str().expect("id").to_owned(),
+                r["messages"].as_i64().expect("n"),
+                r["unique_chatters"].as_i64().expect("n"),
+            )
+        })
+        .collect()
+}
+
 /// (query, zero results, searches) of a top zero-result searches answer.
 pub fn zero_result_queries(answer: &serde_json::Value) -> Vec<(String, i64, i64)> {
     answer["queries"]
