@@ -35,20 +35,12 @@ pub(crate) fn write<E: Event>(event: &E, out: &mut Vec<u8>) {
         o.string("order_id", &e.order_id);
         o.string("user_id", &e.user_id);
         o.optional_string("session_id", e.session_id.as_deref());
-        o.field("items");
-        o.out.push(b'[');
-        for (i, item) in e.items.iter().enumerate() {
-            if i > 0 {
-                o.out.push(b',');
-            }
-            let mut line = Object::open(o.out);
+        o.objects("items", &e.items, |line, item| {
             line.string("sku", &item.sku);
             line.string("category", &item.category);
             line.number("quantity", i64::from(item.quantity));
             line.number("unit_price_minor", item.unit_price_minor);
-            line.out.push(b'}');
-        }
-        o.out.push(b']');
+        });
         o.string("currency", &e.currency);
         o.number("total_minor", e.total_minor);
     } else if let Some(e) = event.downcast_ref::<ChatMessage>() {

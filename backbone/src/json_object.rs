@@ -72,6 +72,28 @@ impl<'a> Object<'a> {
             .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
 
+    /// A member holding an array of objects, each `item` written by
+    /// `write`.
+    #[inline(always)]
+    pub fn objects<T>(
+        &mut self,
+        name: &'static str,
+        items: impl IntoIterator<Item = T>,
+        mut write: impl FnMut(&mut Object<'_>, T),
+    ) {
+        self.field(name);
+        self.out.push(b'[');
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            let mut object = Object::open(self.out);
+            write(&mut object, item);
+            object.close();
+        }
+        self.out.push(b']');
+    }
+
     /// Ends the object.
     #[inline(always)]
     pub fn close(self) {

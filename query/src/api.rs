@@ -29,7 +29,7 @@ pub struct Revenue {
 impl Revenue {
     /// Appends the bytes `serde_json` writes for it (tested), member by
     /// member: revenue per minute by category is 6,000 points an hour, and
-    /// serde_json's escaping of every member's name took a sixth of the
+    /// serde_json's escaping of every member's name took 15% of the
     /// service's CPU.
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         let mut answer = Object::open(out);
@@ -37,13 +37,7 @@ impl Revenue {
         answer.number("to", self.to);
         answer.field("granularity");
         serde_json::to_writer(&mut *answer.out, &self.granularity)?;
-        answer.field("points");
-        answer.out.push(b'[');
-        for (i, p) in self.points.iter().enumerate() {
-            if i > 0 {
-                answer.out.push(b',');
-            }
-            let mut point = Object::open(answer.out);
+        answer.objects("points", &self.points, |point, p| {
             point.number("window_start", p.window_start);
             point.optional_string("category", p.category.as_deref());
             point.string("currency", &p.currency);
@@ -51,9 +45,7 @@ impl Revenue {
             point.number("items", p.items);
             point.number("revenue_minor", p.revenue_minor);
             point.number("unique_buyers", p.unique_buyers);
-            point.close();
-        }
-        answer.out.push(b']');
+        });
         answer.close();
         Ok(())
     }
