@@ -967,6 +967,14 @@ mod tests {
             .collect()
     }
 
+    /// [`checks`] where the broker's own copies are counted.
+    fn counted() -> Checks {
+        Checks {
+            topic_copies: TopicCopies::Counted,
+            ..checks()
+        }
+    }
+
     fn checks() -> Checks {
         Checks {
             events: true,
@@ -1039,10 +1047,7 @@ mod tests {
         let mut in_topics = in_topics_but(&expected, "");
         in_topics.insert(event.clone(), 2);
         observed.in_topics = Some(in_topics);
-        let counted = Checks {
-            topic_copies: TopicCopies::Counted,
-            ..checks()
-        };
+        let counted = counted();
         let report = check(&expected, &observed, &counted);
         assert!(report.passed(), "{report}");
         assert_eq!(report.stored_twice, 1);
@@ -1071,10 +1076,7 @@ mod tests {
         raw.remove(&id);
         visible.remove(&id);
         observed.in_topics = Some(in_topics_but(&expected, &id));
-        let counted = Checks {
-            topic_copies: TopicCopies::Counted,
-            ..checks()
-        };
+        let counted = counted();
         let report = check(&expected, &observed, &counted);
         assert!(report.passed(), "{report}");
         assert_eq!(report.absent_from_topics, 1);

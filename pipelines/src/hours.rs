@@ -6,7 +6,9 @@
 //! flushes of the hour it covers (their window markers, `ddl::WINDOW_MARKER`),
 //! and a read takes an hour from it only while the hour still has exactly
 //! that many (`ddl::Rows`); any other hour is read from the partials, so a
-//! compaction only ever makes reads faster.
+//! compaction only ever makes reads faster. The rooms' distinct chatters
+//! over each 24 compacted hours are counted once more, in `DAYS_TABLE`,
+//! by the same rule.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -186,7 +188,8 @@ fn seconds_before(now: u32, ago: Duration) -> u32 {
 /// taken whole) whose flushes no compaction covers and none of which
 /// landed at or after `idle_before.hours`: an hour still being written
 /// would be compacted again at once. Then the minutes idle before
-/// `idle_before.minutes` ([`compact_minutes`]).
+/// `idle_before.minutes` ([`compact_minutes`]), and the days of compacted
+/// hours not counted yet ([`compact_days`]).
 pub async fn compact(
     client: &clickhouse::Client,
     since: u32,
@@ -317,6 +320,9 @@ async fn compact_days(
         .with_setting("max_execution_time", timeout_s.clone())
         .fetch_all()
         .await?;
+    if hours.is_empty() {
+        return Ok(0);
+    }
     let partitions: BTreeMap<u32, u32> = hours.iter().map(|(h, _, p)| (*h, *p)).collect();
     let markers: BTreeMap<u32, u64> = hours.into_iter().map(|(h, n, _)| (h, n)).collect();
     // (hour, flushes covered) -> a compaction of it, and whether it holds

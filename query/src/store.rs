@@ -432,7 +432,6 @@ impl<'a> Read<'a> {
                 read.push(column);
             }
         }
-        let marks = |n: usize| vec!["?"; n].join(", ");
         let mut conditions: String = self
             .filters
             .iter()
@@ -922,7 +921,7 @@ impl Store {
             "SELECT dim1, any(d1) FROM {} WHERE model = '{DAY_MODEL}' \
              AND window_start = toDateTime(?) AND covered = ? AND dim1 IN ({}) GROUP BY dim1",
             self.target.table(DAYS_TABLE),
-            vec!["?"; rooms.len()].join(", ")
+            marks(rooms.len())
         );
         let query = rooms.iter().fold(
             self.client.query(&sql).bind(range.from).bind(covered),
@@ -1016,6 +1015,11 @@ impl Store {
         self.run("order status", query.fetch_optional::<OrderStatus>())
             .await
     }
+}
+
+/// `n` placeholders for values bound, as a list.
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(", ")
 }
 
 /// A series' points in window order (then by their keys), sorted here
