@@ -314,23 +314,24 @@ mod tests {
         // Every character serde_json escapes is escaped alike (the
         // events' test, `backbone::json_datum`): these show that the
         // strings are escaped at all.
-        let text = "q\"uo\\te\n\u{1}é".to_owned();
-        let point = |category: Option<String>, currency: String| RevenuePoint {
-            window_start: u32::MAX,
-            category,
-            currency,
-            orders: i64::MIN,
-            items: -1,
-            revenue_minor: i64::MAX,
-            unique_buyers: u64::MAX,
-        };
+        let text: std::sync::Arc<str> = "q\"uo\\te\n\u{1}é".into();
+        let point =
+            |category: Option<std::sync::Arc<str>>, currency: std::sync::Arc<str>| RevenuePoint {
+                window_start: u32::MAX,
+                category,
+                currency,
+                orders: i64::MIN,
+                items: -1,
+                revenue_minor: i64::MAX,
+                unique_buyers: u64::MAX,
+            };
         for granularity in [Granularity::Minute, Granularity::Hour] {
             for points in [
                 Vec::new(),
                 vec![
                     point(Some(text.clone()), "EUR".into()),
                     point(None, text.clone()),
-                    point(Some(String::new()), String::new()),
+                    point(Some("".into()), "".into()),
                 ],
             ] {
                 let answer = Revenue {
