@@ -1085,6 +1085,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_name_is_allocated_once_per_answer() {
+        let mut names = Names::default();
+        let first = names.get("EUR");
+        assert!(Arc::ptr_eq(&first, &names.get("EUR")));
+        assert_eq!(&*names.get("USD"), "USD");
+        assert_eq!(names.0.len(), 2);
+    }
+
+    #[test]
     fn compactions_are_recalled_while_their_markers_match() {
         const ORDERS: Named = ("orders", Level::All);
         let known = Compactions::default();
