@@ -7,7 +7,7 @@
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and
 //! `OTEL_TRACES_SAMPLER_ARG`. Unset, no span is even created: the code
 //! that makes them asks [`traces_on`] first, and a library's spans are
-//! disabled (the log lines name none).
+//! disabled (the log lines then name none).
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
@@ -39,24 +39,31 @@ pub fn init(settings: &TelemetrySettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.log_filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let exported = exported_spans(|name| std::env::var(name).ok()).unwrap_or_else(|error| {
+        eprintln!("warning: traces are not exported: {error}");
+        None
+    });
+    // With traces off the log lines keep no span either, so none is made:
+    // a library's spans were otherwise kept for them, and the clickhouse
+    // crate enters one for each row it reads (the registry's bookkeeping
+    // was 12% of the query service's CPU on a 6,000-row answer). With
+    // traces on, a line names the spans it happened in.
+    let traced = exported.is_some();
+    let spans_logged = filter_fn(move |meta| traced || !meta.is_span());
     // Colours only on a terminal: a log file or a collector gets plain text.
     let logs = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    // Log lines only, never a span: a library's spans would otherwise be
-    // kept for them, and the clickhouse crate enters one for each row it
-    // reads (the registry's bookkeeping was 12% of the query service's
-    // CPU on a 6,000-row answer).
     let logs = match settings.log_format {
         LogFormat::Pretty => logs.boxed(),
         LogFormat::Json => logs.json().flatten_event(true).boxed(),
     }
-    .with_filter(filter.and(filter_fn(|meta| !meta.is_span())));
+    .with_filter(filter.and(spans_logged));
     let logged = tracing_subscriber::registry().with(logs);
     // No span layer at all when traces are off: an absent (`None`) layer
     // would enable every span and event of every library.
-    let _ = match exported_spans(|name| std::env::var(name).ok()) {
-        Ok(Some(provider)) => {
+    let _ = match exported {
+        Some(provider) => {
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("shopstream"))
                 // Spans, and the warnings and errors inside them (a
@@ -67,11 +74,7 @@ pub fn init(settings: &TelemetrySettings) {
             let _ = TRACES.set(provider);
             logged.with(layer).try_init()
         }
-        Ok(None) => logged.try_init(),
-        Err(error) => {
-            eprintln!("warning: traces are not exported: {error}");
-            logged.try_init()
-        }
+        None => logged.try_init(),
     };
 }
 
