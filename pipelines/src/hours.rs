@@ -434,16 +434,7 @@ async fn compact_days(
             compacted_at: now,
         }));
     }
-    if !rows.is_empty() {
-        let mut insert = client
-            .insert::<DayRow>(DAYS_TABLE)
-            .await?
-            .with_timeouts(Some(timeout), Some(timeout));
-        for row in &rows {
-            insert.write(row).await?;
-        }
-        insert.end().await?;
-    }
+    insert_rows(client, DAYS_TABLE, &rows, timeout).await?;
     Ok(rows
         .iter()
         .map(|r| r.window_start)
@@ -452,17 +443,20 @@ async fn compact_days(
 }
 
 /// Writes `rows` into `table` in one insert (one part), if any.
-async fn insert_rows(
+async fn insert_rows<T>(
     client: &clickhouse::Client,
     table: &str,
-    rows: &[HourRow],
+    rows: &[T],
     timeout: Duration,
-) -> Result<(), clickhouse::error::Error> {
+) -> Result<(), clickhouse::error::Error>
+where
+    T: clickhouse::RowOwned + clickhouse::RowWrite,
+{
     if rows.is_empty() {
         return Ok(());
     }
     let mut insert = client
-        .insert::<HourRow>(table)
+        .insert::<T>(table)
         .await?
         .with_timeouts(Some(timeout), Some(timeout));
     for row in rows {

@@ -113,33 +113,26 @@ pub fn named_counts(
 
 /// (room, messages, distinct chatters) of a busiest rooms answer.
 pub fn rooms(answer: &serde_json::Value) -> Vec<(String, i64, i64)> {
-    answer["rooms"]
-        .as_array()
-        .expect("rooms")
-        .iter()
-        .map(|r| {
-            (
-                r["room_id"].as_str().expect("id").to_owned(),
-                r["messages"].as_i64().expect("n"),
-                r["unique_chatters"].as_i64().expect("n"),
-            )
-        })
-        .collect()
+    named_two_counts(answer, "rooms", "room_id", "messages", "unique_chatters")
 }
 
 /// (query, zero results, searches) of a top zero-result searches answer.
 pub fn zero_result_queries(answer: &serde_json::Value) -> Vec<(String, i64, i64)> {
-    answer["queries"]
-        .as_array()
-        .expect("queries")
-        .iter()
-        .map(|q| {
-            (
-                q["query"].as_str().expect("q").to_owned(),
-                q["zero_results"].as_i64().expect("n"),
-                q["searches"].as_i64().expect("n"),
-            )
-        })
+    named_two_counts(answer, "queries", "query", "zero_results", "searches")
+}
+
+/// (`name`, `first`, `second`) of each entry of the answer's `list`.
+fn named_two_counts(
+    answer: &serde_json::Value,
+    list: &str,
+    name: &str,
+    first: &str,
+    second: &str,
+) -> Vec<(String, i64, i64)> {
+    named_counts(answer, list, name, first)
+        .into_iter()
+        .zip(named_counts(answer, list, name, second))
+        .map(|((name, first), (_, second))| (name, first, second))
         .collect()
 }
 
