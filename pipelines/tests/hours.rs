@@ -316,6 +316,40 @@ async fn a_minute_idle_for_its_own_setting_is_compacted_before_its_hour() {
     assert_eq!(current_compactions(&db).await, 1);
 }
 
+/// With the job's default settings, the hour just closed is compacted
+/// once a minute passed without a flush into it: the day-long reads take
+/// it from its compaction one to two minutes after the hour (a round of
+/// `compact_every_ms` more), not five to six.
+#[tokio::test]
+async fn by_default_an_hour_is_compacted_a_minute_after_its_last_flush() {
+    let db = migrated().await;
+    // Its last minute, flushed as the hour ended.
+    let mut rows = vec![order_partial(59, 0, "books", &["u1"])];
+    mark_windows(&mut rows, HOUR + 3_600);
+    pipelines::store::insert(&db.client, &rows, TIMEOUT)
+        .await
+        .unwrap();
+    let idle = Idle::of(&backbone::config::AnalyticsSettings::default());
+    let hours_at = |now: u32| {
+        let db = &db;
+        async move {
+            compact(
+                &db.client,
+                HOUR,
+                idle.before(now),
+                now,
+                TIMEOUT,
+                &mut Unmarked::new(),
+            )
+            .await
+            .unwrap()
+            .hours
+        }
+    };
+    assert_eq!(hours_at(HOUR + 3_600 + 30).await, 0, "flushed 30 s before");
+    assert_eq!(hours_at(HOUR + 3_600 + 90).await, 1, "idle for 90 s");
+}
+
 /// Per category over the compacted hours' rows that `condition` keeps:
 /// distinct buyers counted over the ids, and over their keys (migration 6).
 async fn buyers_by_ids_and_keys(db: &TestDatabase, condition: &str) -> Vec<(String, u64, u64)> {
