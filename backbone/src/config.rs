@@ -105,7 +105,7 @@ pub struct AnalyticsSettings {
     /// An hour is compacted once none of its partials was flushed for this
     /// long. Until then every day-long read takes that hour from its
     /// partials, several times slower; a flush landing after the
-    /// compaction only costs compacting the hour again.
+    /// compaction costs compacting the hour again.
     pub compact_after_idle_ms: u64,
     /// Each minute of the hour not over yet and of the one before is
     /// compacted on its own once none of its partials was flushed for this
