@@ -126,6 +126,14 @@ async fn compact_all(db: &TestDatabase, unmarked: &mut Unmarked) -> Compacted {
     .unwrap()
 }
 
+/// One round of the compactor at `now`, over the hours from `HOUR`, with
+/// what was flushed before `idle` taken as idle.
+async fn round(db: &TestDatabase, idle: Idle<u32>, now: u32) -> Compacted {
+    compact(&db.client, HOUR, idle, now, TIMEOUT, &mut Unmarked::new())
+        .await
+        .unwrap()
+}
+
 /// One flush: the rows and their window markers in one insert.
 async fn flush(db: &TestDatabase, rows: &[PartialRow]) {
     let mut rows = rows.to_vec();
@@ -275,14 +283,6 @@ async fn a_minute_idle_for_its_own_setting_is_compacted_before_its_hour() {
             .unwrap();
     }
     let now = HOUR + 7_230;
-    let round = |idle: Idle<u32>| {
-        let db = &db;
-        async move {
-            compact(&db.client, HOUR, idle, now, TIMEOUT, &mut Unmarked::new())
-                .await
-                .unwrap()
-        }
-    };
     // An hour must be idle for an hour, a minute for 100 s: every minute
     // was flushed within the hour, the last within 100 s, so only the
     // first two are compacted, on their own.
@@ -291,20 +291,24 @@ async fn a_minute_idle_for_its_own_setting_is_compacted_before_its_hour() {
         minutes: now - 100,
     };
     assert_eq!(
-        round(sooner).await,
+        round(&db, sooner, now).await,
         Compacted {
             minutes: 2,
             ..Compacted::default()
         }
     );
-    assert_eq!(round(sooner).await, Compacted::default(), "nothing new");
+    assert_eq!(
+        round(&db, sooner, now).await,
+        Compacted::default(),
+        "nothing new"
+    );
     // Idle long enough: the hour, and the last minute on its own.
     let later = Idle {
         hours: now,
         minutes: now,
     };
     assert_eq!(
-        round(later).await,
+        round(&db, later, now).await,
         Compacted {
             hours: 1,
             flushes: 3,
@@ -332,19 +336,7 @@ async fn by_default_an_hour_is_compacted_a_minute_after_its_last_flush() {
     let idle = Idle::of(&backbone::config::AnalyticsSettings::default());
     let hours_at = |now: u32| {
         let db = &db;
-        async move {
-            compact(
-                &db.client,
-                HOUR,
-                idle.before(now),
-                now,
-                TIMEOUT,
-                &mut Unmarked::new(),
-            )
-            .await
-            .unwrap()
-            .hours
-        }
+        async move { round(db, idle.before(now), now).await.hours }
     };
     assert_eq!(hours_at(HOUR + 3_600 + 30).await, 0, "flushed 30 s before");
     assert_eq!(hours_at(HOUR + 3_600 + 90).await, 1, "idle for 90 s");
