@@ -96,6 +96,11 @@ fn the_bench_harness_runs_every_contender_and_writes_the_report() {
             "order status by id, 1 connection(s), p99",
             None,
         ),
+        (
+            "query, every request to ClickHouse",
+            "revenue, default range per minute, by category, while the job writes, 1 connection(s), p99",
+            None,
+        ),
     ] {
         let f = find(section, figure);
         let median = f["value"]["median"].as_f64().unwrap();

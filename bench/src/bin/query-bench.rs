@@ -3,9 +3,13 @@
 //! running in this process on ClickHouse.
 //!
 //!   query-bench [--clickhouse-url URL] [--duration-s 10] [--connections 1,8] [--cache]
+//!               [--with-writes]
 //!
 //! By default every request queries ClickHouse (`cache_max_age_s: 0`);
 //! `--cache` measures the service as deployed, reusing answers for 5 s.
+//! `--with-writes` measures the default range again while the analytics
+//! job's flushes and compactions are emulated: the seeded day alone is
+//! static, and its last minutes cheaper to read than a deployed job's.
 //! Each scenario's p99 is recorded for `bench-report` (section "query",
 //! held to issue 23's 50 ms when uncached) when `BENCH_JSON` is set, as
 //! `scripts/bench` does.
@@ -13,13 +17,15 @@
 #![allow(clippy::print_stdout)]
 
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use backbone::config::{ClickHouseSettings, Config, QuerySettings};
+use backbone::config::{AnalyticsSettings, ClickHouseSettings, Config, QuerySettings};
 use backbone::shutdown::Shutdown;
 use bench::{Goal, Recorder};
 use clap::Parser;
 use pipelines::ddl::{PARTIALS_TABLE, WINDOW_MARKER};
+use pipelines::store::PartialRow;
 use query::seed::Seed;
 
 /// The allocator shopstream-query ships: the service runs in this process.
@@ -64,6 +70,12 @@ struct Args {
     /// Only the scenarios whose name contains this.
     #[arg(long)]
     only: Option<String>,
+    /// Then the default range's scenarios again while the analytics job's
+    /// writes are emulated: a flush a second into the minute now, and the
+    /// job's compactor. The seeded day is static, so its minutes since the
+    /// last compaction are few and quiet; a deployed job's are not.
+    #[arg(long)]
+    with_writes: bool,
 }
 
 /// Issue 23's goal for every endpoint, uncached, at 8 connections (held
@@ -203,7 +215,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
     let config = Config {
-        clickhouse,
+        clickhouse: clickhouse.clone(),
         query: QuerySettings {
             listen_address: "127.0.0.1:0".into(),
             cache_max_age_s: if args.cache { 5 } else { 0 },
@@ -270,9 +282,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "searches and zero results, the day per minute",
             format!("/api/v1/searches?from={day_from}&to={day_to}"),
         ),
-        // The endpoints' default range, the hour before now: the minutes
-        // since the hour and the end of the hour before, a range no whole
-        // hour lies in.
+    ];
+    // The endpoints' default range, the hour before now: the minutes since
+    // the hour and the end of the hour before, a range no whole hour lies
+    // in.
+    let default_range = [
         (
             "revenue, default range per minute, by category",
             "/api/v1/revenue".to_owned(),
@@ -311,65 +325,193 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         "query, every request to ClickHouse"
     })?;
-    let mut all_met = true;
-    for (name, path) in scenarios {
-        if args
-            .only
-            .as_ref()
-            .is_some_and(|only| !name.contains(only.as_str()))
-        {
-            continue;
-        }
-        for connections in &args.connections {
-            let url = format!("{base}{path}");
-            let output = tokio::task::spawn_blocking({
-                let url = url.clone();
-                let (threads, connections, duration) =
-                    ((*connections).min(2), *connections, args.duration_s);
-                move || {
-                    Command::new("wrk")
-                        .args([
-                            &format!("-t{threads}"),
-                            &format!("-c{connections}"),
-                            &format!("-d{duration}s"),
-                            "--timeout",
-                            "10s",
-                            "--latency",
-                            &url,
-                        ])
-                        .output()
-                }
+    let selected = |scenarios: &[(&'static str, String)]| {
+        scenarios
+            .iter()
+            .filter(|(name, _)| {
+                args.only
+                    .as_ref()
+                    .is_none_or(|only| name.contains(only.as_str()))
             })
-            .await??;
-            let text = String::from_utf8_lossy(&output.stdout);
-            let Some(figures) = parse_wrk(&text) else {
-                bail!("cannot read wrk's output for {url}:\n{text}");
-            };
-            if figures.failures > 0 {
-                bail!("{url}: {} failed requests:\n{text}", figures.failures);
-            }
-            let met = figures.p99_ms <= P99_GOAL_MS;
-            all_met &= met;
-            recorder.record(
-                &format!("{name}, {connections} connection(s), p99"),
-                "ms",
-                figures.p99_ms,
-                None,
-                (!args.cache).then_some(Goal::AtMost(P99_GOAL_MS)),
-            )?;
-            println!(
-                "| {name} | {connections} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
-                figures.p50_ms,
-                figures.p90_ms,
-                figures.p99_ms,
-                figures.requests_per_s,
-                if met { "met" } else { "**missed**" }
-            );
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let mut all_met = true;
+    let goal = (!args.cache).then_some(Goal::AtMost(P99_GOAL_MS));
+    for (name, path) in selected(&scenarios)
+        .into_iter()
+        .chain(selected(&default_range))
+    {
+        for &connections in &args.connections {
+            let figures = load(&format!("{base}{path}"), connections, args.duration_s).await?;
+            all_met &= report(&mut recorder, name, connections, &figures, goal)?;
         }
+    }
+    let written = selected(&default_range);
+    if args.with_writes && !written.is_empty() {
+        eprintln!("The default range again, the analytics job's writes emulated meanwhile ...");
+        let (stop, (ready, backfilled)) = (Shutdown::new(), tokio::sync::oneshot::channel());
+        let mut job = tokio::spawn(write_as_the_job(seed, clickhouse, stop.clone(), ready));
+        tokio::select! {
+            wrote = backfilled => wrote?,
+            ended = &mut job => {
+                ended??;
+                bail!("the job's emulation ended before its first flushes were in");
+            }
+        }
+        'scenarios: for (name, path) in written {
+            let name = format!("{name}, while the job writes");
+            for &connections in &args.connections {
+                let figures = load(&format!("{base}{path}"), connections, args.duration_s).await?;
+                // Ended: failed, said below; these figures had no writes.
+                if job.is_finished() {
+                    break 'scenarios;
+                }
+                report(&mut recorder, &name, connections, &figures, None)?;
+            }
+        }
+        stop.cancel();
+        let flushes = job.await??;
+        eprintln!("  {flushes} flushes written meanwhile, the job's compactor beside them");
     }
     shutdown.cancel();
     server.await??;
     Ok(all_met)
+}
+
+/// wrk's figures for `connections` connections on `url` for `duration_s`.
+async fn load(url: &str, connections: u32, duration_s: u32) -> anyhow::Result<Figures> {
+    let output = tokio::task::spawn_blocking({
+        let url = url.to_owned();
+        move || {
+            Command::new("wrk")
+                .args([
+                    &format!("-t{}", connections.min(2)),
+                    &format!("-c{connections}"),
+                    &format!("-d{duration_s}s"),
+                    "--timeout",
+                    "10s",
+                    "--latency",
+                    &url,
+                ])
+                .output()
+        }
+    })
+    .await??;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let Some(figures) = parse_wrk(&text) else {
+        bail!("cannot read wrk's output for {url}:\n{text}");
+    };
+    if figures.failures > 0 {
+        bail!("{url}: {} failed requests:\n{text}", figures.failures);
+    }
+    Ok(figures)
+}
+
+/// Records a scenario's p99 and prints its row; whether it met `goal`
+/// (met when there is none).
+fn report(
+    recorder: &mut Recorder,
+    name: &str,
+    connections: u32,
+    figures: &Figures,
+    goal: Option<Goal>,
+) -> anyhow::Result<bool> {
+    let met = figures.p99_ms <= P99_GOAL_MS;
+    recorder.record(
+        &format!("{name}, {connections} connection(s), p99"),
+        "ms",
+        figures.p99_ms,
+        None,
+        goal,
+    )?;
+    println!(
+        "| {name} | {connections} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
+        figures.p50_ms,
+        figures.p90_ms,
+        figures.p99_ms,
+        figures.requests_per_s,
+        match (goal, met) {
+            (None, _) => "(no goal)",
+            (Some(_), true) => "met",
+            (Some(_), false) => "**missed**",
+        }
+    );
+    Ok(goal.is_none() || met)
+}
+
+/// Writes as a deployed analytics job with the default settings does while
+/// the endpoints are read, its events on time: every second one flush (one
+/// insert, its window marked) into the minute now, every key of the seed
+/// in it (a busy shop), its compactor (`compact_every`) alongside. First
+/// the flushes the last four minutes would hold by now, so the minutes
+/// read from their partials are as many and as full as a job leaves them;
+/// `ready` hears when they are in. Returns the flushes made.
+async fn write_as_the_job(
+    seed: Seed,
+    clickhouse: ClickHouseSettings,
+    stop: Shutdown,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<u64> {
+    let settings = AnalyticsSettings::default();
+    let window = u32::try_from(settings.window_ms / 1000)?;
+    let client = consumers::projection::client(&clickhouse, true);
+    let timeout = Duration::from_secs(60);
+    // The seed wrote flushes 0 to `seed.flushes - 1` of each window.
+    let mut number = seed.flushes;
+    let mut flush = |at: u32, rows: &mut Vec<PartialRow>| {
+        let minute = (at - seed.start) / window;
+        let mut flushed: Vec<PartialRow> = (0..seed.partitions)
+            .flat_map(|p| seed.flush(minute, p, number))
+            .collect();
+        pipelines::store::mark_windows(&mut flushed, at);
+        rows.append(&mut flushed);
+        number += 1;
+    };
+    let now = pipelines::hours::epoch_seconds();
+    for from in (now - 4 * window..now).step_by(30) {
+        let mut rows = Vec::new();
+        for at in from..(from + 30).min(now) {
+            flush(at, &mut rows);
+        }
+        pipelines::store::insert(&client, &rows, timeout).await?;
+    }
+    let since = now.saturating_sub(settings.compact_lookback_h * 3_600);
+    let idle = pipelines::hours::Idle::of(&settings);
+    pipelines::hours::compact(
+        &client,
+        since,
+        idle.before(now),
+        now,
+        timeout,
+        &mut pipelines::hours::Unmarked::new(),
+    )
+    .await?;
+    let compactor = tokio::spawn(pipelines::hours::compact_every(
+        client.clone(),
+        Duration::from_millis(settings.compact_every_ms),
+        idle,
+        Duration::from_secs(u64::from(settings.compact_lookback_h) * 3_600),
+        timeout,
+        backbone::metrics::Counter::default(),
+        stop.clone(),
+    ));
+    let _ = ready.send(());
+    let mut every = tokio::time::interval(Duration::from_millis(settings.flush_interval_ms));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut flushes = 0;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = every.tick() => {}
+        }
+        let mut rows = Vec::new();
+        flush(pipelines::hours::epoch_seconds(), &mut rows);
+        pipelines::store::insert(&client, &rows, timeout).await?;
+        flushes += 1;
+    }
+    compactor.await?;
+    Ok(flushes)
 }
 
 #[cfg(test)]
