@@ -112,6 +112,9 @@ pub struct AnalyticsSettings {
     /// long: the reads per minute of the hour before now take the minutes
     /// since from the partials, a row per flush and key with its sets.
     pub compact_minutes_after_idle_ms: u64,
+    /// Between the rounds of `compact_every_ms`, the idle minutes are
+    /// compacted this often; 0: only in those rounds.
+    pub compact_minutes_every_ms: u64,
     /// Hours starting this long ago or later are compacted; older ones are read
     /// from their partials.
     pub compact_lookback_h: u32,
@@ -129,7 +132,8 @@ impl Default for AnalyticsSettings {
             metrics_address: "127.0.0.1:9465".into(),
             compact_every_ms: 60_000,
             compact_after_idle_ms: 60_000,
-            compact_minutes_after_idle_ms: 60_000,
+            compact_minutes_after_idle_ms: 10_000,
+            compact_minutes_every_ms: 10_000,
             compact_lookback_h: 48,
         }
     }
@@ -756,14 +760,20 @@ impl Config {
                 format!("must be from 10 to 600000, got {}", a.flush_interval_ms),
             );
         }
-        if a.compact_every_ms != 0 && !(100..=86_400_000).contains(&a.compact_every_ms) {
-            problem(
-                "analytics.compact_every_ms",
-                format!(
-                    "must be 0 (never) or from 100 to 86400000, got {}",
-                    a.compact_every_ms
-                ),
-            );
+        for (field, every, zero) in [
+            ("analytics.compact_every_ms", a.compact_every_ms, "never"),
+            (
+                "analytics.compact_minutes_every_ms",
+                a.compact_minutes_every_ms,
+                "with the hours only",
+            ),
+        ] {
+            if every != 0 && !(100..=86_400_000).contains(&every) {
+                problem(
+                    field,
+                    format!("must be 0 ({zero}) or from 100 to 86400000, got {every}"),
+                );
+            }
         }
         for (field, idle) in [
             ("analytics.compact_after_idle_ms", a.compact_after_idle_ms),
@@ -1017,7 +1027,7 @@ mod tests {
             err.contains("shopstream.yaml:10: worker.metrics_address: must be host:port"),
             "{err}"
         );
-        let (_dir, args) = with_file("analytics:\n  window_ms: 1500\n  allowed_lateness_ms: -1\n  flush_interval_ms: 0\n  metrics_address: nowhere\n  compact_every_ms: 5\n  compact_after_idle_ms: 90000000\n  compact_lookback_h: 0\n  compact_minutes_after_idle_ms: 86400001\n");
+        let (_dir, args) = with_file("analytics:\n  window_ms: 1500\n  allowed_lateness_ms: -1\n  flush_interval_ms: 0\n  metrics_address: nowhere\n  compact_every_ms: 5\n  compact_after_idle_ms: 90000000\n  compact_lookback_h: 0\n  compact_minutes_after_idle_ms: 86400001\n  compact_minutes_every_ms: 99\n");
         let err = error(&args, &[]);
         for expected in [
             "shopstream.yaml:2: analytics.window_ms: must be whole seconds from 1000 to 86400000, got 1500",
@@ -1028,6 +1038,7 @@ mod tests {
             "shopstream.yaml:7: analytics.compact_after_idle_ms: must be at most 86400000 (a day), got 90000000",
             "shopstream.yaml:8: analytics.compact_lookback_h: must be from 1 to 1000000, got 0",
             "shopstream.yaml:9: analytics.compact_minutes_after_idle_ms: must be at most 86400000 (a day), got 86400001",
+            "shopstream.yaml:10: analytics.compact_minutes_every_ms: must be 0 (with the hours only) or from 100 to 86400000, got 99",
         ] {
             assert!(err.contains(expected), "{expected} in {err}");
         }

@@ -537,38 +537,83 @@ async fn merge_days(client: &clickhouse::Client, days: &BTreeSet<(&'static str, 
     }
 }
 
-/// Compacts closed hours every `every` until `shutdown` (the job runs it
-/// beside its consumer loop). Every replica may: of two compactions of an
-/// hour, reads take one. A failed round (ClickHouse away) leaves the hours
-/// read from their partials and is tried again next time.
-/// `lookback` bounds the hours it looks at: an older hour changed by a
-/// late event is read from its partials (exact, slower).
+/// When the compactor runs and what it takes (the job's settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// A whole round (hours, minutes, days) this often.
+    pub every: Duration,
+    /// Between them, a round of the minutes alone this often (zero: none):
+    /// each minute a read per minute takes from its partials is a row per
+    /// flush and key with its sets until its own compaction.
+    pub minutes_every: Duration,
+    pub after_idle: Idle<Duration>,
+    /// Hours starting this long ago or later are looked at; an older hour
+    /// changed by a late event is read from its partials (exact, slower).
+    pub lookback: Duration,
+}
+
+impl Schedule {
+    /// `compact_every_ms`, `compact_minutes_every_ms`, the idles and
+    /// `compact_lookback_h`.
+    pub fn of(settings: &backbone::config::AnalyticsSettings) -> Self {
+        Self {
+            every: Duration::from_millis(settings.compact_every_ms),
+            minutes_every: Duration::from_millis(settings.compact_minutes_every_ms),
+            after_idle: Idle::of(settings),
+            lookback: Duration::from_secs(u64::from(settings.compact_lookback_h) * 3_600),
+        }
+    }
+}
+
+/// Compacts closed hours, and minutes between, on `schedule` until
+/// `shutdown` (the job runs it beside its consumer loop). Every replica
+/// may: of two compactions of an hour or a minute, reads take one. A
+/// failed round (ClickHouse away) leaves them read from their partials and
+/// is tried again next time.
 pub async fn compact_every(
     client: clickhouse::Client,
-    every: Duration,
-    after_idle: Idle<Duration>,
-    lookback: Duration,
+    schedule: Schedule,
     timeout: Duration,
     compacted: backbone::metrics::Counter,
     shutdown: backbone::shutdown::Shutdown,
 ) {
     let (mut unmarked, mut unmarked_seen) = (Unmarked::new(), 0);
+    let pace = |every: Duration| {
+        let mut pace = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pace
+    };
+    let mut whole = pace(schedule.every);
+    let minutes_too = !schedule.minutes_every.is_zero();
+    let mut minutes = pace(if minutes_too {
+        schedule.minutes_every
+    } else {
+        schedule.every
+    });
     loop {
-        tokio::select! {
+        let whole_round = tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
+            _ = whole.tick() => true,
+            _ = minutes.tick(), if minutes_too => false,
+        };
         let now = epoch_seconds();
-        match compact(
-            &client,
-            seconds_before(now, lookback),
-            after_idle.before(now),
-            now,
-            timeout,
-            &mut unmarked,
-        )
-        .await
-        {
+        let since = seconds_before(now, schedule.lookback);
+        let idle_before = schedule.after_idle.before(now);
+        if !whole_round {
+            match compact_minutes(&client, since, idle_before.minutes, now, timeout).await {
+                Ok(0) => {}
+                Ok(minutes) => tracing::debug!(
+                    minutes,
+                    "Compacted idle minutes of hours not compacted yet."
+                ),
+                // Said by the next whole round if it lasts.
+                Err(error) => {
+                    tracing::debug!(%error, "Compacting idle minutes failed; they are read from their partials until a later round.")
+                }
+            }
+            continue;
+        }
+        match compact(&client, since, idle_before, now, timeout, &mut unmarked).await {
             Ok(done) => {
                 if done.hours > 0 {
                     compacted.inc_by(done.hours as u64);

@@ -416,9 +416,7 @@ pub fn run(
     if settings.compact_every_ms > 0 {
         runtime.spawn(crate::hours::compact_every(
             client.clone(),
-            Duration::from_millis(settings.compact_every_ms),
-            crate::hours::Idle::of(settings),
-            Duration::from_secs(u64::from(settings.compact_lookback_h) * 3_600),
+            crate::hours::Schedule::of(settings),
             timeout,
             metrics.hours_compacted.clone(),
             shutdown.clone(),

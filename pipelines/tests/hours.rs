@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use backbone::config::ClickHouseSettings;
-use pipelines::hours::{compact, Compacted, Idle, Unmarked};
+use pipelines::hours::{compact, Compacted, Idle, Schedule, Unmarked};
 use pipelines::store::{mark_windows, PartialRow};
 use shopstream_tests::{clickhouse, TestDatabase};
 
@@ -340,6 +340,64 @@ async fn by_default_an_hour_is_compacted_a_minute_after_its_last_flush() {
     };
     assert_eq!(hours_at(HOUR + 3_600 + 30).await, 0, "flushed 30 s before");
     assert_eq!(hours_at(HOUR + 3_600 + 90).await, 1, "idle for 90 s");
+}
+
+/// Between the whole rounds (`compact_every_ms`, here an hour away) the
+/// compactor takes the idle minutes on their own pace
+/// (`compact_minutes_every_ms`): a minute flushed a second ago has its own
+/// compaction within a few of those rounds, and no hour is compacted.
+#[tokio::test]
+async fn idle_minutes_are_compacted_between_the_whole_rounds() {
+    let db = migrated().await;
+    let now = pipelines::hours::epoch_seconds();
+    let minute = now - now % 60;
+    let mut rows = vec![PartialRow {
+        window_start: minute,
+        ..order_partial(0, 0, "books", &["u1"])
+    }];
+    mark_windows(&mut rows, now - 1);
+    pipelines::store::insert(&db.client, &rows, TIMEOUT)
+        .await
+        .unwrap();
+    let stop = backbone::shutdown::Shutdown::new();
+    let compactor = tokio::spawn(pipelines::hours::compact_every(
+        db.client.clone(),
+        Schedule {
+            every: Duration::from_secs(3_600),
+            minutes_every: Duration::from_millis(200),
+            after_idle: Idle {
+                hours: Duration::ZERO,
+                minutes: Duration::ZERO,
+            },
+            lookback: Duration::from_secs(7_200),
+        },
+        TIMEOUT,
+        backbone::metrics::Counter::default(),
+        stop.clone(),
+    ));
+    let own = || {
+        db.client
+            .query("SELECT count() FROM analytics_minutes WHERE model = '_window' AND window_start = toDateTime(?)")
+            .bind(minute)
+            .fetch_one::<u64>()
+    };
+    let started = std::time::Instant::now();
+    while own().await.unwrap() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the minute was not compacted between the whole rounds"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    compactor.await.unwrap();
+    let hours: u64 = db
+        .client
+        .query("SELECT count() FROM analytics_hours")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(hours, 0, "the hours wait for their own round");
 }
 
 /// Per category over the compacted hours' rows that `condition` keeps:

@@ -210,8 +210,8 @@ impl Seed {
         }
         // As a deployed job with the default settings does: the hours idle
         // for `compact_after_idle_ms` and the minutes idle for
-        // `compact_minutes_after_idle_ms` (the last minutes before now stay
-        // on their partials).
+        // `compact_minutes_after_idle_ms` (the minutes flushed since stay on
+        // their partials).
         let now = pipelines::hours::epoch_seconds();
         pipelines::hours::compact(
             &client,

@@ -476,12 +476,11 @@ async fn write_as_the_job(
         }
         pipelines::store::insert(&client, &rows, timeout).await?;
     }
-    let since = now.saturating_sub(settings.compact_lookback_h * 3_600);
-    let idle = pipelines::hours::Idle::of(&settings);
+    let schedule = pipelines::hours::Schedule::of(&settings);
     pipelines::hours::compact(
         &client,
-        since,
-        idle.before(now),
+        now.saturating_sub(u32::try_from(schedule.lookback.as_secs())?),
+        schedule.after_idle.before(now),
         now,
         timeout,
         &mut pipelines::hours::Unmarked::new(),
@@ -489,9 +488,7 @@ async fn write_as_the_job(
     .await?;
     let compactor = tokio::spawn(pipelines::hours::compact_every(
         client.clone(),
-        Duration::from_millis(settings.compact_every_ms),
-        idle,
-        Duration::from_secs(u64::from(settings.compact_lookback_h) * 3_600),
+        schedule,
         timeout,
         backbone::metrics::Counter::default(),
         stop.clone(),
