@@ -154,6 +154,17 @@ impl Seed {
         out
     }
 
+    /// Flush `flush` of a window (`minute` counted from `start`) from every
+    /// source partition, as one insert of the job holds it: its window
+    /// marked as flushed at `flushed_at` (epoch seconds).
+    pub fn marked_flush(&self, minute: u32, flush: u32, flushed_at: u32) -> Vec<PartialRow> {
+        let mut rows: Vec<PartialRow> = (0..self.partitions)
+            .flat_map(|p| self.flush(minute, p, flush))
+            .collect();
+        pipelines::store::mark_windows(&mut rows, flushed_at);
+        rows
+    }
+
     /// Order `i` as the order-status projection stores it.
     pub fn order(&self, i: usize) -> OrderStatusRow {
         let k = mix(i as u64 ^ 0x5eed);
@@ -196,13 +207,7 @@ impl Seed {
             // ended: the minutes before now are idle at once.
             let rows: Vec<PartialRow> = (hour..(hour + 60).min(self.minutes))
                 .flat_map(|m| (0..self.flushes.max(1)).map(move |f| (m, f)))
-                .flat_map(|(m, f)| {
-                    let mut rows: Vec<PartialRow> = (0..self.partitions)
-                        .flat_map(move |p| self.flush(m, p, f))
-                        .collect();
-                    pipelines::store::mark_windows(&mut rows, self.start + (m + 1) * 60);
-                    rows
-                })
+                .flat_map(|(m, f)| self.marked_flush(m, f, self.start + (m + 1) * 60))
                 .collect();
             pipelines::store::insert(&client, &rows, timeout).await?;
             written += rows.len();

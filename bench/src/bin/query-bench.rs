@@ -459,21 +459,13 @@ async fn write_as_the_job(
     let timeout = Duration::from_secs(60);
     // The seed wrote flushes 0 to `seed.flushes - 1` of each window.
     let mut number = seed.flushes;
-    let mut flush = |at: u32, rows: &mut Vec<PartialRow>| {
-        let minute = (at - seed.start) / window;
-        let mut flushed: Vec<PartialRow> = (0..seed.partitions)
-            .flat_map(|p| seed.flush(minute, p, number))
-            .collect();
-        pipelines::store::mark_windows(&mut flushed, at);
-        rows.append(&mut flushed);
+    let mut flush = |at: u32| {
         number += 1;
+        seed.marked_flush((at - seed.start) / window, number - 1, at)
     };
     let now = pipelines::hours::epoch_seconds();
     for from in (now - 4 * window..now).step_by(30) {
-        let mut rows = Vec::new();
-        for at in from..(from + 30).min(now) {
-            flush(at, &mut rows);
-        }
+        let rows: Vec<PartialRow> = (from..(from + 30).min(now)).flat_map(&mut flush).collect();
         pipelines::store::insert(&client, &rows, timeout).await?;
     }
     let schedule = pipelines::hours::Schedule::of(&settings);
@@ -502,8 +494,7 @@ async fn write_as_the_job(
             () = stop.cancelled() => break,
             _ = every.tick() => {}
         }
-        let mut rows = Vec::new();
-        flush(pipelines::hours::epoch_seconds(), &mut rows);
+        let rows = flush(pipelines::hours::epoch_seconds());
         pipelines::store::insert(&client, &rows, timeout).await?;
         flushes += 1;
     }
